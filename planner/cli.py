@@ -1,0 +1,166 @@
+"""`plan`: the command line. Bad input exits 2 with one line, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from typing import Optional
+
+import typer
+
+from .memory import PlanError, Settings, estimate
+from .precision import DTYPE_TO_RECIPE
+from .resolve import ResolveError, resolve
+from .spec import ModelSpec, SpecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Training-memory planner: will it fit, and on what?")
+
+
+class Dtype(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    fp8 = "fp8"
+
+
+def fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _spec(model: str):
+    try:
+        res = resolve(model)
+        return res, ModelSpec.from_config(res.config)
+    except ResolveError as e:
+        fail(str(e))
+    except SpecError as e:
+        if "no hand-written formula" in str(e):
+            fail(f"{model}: {e}; try `plan simulate {model}` to measure it on fake tensors")
+        fail(f"{model}: malformed config: {e}")
+
+
+def _settings(precision, dtype, **kw) -> list[Settings]:
+    if precision:
+        return [Settings(precision=precision, **kw)]
+    if dtype:
+        return [Settings(precision=DTYPE_TO_RECIPE[dtype.value], **kw)]
+    return [Settings(precision=DTYPE_TO_RECIPE[d], **kw) for d in ("fp32", "fp16", "bf16", "fp8")]
+
+
+def _default_seq(spec: ModelSpec, seq_len: Optional[int]) -> int:
+    return seq_len if seq_len is not None else min(2048, spec.max_positions)
+
+
+@app.command("estimate")
+def estimate_cmd(
+    model: str = typer.Argument(..., help="Hub id, directory with config.json, config.json or .gguf"),
+    dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="compute dtype; fp16/bf16 = mixed precision"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16-amp, bf16-amp, bf16-pure, fp8-te, msamp-o1/o2/o3"),
+    batch_size: int = typer.Option(1, "--batch-size", help="micro-batch per GPU"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="tokens per sample (default 2048, capped at the model's maximum)"),
+    optimizer: str = typer.Option("adamw", "--optimizer"),
+    lora_rank: int = typer.Option(0, "--lora-rank"),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha"),
+    lora_dropout: float = typer.Option(0.0, "--lora-dropout"),
+    lora_targets: str = typer.Option("all-linear", "--lora-targets"),
+    quant: str = typer.Option("none", "--quant", help="none, int8, nf4 (frozen base)"),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing"),
+    attn: str = typer.Option("sdpa", "--attn", help="sdpa (also flash) or eager"),
+    gpus: int = typer.Option(1, "--gpus"),
+    nodes: int = typer.Option(1, "--nodes"),
+    strategy: str = typer.Option("ddp", "--strategy"),
+    offload: str = typer.Option("none", "--offload"),
+    compat: Optional[str] = typer.Option(None, "--compat", help="accelerate: print accelerate's estimate-memory table"),
+    exact: bool = typer.Option(False, "--exact", help="measure with the simulator instead of the formulas"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (contract) instead of tables"),
+):
+    """Training memory per GPU, per dtype, per component and per phase."""
+    if compat is not None:
+        return _compat(model, compat, as_json)
+    res, spec = _spec(model)
+    kw = dict(batch_size=batch_size, seq_len=_default_seq(spec, seq_len), optimizer=optimizer, lora_rank=lora_rank,
+              lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, quant=quant,
+              grad_checkpointing=grad_checkpointing, attn=attn, gpus=gpus, nodes=nodes, strategy=strategy,
+              offload=offload)
+    try:
+        runs = [(st, estimate(spec, st)) for st in _settings(precision, dtype, **kw)]
+    except PlanError as e:
+        fail(str(e))
+    from .report import render, to_json
+    method = "analytic"
+    if exact:
+        runs, method = _simulated(res, spec, runs), "simulated"
+    if as_json:
+        objs = [to_json(res.name, spec, st, est, method) for st, est in runs]
+        typer.echo(json.dumps(objs[0] if (precision or dtype) else objs, indent=2))
+        return
+    from rich.console import Console
+    chosen = next((i for i, (st, _) in enumerate(runs) if st.precision == "bf16-amp"), 0)
+    render(Console(), res.name, spec, runs, chosen)
+
+
+def _simulated(res, spec, runs):
+    from .simulate import measure
+    out = []
+    for st, est in runs:
+        try:
+            m = measure(res.config, st, fake=True)
+        except Exception as e:  # the simulator cannot run this recipe on CPU
+            fail(f"simulation failed for {st.precision}/{st.optimizer}: {type(e).__name__}: {str(e).splitlines()[0]}", 1)
+        est.peak_bytes = m.peak_bytes
+        est.phases = {k: m.phases.get(k, 0) for k in ("model", "forward", "backward", "optimizer_step")}
+        from .memory import device_bytes
+        est.device_bytes = device_bytes(m.peak_bytes)
+        out.append((st, est))
+    return out
+
+
+@app.command("simulate")
+def simulate_cmd(
+    model: str = typer.Argument(...),
+    dtype: Optional[Dtype] = typer.Option(None, "--dtype"),
+    precision: Optional[str] = typer.Option(None, "--precision"),
+    batch_size: int = typer.Option(1, "--batch-size"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len"),
+    optimizer: str = typer.Option("adamw", "--optimizer"),
+    lora_rank: int = typer.Option(0, "--lora-rank"),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Run the real training step under fake tensors and report the measured peak."""
+    prec = precision or DTYPE_TO_RECIPE[(dtype or Dtype.bf16).value]
+    estimate_cmd(model, None, prec, batch_size, seq_len, optimizer, lora_rank, None, 0.0, "all-linear", "none",
+                 grad_checkpointing, "sdpa", 1, 1, "ddp", "none", None, True, as_json)
+
+
+def _compat(model: str, compat: str, as_json: bool) -> None:
+    if compat != "accelerate":
+        fail(f"--compat {compat}: only 'accelerate' is available so far")
+    res, _ = _spec(model)
+    from .compat import accelerate_table
+    rows = accelerate_table(res.config)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"Memory Usage for loading `{res.name}` (accelerate estimate-memory)", title_justify="left")
+    for col in ("dtype", "Largest Layer", "Total Size", "Training using Adam"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["dtype"], r["largest_layer_str"], r["total_size_str"], r["training_str"])
+    Console().print(t)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,631 @@
+"""The memory model: bytes on one GPU for a steady-state training step.
+
+`estimate(spec, settings)` is a pure function. The step it models is the one torch runs in
+`loss = model(**batch).loss; loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)`
+with the optimizer state already allocated (the second and later steps), `use_cache=False`, and
+`peak_bytes` is what `torch.cuda.max_memory_allocated()` reports for it.
+
+Activations are counted tensor by tensor: each small function below names the tensors autograd
+saves for one op (the `derivatives.yaml` formulas of the op, and PyTorch's rule that a saved
+input is only kept when the other input needs a gradient), per token, and what the transformers
+module feeds it. They were checked op by op with `torch.autograd.graph.saved_tensors_hooks` and
+against torch's MemTracker on whole steps (tests/test_accuracy.py, tables/accuracy.csv).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .precision import (BNB_MIN_8BIT_SIZE, BNB_OPT_BLOCK, DTYPE_TO_RECIPE, OPTIMIZERS, QUANTS, RECIPES,
+                        quantized_weight_bytes)
+from .spec import ModelSpec, ParamCount, count_params
+
+STRATEGIES = ("ddp", "fsdp", "fsdp-grad-op", "fsdp-hybrid", "fsdp-no-shard", "zero1", "zero2", "zero3")
+OFFLOADS = ("none", "optimizer", "params", "all", "nvme")
+
+
+class PlanError(ValueError):
+    """Options that describe no possible run: one line naming what to change."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    precision: str = "bf16-amp"
+    optimizer: str = "adamw"
+    batch_size: int = 1
+    seq_len: int = 2048
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"
+    quant: str = "none"
+    grad_checkpointing: bool = False
+    attn: str = "sdpa"
+    gpus: int = 1
+    nodes: int = 1
+    strategy: str = "ddp"
+    offload: str = "none"
+    # Whose kernels and autocast op lists to model: "cuda" (the target) or "cpu" (the machine the
+    # simulator measures on). They differ for attention with dropout and for a few autocast ops.
+    kernels: str = "cuda"
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_rank > 0
+
+
+@dataclass
+class Estimate:
+    params: int
+    trainable_params: int
+    peak_bytes: int
+    device_bytes: int
+    components: dict
+    phases: dict
+    phase_components: dict
+    cpu_bytes: int = 0
+    nvme_bytes: int = 0
+    notes: list = field(default_factory=list)
+    param_counts: ParamCount | None = None
+
+
+def validate(spec: ModelSpec, st: Settings) -> Settings:
+    """Reject impossible options with one clear line; fill defaults that depend on the model."""
+    if st.precision not in RECIPES:
+        raise PlanError(f"unknown precision '{st.precision}'; choose one of {', '.join(RECIPES)}")
+    if st.optimizer not in OPTIMIZERS:
+        raise PlanError(f"unknown optimizer '{st.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+    if st.quant not in QUANTS:
+        raise PlanError(f"unknown quant '{st.quant}'; choose one of {', '.join(QUANTS)}")
+    for name in ("batch_size", "seq_len", "gpus", "nodes"):
+        if getattr(st, name) < 1:
+            raise PlanError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(st, name)}")
+    if st.lora_rank < 0:
+        raise PlanError(f"--lora-rank must be 0 (full fine-tune) or positive, got {st.lora_rank}")
+    if not 0 <= st.lora_dropout < 1:
+        raise PlanError(f"--lora-dropout must be in [0, 1), got {st.lora_dropout}")
+    if st.seq_len > spec.max_positions:
+        raise PlanError(f"--seq-len {st.seq_len} exceeds the model's maximum of {spec.max_positions} positions")
+    if st.quant != "none" and not st.lora:
+        raise PlanError(f"--quant {st.quant} freezes the base weights: add --lora-rank (QLoRA) to train adapters")
+    if st.quant != "none" and st.precision not in ("bf16-amp", "fp16-amp", "bf16-pure", "fp32"):
+        raise PlanError(f"--quant {st.quant} cannot be combined with --precision {st.precision}")
+    if st.attn not in ("sdpa", "flash", "eager"):
+        raise PlanError(f"unknown --attn '{st.attn}'; choose sdpa, flash or eager")
+    if st.strategy not in STRATEGIES:
+        raise PlanError(f"unknown strategy '{st.strategy}'; choose one of {', '.join(STRATEGIES)}")
+    if st.offload not in OFFLOADS:
+        raise PlanError(f"unknown offload '{st.offload}'; choose one of {', '.join(OFFLOADS)}")
+    if st.strategy != "ddp" or st.offload != "none":
+        raise PlanError(f"--strategy {st.strategy} --offload {st.offload}: only DDP without offload is modelled so far")
+    if st.lora:
+        targets = lora_targets(spec, st)
+        if not targets:
+            raise PlanError(f"--lora-targets '{st.lora_targets}' matches no linear layer of {spec.model_type}")
+        smallest = min(min(i, o) for _, i, o, _ in targets)
+        if st.lora_rank > smallest:
+            raise PlanError(f"--lora-rank {st.lora_rank} exceeds the smallest targeted layer dimension ({smallest})")
+    return st
+
+
+def settings_for_dtype(dtype: str, **kw) -> Settings:
+    return Settings(precision=DTYPE_TO_RECIPE[dtype], **kw)
+
+
+# ---------------------------------------------------------------- model states
+
+def lora_targets(spec: ModelSpec, st: Settings) -> list[tuple]:
+    """The per-block linears LoRA wraps: PEFT's `all-linear` (every linear but the output head),
+    or the comma-separated module names, matched on the last name component as PEFT does."""
+    shapes = count_params(spec).linear_shapes
+    if st.lora_targets == "all-linear":
+        return list(shapes)
+    wanted = {t.strip() for t in st.lora_targets.split(",") if t.strip()}
+    return [s for s in shapes if s[0] in wanted or s[0].split(".")[-1] in wanted]
+
+
+def lora_params(spec: ModelSpec, st: Settings) -> int:
+    """LoRA adds A (rank x in) and B (out x rank) per targeted linear, per block."""
+    if not st.lora:
+        return 0
+    return spec.layers * sum(n * st.lora_rank * (i + o) for _, i, o, n in lora_targets(spec, st))
+
+
+def weight_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
+    """Bytes of the stored model: every parameter in the recipe's storage dtype.
+
+    QLoRA/int8 bases: the block linears are stored as bitsandbytes stores them; embeddings, the
+    head and norms stay unquantised and `prepare_model_for_kbit_training` upcasts them to fp32.
+    LoRA adapters are fp32: PEFT upcasts adapter weights (`autocast_adapter_dtype=True`).
+    """
+    rc = RECIPES[st.precision]
+    adapters = 4 * lora_params(spec, st)
+    if st.quant == "none":
+        return pc.total * rc.weight + adapters + pc.total * rc.master
+    qbytes, qparams = 0.0, 0
+    for _, i, o, n in pc.linear_shapes:
+        qbytes += n * quantized_weight_bytes(i * o, st.quant, o)
+        qparams += n * i * o
+    qbytes *= spec.layers
+    qparams *= spec.layers
+    return qbytes + 4 * (pc.total - qparams) + adapters
+
+
+def trainable_params(spec: ModelSpec, pc: ParamCount, st: Settings) -> int:
+    return lora_params(spec, st) if st.lora else pc.total
+
+
+def grad_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
+    """One gradient per trainable parameter, in the parameter's dtype (fp32 for LoRA adapters)."""
+    if st.lora:
+        return 4 * trainable_params(spec, pc, st)
+    return RECIPES[st.precision].grad * pc.total
+
+
+def _trainable_tensors(spec: ModelSpec, pc: ParamCount, st: Settings) -> list[tuple[int, int]]:
+    """(elements, count) of the trainable tensors, for optimizers whose state depends on shape."""
+    if st.lora:
+        r = st.lora_rank
+        return [(r * i, n * spec.layers) for _, i, o, n in lora_targets(spec, st)] + \
+               [(r * o, n * spec.layers) for _, i, o, n in lora_targets(spec, st)]
+    out = [(i * o, n * spec.layers) for _, i, o, n in pc.linear_shapes]
+    rest = pc.total - spec.layers * sum(i * o * n for _, i, o, n in pc.linear_shapes)
+    out.append((spec.vocab * spec.hidden, 1 if pc.tied or spec.is_encoder else 2))
+    rest -= sum(e * c for e, c in out[-1:])
+    out.append((rest, 1))  # biases and norms: small tensors, counted as one lump
+    return out
+
+
+def _param_dtype_bytes(st: Settings) -> float:
+    return 4 if st.lora else RECIPES[st.precision].weight
+
+
+def optimizer_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
+    """Optimizer state per trainable parameter.
+
+    adamw / adamw-fused: exp_avg and exp_avg_sq, `zeros_like(param)` so in the parameter dtype
+    (torch.optim.AdamW). sgd: none at momentum 0; sgd-momentum: one buffer. lion: one momentum.
+    adamw-8bit: bitsandbytes AdamW8bit, two uint8 states plus one fp32 absmax per 256 values, fp32
+    states for tensors under 4096 elements. adafactor: transformers' Adafactor, factored second
+    moment (a row and a column vector) for matrices, a full one for vectors.
+    MS-AMP recipes store the moments as their table says.
+    """
+    n = trainable_params(spec, pc, st)
+    p = _param_dtype_bytes(st)
+    rc = RECIPES[st.precision]
+    if st.optimizer in ("adamw", "adamw-fused"):
+        if rc.state is not None and not st.lora:
+            return n * (rc.state + rc.state2)
+        return 2 * p * n
+    if st.optimizer == "sgd":
+        return 0
+    if st.optimizer in ("sgd-momentum", "lion"):
+        return p * n
+    if st.optimizer == "adamw-8bit":
+        total = 0.0
+        for elems, count in _trainable_tensors(spec, pc, st):
+            if elems < BNB_MIN_8BIT_SIZE:
+                total += count * 2 * 4 * elems
+            else:
+                total += count * 2 * (elems + 4 * -(-elems // BNB_OPT_BLOCK))
+        return total
+    if st.optimizer == "adafactor":
+        total = 0.0
+        if st.lora:
+            for _, i, o, nn_ in lora_targets(spec, st):
+                total += nn_ * spec.layers * ((st.lora_rank + i) + (o + st.lora_rank))
+        else:
+            for _, i, o, nn_ in pc.linear_shapes:
+                total += nn_ * spec.layers * (i + o)
+            rest = pc.total - spec.layers * sum(i * o * c for _, i, o, c in pc.linear_shapes)
+            emb_mats = (1 if pc.tied or spec.is_encoder else 2)
+            rest -= emb_mats * spec.vocab * spec.hidden
+            total += emb_mats * (spec.vocab + spec.hidden) + rest
+        return total * p
+    raise PlanError(st.optimizer)
+
+
+def optimizer_step_temp_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
+    """Transient memory inside `optimizer.step()`.
+
+    torch's foreach AdamW (the CUDA default) computes `exp_avg_sq.sqrt()` for the whole parameter
+    group at once (`torch._foreach_sqrt` in torch/optim/adam.py `_multi_tensor_adam`): one extra
+    copy of every trainable parameter. The fused kernel and bitsandbytes update in place.
+    The foreach Lion step builds the interpolated update for the group (one copy). transformers'
+    Adafactor loops over tensors and upcasts: about three fp32 copies of the largest tensor.
+    """
+    if st.optimizer in ("adamw", "lion"):
+        return _param_dtype_bytes(st) * trainable_params(spec, pc, st)
+    if st.optimizer == "adafactor":
+        largest = max(e for e, _ in _trainable_tensors(spec, pc, st))
+        return 3 * 4 * largest
+    return 0
+
+
+# ---------------------------------------------------------------- activations
+
+class _Saved:
+    """Tallies bytes per token of the tensors autograd keeps, counting each storage once."""
+
+    def __init__(self) -> None:
+        self.per_token = 0.0
+        self.per_layer = 0.0  # bytes independent of tokens (autocast weight copies)
+
+    def new(self, elems: float, nbytes: float) -> "_T":
+        return _T(self, elems, nbytes)
+
+    def add(self, elems: float, nbytes: float) -> None:
+        self.per_token += elems * nbytes
+
+
+class _T:
+    """One activation tensor per token: `elems` values of `nbytes` each."""
+
+    def __init__(self, owner: _Saved, elems: float, nbytes: float):
+        self.owner, self.elems, self.nbytes, self.saved = owner, elems, nbytes, False
+
+    def keep(self) -> "_T":
+        if not self.saved:
+            self.saved = True
+            self.owner.per_token += self.elems * self.nbytes
+        return self
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    spec: ModelSpec
+    st: Settings
+    compute: int        # bytes of a matmul output
+    stream: int         # bytes of the residual stream
+    amp: bool
+    lora: frozenset     # names of LoRA-wrapped linears
+    full: bool          # every weight trainable
+
+
+def _ctx(spec: ModelSpec, st: Settings) -> _Ctx:
+    rc = RECIPES[st.precision]
+    amp = rc.autocast
+    stream = 4 if amp or st.quant != "none" else rc.compute
+    names = frozenset(n for n, *_ in lora_targets(spec, st)) if st.lora else frozenset()
+    return _Ctx(spec, st, rc.compute, stream, amp, names, not st.lora)
+
+
+def _linear(c: _Ctx, acc: _Saved, name: str, x: _T, fan_in: int, fan_out: int) -> _T:
+    """A linear layer (nn.Linear, or GPT-2's Conv1D) on input x.
+
+    Trainable weight: autograd keeps the input (the grad of W needs it); under autocast it keeps a
+    bf16 copy of the input made for this call, and the bf16 weight copy, which autocast caches for
+    the whole forward. Frozen weight: the input is not kept; under autocast the transient bf16
+    weight copy is kept (the grad of the input needs it). A LoRA-wrapped frozen linear adds PEFT's
+    branch: the input cast to the adapter dtype (fp32, or bf16 under autocast) and the rank-r
+    output of A, plus a dropout mask when lora_dropout > 0.
+    """
+    st = c.st
+    if c.full:
+        if c.amp:
+            acc.per_layer += 2 * fan_in * fan_out
+            x.keep() if x.nbytes == 2 else acc.add(fan_in, 2)
+        else:
+            x.keep()
+        return acc.new(fan_out, c.compute)
+    if c.amp and st.quant == "none":
+        acc.per_layer += 2 * fan_in * fan_out
+    if name in c.lora:
+        adapter = 2 if c.amp else 4
+        if st.lora_dropout > 0:
+            acc.add(fan_in, 1 + adapter)
+        elif x.nbytes == adapter:
+            x.keep()
+        else:
+            acc.add(fan_in, adapter)
+        acc.add(st.lora_rank, adapter)
+    return acc.new(fan_out, c.stream if st.quant != "none" else c.compute)
+
+
+def _norm(c: _Ctx, acc: _Saved, x: _T) -> _T:
+    """RMSNorm or LayerNorm of x (h values per token).
+
+    RMSNorm computes in fp32: `pow` keeps the fp32 input (x itself when already fp32), `rsqrt`
+    keeps one fp32 value per token, and when the weight trains its multiply keeps the normalised
+    tensor (llama: cast back to the input dtype; gemma: fp32 before the `(1 + w)` scale).
+    LayerNorm (`native_layer_norm`) keeps its input plus fp32 mean and rstd per token.
+    """
+    h = c.spec.hidden
+    if c.spec.norm == "layer":
+        x.keep()
+        acc.add(1, 8)
+        return acc.new(h, 4 if c.amp else x.nbytes)
+    if x.nbytes == 4:
+        x.keep()
+    else:
+        acc.add(h, 4)
+    acc.add(1, 4)
+    if c.full:
+        acc.add(h, 4 if c.spec.norm == "rms_gemma" else x.nbytes)
+    return acc.new(h, x.nbytes)
+
+
+def _dropout(c: _Ctx, acc: _Saved, p: float, elems: float) -> None:
+    """Dropout in training keeps its bool mask (one byte per value)."""
+    if p > 0:
+        acc.add(elems, 1)
+
+
+def _attention_core(c: _Ctx, acc: _Saved, q: _T | None, k: _T | None, v: _T | None, qkv: _T | None) -> _T:
+    """Scaled dot-product attention after the projections (and rotary embedding).
+
+    SDPA / flash (the memory-efficient kernels transformers uses by default): keeps q, k, v,
+    the output and an fp32 log-sum-exp per head and token; no seq x seq matrix, and GQA runs
+    without repeating k and v. Eager (transformers' `eager_attention_forward`): keeps q, the
+    repeated k and v, the fp32 softmax output and its cast back to the compute dtype (seq x seq
+    per head), plus gemma2's tanh soft-capping output and the dropout mask.
+    """
+    s, st, e = c.spec, c.st, c.compute
+    if qkv is not None:
+        qkv.keep()
+    for t in (q, k, v):
+        if t is not None:
+            t.keep()
+    out = acc.new(s.q_dim, e).keep()
+    if _eager(s, st):
+        seq = st.seq_len
+        rep = s.heads // s.kv_heads
+        if rep > 1:  # repeat_kv makes full-width copies that matmul keeps instead of k and v
+            acc.add(2 * s.q_dim - 2 * s.kv_dim, e)
+        acc.add(s.heads * seq, 4 + (0 if e == 4 else e))
+        if s.attn_softcap:
+            acc.add(s.heads * seq, e)
+        if s.attn_dropout > 0:
+            acc.add(s.heads * seq, 1 + e)
+    else:
+        acc.add(s.heads, 4)
+        if s.attn_dropout > 0 and st.kernels == "cpu":
+            # CPU flash attention has no dropout: PyTorch falls back to the math kernel.
+            acc.add(s.heads * st.seq_len, 4 + 1 + e + (0 if e == 4 else e))
+    return out
+
+
+def _eager(s: ModelSpec, st: Settings) -> bool:
+    return st.attn == "eager" or (s.needs_eager and st.attn != "flash")
+
+
+def _mlp_act(c: _Ctx, acc: _Saved, g: _T) -> _T:
+    """The activation on the MLP's first projection. SiLU / exact GELU / tanh-GELU kernels keep
+    their input. GPT-2's `gelu_new` is written in Python (NewGELUActivation) and keeps `tanh`'s
+    output, `0.5 * x` and `1 + tanh(...)`; on CUDA, autocast runs its `pow` in fp32, which makes
+    that chain fp32 and the result needs a bf16 copy for the next matmul."""
+    i = g.elems
+    g.keep()
+    if c.spec.act == "gelu_new":
+        if c.amp and c.st.kernels == "cuda":
+            acc.add(i, 4 + 2 + 4)
+            acc.add(i, 2)  # bf16 copy of the fp32 result, kept by the next linear
+            return acc.new(i, 2).keep() if False else _Consumed(acc, i)
+        acc.add(i, 3 * g.nbytes)
+    return acc.new(i, g.nbytes)
+
+
+class _Consumed(_T):
+    """A tensor whose kept copy was already counted (keep() is a no-op)."""
+
+    def __init__(self, owner: _Saved, elems: float):
+        super().__init__(owner, elems, 2)
+        self.saved = True
+
+
+def _block(c: _Ctx) -> _Saved:
+    """Bytes per token (and per layer) one transformer block keeps for backward."""
+    s = c.spec
+    acc = _Saved()
+    h, i = s.hidden, s.intermediate
+    x = acc.new(h, c.stream)
+    if s.family == "bert":  # post-LN encoder block
+        q = _linear(c, acc, "query", x, h, h)
+        k = _linear(c, acc, "key", x, h, h)
+        v = _linear(c, acc, "value", x, h, h)
+        a = _attention_core(c, acc, q, k, v, None)
+        o = _linear(c, acc, "dense", a, h, h)
+        _dropout(c, acc, s.hidden_dropout, h)
+        y = _norm(c, acc, acc.new(h, max(c.stream, o.nbytes)))
+        g = _linear(c, acc, "intermediate.dense", y, h, i)
+        a2 = _mlp_act(c, acc, g)
+        _linear(c, acc, "output.dense", a2, i, h)
+        _dropout(c, acc, s.hidden_dropout, h)
+        _norm(c, acc, acc.new(h, max(c.stream, o.nbytes)))
+        return acc
+    y = _norm(c, acc, x)
+    if s.family == "gpt2":
+        qkv = _linear(c, acc, "c_attn", y, h, 3 * h)
+        a = _attention_core(c, acc, None, None, None, qkv)
+        _linear(c, acc, "c_proj", a, h, h)
+        _dropout(c, acc, s.hidden_dropout, h)
+        y2 = _norm(c, acc, acc.new(h, c.stream))
+        g = _linear(c, acc, "c_fc", y2, h, i)
+        _linear(c, acc, "c_proj_mlp", _mlp_act(c, acc, g), i, h)
+        _dropout(c, acc, s.hidden_dropout, h)
+        return acc
+    if s.family in ("gpt_neox", "falcon"):
+        fused = s.q_dim + 2 * s.kv_dim
+        qkv = _linear(c, acc, "query_key_value", y, h, fused)
+        rot = acc.new(s.q_dim + s.kv_dim, c.compute)  # q and k rebuilt by the partial rotary cat
+        a = _attention_core(c, acc, rot, None, None, qkv)
+        _linear(c, acc, "dense", a, s.q_dim, h)
+        y2 = y if s.family == "falcon" else _norm(c, acc, x)
+        g = _linear(c, acc, "dense_h_to_4h", y2, h, i)
+        _linear(c, acc, "dense_4h_to_h", _mlp_act(c, acc, g), i, h)
+        return acc
+    # llama family: pre-norm, rotary attention, gated MLP
+    q = _linear(c, acc, "q_proj", y, h, s.q_dim)
+    k = _linear(c, acc, "k_proj", y, h, s.kv_dim)
+    v = _linear(c, acc, "v_proj", y, h, s.kv_dim)
+    # rotary embedding builds new q and k (in the stream dtype under autocast, and SDPA then keeps
+    # bf16 copies of the same size), `cos`/`sin` muls keep only cos and sin
+    a = _attention_core(c, acc, acc.new(s.q_dim, c.compute), acc.new(s.kv_dim, c.compute), v, None)
+    o = _linear(c, acc, "o_proj", a, s.q_dim, h)
+    if s.norms_per_layer == 4:
+        _norm(c, acc, o)
+    y2 = _norm(c, acc, acc.new(h, c.stream))
+    if s.experts:
+        k_ = s.top_k
+        acc.add(s.experts, 4 + c.compute)  # router logits and fp32 routing softmax
+        acc.add(k_ * h, c.compute)           # tokens gathered per chosen expert
+        for _ in range(k_):
+            g = _linear(c, acc, "w1", acc.new(h, c.compute), h, i)
+            u = _linear(c, acc, "w3", acc.new(h, c.compute), h, i)
+            act = _mlp_act(c, acc, g).keep()
+            u.keep()
+            _linear(c, acc, "w2", acc.new(i, c.compute), i, h)
+        acc.add(k_ * (h + 1), c.compute)      # expert outputs scaled by routing weights
+        return acc
+    g = _linear(c, acc, "gate_proj", y2, h, i)
+    u = _linear(c, acc, "up_proj", y2, h, i)
+    act = _mlp_act(c, acc, g).keep()
+    u.keep()
+    m = acc.new(i, c.compute)
+    if not c.full and "down_proj" not in c.lora:
+        pass  # frozen down_proj keeps nothing; the product is freed
+    _linear(c, acc, "down_proj", m, i, h)
+    if s.norms_per_layer == 4:
+        _norm(c, acc, acc.new(h, c.compute))
+    return acc
+
+
+def _model_level(c: _Ctx) -> float:
+    """Bytes per token kept outside the blocks: embedding-side ops, rotary cos/sin, final norm."""
+    s = c.spec
+    acc = _Saved()
+    h = s.hidden
+    if s.family == "bert":
+        _norm(c, acc, acc.new(h, c.stream))
+        _dropout(c, acc, s.hidden_dropout, h)
+        return acc.per_token
+    if s.family == "gpt2":
+        _dropout(c, acc, s.extra.get("embd_pdrop", 0.0), h)
+    else:
+        acc.add(2 * s.head_dim, c.stream)  # cos and sin
+    y = _norm(c, acc, acc.new(h, c.stream))
+    if c.full or s.family != "bert":
+        if c.full and c.amp:
+            acc.per_layer += 2 * s.vocab * h  # autocast's bf16 copy of the head weight
+            acc.add(h, 2)
+        elif c.full:
+            y.keep()
+        elif c.amp and c.st.quant == "none":
+            acc.per_layer += 2 * s.vocab * h
+    return acc.per_token + acc.per_layer / max(c.st.tokens, 1)
+
+
+def logits_bytes(spec: ModelSpec, st: Settings) -> dict:
+    """The output head's logits and cross-entropy, B x S x vocab values.
+
+    transformers' ForCausalLMLoss upcasts the logits (`logits.float()`) and `cross_entropy` keeps
+    the fp32 log-softmax output for backward. In the forward, at the log-softmax, the logits, their
+    fp32 copy and the log-softmax output are alive together. At the start of backward, the kept
+    log-softmax output, the dense NLL gradient and the log-softmax gradient (all fp32) coexist.
+    Gemma-2's final soft-capping keeps its tanh output too.
+    """
+    if spec.is_encoder:
+        return {"saved": 0, "forward": 0, "backward": 0}
+    tv = st.tokens * spec.vocab
+    rc = RECIPES[st.precision]
+    e = 4 if st.quant != "none" and not rc.autocast else rc.compute
+    saved = 4 * tv + (e * tv if spec.final_softcap else 0)
+    fwd = saved + e * tv + (4 * tv if e != 4 else 0)
+    bwd = saved + 8 * tv
+    return {"saved": saved, "forward": fwd, "backward": bwd, "grad": e * tv}
+
+
+def activation_bytes(spec: ModelSpec, st: Settings) -> dict:
+    """Activations kept for backward (without the logits), and the extra live during recompute."""
+    c = _ctx(spec, st)
+    blk = _block(c)
+    per_layer = blk.per_token * st.tokens + blk.per_layer
+    model_level = _model_level(c) * st.tokens
+    mask = 0
+    if _eager(spec, st):  # the 4-D float mask transformers builds for eager attention
+        n_masks = 2 if spec.model_type == "gemma2" else 1
+        mask = n_masks * st.batch_size * st.seq_len * st.seq_len * c.stream
+    if st.grad_checkpointing:
+        # non-reentrant torch.utils.checkpoint keeps each block's input; in backward one block is
+        # recomputed at a time and holds its full activations
+        kept = spec.layers * c.stream * spec.hidden * st.tokens + model_level
+        return {"kept": kept, "layer": per_layer, "recompute": per_layer, "mask": mask}
+    return {"kept": spec.layers * per_layer + model_level, "layer": per_layer, "recompute": 0, "mask": mask}
+
+
+# ---------------------------------------------------------------- overheads
+
+CUDA_CONTEXT_BYTES = 500 * 2**20
+CUBLAS_WORKSPACE_BYTES = 2 * 32 * 2**20
+ALLOCATOR_RESERVE = 0.05
+
+
+def device_bytes(peak: int) -> int:
+    """Per-process GPU memory as NVML reports it, from the live-tensor peak.
+
+    - CUDA context: about 500 MiB on Hopper/Ampere with CUDA 12 lazy module loading (PyTorch
+      "CUDA semantics" notes; NVIDIA's CUDA_MODULE_LOADING=LAZY documentation).
+    - cuBLAS / cuBLASLt workspaces: 32 MiB each on sm90 (PyTorch's `CUBLAS_WORKSPACE_CONFIG`
+      default `:4096:8` plus cuBLASLt's workspace).
+    - Caching allocator reserve: blocks are rounded to 512 B / 2 MiB and large segments to
+      20 MiB multiples; fragmentation keeps `max_memory_reserved` a few percent above
+      `max_memory_allocated`. Taken as 5% until measured on a GPU (tables/validation_gpu.csv).
+    """
+    return int(peak * (1 + ALLOCATOR_RESERVE) + CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES)
+
+
+# ---------------------------------------------------------------- the estimate
+
+def estimate(spec: ModelSpec, st: Settings) -> Estimate:
+    """Peak bytes per phase and per component for one GPU."""
+    st = validate(spec, st)
+    pc = count_params(spec)
+    notes = []
+    w = weight_bytes(spec, pc, st) + pc.buffers_bytes
+    g = grad_bytes(spec, pc, st)
+    o = optimizer_state_bytes(spec, pc, st)
+    t_opt = optimizer_step_temp_bytes(spec, pc, st)
+    if st.gpus * st.nodes > 1:
+        # DDP (gradient_as_bucket_view=False, the default) keeps its own flat gradient buckets
+        o_ddp = g
+        notes.append("DDP gradient buckets: one extra copy of the gradients")
+    else:
+        o_ddp = 0
+    act = activation_bytes(spec, st)
+    lg = logits_bytes(spec, st)
+    c = _ctx(spec, st)
+    head_grad = 0 if spec.is_encoder or not c.full else RECIPES[st.precision].grad * spec.vocab * spec.hidden
+    # one block's backward: gradients of its activations, about two MLP-wide and two stream-wide tensors
+    layer_bw = st.tokens * (2 * c.compute * spec.intermediate + 2 * c.stream * spec.hidden)
+
+    base = {"weights": w, "optimizer": o}
+    phase_comp = {
+        "model": {"weights": w},
+        "forward": {**base, "activations": act["kept"] + act["mask"] + (act["layer"] if st.grad_checkpointing else 0) * 0,
+                    "logits": lg["forward"]},
+        "backward": {**base, "activations": act["kept"] + act["recompute"], "logits": lg["backward"],
+                     "gradients": head_grad, "other": o_ddp},
+        "optimizer_step": {**base, "gradients": g, "other": o_ddp + t_opt},
+    }
+    if st.grad_checkpointing:
+        phase_comp["backward"]["other"] = o_ddp + layer_bw
+        phase_comp["backward"]["logits"] = max(lg["backward"] - act["recompute"] - layer_bw, lg.get("grad", 0))
+    end_bw = w + o + g + o_ddp + (spec.vocab * spec.hidden * RECIPES[st.precision].grad if pc.tied and c.full else 0)
+    phases = {k: int(sum(v.values())) for k, v in phase_comp.items()}
+    phases["backward"] = max(phases["backward"], int(end_bw))
+    peak_phase = max(phases, key=phases.get)
+    comps = {k: 0 for k in ("weights", "gradients", "optimizer", "activations", "logits", "other")}
+    for k, v in phase_comp[peak_phase].items():
+        comps[k] += int(v)
+    comps["weights"] = int(w)
+    peak = int(phases[peak_phase])
+    comps["other"] += peak - sum(comps.values())
+    if _eager(spec, st) and st.attn != "eager":
+        notes.append(f"{spec.model_type} attention soft-capping needs eager attention (or --attn flash)")
+    return Estimate(params=pc.total, trainable_params=trainable_params(spec, pc, st), peak_bytes=peak,
+                    device_bytes=device_bytes(peak), components=comps, phases=phases,
+                    phase_components=phase_comp, notes=notes, param_counts=pc)

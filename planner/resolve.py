@@ -1,0 +1,163 @@
+"""Find a model's config: local path, `.gguf` file, Hugging Face cache, the Hub, the built-in catalog.
+
+I/O lives here; everything returns a plain `config.json`-style dict.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+CATALOG_PATH = Path(__file__).resolve().parent.parent / "tables" / "models.json"
+
+
+class ResolveError(ValueError):
+    """The model could not be found or read: one line for the user."""
+
+
+@dataclass
+class Resolved:
+    name: str
+    config: dict
+    source: str  # "local", "gguf", "cache", "hub", "catalog"
+
+
+@lru_cache(maxsize=1)
+def catalog() -> dict:
+    """The built-in catalog: id -> {"aliases", "source", "config"} (tables/models.json)."""
+    with open(CATALOG_PATH, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _catalog_index() -> dict:
+    idx = {}
+    for key, entry in catalog().items():
+        for name in [key, *entry.get("aliases", [])]:
+            idx[name.lower()] = key
+    return idx
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ResolveError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise ResolveError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise ResolveError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise ResolveError(f"{path}: a config must be a JSON object")
+    return data
+
+
+def resolve(model: str) -> Resolved:
+    """Resolution order of the contract: local path, HF cache, Hub (unless HF_HUB_OFFLINE), catalog."""
+    if not model or not model.strip():
+        raise ResolveError("no model given: pass a Hugging Face id, a directory with config.json, a config.json or a .gguf file")
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf" or (path.exists() and path.is_file() and path.suffix != ".json"):
+        if not path.exists():
+            raise ResolveError(f"{model}: no such file")
+        return Resolved(path.name, gguf_config(path), "gguf")
+    if path.is_dir():
+        cfg = path / "config.json"
+        if not cfg.exists():
+            ggufs = sorted(path.glob("*.gguf"))
+            if ggufs:
+                return Resolved(path.name, gguf_config(ggufs[0]), "gguf")
+            raise ResolveError(f"{model}: directory has no config.json")
+        return Resolved(path.name, _read_json(cfg), "local")
+    if path.suffix == ".json":
+        if not path.exists():
+            raise ResolveError(f"{model}: no such file")
+        return Resolved(path.parent.name or path.name, _read_json(path), "local")
+    for finder in (_from_cache, _from_hub):
+        found = finder(model)
+        if found is not None:
+            return found
+    key = _catalog_index().get(model.lower())
+    if key is not None:
+        return Resolved(key, dict(catalog()[key]["config"]), "catalog")
+    close = difflib.get_close_matches(model.lower(), list(_catalog_index()), n=3, cutoff=0.4)
+    if not close:
+        tail = model.split("/")[-1].lower()
+        close = [k for k in _catalog_index() if tail[:5] and tail[:5] in k][:3]
+    names = ", ".join(_catalog_index()[c] for c in close) if close else "none"
+    raise ResolveError(f"unknown model '{model}' (not local, not cached, Hub unreachable or offline); "
+                       f"closest catalog entries: {names}; or pass a directory or config.json path")
+
+
+def _from_cache(model: str) -> Resolved | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        hit = try_to_load_from_cache(model, "config.json")
+    except Exception:  # an id that is not a valid repo name
+        return None
+    if isinstance(hit, str) and os.path.exists(hit):
+        return Resolved(model, _read_json(Path(hit)), "cache")
+    return None
+
+
+def _from_hub(model: str) -> Resolved | None:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or "/" not in model:
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+        hit = hf_hub_download(model, "config.json", etag_timeout=3)
+    except Exception:  # network failure, gated repo, missing repo: fall through to the catalog
+        return None
+    return Resolved(model, _read_json(Path(hit)), "hub")
+
+
+# GGUF metadata keys (llama.cpp's convention: "{arch}.{field}") -> config.json fields
+_GGUF_FIELDS = {
+    "embedding_length": "hidden_size", "feed_forward_length": "intermediate_size", "block_count": "num_hidden_layers",
+    "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+    "context_length": "max_position_embeddings", "rope.freq_base": "rope_theta",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps", "expert_count": "num_local_experts",
+    "expert_used_count": "num_experts_per_tok", "attention.key_length": "head_dim",
+}
+_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "gemma2": "gemma2", "phi3": "phi3", "gpt2": "gpt2", "falcon": "falcon"}
+
+
+def gguf_config(path: Path) -> dict:
+    """A config dict from a GGUF file's metadata, read with the `gguf` package (no tensor data)."""
+    try:
+        from gguf import GGUFReader
+        reader = GGUFReader(str(path), "r")
+    except Exception as e:
+        raise ResolveError(f"{path}: not a readable GGUF file ({type(e).__name__})") from None
+
+    def value(key):
+        f = reader.fields.get(key)
+        if f is None:
+            return None
+        v = f.contents()
+        return v
+
+    arch = value("general.architecture")
+    if arch not in _GGUF_ARCH:
+        raise ResolveError(f"{path}: GGUF architecture '{arch}' has no config mapping")
+    cfg = {"model_type": _GGUF_ARCH[arch]}
+    for k, field_name in _GGUF_FIELDS.items():
+        v = value(f"{arch}.{k}")
+        if v is not None:
+            cfg[field_name] = v
+    tokens = value("tokenizer.ggml.tokens")
+    vocab = value(f"{arch}.vocab_size")
+    cfg["vocab_size"] = int(vocab) if vocab is not None else (len(tokens) if tokens is not None else None)
+    names = {t.name for t in reader.tensors}
+    cfg["tie_word_embeddings"] = "output.weight" not in names
+    if cfg["model_type"] == "llama" and "head_dim" in cfg and cfg.get("hidden_size") and cfg.get("num_attention_heads"):
+        if cfg["head_dim"] == cfg["hidden_size"] // cfg["num_attention_heads"]:
+            cfg.pop("head_dim")
+    return cfg

@@ -1,0 +1,167 @@
+"""Measured ground truth: a real training step of the real transformers class, traced by torch's
+MemTracker, on fake tensors (no memory allocated, any size) or real CPU tensors.
+
+The step is the one the estimator models: warm-up step (creates optimizer state), then a measured
+`loss = model(**batch).loss; loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)`.
+CPU kernels stand in for CUDA ones, with two corrections applied to the model before measuring:
+attention dropout is set to 0 (CUDA's flash kernels drop out without a seq x seq buffer, CPU
+falls back to the math kernel), and `use_cache=False` as in training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from .memory import RECIPES, Settings
+
+
+@dataclass
+class Measurement:
+    peak_bytes: int
+    phases: dict
+    categories: dict  # MemTracker's categories at the peak
+
+
+def build_model(cfg: dict, st: Settings, fake_mode=None):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cfg = dict(cfg)
+    mt = cfg.pop("model_type")
+    for k in ("attn_pdrop", "attention_probs_dropout_prob", "attention_dropout"):
+        if k in cfg:
+            cfg[k] = 0.0
+    cfg["use_cache"] = False
+    config = AutoConfig.for_model(mt, **cfg)
+    rc = RECIPES[st.precision]
+    dtype = torch.bfloat16 if rc.weight == 2 else torch.float32
+    attn = "eager" if st.attn == "eager" or getattr(config, "attn_logit_softcapping", None) else "sdpa"
+    cls = AutoModelForSequenceClassification if mt == "bert" else AutoModelForCausalLM
+    # Under fake tensors the model is built on the meta device (PEFT's adapter moves cannot swap
+    # fake parameters) and each tensor is then turned into a fake CPU tensor of the same shape.
+    ctx = torch.device("meta") if fake_mode is not None else contextlib.nullcontext()
+    with ctx:
+        model = cls.from_config(config, dtype=dtype, attn_implementation=attn)
+        if st.grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if st.lora:
+            from peft import LoraConfig, get_peft_model
+            lcfg = LoraConfig(r=st.lora_rank, lora_alpha=st.lora_alpha or 2 * st.lora_rank,
+                              lora_dropout=st.lora_dropout,
+                              target_modules="all-linear" if st.lora_targets == "all-linear" else st.lora_targets.split(","),
+                              task_type="SEQ_CLS" if mt == "bert" else "CAUSAL_LM")
+            model = get_peft_model(model, lcfg)
+            if mt == "bert":  # PEFT's SEQ_CLS keeps the classifier trainable; the estimator trains adapters only
+                for n, p in model.named_parameters():
+                    if "lora_" not in n:
+                        p.requires_grad_(False)
+        model.train()
+    if fake_mode is not None:
+        _fakeify(model, fake_mode)
+    return model, config
+
+
+def _fakeify(model, fake_mode) -> None:
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorConverter
+
+    conv = FakeTensorConverter()
+    cpu = torch.device("cpu")
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                fake = conv.from_meta_and_device(fake_mode, p.data, cpu)
+                mod._parameters[name] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+        for name, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[name] = conv.from_meta_and_device(fake_mode, b, cpu)
+    # tied weights share one Parameter object, so the loop above keeps them tied
+
+
+def make_optimizer(params, name: str):
+    import torch
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    if name == "adamw-fused":
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, foreach=True)
+    if name == "sgd-momentum":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+        return Adafactor(params)
+    raise ValueError(f"the simulator has no {name} optimizer on CPU")
+
+
+def _tracker_class():
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class Tracker(MemTracker):
+        """MemTracker that accepts frozen parameters (LoRA bases): torch's version registers a
+        gradient hook on every parameter, which raises for one without requires_grad. Modules
+        holding frozen parameters get no gradient hooks; their gradients are still counted in the
+        total, only under another category."""
+
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            ok = all(p.requires_grad for p in module.parameters())
+            return super()._track_module_params_and_buffers(module, install_grad_hooks and ok)
+
+    return Tracker
+
+
+def measure(cfg: dict, st: Settings, fake: bool = True) -> Measurement:
+    """Run warm-up + measured step under MemTracker; return the peak and per-phase peaks."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mode = FakeTensorMode() if fake else None
+    torch.manual_seed(0)
+    model, config = build_model(cfg, st, mode)
+    ctx = mode if mode is not None else contextlib.nullcontext()
+    rc = RECIPES[st.precision]
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if rc.autocast else contextlib.nullcontext()
+    with ctx:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(trainable, st.optimizer)
+        ids = torch.randint(0, config.vocab_size, (st.batch_size, st.seq_len))
+        labels = torch.zeros(st.batch_size, dtype=torch.long) if config.model_type == "bert" else ids
+
+        def step():
+            with amp:
+                loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()
+        tracker = _tracker_class()()
+        tracker.track_external(model, opt, ids, labels)
+        phases = {}
+        with tracker:
+            dev = None
+
+            def snap(name):
+                nonlocal dev
+                s = tracker.get_tracker_snapshot("peak")
+                dev = dev or next(iter(s))
+                phases[name] = s[dev]["Total"] if dev in s else 0
+                # restart the peak from the current total so each phase reports its own peak
+                cur = tracker.get_tracker_snapshot("current")
+                tracker._peak_mem[dev] = cur[dev]["Total"]
+                tracker._peak_mem_snap[dev] = dict(cur[dev])
+
+            s0 = tracker.get_tracker_snapshot("current")
+            with amp:
+                loss = model(input_ids=ids, labels=labels).loss
+            snap("forward")
+            loss.backward()
+            del loss
+            snap("backward")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            snap("optimizer_step")
+        d0 = next(iter(s0)) if s0 else None
+        phases["model"] = sum(v for k, v in s0[d0].items() if getattr(k, "value", None) in ("Parameter", "Buffer")) if d0 else 0
+    peak = max(phases.values())
+    return Measurement(peak_bytes=int(peak), phases={k: int(v) for k, v in phases.items()}, categories={})
