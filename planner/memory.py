@@ -349,10 +349,11 @@ def _norm(c: _Ctx, acc: _Saved, x: _T) -> _T:
     return acc.new(h, x.nbytes)
 
 
-def _dropout(c: _Ctx, acc: _Saved, p: float, elems: float) -> None:
-    """Dropout in training keeps its bool mask (one byte per value)."""
+def _dropout(c: _Ctx, acc: _Saved, p: float, elems: float, nbytes: float) -> None:
+    """Dropout in training keeps its mask: CUDA's `native_dropout` a bool (one byte per value),
+    the CPU kernel a scaled noise tensor in the input's dtype."""
     if p > 0:
-        acc.add(elems, 1)
+        acc.add(elems, 1 if c.st.kernels == "cuda" else nbytes)
 
 
 def _attention_core(c: _Ctx, acc: _Saved, q: _T | None, k: _T | None, v: _T | None, qkv: _T | None) -> _T:
@@ -381,11 +382,13 @@ def _attention_core(c: _Ctx, acc: _Saved, q: _T | None, k: _T | None, v: _T | No
             acc.add(s.heads * seq, e)
         if s.attn_dropout > 0:
             acc.add(s.heads * seq, 1 + e)
+    elif st.kernels == "cpu" and s.family in ("gpt2", "bert"):
+        # On CPU, transformers hands these models an explicit mask and SDPA takes the math path:
+        # contiguous copies of q and k, the softmax output and the expanded mask (seq x seq per head)
+        acc.add(2 * s.q_dim, e)
+        acc.add(2 * s.heads * st.seq_len, e)
     else:
         acc.add(s.heads, 4)
-        if s.attn_dropout > 0 and st.kernels == "cpu":
-            # CPU flash attention has no dropout: PyTorch falls back to the math kernel.
-            acc.add(s.heads * st.seq_len, 4 + 1 + e + (0 if e == 4 else e))
     return out
 
 
@@ -429,12 +432,12 @@ def _block(c: _Ctx) -> _Saved:
         v = _linear(c, acc, "value", x, h, h)
         a = _attention_core(c, acc, q, k, v, None)
         o = _linear(c, acc, "dense", a, h, h)
-        _dropout(c, acc, s.hidden_dropout, h)
+        _dropout(c, acc, s.hidden_dropout, h, c.stream)
         y = _norm(c, acc, acc.new(h, max(c.stream, o.nbytes)))
         g = _linear(c, acc, "intermediate.dense", y, h, i)
         a2 = _mlp_act(c, acc, g)
         _linear(c, acc, "output.dense", a2, i, h)
-        _dropout(c, acc, s.hidden_dropout, h)
+        _dropout(c, acc, s.hidden_dropout, h, c.stream)
         _norm(c, acc, acc.new(h, max(c.stream, o.nbytes)))
         return acc
     y = _norm(c, acc, x)
@@ -442,11 +445,11 @@ def _block(c: _Ctx) -> _Saved:
         qkv = _linear(c, acc, "c_attn", y, h, 3 * h)
         a = _attention_core(c, acc, None, None, None, qkv)
         _linear(c, acc, "c_proj", a, h, h)
-        _dropout(c, acc, s.hidden_dropout, h)
+        _dropout(c, acc, s.hidden_dropout, h, c.stream)
         y2 = _norm(c, acc, acc.new(h, c.stream))
         g = _linear(c, acc, "c_fc", y2, h, i)
         _linear(c, acc, "c_proj_mlp", _mlp_act(c, acc, g), i, h)
-        _dropout(c, acc, s.hidden_dropout, h)
+        _dropout(c, acc, s.hidden_dropout, h, c.stream)
         return acc
     if s.family in ("gpt_neox", "falcon"):
         fused = s.q_dim + 2 * s.kv_dim
@@ -501,10 +504,10 @@ def _model_level(c: _Ctx) -> float:
     h = s.hidden
     if s.family == "bert":
         _norm(c, acc, acc.new(h, c.stream))
-        _dropout(c, acc, s.hidden_dropout, h)
+        _dropout(c, acc, s.hidden_dropout, h, c.stream)
         return acc.per_token
     if s.family == "gpt2":
-        _dropout(c, acc, s.extra.get("embd_pdrop", 0.0), h)
+        _dropout(c, acc, s.extra.get("embd_pdrop", 0.0), h, c.stream)
     else:
         acc.add(2 * s.head_dim, c.stream)  # cos and sin
     y = _norm(c, acc, acc.new(h, c.stream))

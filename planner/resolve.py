@@ -110,12 +110,31 @@ def _from_cache(model: str) -> Resolved | None:
 def _from_hub(model: str) -> Resolved | None:
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or "/" not in model:
         return None
+    if not _hub_reachable():
+        return None
     try:
+        import logging
+
         from huggingface_hub import hf_hub_download
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
         hit = hf_hub_download(model, "config.json", etag_timeout=3)
     except Exception:  # network failure, gated repo, missing repo: fall through to the catalog
         return None
     return Resolved(model, _read_json(Path(hit)), "hub")
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """One quick TCP connect to the Hub endpoint, so an offline machine does not sit through
+    huggingface_hub's retry back-off before falling through to the catalog."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 # GGUF metadata keys (llama.cpp's convention: "{arch}.{field}") -> config.json fields

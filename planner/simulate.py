@@ -68,15 +68,17 @@ def _fakeify(model, fake_mode) -> None:
 
     conv = FakeTensorConverter()
     cpu = torch.device("cpu")
+    done = {}  # id(meta parameter) -> fake parameter, so tied weights stay one parameter
     for mod in model.modules():
         for name, p in list(mod._parameters.items()):
             if p is not None:
-                fake = conv.from_meta_and_device(fake_mode, p.data, cpu)
-                mod._parameters[name] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+                if id(p) not in done:
+                    fake = conv.from_meta_and_device(fake_mode, p.data, cpu)
+                    done[id(p)] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+                mod._parameters[name] = done[id(p)]
         for name, b in list(mod._buffers.items()):
             if b is not None:
                 mod._buffers[name] = conv.from_meta_and_device(fake_mode, b, cpu)
-    # tied weights share one Parameter object, so the loop above keeps them tied
 
 
 def make_optimizer(params, name: str):
