@@ -407,7 +407,7 @@ def _mlp_act(c: _Ctx, acc: _Saved, g: _T) -> _T:
         if c.amp and c.st.kernels == "cuda":
             acc.add(i, 4 + 2 + 4)
             acc.add(i, 2)  # bf16 copy of the fp32 result, kept by the next linear
-            return acc.new(i, 2).keep() if False else _Consumed(acc, i)
+            return _Consumed(acc, i)
         acc.add(i, 3 * g.nbytes)
     return acc.new(i, g.nbytes)
 
@@ -488,9 +488,7 @@ def _block(c: _Ctx) -> _Saved:
     u = _linear(c, acc, "up_proj", y2, h, i)
     act = _mlp_act(c, acc, g).keep()
     u.keep()
-    m = acc.new(i, c.compute)
-    if not c.full and "down_proj" not in c.lora:
-        pass  # frozen down_proj keeps nothing; the product is freed
+    m = acc.new(i, c.compute)  # kept only if down_proj trains or wraps it (see _linear)
     _linear(c, acc, "down_proj", m, i, h)
     if s.norms_per_layer == 4:
         _norm(c, acc, acc.new(h, c.compute))
@@ -608,7 +606,7 @@ def estimate(spec: ModelSpec, st: Settings) -> Estimate:
     base = {"weights": w, "optimizer": o}
     phase_comp = {
         "model": {"weights": w},
-        "forward": {**base, "activations": act["kept"] + act["mask"] + (act["layer"] if st.grad_checkpointing else 0) * 0,
+        "forward": {**base, "activations": act["kept"] + act["mask"],
                     "logits": lg["forward"]},
         "backward": {**base, "activations": act["kept"] + act["recompute"], "logits": lg["backward"],
                      "gradients": head_grad, "other": o_ddp},
