@@ -14,7 +14,7 @@ against torch's MemTracker on whole steps (tests/test_accuracy.py, tables/accura
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from .precision import (BNB_MIN_8BIT_SIZE, BNB_OPT_BLOCK, DTYPE_TO_RECIPE, OPTIMIZERS, QUANTS, RECIPES,
                         quantized_weight_bytes)
@@ -349,11 +349,11 @@ def _norm(c: _Ctx, acc: _Saved, x: _T) -> _T:
     return acc.new(h, x.nbytes)
 
 
-def _dropout(c: _Ctx, acc: _Saved, p: float, elems: float, nbytes: float) -> None:
-    """Dropout in training keeps its mask: CUDA's `native_dropout` a bool (one byte per value),
-    the CPU kernel a scaled noise tensor in the input's dtype."""
+def _dropout(c: _Ctx, acc: _Saved, p: float, elems: float) -> None:
+    """Dropout on the residual stream in training keeps its mask: CUDA's `native_dropout` a bool
+    (one byte per value), the CPU kernel a scaled noise tensor in the stream's dtype."""
     if p > 0:
-        acc.add(elems, 1 if c.st.kernels == "cuda" else nbytes)
+        acc.add(elems, 1 if c.st.kernels == "cuda" else c.stream)
 
 
 def _attention_core(c: _Ctx, acc: _Saved, q: _T | None, k: _T | None, v: _T | None, qkv: _T | None) -> _T:
@@ -432,12 +432,12 @@ def _block(c: _Ctx) -> _Saved:
         v = _linear(c, acc, "value", x, h, h)
         a = _attention_core(c, acc, q, k, v, None)
         o = _linear(c, acc, "dense", a, h, h)
-        _dropout(c, acc, s.hidden_dropout, h, c.stream)
+        _dropout(c, acc, s.hidden_dropout, h)
         y = _norm(c, acc, acc.new(h, max(c.stream, o.nbytes)))
         g = _linear(c, acc, "intermediate.dense", y, h, i)
         a2 = _mlp_act(c, acc, g)
         _linear(c, acc, "output.dense", a2, i, h)
-        _dropout(c, acc, s.hidden_dropout, h, c.stream)
+        _dropout(c, acc, s.hidden_dropout, h)
         _norm(c, acc, acc.new(h, max(c.stream, o.nbytes)))
         return acc
     y = _norm(c, acc, x)
@@ -445,11 +445,11 @@ def _block(c: _Ctx) -> _Saved:
         qkv = _linear(c, acc, "c_attn", y, h, 3 * h)
         a = _attention_core(c, acc, None, None, None, qkv)
         _linear(c, acc, "c_proj", a, h, h)
-        _dropout(c, acc, s.hidden_dropout, h, c.stream)
+        _dropout(c, acc, s.hidden_dropout, h)
         y2 = _norm(c, acc, acc.new(h, c.stream))
         g = _linear(c, acc, "c_fc", y2, h, i)
         _linear(c, acc, "c_proj_mlp", _mlp_act(c, acc, g), i, h)
-        _dropout(c, acc, s.hidden_dropout, h, c.stream)
+        _dropout(c, acc, s.hidden_dropout, h)
         return acc
     if s.family in ("gpt_neox", "falcon"):
         fused = s.q_dim + 2 * s.kv_dim
@@ -479,14 +479,14 @@ def _block(c: _Ctx) -> _Saved:
         for _ in range(k_):
             g = _linear(c, acc, "w1", acc.new(h, c.compute), h, i)
             u = _linear(c, acc, "w3", acc.new(h, c.compute), h, i)
-            act = _mlp_act(c, acc, g).keep()
+            _mlp_act(c, acc, g).keep()
             u.keep()
             _linear(c, acc, "w2", acc.new(i, c.compute), i, h)
         acc.add(k_ * (h + 1), c.compute)      # expert outputs scaled by routing weights
         return acc
     g = _linear(c, acc, "gate_proj", y2, h, i)
     u = _linear(c, acc, "up_proj", y2, h, i)
-    act = _mlp_act(c, acc, g).keep()
+    _mlp_act(c, acc, g).keep()
     u.keep()
     m = acc.new(i, c.compute)  # kept only if down_proj trains or wraps it (see _linear)
     _linear(c, acc, "down_proj", m, i, h)
@@ -502,10 +502,10 @@ def _model_level(c: _Ctx) -> float:
     h = s.hidden
     if s.family == "bert":
         _norm(c, acc, acc.new(h, c.stream))
-        _dropout(c, acc, s.hidden_dropout, h, c.stream)
+        _dropout(c, acc, s.hidden_dropout, h)
         return acc.per_token
     if s.family == "gpt2":
-        _dropout(c, acc, s.extra.get("embd_pdrop", 0.0), h, c.stream)
+        _dropout(c, acc, s.extra.get("embd_pdrop", 0.0), h)
     else:
         acc.add(2 * s.head_dim, c.stream)  # cos and sin
     y = _norm(c, acc, acc.new(h, c.stream))
