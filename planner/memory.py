@@ -254,6 +254,7 @@ class _Saved:
     def __init__(self) -> None:
         self.per_token = 0.0
         self.per_layer = 0.0  # bytes independent of tokens (autocast weight copies)
+        self.input: _T | None = None  # the block's input, when counting a block
 
     def new(self, elems: float, nbytes: float) -> "_T":
         return _T(self, elems, nbytes)
@@ -382,11 +383,6 @@ def _attention_core(c: _Ctx, acc: _Saved, q: _T | None, k: _T | None, v: _T | No
             acc.add(s.heads * seq, e)
         if s.attn_dropout > 0:
             acc.add(s.heads * seq, 1 + e)
-    elif st.kernels == "cpu" and s.family in ("gpt2", "bert"):
-        # On CPU, transformers hands these models an explicit mask and SDPA takes the math path:
-        # contiguous copies of q and k, the softmax output and the expanded mask (seq x seq per head)
-        acc.add(2 * s.q_dim, e)
-        acc.add(2 * s.heads * st.seq_len, e)
     else:
         acc.add(s.heads, 4)
     return out
@@ -425,7 +421,7 @@ def _block(c: _Ctx) -> _Saved:
     s = c.spec
     acc = _Saved()
     h, i = s.hidden, s.intermediate
-    x = acc.new(h, c.stream)
+    x = acc.input = acc.new(h, c.stream)
     if s.family == "bert":  # post-LN encoder block
         q = _linear(c, acc, "query", x, h, h)
         k = _linear(c, acc, "key", x, h, h)
@@ -448,7 +444,7 @@ def _block(c: _Ctx) -> _Saved:
         _dropout(c, acc, s.hidden_dropout, h)
         y2 = _norm(c, acc, acc.new(h, c.stream))
         g = _linear(c, acc, "c_fc", y2, h, i)
-        _linear(c, acc, "c_proj_mlp", _mlp_act(c, acc, g), i, h)
+        _linear(c, acc, "c_proj", _mlp_act(c, acc, g), i, h)
         _dropout(c, acc, s.hidden_dropout, h)
         return acc
     if s.family in ("gpt_neox", "falcon"):
@@ -541,21 +537,36 @@ def logits_bytes(spec: ModelSpec, st: Settings) -> dict:
 
 
 def activation_bytes(spec: ModelSpec, st: Settings) -> dict:
-    """Activations kept for backward (without the logits), and the extra live during recompute."""
+    """Activations kept for backward (without the logits), and what one block adds on top.
+
+    `layer_grads`: the gradients alive inside one block's backward on top of what it keeps: the
+    residual-stream gradient and the MLP-wide gradient (checked with MemTracker on every family).
+    With checkpointing (non-reentrant `torch.utils.checkpoint`, as transformers enables it) each
+    block keeps only its input; backward recomputes one block at a time, which then holds its
+    saved tensors again (less the input, which is the same storage) and two MLP-wide and two
+    stream-wide gradients, the recompute's forward intermediates included.
+    """
     c = _ctx(spec, st)
     blk = _block(c)
     per_layer = blk.per_token * st.tokens + blk.per_layer
     model_level = _model_level(c) * st.tokens
+    stream_in = c.stream * spec.hidden * st.tokens
     mask = 0
     if _eager(spec, st):  # the 4-D float mask transformers builds for eager attention
         n_masks = 2 if spec.model_type == "gemma2" else 1
         mask = n_masks * st.batch_size * st.seq_len * st.seq_len * c.stream
     if st.grad_checkpointing:
-        # non-reentrant torch.utils.checkpoint keeps each block's input; in backward one block is
-        # recomputed at a time and holds its full activations
-        kept = spec.layers * c.stream * spec.hidden * st.tokens + model_level
-        return {"kept": kept, "layer": per_layer, "recompute": per_layer, "mask": mask}
-    return {"kept": spec.layers * per_layer + model_level, "layer": per_layer, "recompute": 0, "mask": mask}
+        kept = spec.layers * stream_in + model_level
+        recompute = per_layer - (stream_in if blk.input.saved else 0)
+        grads = st.tokens * (2 * c.compute * spec.intermediate + 2 * c.stream * spec.hidden)
+        if c.amp and st.lora and st.quant == "none":
+            # PEFT casts an adapter's input to the fp32 adapter dtype before autocast casts it back
+            # to bf16: during the recompute the fp32 copy of the widest adapter input is alive
+            grads += st.tokens * 4 * max(i for _, i, _, _ in lora_targets(spec, st))
+        return {"kept": kept, "layer": per_layer, "recompute": recompute, "layer_grads": grads, "mask": mask}
+    grads = st.tokens * (c.compute * spec.intermediate + c.stream * spec.hidden)
+    return {"kept": spec.layers * per_layer + model_level, "layer": per_layer, "recompute": 0,
+            "layer_grads": grads, "mask": mask}
 
 
 # ---------------------------------------------------------------- overheads
@@ -600,21 +611,24 @@ def estimate(spec: ModelSpec, st: Settings) -> Estimate:
     lg = logits_bytes(spec, st)
     c = _ctx(spec, st)
     head_grad = 0 if spec.is_encoder or not c.full else RECIPES[st.precision].grad * spec.vocab * spec.hidden
-    # one block's backward: gradients of its activations, about two MLP-wide and two stream-wide tensors
-    layer_bw = st.tokens * (2 * c.compute * spec.intermediate + 2 * c.stream * spec.hidden)
 
     base = {"weights": w, "optimizer": o}
+    # backward peaks either at its start (the loss gradient over the logits, every activation
+    # still kept) or inside the last block (its recompute under checkpointing, its gradients)
+    # (the head's weight gradient and, full fine-tuning, one block's weight gradients exist by then)
+    at_loss, at_fwd_loss, in_fwd_block = lg["backward"], lg["forward"], act["recompute"]
+    block_wgrad = RECIPES[st.precision].grad * pc.largest_layer if c.full and st.grad_checkpointing else 0
+    in_block = act["recompute"] + act["layer_grads"] + block_wgrad + head_grad
     phase_comp = {
         "model": {"weights": w},
-        "forward": {**base, "activations": act["kept"] + act["mask"],
-                    "logits": lg["forward"]},
-        "backward": {**base, "activations": act["kept"] + act["recompute"], "logits": lg["backward"],
-                     "gradients": head_grad, "other": o_ddp},
+        # forward peaks at the loss, or (checkpointing) inside the last block, which holds its intermediates
+        "forward": {**base, "activations": act["kept"] + act["mask"] + (in_fwd_block if in_fwd_block > at_fwd_loss else 0),
+                    "logits": at_fwd_loss if at_fwd_loss >= in_fwd_block else 0},
+        "backward": {**base, "activations": act["kept"] + (in_block - head_grad - block_wgrad if in_block > at_loss else 0),
+                     "logits": at_loss if at_loss >= in_block else 0,
+                     "gradients": head_grad + block_wgrad if in_block > at_loss else 0, "other": o_ddp},
         "optimizer_step": {**base, "gradients": g, "other": o_ddp + t_opt},
     }
-    if st.grad_checkpointing:
-        phase_comp["backward"]["other"] = o_ddp + layer_bw
-        phase_comp["backward"]["logits"] = max(lg["backward"] - act["recompute"] - layer_bw, lg.get("grad", 0))
     end_bw = w + o + g + o_ddp + (spec.vocab * spec.hidden * RECIPES[st.precision].grad if pc.tied and c.full else 0)
     phases = {k: int(sum(v.values())) for k, v in phase_comp.items()}
     phases["backward"] = max(phases["backward"], int(end_bw))

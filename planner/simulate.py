@@ -29,11 +29,11 @@ def build_model(cfg: dict, st: Settings, fake_mode=None):
 
     cfg = dict(cfg)
     mt = cfg.pop("model_type")
-    for k in ("attn_pdrop", "attention_probs_dropout_prob", "attention_dropout"):
-        if k in cfg:
-            cfg[k] = 0.0
     cfg["use_cache"] = False
     config = AutoConfig.for_model(mt, **cfg)
+    for k in ("attn_pdrop", "attention_probs_dropout_prob", "attention_dropout"):
+        if hasattr(config, k):  # the class default counts too (GPT-2 and BERT default to 0.1)
+            setattr(config, k, 0.0)
     rc = RECIPES[st.precision]
     dtype = torch.bfloat16 if rc.weight == 2 else torch.float32
     attn = "eager" if st.attn == "eager" or getattr(config, "attn_logit_softcapping", None) else "sdpa"
@@ -113,8 +113,29 @@ def _tracker_class():
     return Tracker
 
 
+@contextlib.contextmanager
+def _unpacked_sequences():
+    """transformers checks `position_ids` for packed sequences by reading their values; on fake
+    tensors it cannot, assumes packing and builds an explicit 4-D mask (and repeats GQA's k and v)
+    where a real run passes `is_causal=True`. The simulator feeds unpacked rows (positions
+    0..S-1), so it gives the answer a real run computes: no packing."""
+    import transformers.masking_utils as mu
+
+    orig = mu.find_packed_sequence_indices
+    mu.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        mu.find_packed_sequence_indices = orig
+
+
 def measure(cfg: dict, st: Settings, fake: bool = True) -> Measurement:
     """Run warm-up + measured step under MemTracker; return the peak and per-phase peaks."""
+    with _unpacked_sequences():
+        return _measure(cfg, st, fake)
+
+
+def _measure(cfg: dict, st: Settings, fake: bool) -> Measurement:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     mode = FakeTensorMode() if fake else None
