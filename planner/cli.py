@@ -9,10 +9,10 @@ from typing import Optional
 
 import typer
 
-from .memory import PlanError, Settings, estimate
+from .memory import PlanError, Settings, check_options, estimate
 from .precision import DTYPE_TO_RECIPE
 from .resolve import ResolveError, resolve
-from .spec import ModelSpec, SpecError
+from .spec import ModelSpec, SpecError, UnsupportedArchitecture
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Training-memory planner: will it fit, and on what?")
@@ -31,14 +31,20 @@ def fail(msg: str, code: int = 2) -> None:
 
 
 def _spec(model: str):
+    """(resolved, spec); spec is None for a well-formed config of an architecture without a
+    formula, which the simulator then measures."""
     try:
         res = resolve(model)
         return res, ModelSpec.from_config(res.config)
     except ResolveError as e:
         fail(str(e))
+    except UnsupportedArchitecture:
+        from transformers import CONFIG_MAPPING
+        mt = res.config.get("model_type")
+        if mt not in CONFIG_MAPPING:
+            fail(f"{model}: unknown model_type '{mt}': neither plan's formulas nor transformers know it")
+        return res, None
     except SpecError as e:
-        if "no hand-written formula" in str(e):
-            fail(f"{model}: {e}; try `plan simulate {model}` to measure it on fake tensors")
         fail(f"{model}: malformed config: {e}")
 
 
@@ -50,8 +56,14 @@ def _settings(precision, dtype, **kw) -> list[Settings]:
     return [Settings(precision=DTYPE_TO_RECIPE[d], **kw) for d in ("fp32", "fp16", "bf16", "fp8")]
 
 
-def _default_seq(spec: ModelSpec, seq_len: Optional[int]) -> int:
-    return seq_len if seq_len is not None else min(2048, spec.max_positions)
+def _default_seq(res, spec: Optional[ModelSpec], seq_len: Optional[int]) -> int:
+    if seq_len is not None:
+        return seq_len
+    if spec is not None:
+        return min(2048, spec.max_positions)
+    cfg = res.config
+    limit = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048
+    return min(2048, int(limit))
 
 
 @app.command("estimate")
@@ -81,41 +93,41 @@ def estimate_cmd(
     if compat is not None:
         return _compat(model, compat, as_json)
     res, spec = _spec(model)
-    kw = dict(batch_size=batch_size, seq_len=_default_seq(spec, seq_len), optimizer=optimizer, lora_rank=lora_rank,
+    kw = dict(batch_size=batch_size, seq_len=_default_seq(res, spec, seq_len), optimizer=optimizer, lora_rank=lora_rank,
               lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, quant=quant,
               grad_checkpointing=grad_checkpointing, attn=attn, gpus=gpus, nodes=nodes, strategy=strategy,
               offload=offload)
     try:
-        runs = [(st, estimate(spec, st)) for st in _settings(precision, dtype, **kw)]
+        settings = _settings(precision, dtype, **kw)
+        runs = [(st, check_options(st) if spec is None else estimate(spec, st)) for st in settings]
     except PlanError as e:
         fail(str(e))
     from .report import render, to_json
+    arch = res.config.get("model_type", "?")
     method = "analytic"
-    if exact:
-        runs, method = _simulated(res, spec, runs), "simulated"
+    if exact or spec is None:
+        if spec is None and not as_json:
+            typer.echo(f"note: no formula for model_type '{arch}': measuring a real training step on fake tensors", err=True)
+        sims = [(st, _simulated(res, st)) for st, _ in runs]
+        for (_, sim), (_, est) in zip(sims, runs):
+            sim.param_counts = getattr(est, "param_counts", None)  # the formula's breakdown, where there is one
+        runs, method = sims, "simulated"
     if as_json:
-        objs = [to_json(res.name, spec, st, est, method) for st, est in runs]
+        objs = [to_json(res.name, arch, st, est, method) for st, est in runs]
         typer.echo(json.dumps(objs[0] if (precision or dtype) else objs, indent=2))
         return
     from rich.console import Console
     chosen = next((i for i, (st, _) in enumerate(runs) if st.precision == "bf16-amp"), 0)
-    render(Console(), res.name, spec, runs, chosen)
+    render(Console(), res.name, arch, runs, chosen)
 
 
-def _simulated(res, spec, runs):
-    from .simulate import measure
-    out = []
-    for st, est in runs:
-        try:
-            m = measure(res.config, st, fake=True)
-        except Exception as e:  # the simulator cannot run this recipe on CPU
-            fail(f"simulation failed for {st.precision}/{st.optimizer}: {type(e).__name__}: {str(e).splitlines()[0]}", 1)
-        est.peak_bytes = m.peak_bytes
-        est.phases = {k: m.phases.get(k, 0) for k in ("model", "forward", "backward", "optimizer_step")}
-        from .memory import device_bytes
-        est.device_bytes = device_bytes(m.peak_bytes)
-        out.append((st, est))
-    return out
+def _simulated(res, st: Settings):
+    from .simulate import simulated_estimate
+    try:
+        return simulated_estimate(res.config, st)
+    except Exception as e:  # the simulator cannot run this model or recipe on CPU
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"simulation of {res.name} ({st.precision}, {st.optimizer}) failed: {msg}", 1)
 
 
 @app.command("simulate")

@@ -73,8 +73,8 @@ class Estimate:
     param_counts: ParamCount | None = None
 
 
-def validate(spec: ModelSpec, st: Settings) -> Settings:
-    """Reject impossible options with one clear line; fill defaults that depend on the model."""
+def check_options(st: Settings) -> Settings:
+    """Reject options that are impossible for any model, with one clear line."""
     if st.precision not in RECIPES:
         raise PlanError(f"unknown precision '{st.precision}'; choose one of {', '.join(RECIPES)}")
     if st.optimizer not in OPTIMIZERS:
@@ -86,10 +86,8 @@ def validate(spec: ModelSpec, st: Settings) -> Settings:
             raise PlanError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(st, name)}")
     if st.lora_rank < 0:
         raise PlanError(f"--lora-rank must be 0 (full fine-tune) or positive, got {st.lora_rank}")
-    if not 0 <= st.lora_dropout < 1:
+    if st.lora_dropout < 0 or st.lora_dropout >= 1:
         raise PlanError(f"--lora-dropout must be in [0, 1), got {st.lora_dropout}")
-    if st.seq_len > spec.max_positions:
-        raise PlanError(f"--seq-len {st.seq_len} exceeds the model's maximum of {spec.max_positions} positions")
     if st.quant != "none" and not st.lora:
         raise PlanError(f"--quant {st.quant} freezes the base weights: add --lora-rank (QLoRA) to train adapters")
     if st.quant != "none" and st.precision not in ("bf16-amp", "fp16-amp", "bf16-pure", "fp32"):
@@ -102,6 +100,14 @@ def validate(spec: ModelSpec, st: Settings) -> Settings:
         raise PlanError(f"unknown offload '{st.offload}'; choose one of {', '.join(OFFLOADS)}")
     if st.strategy != "ddp" or st.offload != "none":
         raise PlanError(f"--strategy {st.strategy} --offload {st.offload}: only DDP without offload is modelled so far")
+    return st
+
+
+def validate(spec: ModelSpec, st: Settings) -> Settings:
+    """Reject impossible options with one clear line, those that depend on the model included."""
+    check_options(st)
+    if st.seq_len > spec.max_positions:
+        raise PlanError(f"--seq-len {st.seq_len} exceeds the model's maximum of {spec.max_positions} positions")
     if st.lora:
         targets = lora_targets(spec, st)
         if not targets:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from .memory import Estimate, Settings
-from .spec import ModelSpec
 
 
-def to_json(name: str, spec: ModelSpec, st: Settings, est: Estimate, method: str = "analytic") -> dict:
+def to_json(name: str, arch: str, st: Settings, est: Estimate, method: str = "analytic") -> dict:
     """The contract's object (shared/CONTRACT.md), keys in its order."""
     return {
-        "model": name, "architecture": spec.model_type,
+        "model": name, "architecture": arch,
         "params": int(est.params), "trainable_params": int(est.trainable_params),
         "precision": st.precision, "optimizer": st.optimizer, "batch_size": st.batch_size, "seq_len": st.seq_len,
         "peak_bytes": int(est.peak_bytes), "device_bytes": int(est.device_bytes),
@@ -28,16 +27,16 @@ def gib(n: float) -> str:
     return f"{int(n)} B"
 
 
-def render(console, name: str, spec: ModelSpec, rows: list[tuple[Settings, Estimate]], chosen: int) -> None:
+def render(console, name: str, arch: str, rows: list[tuple[Settings, Estimate]], chosen: int) -> None:
     from rich.table import Table
 
     st0, est0 = rows[chosen]
     pc = est0.param_counts
-    head = Table(title=f"{name} ({spec.model_type}): {est0.params:,} parameters, {est0.trainable_params:,} trainable",
+    head = Table(title=f"{name} ({arch}): {est0.params:,} parameters, {est0.trainable_params:,} trainable",
                  title_justify="left", show_header=True)
     for col in ("part", "parameters"):
         head.add_column(col, justify="right" if col != "part" else "left")
-    for k, v in pc.as_dict().items():
+    for k, v in (pc.as_dict() if pc else {"total": est0.params}).items():
         if k in ("tied_embeddings",):
             head.add_row("tied embeddings", "yes" if v else "no")
         elif k == "buffers_bytes":

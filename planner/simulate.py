@@ -20,12 +20,14 @@ from .memory import RECIPES, Settings
 class Measurement:
     peak_bytes: int
     phases: dict
-    categories: dict  # MemTracker's categories at the peak
+    categories: dict  # phase -> MemTracker's categories at that phase's peak, as contract components
+    params: int = 0
+    trainable_params: int = 0
 
 
 def build_model(cfg: dict, st: Settings, fake_mode=None):
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = dict(cfg)
     mt = cfg.pop("model_type")
@@ -37,7 +39,7 @@ def build_model(cfg: dict, st: Settings, fake_mode=None):
     rc = RECIPES[st.precision]
     dtype = torch.bfloat16 if rc.weight == 2 else torch.float32
     attn = "eager" if st.attn == "eager" or getattr(config, "attn_logit_softcapping", None) else "sdpa"
-    cls = AutoModelForSequenceClassification if mt == "bert" else AutoModelForCausalLM
+    cls = _model_class(config)
     # Under fake tensors the model is built on the meta device (PEFT's adapter moves cannot swap
     # fake parameters) and each tensor is then turned into a fake CPU tensor of the same shape.
     ctx = torch.device("meta") if fake_mode is not None else contextlib.nullcontext()
@@ -50,9 +52,9 @@ def build_model(cfg: dict, st: Settings, fake_mode=None):
             lcfg = LoraConfig(r=st.lora_rank, lora_alpha=st.lora_alpha or 2 * st.lora_rank,
                               lora_dropout=st.lora_dropout,
                               target_modules="all-linear" if st.lora_targets == "all-linear" else st.lora_targets.split(","),
-                              task_type="SEQ_CLS" if mt == "bert" else "CAUSAL_LM")
+                              task_type="CAUSAL_LM" if cls is AutoModelForCausalLM else "SEQ_CLS")
             model = get_peft_model(model, lcfg)
-            if mt == "bert":  # PEFT's SEQ_CLS keeps the classifier trainable; the estimator trains adapters only
+            if cls is not AutoModelForCausalLM:  # PEFT's SEQ_CLS keeps the classifier trainable; adapters only here
                 for n, p in model.named_parameters():
                     if "lora_" not in n:
                         p.requires_grad_(False)
@@ -60,6 +62,24 @@ def build_model(cfg: dict, st: Settings, fake_mode=None):
     if fake_mode is not None:
         _fakeify(model, fake_mode)
     return model, config
+
+
+def _is_encoder(config) -> bool:
+    """BERT-style encoders (token-type embeddings) train with a task head: sequence classification,
+    the head the estimator assumes. transformers' causal-LM head for them needs is_decoder."""
+    return getattr(config, "type_vocab_size", None) is not None and not getattr(config, "is_decoder", False)
+
+
+def _model_class(config):
+    """The class a user trains: sequence classification for encoders, a causal LM otherwise."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+    if _is_encoder(config) and config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        return AutoModelForSequenceClassification
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    raise ValueError(f"transformers has no causal-LM class for model_type '{config.model_type}'")
 
 
 def _fakeify(model, fake_mode) -> None:
@@ -148,7 +168,7 @@ def _measure(cfg: dict, st: Settings, fake: bool) -> Measurement:
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(trainable, st.optimizer)
         ids = torch.randint(0, config.vocab_size, (st.batch_size, st.seq_len))
-        labels = torch.zeros(st.batch_size, dtype=torch.long) if config.model_type == "bert" else ids
+        labels = torch.zeros(st.batch_size, dtype=torch.long) if _is_encoder(config) else ids
 
         def step():
             with amp:
@@ -160,7 +180,7 @@ def _measure(cfg: dict, st: Settings, fake: bool) -> Measurement:
         step()
         tracker = _tracker_class()()
         tracker.track_external(model, opt, ids, labels)
-        phases = {}
+        phases, cats = {}, {}
         with tracker:
             dev = None
 
@@ -169,6 +189,7 @@ def _measure(cfg: dict, st: Settings, fake: bool) -> Measurement:
                 s = tracker.get_tracker_snapshot("peak")
                 dev = dev or next(iter(s))
                 phases[name] = s[dev]["Total"] if dev in s else 0
+                cats[name] = _components(s.get(dev, {}))
                 # restart the peak from the current total so each phase reports its own peak
                 cur = tracker.get_tracker_snapshot("current")
                 tracker._peak_mem[dev] = cur[dev]["Total"]
@@ -186,5 +207,36 @@ def _measure(cfg: dict, st: Settings, fake: bool) -> Measurement:
             snap("optimizer_step")
         d0 = next(iter(s0)) if s0 else None
         phases["model"] = sum(v for k, v in s0[d0].items() if getattr(k, "value", None) in ("Parameter", "Buffer")) if d0 else 0
+        cats["model"] = {"weights": phases["model"]}
+        n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        n_train = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
     peak = max(phases.values())
-    return Measurement(peak_bytes=int(peak), phases={k: int(v) for k, v in phases.items()}, categories={})
+    return Measurement(peak_bytes=int(peak), phases={k: int(v) for k, v in phases.items()}, categories=cats,
+                       params=int(n_params), trainable_params=int(n_train))
+
+
+# MemTracker's reference types -> the contract's components (logits are activations to it)
+_CATEGORY = {"Parameter": "weights", "Buffer": "weights", "Gradient": "gradients", "Optstate": "optimizer",
+             "Activation": "activations", "Temp": "other", "Other": "other"}
+
+
+def _components(snapshot: dict) -> dict:
+    out = {k: 0 for k in ("weights", "gradients", "optimizer", "activations", "logits", "other")}
+    for k, v in snapshot.items():
+        if k != "Total":
+            out[_CATEGORY.get(getattr(k, "value", str(k)), "other")] += int(v)
+    return out
+
+
+def simulated_estimate(cfg: dict, st: Settings):
+    """An Estimate measured by the simulator: for architectures without a formula, and --exact."""
+    from .memory import Estimate, device_bytes
+
+    if st.quant != "none":
+        raise ValueError(f"--quant {st.quant} needs bitsandbytes kernels, which the CPU simulator does not have")
+    m = measure(cfg, st, fake=True)
+    peak_phase = max(m.phases, key=m.phases.get)
+    return Estimate(params=m.params, trainable_params=m.trainable_params, peak_bytes=m.peak_bytes,
+                    device_bytes=device_bytes(m.peak_bytes), components=m.categories[peak_phase],
+                    phases={k: m.phases[k] for k in ("model", "forward", "backward", "optimizer_step")},
+                    phase_components=m.categories, notes=["measured: a real training step under fake tensors (MemTracker)"])

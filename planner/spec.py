@@ -15,6 +15,11 @@ class SpecError(ValueError):
     """A config that cannot describe a model: names the field at fault."""
 
 
+class UnsupportedArchitecture(SpecError):
+    """A well-formed config of an architecture without a hand-written formula: the simulator
+    measures it instead (planner/simulate.py)."""
+
+
 # model_type -> family whose hand-written formulas apply. Anything else falls back to
 # counting on the meta device (planner.metacount).
 FAMILIES = {
@@ -81,7 +86,7 @@ class ModelSpec:
             raise SpecError("config has no 'model_type'")
         fam = FAMILIES.get(mt)
         if fam is None:
-            raise SpecError(f"no hand-written formula for model_type '{mt}'")
+            raise UnsupportedArchitecture(f"no hand-written formula for model_type '{mt}'")
         g = _Getter(cfg)
         if fam == "gpt2":
             h = g.pos("n_embd", "hidden_size")

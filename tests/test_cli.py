@@ -89,3 +89,38 @@ def test_compat_accelerate_matches_accelerate_numbers():
     assert rows["float32"]["total_size_str"] == "413.18 MB"
     assert rows["float16"]["stages_str"] == {"model": "413.18 MB", "gradients": "619.77 MB",
                                              "optimizer": "826.36 MB", "step": "826.36 MB"}
+
+
+OPT = {"model_type": "opt", "vocab_size": 5000, "hidden_size": 128, "ffn_dim": 512, "num_hidden_layers": 2,
+       "num_attention_heads": 4, "max_position_embeddings": 512, "word_embed_proj_dim": 128}
+
+
+def test_architecture_without_formula_is_simulated(tmp_path):
+    """OPT has no hand-written formula: estimate measures it on fake tensors and says so; the
+    parameter count is the meta-built transformers model's."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    (tmp_path / "config.json").write_text(json.dumps(OPT))
+    r = plan("estimate", str(tmp_path), "--dtype", "bf16", "--seq-len", "128", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["method"] == "simulated" and out["architecture"] == "opt"
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(AutoConfig.for_model(**OPT))
+    assert out["params"] == sum(p.numel() for p in m.parameters())
+    assert out["peak_bytes"] == max(out["phases"].values()) > out["phases"]["model"] > 0
+
+
+def test_model_type_nobody_knows_exits_2(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(dict(OPT, model_type="not-a-model")))
+    r = plan("estimate", str(tmp_path), "--dtype", "bf16")
+    assert r.returncode == 2 and "not-a-model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_exact_uses_the_simulator():
+    r = plan("estimate", "gpt2", "--dtype", "fp32", "--seq-len", "64", "--exact", "--json")
+    assert r.returncode == 0, r.stderr
+    sim = json.loads(r.stdout)
+    ana = json.loads(plan("estimate", "gpt2", "--dtype", "fp32", "--seq-len", "64", "--json").stdout)
+    assert sim["method"] == "simulated" and ana["method"] == "analytic"
+    assert abs(sim["peak_bytes"] - ana["peak_bytes"]) <= 0.05 * sim["peak_bytes"]
