@@ -148,6 +148,16 @@ def simulate_cmd(
                  grad_checkpointing, "sdpa", 1, 1, "ddp", "none", None, True, as_json)
 
 
+@app.command("validate")
+def validate_cmd(
+    out_dir: str = typer.Option("tables", "--out-dir", help="where validation.csv and accuracy.csv go"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="also draw predicted against measured to this PNG"),
+):
+    """Estimate and measure every case of the validation matrix; write the tables."""
+    from .validate import run
+    run(out_dir, plot, echo=typer.echo)
+
+
 def _compat(model: str, compat: str, as_json: bool) -> None:
     if compat != "accelerate":
         fail(f"--compat {compat}: only 'accelerate' is available so far")

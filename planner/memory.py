@@ -112,9 +112,9 @@ def validate(spec: ModelSpec, st: Settings) -> Settings:
         targets = lora_targets(spec, st)
         if not targets:
             raise PlanError(f"--lora-targets '{st.lora_targets}' matches no linear layer of {spec.model_type}")
-        smallest = min(min(i, o) for _, i, o, _ in targets)
-        if st.lora_rank > smallest:
-            raise PlanError(f"--lora-rank {st.lora_rank} exceeds the smallest targeted layer dimension ({smallest})")
+        # PEFT accepts a rank above a small layer's width (a MoE router's), but not above the model's
+        if st.lora_rank > spec.hidden:
+            raise PlanError(f"--lora-rank {st.lora_rank} exceeds the hidden size ({spec.hidden})")
     return st
 
 
@@ -127,7 +127,8 @@ def settings_for_dtype(dtype: str, **kw) -> Settings:
 def lora_targets(spec: ModelSpec, st: Settings) -> list[tuple]:
     """The per-block linears LoRA wraps: PEFT's `all-linear` (every linear but the output head),
     or the comma-separated module names, matched on the last name component as PEFT does."""
-    shapes = count_params(spec).linear_shapes
+    pc = count_params(spec)
+    shapes = pc.linear_shapes + pc.expert_shapes
     if st.lora_targets == "all-linear":
         return list(shapes)
     wanted = {t.strip() for t in st.lora_targets.split(",") if t.strip()}
@@ -324,7 +325,9 @@ def _linear(c: _Ctx, acc: _Saved, name: str, x: _T, fan_in: int, fan_out: int) -
     if name in c.lora:
         adapter = 2 if c.amp else 4
         if st.lora_dropout > 0:
-            acc.add(fan_in, 1 + adapter)
+            # PEFT drops out the input after casting it to the fp32 adapter dtype: the mask is a
+            # bool on CUDA, fp32 noise on CPU; lora_A keeps the dropped input (a bf16 copy under autocast)
+            acc.add(fan_in, (1 if st.kernels == "cuda" else 4) + adapter)
         elif x.nbytes == adapter:
             x.keep()
         else:
@@ -463,6 +466,16 @@ def _block(c: _Ctx) -> _Saved:
         g = _linear(c, acc, "dense_h_to_4h", y2, h, i)
         _linear(c, acc, "dense_4h_to_h", _mlp_act(c, acc, g), i, h)
         return acc
+    if s.model_type == "phi3":  # llama with fused qkv_proj and gate_up_proj
+        qkv = _linear(c, acc, "qkv_proj", y, h, s.q_dim + 2 * s.kv_dim)
+        # rotary rebuilds q and k; v stays a view of the fused output, which SDPA then keeps whole
+        a = _attention_core(c, acc, acc.new(s.q_dim, c.compute), acc.new(s.kv_dim, c.compute), None, qkv)
+        _linear(c, acc, "o_proj", a, s.q_dim, h)
+        y2 = _norm(c, acc, acc.new(h, c.stream))
+        _linear(c, acc, "gate_up_proj", y2, h, 2 * i).keep()  # SiLU keeps the gate half, the mul the up half
+        acc.new(i, c.compute).keep()                           # SiLU output, kept by the mul
+        _linear(c, acc, "down_proj", acc.new(i, c.compute), i, h)
+        return acc
     # llama family: pre-norm, rotary attention, gated MLP
     q = _linear(c, acc, "q_proj", y, h, s.q_dim)
     k = _linear(c, acc, "k_proj", y, h, s.kv_dim)
@@ -478,12 +491,22 @@ def _block(c: _Ctx) -> _Saved:
         k_ = s.top_k
         acc.add(s.experts, 4 + c.compute)  # router logits and fp32 routing softmax
         acc.add(k_ * h, c.compute)           # tokens gathered per chosen expert
+        # PEFT adapts the 3-D expert weights themselves (W + BA): their grouped matmuls then keep
+        # their inputs for the weight gradient, as in full fine-tuning, and the merged weights
+        adapted = {n for n, *_ in s_expert_shapes(s)} & c.lora
+        acc.per_layer += c.compute * s.experts * h * i * (2 * ("gate_up_proj" in adapted) + ("down_proj" in adapted))
         for _ in range(k_):
-            g = _linear(c, acc, "w1", acc.new(h, c.compute), h, i)
-            u = _linear(c, acc, "w3", acc.new(h, c.compute), h, i)
+            x_e = acc.new(h, c.compute)
+            if "gate_up_proj" in adapted:
+                x_e.keep()
+            g = _linear(c, acc, "expert_gate", x_e, h, i)
+            u = _linear(c, acc, "expert_up", x_e, h, i)
             _mlp_act(c, acc, g).keep()
             u.keep()
-            _linear(c, acc, "w2", acc.new(i, c.compute), i, h)
+            m = acc.new(i, c.compute)
+            if "down_proj" in adapted:
+                m.keep()
+            _linear(c, acc, "expert_down", m, i, h)
         acc.add(k_ * (h + 1), c.compute)      # expert outputs scaled by routing weights
         return acc
     g = _linear(c, acc, "gate_proj", y2, h, i)
@@ -495,6 +518,10 @@ def _block(c: _Ctx) -> _Saved:
     if s.norms_per_layer == 4:
         _norm(c, acc, acc.new(h, c.compute))
     return acc
+
+
+def s_expert_shapes(s: ModelSpec) -> tuple:
+    return count_params(s).expert_shapes
 
 
 def _model_level(c: _Ctx) -> float:

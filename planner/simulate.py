@@ -25,14 +25,24 @@ class Measurement:
     trainable_params: int = 0
 
 
-def build_model(cfg: dict, st: Settings, fake_mode=None):
+def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = None):
+    """The model class a user trains, set up as the settings say. `weights`: a directory of
+    safetensors or a .gguf file to load real pretrained weights from (real tensors only)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = dict(cfg)
     mt = cfg.pop("model_type")
     cfg["use_cache"] = False
-    config = AutoConfig.for_model(mt, **cfg)
+    load = {}
+    if weights is not None:
+        from pathlib import Path
+        path = Path(weights)
+        load = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name} if path.suffix == ".gguf" \
+            else {"pretrained_model_name_or_path": str(path)}
+        config = AutoConfig.from_pretrained(**load, use_cache=False)
+    else:
+        config = AutoConfig.for_model(mt, **cfg)
     for k in ("attn_pdrop", "attention_probs_dropout_prob", "attention_dropout"):
         if hasattr(config, k):  # the class default counts too (GPT-2 and BERT default to 0.1)
             setattr(config, k, 0.0)
@@ -44,7 +54,10 @@ def build_model(cfg: dict, st: Settings, fake_mode=None):
     # fake parameters) and each tensor is then turned into a fake CPU tensor of the same shape.
     ctx = torch.device("meta") if fake_mode is not None else contextlib.nullcontext()
     with ctx:
-        model = cls.from_config(config, dtype=dtype, attn_implementation=attn)
+        if weights is not None:
+            model = cls.from_pretrained(**load, config=config, dtype=dtype, attn_implementation=attn)
+        else:
+            model = cls.from_config(config, dtype=dtype, attn_implementation=attn)
         if st.grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if st.lora:
@@ -113,7 +126,8 @@ def make_optimizer(params, name: str):
         return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
     if name == "adafactor":
         from transformers.optimization import Adafactor
-        return Adafactor(params)
+        # as HF Trainer builds it for optim="adafactor": fixed learning rate, no parameter scaling
+        return Adafactor(params, lr=1e-3, scale_parameter=False, relative_step=False, warmup_init=False)
     raise ValueError(f"the simulator has no {name} optimizer on CPU")
 
 
@@ -121,7 +135,9 @@ def _tracker_class():
     from torch.distributed._tools.mem_tracker import MemTracker
 
     class Tracker(MemTracker):
-        """MemTracker that accepts frozen parameters (LoRA bases): torch's version registers a
+        """MemTracker that accepts frozen parameters (LoRA bases) and keeps the global peak only.
+
+        torch's version registers a
         gradient hook on every parameter, which raises for one without requires_grad. Modules
         holding frozen parameters get no gradient hooks; their gradients are still counted in the
         total, only under another category."""
@@ -129,6 +145,15 @@ def _tracker_class():
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             ok = all(p.requires_grad for p in module.parameters())
             return super()._track_module_params_and_buffers(module, install_grad_hooks and ok)
+
+        def _update_peak_stats(self, peak_state) -> None:
+            """Only the global peak: torch's version also walks every module on every op to keep
+            per-module peaks, which the simulator does not read (minutes for a LoRA model with
+            thousands of modules)."""
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap["Total"]:
+                    self._peak_mem[dev] = snap["Total"]
+                    self._peak_mem_snap[dev] = dict(snap)
 
     return Tracker
 
@@ -149,18 +174,18 @@ def _unpacked_sequences():
         mu.find_packed_sequence_indices = orig
 
 
-def measure(cfg: dict, st: Settings, fake: bool = True) -> Measurement:
+def measure(cfg: dict, st: Settings, fake: bool = True, weights: str | None = None) -> Measurement:
     """Run warm-up + measured step under MemTracker; return the peak and per-phase peaks."""
     with _unpacked_sequences():
-        return _measure(cfg, st, fake)
+        return _measure(cfg, st, fake, weights)
 
 
-def _measure(cfg: dict, st: Settings, fake: bool) -> Measurement:
+def _measure(cfg: dict, st: Settings, fake: bool, weights: str | None = None) -> Measurement:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     mode = FakeTensorMode() if fake else None
     torch.manual_seed(0)
-    model, config = build_model(cfg, st, mode)
+    model, config = build_model(cfg, st, mode, weights)
     ctx = mode if mode is not None else contextlib.nullcontext()
     rc = RECIPES[st.precision]
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if rc.autocast else contextlib.nullcontext()

@@ -185,6 +185,9 @@ class ParamCount:
     buffers_bytes: int
     largest_layer: int  # parameters of one transformer block
     linear_shapes: tuple  # per block: ((name, in, out, count), ...) for LoRA and quantisation
+    # per block, MoE experts stored as 3-D parameters (transformers >= 5): bitsandbytes leaves them
+    # unquantised; PEFT wraps them with ParamWrapper, a rank-r pair per expert (gate_up as two)
+    expert_shapes: tuple = ()
 
     @property
     def total(self) -> int:
@@ -211,6 +214,7 @@ def count_params(s: ModelSpec) -> ParamCount:
     """
     h, i = s.hidden, s.intermediate
     ln = 2 * h if s.norm == "layer" else h
+    experts = ()
     if s.family == "falcon":
         qkv = _lin(h, s.q_dim + 2 * s.kv_dim, s.qkv_bias)
         lin = (("query_key_value", h, s.q_dim + 2 * s.kv_dim, 1), ("dense", s.q_dim, h, 1),
@@ -232,11 +236,15 @@ def count_params(s: ModelSpec) -> ParamCount:
             mlp = _lin(h, i, True) + _lin(i, h, True)
         elif s.experts:
             n = s.experts
-            lin += [("w1", h, i, n), ("w3", h, i, n), ("w2", i, h, n)]
+            lin += [("gate", h, n, 1)]  # the router
+            experts = (("gate_up_proj", h, 2 * i, 2 * n), ("down_proj", i, h, n))
             mlp = n * 3 * h * i + h * n
         else:
             lin += [("gate_proj", h, i, 1), ("up_proj", h, i, 1), ("down_proj", i, h, 1)]
             mlp = 2 * _lin(h, i, s.mlp_bias) + _lin(i, h, s.mlp_bias)
+        if s.model_type == "phi3":  # fused projections: qkv_proj and gate_up_proj
+            lin = [("qkv_proj", h, s.q_dim + 2 * s.kv_dim, 1), ("o_proj", s.q_dim, h, 1),
+                   ("gate_up_proj", h, 2 * i, 1), ("down_proj", i, h, 1)]
         lin = tuple(lin)
     norms_block = s.norms_per_layer * ln
     block = attn + mlp + norms_block
@@ -252,7 +260,7 @@ def count_params(s: ModelSpec) -> ParamCount:
         head = 0 if s.tied else s.vocab * h
     return ParamCount(embeddings=emb, attention=s.layers * attn, mlp=s.layers * mlp,
                       norms=s.layers * norms_block + final_norm, head=head, tied=s.tied,
-                      buffers_bytes=_buffers_bytes(s), largest_layer=block, linear_shapes=lin)
+                      buffers_bytes=_buffers_bytes(s), largest_layer=block, linear_shapes=lin, expert_shapes=experts)
 
 
 def _buffers_bytes(s: ModelSpec) -> int:

