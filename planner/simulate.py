@@ -254,14 +254,44 @@ def _components(snapshot: dict) -> dict:
 
 
 def simulated_estimate(cfg: dict, st: Settings):
-    """An Estimate measured by the simulator: for architectures without a formula, and --exact."""
-    from .memory import Estimate, device_bytes
+    """An Estimate measured by the simulator: for architectures without a formula, and --exact.
+
+    The step runs CPU kernels. Where they keep different memory than CUDA's, the measurement is
+    corrected and a note says by how much: attention dropout is always off in the simulator
+    (CUDA's fused SDPA kernels drop out without a seq x seq buffer); CPU dropout keeps an fp32
+    mask where CUDA keeps a bool, and CPU autocast's op lists differ (GELU-tanh's pow). For
+    architectures with a formula the difference between the formula's CUDA and CPU kernel
+    policies is added to each phase.
+    """
+    from dataclasses import replace
+
+    from .memory import Estimate, device_bytes, estimate
+    from .spec import ModelSpec, SpecError
 
     if st.quant != "none":
         raise ValueError(f"--quant {st.quant} needs bitsandbytes kernels, which the CPU simulator does not have")
-    m = measure(cfg, st, fake=True)
-    peak_phase = max(m.phases, key=m.phases.get)
-    return Estimate(params=m.params, trainable_params=m.trainable_params, peak_bytes=m.peak_bytes,
-                    device_bytes=device_bytes(m.peak_bytes), components=m.categories[peak_phase],
-                    phases={k: m.phases[k] for k in ("model", "forward", "backward", "optimizer_step")},
-                    phase_components=m.categories, notes=["measured: a real training step under fake tensors (MemTracker)"])
+    m = measure(cfg, replace(st, kernels="cpu"), fake=True)
+    phases = {k: m.phases[k] for k in ("model", "forward", "backward", "optimizer_step")}
+    cats = {k: dict(v) for k, v in m.categories.items()}
+    notes = ["measured: a real training step of the transformers model under fake tensors (MemTracker), CPU kernels"]
+    try:
+        spec = ModelSpec.from_config(cfg)
+    except SpecError:
+        spec = None
+        notes.append("attention dropout off as on CUDA's fused kernels; any dropout masks are counted as CPU keeps "
+                     "them (fp32, CUDA: 1 byte per value), so this may be slightly high")
+    if spec is not None and st.kernels == "cuda":
+        cuda, cpu = estimate(spec, replace(st, kernels="cuda")), estimate(spec, replace(st, kernels="cpu"))
+        delta = {k: cuda.phases[k] - cpu.phases[k] for k in phases}
+        if any(delta.values()):
+            for k, d in delta.items():
+                phases[k] += d
+                cats[k]["activations"] = cats[k].get("activations", 0) + d
+            worst = max(delta.values(), key=abs)
+            notes.append(f"corrected from CPU to CUDA kernels (dropout masks: bool on CUDA, fp32 on CPU; autocast "
+                         f"runs GELU-tanh's pow in fp32 on CUDA): {worst / 2**20:+,.1f} MiB in the phase it changes most")
+    peak_phase = max(phases, key=phases.get)
+    peak = phases[peak_phase]
+    return Estimate(params=m.params, trainable_params=m.trainable_params, peak_bytes=peak,
+                    device_bytes=device_bytes(peak), components=cats[peak_phase], phases=phases,
+                    phase_components=cats, notes=notes)

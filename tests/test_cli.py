@@ -124,3 +124,21 @@ def test_exact_uses_the_simulator():
     ana = json.loads(plan("estimate", "gpt2", "--dtype", "fp32", "--seq-len", "64", "--json").stdout)
     assert sim["method"] == "simulated" and ana["method"] == "analytic"
     assert abs(sim["peak_bytes"] - ana["peak_bytes"]) <= 0.05 * sim["peak_bytes"]
+
+
+def test_simulated_estimate_is_corrected_to_cuda_kernels():
+    """The simulator measures CPU kernels; --exact reports CUDA's (the formula's kernel-policy
+    difference is added) and says so."""
+    from planner.memory import Settings, estimate
+    from planner.resolve import catalog
+    from planner.simulate import measure, simulated_estimate
+    from planner.spec import ModelSpec
+    cfg = dict(catalog()["openai-community/gpt2"]["config"], n_layer=2)
+    st = Settings(precision="bf16-amp", batch_size=1, seq_len=256)
+    sim = simulated_estimate(cfg, st)
+    cpu = measure(cfg, st, fake=True)
+    spec = ModelSpec.from_config(cfg)
+    delta = estimate(spec, st).phases["forward"] - estimate(spec, Settings(**{**st.__dict__, "kernels": "cpu"})).phases["forward"]
+    assert delta != 0
+    assert sim.phases["forward"] == cpu.phases["forward"] + delta
+    assert any("CUDA kernels" in n for n in sim.notes)
