@@ -493,7 +493,7 @@ def _block(c: _Ctx) -> _Saved:
         acc.add(k_ * h, c.compute)           # tokens gathered per chosen expert
         # PEFT adapts the 3-D expert weights themselves (W + BA): their grouped matmuls then keep
         # their inputs for the weight gradient, as in full fine-tuning, and the merged weights
-        adapted = {n for n, *_ in s_expert_shapes(s)} & c.lora
+        adapted = {n for n, *_ in count_params(s).expert_shapes} & c.lora
         acc.per_layer += c.compute * s.experts * h * i * (2 * ("gate_up_proj" in adapted) + ("down_proj" in adapted))
         for _ in range(k_):
             x_e = acc.new(h, c.compute)
@@ -518,10 +518,6 @@ def _block(c: _Ctx) -> _Saved:
     if s.norms_per_layer == 4:
         _norm(c, acc, acc.new(h, c.compute))
     return acc
-
-
-def s_expert_shapes(s: ModelSpec) -> tuple:
-    return count_params(s).expert_shapes
 
 
 def _model_level(c: _Ctx) -> float:
@@ -647,8 +643,8 @@ def estimate(spec: ModelSpec, st: Settings) -> Estimate:
 
     base = {"weights": w, "optimizer": o}
     # backward peaks either at its start (the loss gradient over the logits, every activation
-    # still kept) or inside the last block (its recompute under checkpointing, its gradients)
-    # (the head's weight gradient and, full fine-tuning, one block's weight gradients exist by then)
+    # still kept) or inside the last block (its recompute under checkpointing, its activation
+    # gradients; the head's weight gradient and, checkpointed full fine-tuning, the block's exist by then)
     at_loss, at_fwd_loss, in_fwd_block = lg["backward"], lg["forward"], act["recompute"]
     block_wgrad = RECIPES[st.precision].grad * pc.largest_layer if c.full and st.grad_checkpointing else 0
     in_block = act["recompute"] + act["layer_grads"] + block_wgrad + head_grad

@@ -164,7 +164,7 @@ def summary(errors) -> str:
             f"within 5%: {(a <= 5).sum()}/{len(a)}")
 
 
-def run(out_dir: str = "tables", plot: str | None = None, echo=print) -> "pd.DataFrame":
+def run(out_dir: str = "tables", plot: str | None = None, echo=print):
     """Run every case; write validation.csv (all) and accuracy.csv (the accuracy suite)."""
     import os
 
