@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from enum import Enum
@@ -123,6 +124,8 @@ def estimate_cmd(
 
 def _simulated(res, st: Settings):
     from .simulate import simulated_estimate
+    if st.quant != "none":
+        fail(f"--quant {st.quant}: the simulator cannot run bitsandbytes kernels on CPU; drop --exact for the formula")
     try:
         return simulated_estimate(res.config, st)
     except Exception as e:  # the simulator cannot run this model or recipe on CPU
@@ -130,22 +133,20 @@ def _simulated(res, st: Settings):
         fail(f"simulation of {res.name} ({st.precision}, {st.optimizer}) failed: {msg}", 1)
 
 
-@app.command("simulate")
-def simulate_cmd(
-    model: str = typer.Argument(...),
-    dtype: Optional[Dtype] = typer.Option(None, "--dtype"),
-    precision: Optional[str] = typer.Option(None, "--precision"),
-    batch_size: int = typer.Option(1, "--batch-size"),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len"),
-    optimizer: str = typer.Option("adamw", "--optimizer"),
-    lora_rank: int = typer.Option(0, "--lora-rank"),
-    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing"),
-    as_json: bool = typer.Option(False, "--json"),
-):
-    """Run the real training step under fake tensors and report the measured peak."""
-    prec = precision or DTYPE_TO_RECIPE[(dtype or Dtype.bf16).value]
-    estimate_cmd(model, None, prec, batch_size, seq_len, optimizer, lora_rank, None, 0.0, "all-linear", "none",
-                 grad_checkpointing, "sdpa", 1, 1, "ddp", "none", None, True, as_json)
+def simulate_cmd(**kw):
+    """Run the real training step under fake tensors and report the measured peak (bf16-amp
+    unless --dtype/--precision say otherwise). Takes every estimate option."""
+    if kw["dtype"] is None and kw["precision"] is None:
+        kw["precision"] = "bf16-amp"
+    estimate_cmd(**kw, compat=None, exact=True)
+
+
+# simulate takes estimate's options, less the two that choose another answer
+_sig = inspect.signature(estimate_cmd)
+simulate_cmd.__signature__ = _sig.replace(
+    parameters=[p for n, p in _sig.parameters.items() if n not in ("compat", "exact")])
+simulate_cmd.__annotations__ = {n: a for n, a in estimate_cmd.__annotations__.items() if n not in ("compat", "exact")}
+app.command("simulate")(simulate_cmd)
 
 
 @app.command("validate")

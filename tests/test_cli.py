@@ -142,3 +142,13 @@ def test_simulated_estimate_is_corrected_to_cuda_kernels():
     assert delta != 0
     assert sim.phases["forward"] == cpu.phases["forward"] + delta
     assert any("CUDA kernels" in n for n in sim.notes)
+
+
+def test_simulate_takes_estimate_options():
+    r = plan("simulate", "gpt2", "--seq-len", "64", "--lora-rank", "4", "--lora-targets", "c_attn", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["method"] == "simulated" and out["precision"] == "bf16-amp"
+    assert out["trainable_params"] == 12 * 4 * (768 + 3 * 768)  # c_attn adapters in 12 blocks
+    r = plan("simulate", "gpt2", "--quant", "nf4", "--lora-rank", "4")
+    assert r.returncode == 2 and "bitsandbytes" in r.stderr and "Traceback" not in r.stderr
