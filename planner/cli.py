@@ -92,7 +92,7 @@ def estimate_cmd(
 ):
     """Training memory per GPU, per dtype, per component and per phase."""
     if compat is not None:
-        return _compat(model, compat, as_json)
+        return _compat(model, compat, as_json, gpus, nodes)
     res, spec = _spec(model)
     kw = dict(batch_size=batch_size, seq_len=_default_seq(res, spec, seq_len), optimizer=optimizer, lora_rank=lora_rank,
               lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, quant=quant,
@@ -159,9 +159,11 @@ def validate_cmd(
     run(out_dir, plot, echo=typer.echo)
 
 
-def _compat(model: str, compat: str, as_json: bool) -> None:
-    if compat != "accelerate":
-        fail(f"--compat {compat}: only 'accelerate' is available so far")
+def _compat(model: str, compat: str, as_json: bool, gpus: int = 1, nodes: int = 1) -> None:
+    if compat not in ("accelerate", "deepspeed"):
+        fail(f"--compat {compat}: choose accelerate or deepspeed")
+    if compat == "deepspeed":
+        return _compat_deepspeed(model, as_json, gpus, nodes)
     res, _ = _spec(model)
     from .compat import accelerate_table
     rows = accelerate_table(res.config)
@@ -176,6 +178,43 @@ def _compat(model: str, compat: str, as_json: bool) -> None:
     for r in rows:
         t.add_row(r["dtype"], r["largest_layer_str"], r["total_size_str"], r["training_str"])
     Console().print(t)
+
+
+def _compat_deepspeed(model: str, as_json: bool, gpus: int, nodes: int) -> None:
+    """DeepSpeed's ZeRO-2/ZeRO-3 model-state estimator tables (its `_all_cold` functions)."""
+    if gpus < 1 or nodes < 1:
+        fail("--gpus and --nodes must be at least 1")
+    res, spec = _spec(model)
+    if spec is None:
+        fail(f"{model}: --compat deepspeed needs the parameter formula, which model_type "
+             f"'{res.config.get('model_type')}' does not have yet")
+    from .compat import deepspeed_table, ds_largest_module_params
+    from .spec import count_params
+    pc = count_params(spec)
+    rows = deepspeed_table(spec, pc, gpus, nodes)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    from .report import gib
+    largest = ds_largest_module_params(spec, pc)
+    for stage in ("zero2", "zero3"):
+        t = Table(title=f"DeepSpeed {stage.upper()} model states (estimate_{stage}_model_states_mem_needs_all_cold): "
+                        f"{nodes} node(s) x {gpus} GPU(s), {pc.total / 1e6:,.0f}M params"
+                        + (f", {largest / 1e6:,.0f}M largest layer" if stage == "zero3" else ""), title_justify="left")
+        for col in ("per CPU", "per GPU", "options"):
+            t.add_column(col, justify="right" if col != "options" else "left")
+        for r in rows:
+            if r["stage"] == stage:
+                opts = f"offload_optimizer={'cpu' if r['offload_optimizer'] else 'none'}"
+                if stage == "zero3":
+                    opts = (f"offload_param={'cpu' if r['offload_param'] else 'none'}, {opts}, "
+                            f"zero_init={int(r['zero_init'])}")
+                t.add_row(gib(r["cpu_bytes"]), gib(r["gpu_bytes"]), opts)
+        Console().print(t)
+    Console().print("model states only (no activations, no buffers), as DeepSpeed's estimator counts them; "
+                    "DeepSpeed prints GiB labelled GB", style="dim")
 
 
 def main() -> None:
