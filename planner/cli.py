@@ -99,8 +99,8 @@ def estimate_cmd(
               grad_checkpointing=grad_checkpointing, attn=attn, gpus=gpus, nodes=nodes, strategy=strategy,
               offload=offload)
     try:
-        settings = _settings(precision, dtype, **kw)
-        runs = [(st, check_options(st) if spec is None else estimate(spec, st)) for st in settings]
+        # without a formula there is no estimate, only the options to check before simulating
+        runs = [(check_options(st), estimate(spec, st) if spec else None) for st in _settings(precision, dtype, **kw)]
     except PlanError as e:
         fail(str(e))
     from .report import render, to_json
@@ -109,9 +109,11 @@ def estimate_cmd(
     if exact or spec is None:
         if spec is None and not as_json:
             typer.echo(f"note: no formula for model_type '{arch}': measuring a real training step on fake tensors", err=True)
-        sims = [(st, _simulated(res, st)) for st, _ in runs]
-        for (_, sim), (_, est) in zip(sims, runs):
-            sim.param_counts = getattr(est, "param_counts", None)  # the formula's breakdown, where there is one
+        sims = []
+        for st, est in runs:
+            sim = _simulated(res, st)
+            sim.param_counts = est.param_counts if est else None  # the formula's breakdown, where there is one
+            sims.append((st, sim))
         runs, method = sims, "simulated"
     if as_json:
         objs = [to_json(res.name, arch, st, est, method) for st, est in runs]
@@ -124,10 +126,10 @@ def estimate_cmd(
 
 def _simulated(res, st: Settings):
     from .simulate import simulated_estimate
-    if st.quant != "none":
-        fail(f"--quant {st.quant}: the simulator cannot run bitsandbytes kernels on CPU; drop --exact for the formula")
     try:
         return simulated_estimate(res.config, st)
+    except PlanError as e:
+        fail(str(e))
     except Exception as e:  # the simulator cannot run this model or recipe on CPU
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fail(f"simulation of {res.name} ({st.precision}, {st.optimizer}) failed: {msg}", 1)
@@ -182,8 +184,10 @@ def _compat(model: str, compat: str, as_json: bool, gpus: int = 1, nodes: int = 
 
 def _compat_deepspeed(model: str, as_json: bool, gpus: int, nodes: int) -> None:
     """DeepSpeed's ZeRO-2/ZeRO-3 model-state estimator tables (its `_all_cold` functions)."""
-    if gpus < 1 or nodes < 1:
-        fail("--gpus and --nodes must be at least 1")
+    try:
+        check_options(Settings(gpus=gpus, nodes=nodes))
+    except PlanError as e:
+        fail(str(e))
     res, spec = _spec(model)
     if spec is None:
         fail(f"{model}: --compat deepspeed needs the parameter formula, which model_type "

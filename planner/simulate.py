@@ -137,10 +137,9 @@ def _tracker_class():
     class Tracker(MemTracker):
         """MemTracker that accepts frozen parameters (LoRA bases) and keeps the global peak only.
 
-        torch's version registers a
-        gradient hook on every parameter, which raises for one without requires_grad. Modules
-        holding frozen parameters get no gradient hooks; their gradients are still counted in the
-        total, only under another category."""
+        torch's version registers a gradient hook on every parameter, which raises for one
+        without requires_grad. Modules holding frozen parameters get no gradient hooks; their
+        gradients are still counted in the total, only under another category."""
 
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             ok = all(p.requires_grad for p in module.parameters())
@@ -265,11 +264,12 @@ def simulated_estimate(cfg: dict, st: Settings):
     """
     from dataclasses import replace
 
-    from .memory import Estimate, device_bytes, estimate
+    from .memory import Estimate, PlanError, device_bytes, estimate
     from .spec import ModelSpec, SpecError
 
     if st.quant != "none":
-        raise ValueError(f"--quant {st.quant} needs bitsandbytes kernels, which the CPU simulator does not have")
+        raise PlanError(f"--quant {st.quant}: the simulator cannot run bitsandbytes kernels on CPU; "
+                        "drop --exact for the formula")
     m = measure(cfg, replace(st, kernels="cpu"), fake=True)
     phases = {k: m.phases[k] for k in ("model", "forward", "backward", "optimizer_step")}
     cats = {k: dict(v) for k, v in m.categories.items()}

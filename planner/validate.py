@@ -1,8 +1,9 @@
-"""The accuracy matrix: each case estimated analytically and measured with MemTracker.
+"""The validation matrix: each case estimated analytically and measured with MemTracker.
 
-`python -m planner.validate` rewrites tables/accuracy.csv and prints median / p90 / max |error|.
-Small configs run as fake-tensor steps (MemTracker on FakeTensorMode); they use the estimator's
-CPU kernel policy (`kernels="cpu"`), because the measurement runs CPU kernels.
+`plan validate` (or `python -m planner.validate [OUT_DIR [PLOT.png]]`) rewrites
+tables/validation.csv and tables/accuracy.csv and prints median / p90 / max |error|. Configs run
+as fake-tensor steps (MemTracker on FakeTensorMode), real-weight models as real CPU steps; all
+use the estimator's CPU kernel policy (`kernels="cpu"`), because the measurement runs CPU kernels.
 """
 
 from __future__ import annotations
@@ -81,7 +82,6 @@ class Case:
     settings: Settings
     source: str = "small"
     suite: str = "accuracy"  # "accuracy": the plan-estimate matrix (issue table); "extra": the wider validation
-
     tag: str = ""            # a name for the row where the model is a path
 
     @property

