@@ -98,8 +98,8 @@ def check_options(st: Settings) -> Settings:
         raise PlanError(f"unknown strategy '{st.strategy}'; choose one of {', '.join(STRATEGIES)}")
     if st.offload not in OFFLOADS:
         raise PlanError(f"unknown offload '{st.offload}'; choose one of {', '.join(OFFLOADS)}")
-    if st.strategy != "ddp" or st.offload != "none":
-        raise PlanError(f"--strategy {st.strategy} --offload {st.offload}: only DDP without offload is modelled so far")
+    from .distributed import check_strategy
+    check_strategy(st)
     return st
 
 
@@ -289,17 +289,23 @@ class _Ctx:
     st: Settings
     compute: int        # bytes of a matmul output
     stream: int         # bytes of the residual stream
-    amp: bool
+    amp: bool           # fp32 weights cast per op by autocast
     lora: frozenset     # names of LoRA-wrapped linears
     full: bool          # every weight trainable
+    adapter: int = 4    # bytes of a LoRA adapter weight as the matmul sees it
 
 
 def _ctx(spec: ModelSpec, st: Settings) -> _Ctx:
+    """What the step computes in. FSDP's MixedPrecisionPolicy all-gathers every parameter (LoRA
+    adapters included) in bf16 before the forward, and casts each unit's inputs to bf16: autocast
+    then finds nothing to cast, and the step computes as pure bf16 does."""
     rc = RECIPES[st.precision]
+    names = frozenset(n for n, *_ in lora_targets(spec, st)) if st.lora else frozenset()
+    if rc.autocast and st.strategy.startswith("fsdp") and st.quant == "none":
+        return _Ctx(spec, st, 2, 2, False, names, not st.lora, adapter=2)
     amp = rc.autocast
     stream = 4 if amp or st.quant != "none" else rc.compute
-    names = frozenset(n for n, *_ in lora_targets(spec, st)) if st.lora else frozenset()
-    return _Ctx(spec, st, rc.compute, stream, amp, names, not st.lora)
+    return _Ctx(spec, st, rc.compute, stream, amp, names, not st.lora, adapter=2 if amp else 4)
 
 
 def _linear(c: _Ctx, acc: _Saved, name: str, x: _T, fan_in: int, fan_out: int) -> _T:
@@ -323,7 +329,7 @@ def _linear(c: _Ctx, acc: _Saved, name: str, x: _T, fan_in: int, fan_out: int) -
     if c.amp and st.quant == "none":
         acc.per_layer += 2 * fan_in * fan_out
     if name in c.lora:
-        adapter = 2 if c.amp else 4
+        adapter = c.adapter
         if st.lora_dropout > 0:
             # PEFT drops out the input after casting it to the fp32 adapter dtype: the mask is a
             # bool on CUDA, fp32 noise on CPU; lora_A keeps the dropped input (a bf16 copy under autocast)
@@ -592,10 +598,14 @@ def activation_bytes(spec: ModelSpec, st: Settings) -> dict:
             # PEFT casts an adapter's input to the fp32 adapter dtype before autocast casts it back
             # to bf16: during the recompute the fp32 copy of the widest adapter input is alive
             grads += st.tokens * 4 * max(i for _, i, _, _ in lora_targets(spec, st))
-        return {"kept": kept, "layer": per_layer, "recompute": recompute, "layer_grads": grads, "mask": mask}
+        # at the start of the block's backward, before any weight gradient: the gradients of the
+        # block output and of the last MLP projection's input (one stream-, one MLP-wide)
+        first = st.tokens * (c.compute * spec.intermediate + c.stream * spec.hidden)
+        return {"kept": kept, "layer": per_layer, "recompute": recompute, "layer_grads": grads, "mask": mask,
+                "first_grads": first}
     grads = st.tokens * (c.compute * spec.intermediate + c.stream * spec.hidden)
     return {"kept": spec.layers * per_layer + model_level, "layer": per_layer, "recompute": 0,
-            "layer_grads": grads, "mask": mask}
+            "layer_grads": grads, "mask": mask, "first_grads": grads}
 
 
 # ---------------------------------------------------------------- overheads
@@ -621,55 +631,99 @@ def device_bytes(peak: int) -> int:
 
 # ---------------------------------------------------------------- the estimate
 
+@dataclass(frozen=True)
+class StepParts:
+    """The pieces of one GPU's step the phases are composed of (bytes)."""
+    weights: float      # stored parameters and buffers
+    grads: float        # every trainable parameter's gradient
+    optimizer: float    # optimizer state
+    opt_temp: float     # transient inside optimizer.step()
+    act: dict           # activation_bytes()
+    logits: dict        # logits_bytes()
+    head_grad: float    # the head's weight gradient, alive from the start of backward
+    block_wgrad: float  # a checkpointed block's weight gradients, alive in its backward
+
+
+def step_parts(spec: ModelSpec, pc: ParamCount, st: Settings) -> StepParts:
+    c = _ctx(spec, st)
+    rc = RECIPES[st.precision]
+    return StepParts(
+        weights=weight_bytes(spec, pc, st) + pc.buffers_bytes, grads=grad_bytes(spec, pc, st),
+        optimizer=optimizer_state_bytes(spec, pc, st), opt_temp=optimizer_step_temp_bytes(spec, pc, st),
+        act=activation_bytes(spec, st), logits=logits_bytes(spec, st),
+        head_grad=0 if spec.is_encoder or not c.full else rc.grad * spec.vocab * spec.hidden,
+        block_wgrad=rc.grad * pc.largest_layer if c.full and st.grad_checkpointing else 0)
+
+
+def activation_phases(p: StepParts) -> dict:
+    """Activation-side bytes at each phase's peak, on top of the model states.
+
+    Forward peaks at the loss, or (checkpointing) inside the last block, which holds its
+    intermediates. Backward peaks either at its start (the loss gradient over the logits, every
+    activation still kept) or inside the last block (its recompute under checkpointing, its
+    activation gradients; the head's weight gradient and, checkpointed full fine-tuning, the
+    block's exist by then): `in_block` says which, and `wgrad` is the weight-gradient part.
+    """
+    act, lg = p.act, p.logits
+    at_loss, at_fwd_loss, in_fwd_block = lg["backward"], lg["forward"], act["recompute"]
+    in_block = act["recompute"] + act["layer_grads"] + p.block_wgrad + p.head_grad
+    fwd_block = in_fwd_block > at_fwd_loss
+    bwd_block = in_block > at_loss
+    return {
+        "forward": {"activations": act["kept"] + act["mask"] + (in_fwd_block if fwd_block else 0),
+                    "logits": 0 if fwd_block else at_fwd_loss},
+        "backward": {"activations": act["kept"] + (act["recompute"] + act["layer_grads"] if bwd_block else 0),
+                     "logits": 0 if bwd_block else at_loss},
+        "fwd_in_block": fwd_block, "bwd_in_block": bwd_block,
+    }
+
+
+def _replicated_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> tuple[dict, float]:
+    """One GPU, or DDP: every GPU holds the whole model, its gradients and optimizer state.
+
+    DDP (`gradient_as_bucket_view=False`, its default and accelerate's) allocates flat gradient
+    buckets at wrap time, one more copy of the gradients alive in every phase."""
+    p = step_parts(spec, pc, st)
+    w, g, o = p.weights, p.grads, p.optimizer
+    buckets = g if st.gpus * st.nodes > 1 else 0
+    if buckets:
+        notes.append("DDP gradient buckets: one extra copy of the gradients, in every phase")
+    a = activation_phases(p)
+    base = {"weights": w, "optimizer": o}
+    phase_comp = {
+        "model": {"weights": w, "other": buckets},
+        "forward": {**base, **a["forward"], "other": buckets},
+        "backward": {**base, **a["backward"], "gradients": p.head_grad + p.block_wgrad if a["bwd_in_block"] else 0,
+                     "other": buckets},
+        "optimizer_step": {**base, "gradients": g, "other": buckets + p.opt_temp},
+    }
+    c = _ctx(spec, st)
+    end_bw = w + o + g + buckets + (spec.vocab * spec.hidden * RECIPES[st.precision].grad if pc.tied and c.full else 0)
+    return phase_comp, end_bw
+
+
 def estimate(spec: ModelSpec, st: Settings) -> Estimate:
-    """Peak bytes per phase and per component for one GPU."""
+    """Peak bytes per phase and per component for one GPU (per rank, under a strategy)."""
     st = validate(spec, st)
     pc = count_params(spec)
-    notes = []
-    w = weight_bytes(spec, pc, st) + pc.buffers_bytes
-    g = grad_bytes(spec, pc, st)
-    o = optimizer_state_bytes(spec, pc, st)
-    t_opt = optimizer_step_temp_bytes(spec, pc, st)
-    if st.gpus * st.nodes > 1:
-        # DDP (gradient_as_bucket_view=False, the default) keeps its own flat gradient buckets
-        o_ddp = g
-        notes.append("DDP gradient buckets: one extra copy of the gradients")
+    notes: list = []
+    cpu = nvme = 0
+    if st.strategy == "ddp":
+        phase_comp, end_bw = _replicated_phases(spec, pc, st, notes)
     else:
-        o_ddp = 0
-    act = activation_bytes(spec, st)
-    lg = logits_bytes(spec, st)
-    c = _ctx(spec, st)
-    head_grad = 0 if spec.is_encoder or not c.full else RECIPES[st.precision].grad * spec.vocab * spec.hidden
-
-    base = {"weights": w, "optimizer": o}
-    # backward peaks either at its start (the loss gradient over the logits, every activation
-    # still kept) or inside the last block (its recompute under checkpointing, its activation
-    # gradients; the head's weight gradient and, checkpointed full fine-tuning, the block's exist by then)
-    at_loss, at_fwd_loss, in_fwd_block = lg["backward"], lg["forward"], act["recompute"]
-    block_wgrad = RECIPES[st.precision].grad * pc.largest_layer if c.full and st.grad_checkpointing else 0
-    in_block = act["recompute"] + act["layer_grads"] + block_wgrad + head_grad
-    phase_comp = {
-        "model": {"weights": w},
-        # forward peaks at the loss, or (checkpointing) inside the last block, which holds its intermediates
-        "forward": {**base, "activations": act["kept"] + act["mask"] + (in_fwd_block if in_fwd_block > at_fwd_loss else 0),
-                    "logits": at_fwd_loss if at_fwd_loss >= in_fwd_block else 0},
-        "backward": {**base, "activations": act["kept"] + (in_block - head_grad - block_wgrad if in_block > at_loss else 0),
-                     "logits": at_loss if at_loss >= in_block else 0,
-                     "gradients": head_grad + block_wgrad if in_block > at_loss else 0, "other": o_ddp},
-        "optimizer_step": {**base, "gradients": g, "other": o_ddp + t_opt},
-    }
-    end_bw = w + o + g + o_ddp + (spec.vocab * spec.hidden * RECIPES[st.precision].grad if pc.tied and c.full else 0)
+        from .distributed import sharded_phases
+        phase_comp, end_bw, cpu, nvme = sharded_phases(spec, pc, st, notes)
     phases = {k: int(sum(v.values())) for k, v in phase_comp.items()}
     phases["backward"] = max(phases["backward"], int(end_bw))
     peak_phase = max(phases, key=phases.get)
     comps = {k: 0 for k in ("weights", "gradients", "optimizer", "activations", "logits", "other")}
     for k, v in phase_comp[peak_phase].items():
         comps[k] += int(v)
-    comps["weights"] = int(w)
     peak = int(phases[peak_phase])
     comps["other"] += peak - sum(comps.values())
     if _eager(spec, st) and st.attn != "eager":
         notes.append(f"{spec.model_type} attention soft-capping needs eager attention (or --attn flash)")
     return Estimate(params=pc.total, trainable_params=trainable_params(spec, pc, st), peak_bytes=peak,
                     device_bytes=device_bytes(peak), components=comps, phases=phases,
-                    phase_components=phase_comp, notes=notes, param_counts=pc)
+                    phase_components=phase_comp, cpu_bytes=int(cpu), nvme_bytes=int(nvme), notes=notes,
+                    param_counts=pc)

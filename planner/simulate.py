@@ -25,9 +25,10 @@ class Measurement:
     trainable_params: int = 0
 
 
-def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = None):
+def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = None, meta: bool = False):
     """The model class a user trains, set up as the settings say. `weights`: a directory of
-    safetensors or a .gguf file to load real pretrained weights from (real tensors only)."""
+    safetensors or a .gguf file to load real pretrained weights from (real tensors only).
+    `meta`: leave it on the meta device (a sharding wrapper materialises it)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -52,7 +53,7 @@ def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = N
     cls = _model_class(config)
     # Under fake tensors the model is built on the meta device (PEFT's adapter moves cannot swap
     # fake parameters) and each tensor is then turned into a fake CPU tensor of the same shape.
-    ctx = torch.device("meta") if fake_mode is not None else contextlib.nullcontext()
+    ctx = torch.device("meta") if fake_mode is not None or meta else contextlib.nullcontext()
     with ctx:
         if weights is not None:
             model = cls.from_pretrained(**load, config=config, dtype=dtype, attn_implementation=attn)

@@ -1,0 +1,226 @@
+"""Measured per-rank memory of a distributed training step: the ground truth for the sharding
+formulas in planner/distributed.py.
+
+One process is one rank. It builds the real transformers model, wraps it as the strategy says
+and runs a warm-up step and a measured step under torch's MemTracker, entered before the model
+is built so every tensor the rank allocates is seen (the strategy's flat buffers, all-gather
+outputs, reduce-scatter inputs, gradient buckets included). It reports the peak of live tensor
+bytes per phase, on every rank.
+
+- ddp: torch's DistributedDataParallel with its defaults, as accelerate wraps a model for DDP.
+- fsdp, fsdp-grad-op, fsdp-hybrid, fsdp-no-shard: FSDP2 through accelerate's own
+  `fsdp2_prepare_model` (its wrap layout: every `_no_split_modules` block, the input embedding,
+  the final norm and head together with `reshard_after_forward=False`, the root; trainable
+  parameters upcast to fp32 under mixed precision, `MixedPrecisionPolicy(bf16, bf16)`).
+  accelerate enables FSDP only on GPU backends, so the worker calls that function with the
+  plugin and mesh an `accelerate launch` would set up.
+- zero1, zero2, zero3: `deepspeed.initialize` with the config accelerate builds (bf16, the
+  buckets accelerate's `auto` fills from the hidden size, the client AdamW).
+
+Two ways to run:
+- real: `torchrun --nproc-per-node 2 -m planner.distmeasure CASE_JSON OUT_DIR` (or `accelerate
+  launch --cpu --num_processes 2 -m planner.distmeasure ...`), gloo, real CPU tensors; each rank
+  writes OUT_DIR/rank{N}.json.
+- fake: `measure_fake(cfg, st)`, FSDP strategies only: one process is rank 0 of a world of
+  gpus x nodes ranks on torch's fake process group (FakeStore), on fake tensors, so an 8B model
+  at world size 8 runs in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from dataclasses import asdict, replace
+from types import SimpleNamespace
+
+from .memory import RECIPES, Settings
+
+FSDP_STRATEGIES = ("fsdp", "fsdp-grad-op", "fsdp-hybrid", "fsdp-no-shard")
+ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
+
+
+def _mesh(st: Settings, world: int):
+    """The FSDP2 device mesh accelerate builds: one shard dimension, or (replicate, shard) for
+    hybrid sharding (shard within a node, replicate across nodes) and for no-shard (replicate
+    over every rank, shard over one)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    if st.strategy == "fsdp-hybrid":
+        shape = (st.nodes, world // st.nodes)
+    elif st.strategy == "fsdp-no-shard":
+        shape = (world, 1)
+    else:
+        return init_device_mesh("cpu", (world,), mesh_dim_names=("dp_shard",)), ("dp_shard",)
+    return init_device_mesh("cpu", shape, mesh_dim_names=("dp_replicate", "dp_shard")), ("dp_replicate", "dp_shard")
+
+
+def wrap_fsdp2(model, st: Settings, mesh_and_names):
+    """Shard `model` with accelerate's fsdp2_prepare_model, as `accelerate launch` with an FSDP2
+    config would (fsdp_reshard_after_forward false for SHARD_GRAD_OP)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    rc = RECIPES[st.precision]
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, reshard_after_forward=st.strategy != "fsdp-grad-op", auto_wrap_policy="transformer_based_wrap",
+        cpu_ram_efficient_loading=False, cpu_offload=st.offload in ("params", "all"), state_dict_type="SHARDED_STATE_DICT")
+    mixed = "bf16" if rc.autocast else "no"
+    if mixed != "no":
+        plugin.set_mixed_precision(mixed)
+    mesh, names = mesh_and_names
+    acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=mesh,
+                          parallelism_config=SimpleNamespace(fsdp_dim_names=names), mixed_precision=mixed,
+                          is_main_process=False, device="cpu")
+    return fsdp2_prepare_model(acc, model)
+
+
+def deepspeed_config(st: Settings, hidden: int, world: int) -> dict:
+    """The DeepSpeed config accelerate hands to `deepspeed.initialize` for a ZeRO stage, with
+    the values its `auto` entries resolve to (accelerator.py `_prepare_deepspeed`: reduce bucket
+    h x h, ZeRO-3 prefetch bucket 0.9 h x h, persistence threshold 10 h)."""
+    zero = {"stage": ZERO_STAGES[st.strategy], "overlap_comm": False, "contiguous_gradients": True,
+            "reduce_bucket_size": hidden * hidden}
+    if st.strategy == "zero3":
+        zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+                    stage3_param_persistence_threshold=10 * hidden)
+    if st.offload in ("optimizer", "all", "nvme"):
+        zero["offload_optimizer"] = {"device": "nvme" if st.offload == "nvme" else "cpu"}
+    if st.offload in ("params", "all", "nvme") and st.strategy == "zero3":
+        zero["offload_param"] = {"device": "nvme" if st.offload == "nvme" else "cpu"}
+    return {"train_micro_batch_size_per_gpu": st.batch_size, "gradient_accumulation_steps": 1,
+            "train_batch_size": st.batch_size * world, "gradient_clipping": 0.0,
+            "bf16": {"enabled": RECIPES[st.precision].compute == 2}, "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+
+
+def _phase_peaks(tracker, step) -> dict:
+    """Run `step(snap)` and return the peak of live bytes in each phase it marks."""
+    phases = {}
+    dev = None
+
+    def snap(name):
+        nonlocal dev
+        s = tracker.get_tracker_snapshot("peak")
+        dev = dev or next(iter(s))
+        phases[name] = int(s[dev]["Total"])
+        cur = tracker.get_tracker_snapshot("current")
+        tracker._peak_mem[dev] = cur[dev]["Total"]
+        tracker._peak_mem_snap[dev] = dict(cur[dev])
+
+    snap("model")
+    step(snap)
+    return phases
+
+
+def run_rank(cfg: dict, st: Settings, world: int, fake_mode=None) -> dict:
+    """Build, wrap, warm up, measure. The process group must already be initialised."""
+    import torch
+    import torch.distributed as dist
+
+    from .simulate import _tracker_class, _unpacked_sequences, build_model, make_optimizer
+
+    rc = RECIPES[st.precision]
+    zero = st.strategy in ZERO_STAGES
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if rc.autocast and not zero else contextlib.nullcontext()
+    tracker = _tracker_class()()
+    torch.manual_seed(0)
+    mesh = _mesh(st, world) if st.strategy in FSDP_STRATEGIES else None  # outside fake mode: it reads ranks
+    with _unpacked_sequences(), (fake_mode or contextlib.nullcontext()):
+        with tracker if fake_mode is None else contextlib.nullcontext():
+            if fake_mode is not None:  # built on meta, sharded, then materialised as fake tensors
+                model, config = build_model(cfg, st, fake_mode=None, meta=True)
+            else:
+                model, config = build_model(cfg, replace(st, precision="bf16-pure") if zero and rc.compute == 2 else st)
+            if st.strategy == "ddp":
+                model = torch.nn.parallel.DistributedDataParallel(model)
+            elif st.strategy in FSDP_STRATEGIES:
+                model = wrap_fsdp2(model, st, mesh)
+                if fake_mode is not None:
+                    model.to_empty(device="cpu")
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            opt = make_optimizer(trainable, st.optimizer)
+            if zero:
+                import deepspeed
+                model, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt,
+                                                        config=deepspeed_config(st, config.hidden_size, world))
+            ids = torch.randint(0, config.vocab_size, (st.batch_size, st.seq_len))
+
+            def step(snap=lambda name: None):
+                with amp:
+                    loss = model(input_ids=ids, labels=ids).loss
+                snap("forward")
+                if zero:
+                    model.backward(loss)
+                    del loss
+                    snap("backward")
+                    model.step()
+                else:
+                    loss.backward()
+                    del loss
+                    snap("backward")
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                snap("optimizer_step")
+
+            step()
+            if fake_mode is not None:  # tensors from here on are all fake: track what exists, then the step
+                tracker.track_external(model, opt, ids)
+                with tracker:
+                    phases = _phase_peaks(tracker, step)
+            else:
+                tracker.reset_mod_stats()  # MemTracker's per-module stats hold one iteration
+                phases = _phase_peaks(tracker, step)
+    rank = dist.get_rank()
+    return {"rank": rank, "world": world, "strategy": st.strategy, "phases": phases,
+            "peak_bytes": max(v for k, v in phases.items() if k != "model")}
+
+
+def measure_fake(cfg: dict, st: Settings) -> dict:
+    """Rank 0 of a gpus x nodes world of FSDP2 on torch's fake process group, fake tensors."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if st.strategy not in FSDP_STRATEGIES:
+        raise ValueError(f"fake-world measurement covers FSDP2 only, not {st.strategy}")
+    world = st.gpus * st.nodes
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        return run_rank(cfg, st, world, fake_mode=FakeTensorMode())
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The torchrun / accelerate-launch entry point: CASE_JSON (model config and settings) OUT_DIR."""
+    import torch.distributed as dist
+
+    args = argv if argv is not None else sys.argv[1:]
+    case = json.loads(args[0])
+    out_dir = args[1]
+    st = Settings(**case["settings"])
+    if st.strategy in ZERO_STAGES:
+        import deepspeed
+        import deepspeed.comm.torch as ds_torch
+        # DeepSpeed's CPU shared-memory allreduce op is a JIT-built C++ fast path (minutes to
+        # build) whose buffers are not torch tensors; gloo carries the collectives instead.
+        ds_torch.build_shm_op = lambda: None
+        deepspeed.init_distributed(dist_backend="gloo")
+    else:
+        dist.init_process_group("gloo")
+    try:
+        res = run_rank(case["config"], st, dist.get_world_size())
+        res["settings"] = asdict(st)
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = os.path.join(out_dir, f".rank{res['rank']}.json")
+        with open(tmp, "w") as f:
+            json.dump(res, f)
+        os.replace(tmp, os.path.join(out_dir, f"rank{res['rank']}.json"))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
