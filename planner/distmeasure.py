@@ -108,7 +108,9 @@ def _phase_peaks(tracker, step) -> dict:
         tracker._peak_mem[dev] = cur[dev]["Total"]
         tracker._peak_mem_snap[dev] = dict(cur[dev])
 
-    snap("model")
+    snap("model")  # resets the peak to the live bytes now, at the step's start
+    cur = tracker.get_tracker_snapshot("current")
+    phases["start"] = int(cur[dev]["Total"])  # steady state: model states and persistent buffers
     step(snap)
     return phases
 
@@ -173,7 +175,7 @@ def run_rank(cfg: dict, st: Settings, world: int, fake_mode=None) -> dict:
                 phases = _phase_peaks(tracker, step)
     rank = dist.get_rank()
     return {"rank": rank, "world": world, "strategy": st.strategy, "phases": phases,
-            "peak_bytes": max(v for k, v in phases.items() if k != "model")}
+            "peak_bytes": max(phases[k] for k in ("forward", "backward", "optimizer_step"))}
 
 
 def measure_fake(cfg: dict, st: Settings) -> dict:
@@ -202,10 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     st = Settings(**case["settings"])
     if st.strategy in ZERO_STAGES:
         import deepspeed
-        import deepspeed.comm.torch as ds_torch
+        import deepspeed.ops
         # DeepSpeed's CPU shared-memory allreduce op is a JIT-built C++ fast path (minutes to
         # build) whose buffers are not torch tensors; gloo carries the collectives instead.
-        ds_torch.build_shm_op = lambda: None
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="gloo")
     else:
         dist.init_process_group("gloo")

@@ -173,10 +173,139 @@ def fsdp_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
     return phase_comp, end_bw, host * st.gpus
 
 
+# ---------------------------------------------------------------- DeepSpeed ZeRO
+
+# DeepSpeed defaults, and what accelerate's `auto` fills in from the model's hidden size
+# (accelerate/accelerator.py `_prepare_deepspeed`; deepspeed/runtime/zero/config.py)
+DS_MAX_REUSE_DISTANCE = 10**9      # stage3_max_reuse_distance, numel
+DS_PREFETCH_FACTOR = 0.9           # stage3_prefetch_bucket_size = 0.9 h^2 (accelerate auto)
+DS_PERSISTENCE_FACTOR = 10         # stage3_param_persistence_threshold = 10 h (accelerate auto)
+DS_OPT_SWAP_BUFFERS = 4            # offload_optimizer.buffer_count (NVMe)
+
+
+def zero_stage(st: Settings) -> int:
+    return int(st.strategy[-1])
+
+
+def zero_persistent_params(spec: ModelSpec, pc: ParamCount) -> int:
+    """ZeRO-3 keeps parameters under the persistence threshold (10 x hidden under accelerate's
+    `auto`) whole on every rank: norm weights and biases, a block's worth of small vectors."""
+    h = spec.hidden
+    ln = 2 * h if spec.norm == "layer" else h
+    norms = spec.layers * spec.norms_per_layer * ln + ln
+    biases = 0
+    for _, i, o, n in pc.linear_shapes:
+        biases += 0  # a bias vector is one tensor of `o` values; counted with the bias flags below
+    if spec.qkv_bias:
+        biases += spec.q_dim + 2 * spec.kv_dim
+    if spec.out_bias:
+        biases += h
+    if spec.mlp_bias:
+        biases += spec.intermediate + h
+    return norms + spec.layers * biases if max(spec.q_dim + 2 * spec.kv_dim, spec.intermediate) < DS_PERSISTENCE_FACTOR * h \
+        else norms
+
+
+def zero3_gathered_at_loss(spec: ModelSpec, pc: ParamCount) -> int:
+    """Parameters ZeRO-3 still holds gathered when the forward reaches the loss.
+
+    After the first step the coordinator knows the module trace (forward, then backward in
+    reverse). When a module finishes, its parameters are released unless they recur within the
+    next `stage3_max_reuse_distance` parameters of the trace (partitioned_param_coordinator.py
+    `__params_to_release`). A module's next use is its own backward: between the two the trace
+    runs every later module forward and back, twice the parameters after it. The head and the
+    blocks closest to it are kept; a model under about 0.5B parameters stays gathered whole.
+    """
+    u = fsdp_units(spec, pc)
+    order = [u["embed"]] + [u["block"]] * spec.layers + [u["kept"]]
+    gathered, after = 0, 0
+    for n in reversed(order):
+        if 2 * after < DS_MAX_REUSE_DISTANCE:
+            gathered += n
+        after += n
+    return gathered
+
+
+def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> tuple[dict, float, float, float]:
+    """Per-GPU phases under DeepSpeed ZeRO, as `deepspeed.initialize` runs it with the client
+    optimizer (DeepSpeedZeroOptimizer for stages 1-2, DeepSpeedZeroOptimizer_Stage3).
+
+    The module is cast to bf16 (fp16) by DeepSpeed, so the step computes as pure bf16; the
+    optimizer keeps an fp32 master partition and runs on it. Per GPU (N ranks, T trainable):
+    - stages 1-2: the bf16 module whole; fp32 master 4T/N; optimizer state on the master
+      partition; in backward a bf16 gradient partition (2T/N) and the reduce bucket (h x h
+      values); in the step an fp32 gradient partition (4T/N) and the optimizer's temporary. ZeRO-1
+      reduces through the same buckets into a partition in DeepSpeed 0.19 (measured equal).
+    - stage 3: the bf16 partition 2P/N (parameters under the persistence threshold whole), the
+      flat bf16 gradient-partition buffer 2T/N from the start; the gathered parameters of the
+      modules ZeRO-3 keeps between their forward and backward (`zero3_gathered_at_loss`), one
+      block and the prefetch bucket inside backward.
+    Offload: `optimizer` moves master, state and fp32 gradients to host RAM (DeepSpeedCPUAdam
+    steps there); `params`/`all` (ZeRO-3) also the bf16 partition; `nvme` swaps those to NVMe
+    through pinned buffers.
+    """
+    n = world_size(st)
+    stage = zero_stage(st)
+    rc = RECIPES[st.precision]
+    b = 2 if rc.compute == 2 else 4
+    p = step_parts(spec, pc, st)  # activations: _ctx computes in 16-bit under ZeRO with bf16
+    p = replace(p, head_grad=p.head_grad and b * spec.vocab * spec.hidden,
+                block_wgrad=p.block_wgrad and b * pc.largest_layer)
+    t = lora_params(spec, st) if st.lora else pc.total
+    master = 4 * t / n
+    opt_full = step_parts(spec, pc, replace(st, precision="fp32", strategy="ddp"))
+    opt = opt_full.optimizer / n
+    opt_temp = opt_full.opt_temp / n
+    fp32_grad = 4 * t / n
+    bucket = spec.hidden * spec.hidden * b
+    offload_opt = st.offload in ("optimizer", "all", "nvme")
+    offload_par = stage == 3 and st.offload in ("params", "all", "nvme")
+    h = st.offload == "nvme"
+    host = (master + opt + fp32_grad) if offload_opt else 0
+    if stage == 3:
+        persist = zero_persistent_params(spec, pc)
+        w_part = b * (pc.total - persist) / n
+        if offload_par:
+            host += w_part
+        w = (0 if offload_par else w_part) + b * persist + pc.buffers_bytes
+        grad_part = b * t / n
+        at_loss = b * zero3_gathered_at_loss(spec, pc)
+        in_block = b * (pc.largest_layer + DS_PREFETCH_FACTOR * spec.hidden ** 2)
+    else:
+        w = b * pc.total + pc.buffers_bytes
+        grad_part = b * t / n
+        at_loss = in_block = 0
+    gpu_master, gpu_opt = (0, 0) if offload_opt else (master, opt)
+    a = activation_phases(p)
+    bw_in_block = a["bwd_in_block"]
+    block_grads = (b * (lora_params(spec, st) // spec.layers if st.lora else pc.largest_layer)) if bw_in_block else 0
+    base = {"weights": w, "optimizer": gpu_master + gpu_opt}
+    phase_comp = {
+        "model": {"weights": w},
+        "forward": {**base, **a["forward"], "other": at_loss + (grad_part if stage == 3 else 0)},
+        # stages 1-2 allocate the gradient partition at the first reduce, inside the backward
+        "backward": {**base, **a["backward"],
+                     "gradients": (grad_part + bucket + block_grads) if (bw_in_block or stage == 3) else 0,
+                     "other": in_block if bw_in_block else at_loss},
+        "optimizer_step": {**base, "gradients": 0 if offload_opt else fp32_grad,
+                           "other": (0 if offload_opt else opt_temp) + (grad_part if stage == 3 else 0)},
+    }
+    end_bw = w + gpu_master + gpu_opt + grad_part + bucket
+    nvme = 0
+    if h:
+        nvme, host = host, DS_OPT_SWAP_BUFFERS * 4 * min(t / n, 10**9)  # sub_group_size 1e9 values, fp32
+        notes.append("NVMe offload: optimizer state (and ZeRO-3 parameters) swapped to NVMe through pinned buffers")
+    elif offload_opt:
+        notes.append("optimizer offload: fp32 master, optimizer state and fp32 gradients in pinned host RAM "
+                     "(DeepSpeedCPUAdam steps on the CPU)")
+    notes.append(f"DeepSpeed ZeRO-{stage} over {n} ranks, bf16 module" if b == 2 else f"DeepSpeed ZeRO-{stage} over {n} ranks, fp32")
+    return phase_comp, end_bw, host * st.gpus, nvme * st.gpus
+
+
 def sharded_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> tuple[dict, float, float, float]:
     """(phase components, end-of-backward bytes, host RAM per node, NVMe bytes per node)."""
     check_strategy(st)
     if st.strategy in FSDP:
         phase_comp, end_bw, host = fsdp_phases(spec, pc, st, notes)
         return phase_comp, end_bw, host, 0
-    raise PlanError(f"--strategy {st.strategy}: not modelled yet")
+    return zero_phases(spec, pc, st, notes)

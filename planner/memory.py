@@ -296,12 +296,14 @@ class _Ctx:
 
 
 def _ctx(spec: ModelSpec, st: Settings) -> _Ctx:
-    """What the step computes in. FSDP's MixedPrecisionPolicy all-gathers every parameter (LoRA
-    adapters included) in bf16 before the forward, and casts each unit's inputs to bf16: autocast
-    then finds nothing to cast, and the step computes as pure bf16 does."""
+    """What the step computes in. Two engines hand every parameter (LoRA adapters included) to
+    the step in 16-bit whatever it is stored in: FSDP's MixedPrecisionPolicy all-gathers them in
+    bf16 and casts each unit's inputs, and DeepSpeed with bf16/fp16 casts the module itself.
+    Autocast then finds nothing to cast, and the step computes as pure bf16 does."""
     rc = RECIPES[st.precision]
     names = frozenset(n for n, *_ in lora_targets(spec, st)) if st.lora else frozenset()
-    if rc.autocast and st.strategy.startswith("fsdp") and st.quant == "none":
+    if rc.compute == 2 and st.quant == "none" and (
+            (rc.autocast and st.strategy.startswith("fsdp")) or st.strategy.startswith("zero")):
         return _Ctx(spec, st, 2, 2, False, names, not st.lora, adapter=2)
     amp = rc.autocast
     stream = 4 if amp or st.quant != "none" else rc.compute
