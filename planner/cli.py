@@ -84,8 +84,10 @@ def estimate_cmd(
     attn: str = typer.Option("sdpa", "--attn", help="sdpa (also flash) or eager"),
     gpus: int = typer.Option(1, "--gpus"),
     nodes: int = typer.Option(1, "--nodes"),
-    strategy: str = typer.Option("ddp", "--strategy"),
-    offload: str = typer.Option("none", "--offload"),
+    strategy: str = typer.Option("ddp", "--strategy", help="ddp, fsdp, fsdp-grad-op, fsdp-hybrid, fsdp-no-shard, "
+                                 "zero1, zero2, zero3, or all (compare them side by side)"),
+    offload: str = typer.Option("none", "--offload", help="none, optimizer, params, all, nvme"),
+    fsdp_version: int = typer.Option(2, "--fsdp-version", help="FSDP 1 or 2 (accelerate's fsdp_version)"),
     compat: Optional[str] = typer.Option(None, "--compat", help="accelerate: print accelerate's estimate-memory table"),
     exact: bool = typer.Option(False, "--exact", help="measure with the simulator instead of the formulas"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (contract) instead of tables"),
@@ -97,7 +99,9 @@ def estimate_cmd(
     kw = dict(batch_size=batch_size, seq_len=_default_seq(res, spec, seq_len), optimizer=optimizer, lora_rank=lora_rank,
               lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets, quant=quant,
               grad_checkpointing=grad_checkpointing, attn=attn, gpus=gpus, nodes=nodes, strategy=strategy,
-              offload=offload)
+              offload=offload, fsdp_version=fsdp_version)
+    if strategy == "all":
+        return _compare_strategies(res, spec, precision, dtype, kw, as_json)
     try:
         # without a formula there is no estimate, only the options to check before simulating
         runs = [(check_options(st), estimate(spec, st) if spec else None) for st in _settings(precision, dtype, **kw)]
@@ -122,6 +126,39 @@ def estimate_cmd(
     from rich.console import Console
     chosen = next((i for i, (st, _) in enumerate(runs) if st.precision == "bf16-amp"), 0)
     render(Console(), res.name, arch, runs, chosen)
+
+
+def _compare_strategies(res, spec, precision, dtype, kw: dict, as_json: bool) -> None:
+    """`--strategy all`: one precision (bf16 mixed precision unless given), every strategy and
+    offload the engines offer, side by side."""
+    from dataclasses import replace
+
+    from .distributed import strategy_choices
+    from .report import render_strategies, to_json
+    if spec is None:
+        fail(f"{res.name}: --strategy all needs the formulas, which model_type "
+             f"'{res.config.get('model_type')}' does not have yet")
+    base = _settings(precision, dtype or Dtype.bf16, **{**kw, "strategy": "ddp", "offload": "none"})[0]
+    try:
+        check_options(base)
+        estimate(spec, base)
+    except PlanError as e:
+        fail(str(e))
+    rows, skipped = [], []
+    for strat, off in strategy_choices(base):
+        st = replace(base, strategy=strat, offload=off)
+        try:
+            rows.append((st, estimate(spec, st)))
+        except PlanError as e:
+            skipped.append(f"{strat} --offload {off}: {e}")
+    arch = res.config.get("model_type", "?")
+    if as_json:
+        objs = [{**to_json(res.name, arch, st, est), "strategy": st.strategy, "offload": st.offload,
+                 "gpus": st.gpus, "nodes": st.nodes} for st, est in rows]
+        typer.echo(json.dumps(objs, indent=2))
+        return
+    from rich.console import Console
+    render_strategies(Console(), res.name, arch, rows, skipped)
 
 
 def _simulated(res, st: Settings):

@@ -47,6 +47,8 @@ def check_strategy(st: Settings) -> None:
     if st.strategy in ("zero1", "zero2") and st.offload in ("params", "all"):
         raise PlanError(f"--offload {st.offload}: DeepSpeed offloads parameters only under ZeRO-3 "
                         f"(use --strategy zero3, or --offload optimizer with {st.strategy})")
+    if st.fsdp_version not in (1, 2):
+        raise PlanError(f"--fsdp-version must be 1 or 2, got {st.fsdp_version}")
     if st.strategy == "fsdp-hybrid" and st.nodes < 2:
         raise PlanError("--strategy fsdp-hybrid shards within a node and replicates across nodes: it needs --nodes 2 or more")
     if st.strategy in ZERO and st.quant != "none" and st.strategy == "zero3":
@@ -55,7 +57,7 @@ def check_strategy(st: Settings) -> None:
 
 # ---------------------------------------------------------------- FSDP
 
-def fsdp_units(spec: ModelSpec, pc: ParamCount) -> dict:
+def fsdp_units(spec: ModelSpec, pc: ParamCount, version: int = 2) -> dict:
     """Parameters per FSDP unit in accelerate's FSDP2 layout (fsdp2_prepare_model):
 
     - `block`: one `_no_split_modules` block (transformer_based_wrap), gathered for its forward
@@ -69,8 +71,14 @@ def fsdp_units(spec: ModelSpec, pc: ParamCount) -> dict:
       embedding, position tables and the root are differentiated last), so it stays gathered,
       with its unsharded gradients, while every block runs its backward; an untied head alone is
       differentiated first and released at once.
+
+    FSDP1 (accelerate's FSDP1 path) wraps the blocks only; the root unit holds the embeddings,
+    final norm and head, and FSDP1 never reshards the root after forward, so all of it is kept
+    until the root's backward ends, last.
     """
     blocks = spec.layers * pc.largest_layer
+    if version == 1:
+        return {"block": pc.largest_layer, "embed": 0, "kept": pc.total - blocks, "kept_late": True}
     embed = spec.vocab * spec.hidden if (not pc.tied or spec.is_encoder) else 0
     return {"block": pc.largest_layer, "embed": embed, "kept": pc.total - blocks - embed,
             "kept_late": bool(pc.tied or spec.learned_positions or spec.is_encoder)}
@@ -118,7 +126,7 @@ def fsdp_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
     """
     n = shard_size(st)
     p = _fsdp_parts(spec, pc, st)
-    u = fsdp_units(spec, pc)
+    u = fsdp_units(spec, pc, st.fsdp_version)
     lora_blk = _block_lora(spec, st)
     gb = 2 if RECIPES[st.precision].autocast else RECIPES[st.precision].grad  # unsharded grad dtype
     block_g = _gathered_bytes(u["block"] + lora_blk, pc, spec, st)
@@ -168,7 +176,7 @@ def fsdp_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
     # kept unit when it is released last) gathered with its unsharded gradients and their copy
     last_g, last_train = (kept_g, kept_train) if late else (embed_g, 0 if st.lora else u["embed"] * gb)
     end_bw = w_gpu + o_gpu + g_gpu + last_g + 2 * max(last_train, block_train)
-    notes.append(f"FSDP2 ({st.strategy}), shard group {n} of {world_size(st)} ranks: "
+    notes.append(f"FSDP{st.fsdp_version} ({st.strategy}), shard group {n} of {world_size(st)} ranks: "
                  f"{'all units stay gathered after forward' if grad_op else 'one block gathered in forward, two in backward'}")
     return phase_comp, end_bw, host * st.gpus
 
@@ -188,22 +196,22 @@ def zero_stage(st: Settings) -> int:
 
 
 def zero_persistent_params(spec: ModelSpec, pc: ParamCount) -> int:
-    """ZeRO-3 keeps parameters under the persistence threshold (10 x hidden under accelerate's
-    `auto`) whole on every rank: norm weights and biases, a block's worth of small vectors."""
-    h = spec.hidden
-    ln = 2 * h if spec.norm == "layer" else h
-    norms = spec.layers * spec.norms_per_layer * ln + ln
-    biases = 0
-    for _, i, o, n in pc.linear_shapes:
-        biases += 0  # a bias vector is one tensor of `o` values; counted with the bias flags below
+    """Parameters ZeRO-3 keeps whole on every rank: each tensor under the persistence threshold
+    (10 x hidden under accelerate's `auto`; stage3.py `persistence_threshold`). Those are the
+    vectors: norm weights and biases, linear biases, and a MoE router with fewer than 10 experts."""
+    h, limit = spec.hidden, DS_PERSISTENCE_FACTOR * spec.hidden
+    norm = [h, h] if spec.norm == "layer" else [h]
+    per_block = norm * spec.norms_per_layer
     if spec.qkv_bias:
-        biases += spec.q_dim + 2 * spec.kv_dim
+        per_block += [spec.q_dim, spec.kv_dim, spec.kv_dim]
     if spec.out_bias:
-        biases += h
+        per_block.append(h)
     if spec.mlp_bias:
-        biases += spec.intermediate + h
-    return norms + spec.layers * biases if max(spec.q_dim + 2 * spec.kv_dim, spec.intermediate) < DS_PERSISTENCE_FACTOR * h \
-        else norms
+        per_block += [spec.intermediate, h]
+    if spec.experts:
+        per_block.append(spec.experts * h)
+    small = sum(n for n in per_block if n < limit)
+    return spec.layers * small + sum(norm)
 
 
 def zero3_gathered_at_loss(spec: ModelSpec, pc: ParamCount) -> int:
@@ -268,12 +276,13 @@ def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
         if offload_par:
             host += w_part
         w = (0 if offload_par else w_part) + b * persist + pc.buffers_bytes
-        grad_part = b * t / n
+        # the flat gradient-partition buffer; with optimizer offload it is pinned host memory
+        grad_part = 0 if offload_opt else b * t / n
         at_loss = b * zero3_gathered_at_loss(spec, pc)
         in_block = b * (pc.largest_layer + DS_PREFETCH_FACTOR * spec.hidden ** 2)
     else:
         w = b * pc.total + pc.buffers_bytes
-        grad_part = b * t / n
+        grad_part = 0 if offload_opt else b * t / n  # offloaded: reduced straight into host fp32 partitions
         at_loss = in_block = 0
     gpu_master, gpu_opt = (0, 0) if offload_opt else (master, opt)
     a = activation_phases(p)
@@ -309,3 +318,15 @@ def sharded_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -
         phase_comp, end_bw, host = fsdp_phases(spec, pc, st, notes)
         return phase_comp, end_bw, host, 0
     return zero_phases(spec, pc, st, notes)
+
+
+def strategy_choices(st: Settings) -> list[tuple[str, str]]:
+    """(strategy, offload) pairs `--strategy all` compares: every strategy without offload, and
+    the offloads each engine offers (FSDP: everything to CPU; ZeRO-2: optimizer; ZeRO-3:
+    optimizer, parameters too, NVMe). Hybrid sharding only across nodes."""
+    out = [("ddp", "none"), ("fsdp", "none"), ("fsdp-grad-op", "none")]
+    if st.nodes > 1:
+        out.append(("fsdp-hybrid", "none"))
+    out += [("fsdp-no-shard", "none"), ("fsdp", "all"), ("zero1", "none"), ("zero2", "none"), ("zero2", "optimizer"),
+            ("zero3", "none"), ("zero3", "optimizer"), ("zero3", "all"), ("zero3", "nvme")]
+    return out

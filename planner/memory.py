@@ -45,6 +45,7 @@ class Settings:
     nodes: int = 1
     strategy: str = "ddp"
     offload: str = "none"
+    fsdp_version: int = 2
     # Whose kernels and autocast op lists to model: "cuda" (the target) or "cpu" (the machine the
     # simulator measures on). They differ for attention with dropout and for a few autocast ops.
     kernels: str = "cuda"

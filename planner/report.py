@@ -47,7 +47,11 @@ def render(console, name: str, arch: str, rows: list[tuple[Settings, Estimate]],
 
     t = Table(title=f"Training memory per GPU: batch {st0.batch_size} x {st0.seq_len} tokens, {st0.optimizer}"
               + (f", LoRA r={st0.lora_rank}" if st0.lora else "") + (f", {st0.quant} base" if st0.quant != "none" else "")
-              + (", grad checkpointing" if st0.grad_checkpointing else ""), title_justify="left")
+              + (", grad checkpointing" if st0.grad_checkpointing else "")
+              + (f"; {st0.strategy}" + (f" (FSDP{st0.fsdp_version})" if st0.strategy.startswith("fsdp") else "")
+                 + (f", offload {st0.offload}" if st0.offload != "none" else "")
+                 + f" over {st0.nodes} node(s) x {st0.gpus} GPU(s)" if st0.gpus * st0.nodes > 1 or st0.strategy != "ddp" else ""),
+              title_justify="left")
     for col in ("precision", "weights", "gradients", "optimizer", "activations", "logits", "peak (allocated)", "device (NVML)"):
         t.add_column(col, justify="right" if col != "precision" else "left")
     for i, (st, est) in enumerate(rows):
@@ -68,7 +72,44 @@ def render(console, name: str, arch: str, rows: list[tuple[Settings, Estimate]],
         vals = [gib(pcomp.get(k, 0)) if pcomp.get(k, 0) else "-" for k in comps]
         p.add_row(ph.replace("_", " "), *vals, gib(est0.phases[ph]), style="bold" if ph == peak_phase else None)
     console.print(p)
+    if est0.cpu_bytes or est0.nvme_bytes:
+        console.print(f"host RAM per node: {gib(est0.cpu_bytes)}" + (f"; NVMe per node: {gib(est0.nvme_bytes)}" if est0.nvme_bytes else ""))
     for n in est0.notes:
         console.print(f"note: {n}")
     console.print("peak = live tensors (torch.cuda.max_memory_allocated); device adds CUDA context, "
                   "cuBLAS workspaces and allocator reserve (see README).", style="dim")
+
+
+# GPU memory sizes the comparison marks fit against (GiB as NVML reports total memory, rounded
+# down): 24 GB cards (RTX 4090, A10G, L4), A100-40GB, 80 GB cards (A100-80GB, H100)
+FIT_SIZES = (24, 40, 80)
+
+
+def render_strategies(console, name: str, arch: str, rows: list, skipped: list) -> None:
+    """Strategies side by side: per-GPU memory by component, what each host and NVMe hold, and
+    whether the per-GPU device figure fits common GPU sizes."""
+    from rich.table import Table
+
+    st0, est0 = rows[0]
+    world = st0.gpus * st0.nodes
+    t = Table(title=f"{name} ({arch}), {est0.params / 1e9:,.2f}B parameters: {st0.nodes} node(s) x {st0.gpus} GPU(s), "
+                    f"{st0.precision}, batch {st0.batch_size} x {st0.seq_len} per GPU, {st0.optimizer}"
+                    + (f", LoRA r={st0.lora_rank}" if st0.lora else "") + (", grad checkpointing" if st0.grad_checkpointing else ""),
+              title_justify="left")
+    cols = ("strategy", "offload", "weights", "grads", "optimizer", "activations", "buffers", "peak / GPU",
+            "device / GPU", "host RAM / node", "NVMe / node") + tuple(f"{g} GiB" for g in FIT_SIZES)
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("strategy", "offload") else "right")
+    best = min(rows, key=lambda r: r[1].device_bytes)[1].device_bytes
+    for st, est in rows:
+        c = est.components
+        fits = ["[green]fits[/]" if est.device_bytes <= g * 2**30 else "[red]no[/]" for g in FIT_SIZES]
+        t.add_row(st.strategy, st.offload, gib(c["weights"]), gib(c["gradients"]), gib(c["optimizer"]),
+                  gib(c["activations"] + c["logits"]), gib(c["other"]), gib(est.peak_bytes), gib(est.device_bytes),
+                  gib(est.cpu_bytes) if est.cpu_bytes else "-", gib(est.nvme_bytes) if est.nvme_bytes else "-", *fits,
+                  style="bold" if est.device_bytes == best else None)
+    console.print(t)
+    console.print(f"per GPU, at each strategy's peak phase; buffers = all-gathered units, reduce-scatter and DDP buckets, "
+                  f"optimizer temporaries; {world} GPUs in all. Bold: the least GPU memory.", style="dim")
+    for line in skipped:
+        console.print(f"not offered: {line}", style="dim")
