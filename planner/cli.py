@@ -158,7 +158,10 @@ def _compare_strategies(res, spec, precision, dtype, kw: dict, as_json: bool) ->
         typer.echo(json.dumps(objs, indent=2))
         return
     from rich.console import Console
-    render_strategies(Console(), res.name, arch, rows, skipped)
+    console = Console()
+    if not console.is_terminal:  # piped or logged: the whole table, not one squeezed to 80 columns
+        console = Console(width=max(console.width, 110))
+    render_strategies(console, res.name, arch, rows, skipped)
 
 
 def _simulated(res, st: Settings):

@@ -86,30 +86,35 @@ FIT_SIZES = (24, 40, 80)
 
 
 def render_strategies(console, name: str, arch: str, rows: list, skipped: list) -> None:
-    """Strategies side by side: per-GPU memory by component, what each host and NVMe hold, and
-    whether the per-GPU device figure fits common GPU sizes."""
+    """Strategies side by side: per-GPU memory (model states, activations and logits, engine
+    buffers), what each host and NVMe hold, and the common GPU sizes the device figure fits."""
     from rich.table import Table
 
     st0, est0 = rows[0]
     world = st0.gpus * st0.nodes
-    t = Table(title=f"{name} ({arch}), {est0.params / 1e9:,.2f}B parameters: {st0.nodes} node(s) x {st0.gpus} GPU(s), "
-                    f"{st0.precision}, batch {st0.batch_size} x {st0.seq_len} per GPU, {st0.optimizer}"
-                    + (f", LoRA r={st0.lora_rank}" if st0.lora else "") + (", grad checkpointing" if st0.grad_checkpointing else ""),
+    t = Table(title=f"GiB per GPU and per node: {name} ({arch}), {est0.params / 1e9:,.2f}B params, "
+                    f"{st0.nodes} node(s) x {st0.gpus} GPU(s), "
+                    f"{st0.precision}, {st0.batch_size} x {st0.seq_len} tokens per GPU, {st0.optimizer}"
+                    + (f", LoRA r={st0.lora_rank}" if st0.lora else "") + (", checkpointing" if st0.grad_checkpointing else ""),
               title_justify="left")
-    cols = ("strategy", "offload", "weights", "grads", "optimizer", "activations", "buffers", "peak / GPU",
-            "device / GPU", "host RAM / node", "NVMe / node") + tuple(f"{g} GiB" for g in FIT_SIZES)
-    for c in cols:
-        t.add_column(c, justify="left" if c in ("strategy", "offload") else "right")
-    best = min(rows, key=lambda r: r[1].device_bytes)[1].device_bytes
+    for c in ("strategy", "offload", "states", "activ.", "buffers", "device", "host/node", "NVMe/node", "fits (GiB)"):
+        t.add_column(c, justify="left" if c in ("strategy", "offload", "fits (GiB)") else "right", no_wrap=True)
+
+    def g(n: float) -> str:
+        return f"{n / 2**30:,.1f}" if n else "-"
+
+    best = min(est.device_bytes for _, est in rows)
     for st, est in rows:
         c = est.components
-        fits = ["[green]fits[/]" if est.device_bytes <= g * 2**30 else "[red]no[/]" for g in FIT_SIZES]
-        t.add_row(st.strategy, st.offload, gib(c["weights"]), gib(c["gradients"]), gib(c["optimizer"]),
-                  gib(c["activations"] + c["logits"]), gib(c["other"]), gib(est.peak_bytes), gib(est.device_bytes),
-                  gib(est.cpu_bytes) if est.cpu_bytes else "-", gib(est.nvme_bytes) if est.nvme_bytes else "-", *fits,
+        fits = [str(size) for size in FIT_SIZES if est.device_bytes <= size * 2**30]
+        t.add_row(st.strategy, st.offload, g(c["weights"] + c["gradients"] + c["optimizer"]),
+                  g(c["activations"] + c["logits"]), g(c["other"]), g(est.device_bytes), g(est.cpu_bytes),
+                  g(est.nvme_bytes), f"[green]{' '.join(fits)}[/]" if fits else "[red]none[/]",
                   style="bold" if est.device_bytes == best else None)
     console.print(t)
-    console.print(f"per GPU, at each strategy's peak phase; buffers = all-gathered units, reduce-scatter and DDP buckets, "
-                  f"optimizer temporaries; {world} GPUs in all. Bold: the least GPU memory.", style="dim")
+    console.print(f"Per GPU at each strategy's peak phase ({world} GPUs in all): states = weights, gradients and "
+                  f"optimizer state; buffers = gathered units, reduce-scatter and DDP buckets, optimizer temporaries; "
+                  f"device adds CUDA context and allocator reserve. fits: which of {', '.join(map(str, FIT_SIZES))} GiB "
+                  f"GPUs hold it. Bold: the least GPU memory.", style="dim")
     for line in skipped:
         console.print(f"not offered: {line}", style="dim")

@@ -3,6 +3,8 @@ and 1B-8B configs, real CPU tensors for the real-weight models (tables/validatio
 tables/accuracy.csv; `plan validate` rewrites both).
 
 - accuracy suite (the plan-estimate matrix): every case within 5%;
+- distributed suite (every strategy: FSDP2 at world size 8 on a fake process group, DDP, FSDP2
+  and ZeRO-1/2/3 on two real gloo ranks): every case within 5% on its worst rank;
 - whole validation matrix: median |error| at most 3%, maximum at most 8%.
 """
 import statistics
@@ -49,3 +51,16 @@ def test_fake_step_matches_real_step_of_real_weights(results):
     for c, r in real_cases:
         fake = measure(resolve(c.model).config, c.settings, fake=True).peak_bytes
         assert abs(fake - r["measured"]) <= 0.01 * r["measured"], (c.name, r["measured"], fake)
+
+
+def test_distributed_suite_every_strategy_within_5_percent_per_rank(results):
+    dist = [(c, r) for c, r in results.values() if c.suite == "distributed"]
+    assert {c.settings.strategy for c, _ in dist} == {"ddp", "fsdp", "fsdp-grad-op", "fsdp-hybrid", "fsdp-no-shard",
+                                                      "zero1", "zero2", "zero3"}
+    assert {c.source for c, _ in dist} == {"fake-world", "torchrun", "accelerate"}
+    assert any(c.settings.gpus * c.settings.nodes == 8 and c.model == "meta-llama/Meta-Llama-3-8B" for c, _ in dist)
+    for c, r in dist:
+        if c.source != "fake-world":
+            assert len(r["ranks"].split(";")) == 2, c.name
+    off = {c.name: r["error_pct"] for c, r in dist if abs(r["error_pct"]) > 5}
+    assert not off, off
