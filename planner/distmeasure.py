@@ -35,10 +35,8 @@ import sys
 from dataclasses import asdict, replace
 from types import SimpleNamespace
 
+from .distributed import FSDP, ZERO, world_size, zero_stage
 from .memory import RECIPES, Settings
-
-FSDP_STRATEGIES = ("fsdp", "fsdp-grad-op", "fsdp-hybrid", "fsdp-no-shard")
-ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 
 
 def _mesh(st: Settings, world: int):
@@ -79,7 +77,7 @@ def deepspeed_config(st: Settings, hidden: int, world: int) -> dict:
     """The DeepSpeed config accelerate hands to `deepspeed.initialize` for a ZeRO stage, with
     the values its `auto` entries resolve to (accelerator.py `_prepare_deepspeed`: reduce bucket
     h x h, ZeRO-3 prefetch bucket 0.9 h x h, persistence threshold 10 h)."""
-    zero = {"stage": ZERO_STAGES[st.strategy], "overlap_comm": False, "contiguous_gradients": True,
+    zero = {"stage": zero_stage(st), "overlap_comm": False, "contiguous_gradients": True,
             "reduce_bucket_size": hidden * hidden}
     if st.strategy == "zero3":
         zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
@@ -96,17 +94,15 @@ def deepspeed_config(st: Settings, hidden: int, world: int) -> dict:
 
 def _phase_peaks(tracker, step) -> dict:
     """Run `step(snap)` and return the peak of live bytes in each phase it marks."""
+    from .simulate import phase_peak
+
     phases = {}
     dev = None
 
     def snap(name):
         nonlocal dev
-        s = tracker.get_tracker_snapshot("peak")
-        dev = dev or next(iter(s))
-        phases[name] = int(s[dev]["Total"])
-        cur = tracker.get_tracker_snapshot("current")
-        tracker._peak_mem[dev] = cur[dev]["Total"]
-        tracker._peak_mem_snap[dev] = dict(cur[dev])
+        dev, peak = phase_peak(tracker, dev)
+        phases[name] = int(peak["Total"])
 
     snap("model")  # resets the peak to the live bytes now, at the step's start
     cur = tracker.get_tracker_snapshot("current")
@@ -123,11 +119,11 @@ def run_rank(cfg: dict, st: Settings, world: int, fake_mode=None) -> dict:
     from .simulate import _tracker_class, _unpacked_sequences, build_model, make_optimizer
 
     rc = RECIPES[st.precision]
-    zero = st.strategy in ZERO_STAGES
+    zero = st.strategy in ZERO
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if rc.autocast and not zero else contextlib.nullcontext()
     tracker = _tracker_class()()
     torch.manual_seed(0)
-    mesh = _mesh(st, world) if st.strategy in FSDP_STRATEGIES else None  # outside fake mode: it reads ranks
+    mesh = _mesh(st, world) if st.strategy in FSDP else None  # outside fake mode: it reads ranks
     with _unpacked_sequences(), (fake_mode or contextlib.nullcontext()):
         with tracker if fake_mode is None else contextlib.nullcontext():
             if fake_mode is not None:  # built on meta, sharded, then materialised as fake tensors
@@ -136,7 +132,7 @@ def run_rank(cfg: dict, st: Settings, world: int, fake_mode=None) -> dict:
                 model, config = build_model(cfg, replace(st, precision="bf16-pure") if zero and rc.compute == 2 else st)
             if st.strategy == "ddp":
                 model = torch.nn.parallel.DistributedDataParallel(model)
-            elif st.strategy in FSDP_STRATEGIES:
+            elif st.strategy in FSDP:
                 model = wrap_fsdp2(model, st, mesh)
                 if fake_mode is not None:
                     model.to_empty(device="cpu")
@@ -188,9 +184,9 @@ def measure_fake(cfg: dict, st: Settings) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    if st.strategy not in FSDP_STRATEGIES:
+    if st.strategy not in FSDP:
         raise ValueError(f"fake-world measurement covers FSDP2 only, not {st.strategy}")
-    world = st.gpus * st.nodes
+    world = world_size(st)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         return run_rank(cfg, st, world, fake_mode=FakeTensorMode())
@@ -211,7 +207,7 @@ def launch(cfg: dict, st: Settings, launcher: str = "torchrun", timeout: int = 6
     import subprocess
     import tempfile
 
-    world = st.gpus * st.nodes
+    world = world_size(st)
     case = json.dumps({"config": cfg, "settings": asdict(st)})
     port = str(_free_port())
     with tempfile.TemporaryDirectory() as out:
@@ -241,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     case = json.loads(args[0])
     out_dir = args[1]
     st = Settings(**case["settings"])
-    if st.strategy in ZERO_STAGES:
+    if st.strategy in ZERO:
         import deepspeed
         import deepspeed.ops
         # DeepSpeed's CPU shared-memory allreduce op is a JIT-built C++ fast path (minutes to

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .memory import RECIPES, PlanError, Settings, StepParts, activation_phases, lora_params, step_parts
+from .memory import (RECIPES, STRATEGIES, PlanError, Settings, StepParts, activation_phases, lora_params,
+                     optimizer_state_bytes, optimizer_step_temp_bytes, step_parts)
 from .spec import ModelSpec, ParamCount
 
-FSDP = ("fsdp", "fsdp-grad-op", "fsdp-hybrid", "fsdp-no-shard")
-ZERO = ("zero1", "zero2", "zero3")
+FSDP = tuple(s for s in STRATEGIES if s.startswith("fsdp"))
+ZERO = tuple(s for s in STRATEGIES if s.startswith("zero"))
 
 
 def world_size(st: Settings) -> int:
@@ -51,7 +52,7 @@ def check_strategy(st: Settings) -> None:
         raise PlanError(f"--fsdp-version must be 1 or 2, got {st.fsdp_version}")
     if st.strategy == "fsdp-hybrid" and st.nodes < 2:
         raise PlanError("--strategy fsdp-hybrid shards within a node and replicates across nodes: it needs --nodes 2 or more")
-    if st.strategy in ZERO and st.quant != "none" and st.strategy == "zero3":
+    if st.strategy == "zero3" and st.quant != "none":
         raise PlanError("ZeRO-3 cannot partition bitsandbytes 4/8-bit weights: use zero2 or FSDP for QLoRA")
 
 
@@ -84,7 +85,7 @@ def fsdp_units(spec: ModelSpec, pc: ParamCount, version: int = 2) -> dict:
             "kept_late": bool(pc.tied or spec.learned_positions or spec.is_encoder)}
 
 
-def _gathered_bytes(n_params: int, pc: ParamCount, spec: ModelSpec, st: Settings) -> float:
+def _gathered_bytes(n_params: int, st: Settings) -> float:
     """Bytes of `n_params` parameters as the all-gather leaves them: in MixedPrecisionPolicy's
     param_dtype (bf16 under accelerate's bf16/fp16 mixed precision), else the storage dtype. LoRA
     adapters are cast the same way; a block's share of them is added by the caller."""
@@ -129,9 +130,9 @@ def fsdp_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
     u = fsdp_units(spec, pc, st.fsdp_version)
     lora_blk = _block_lora(spec, st)
     gb = 2 if RECIPES[st.precision].autocast else RECIPES[st.precision].grad  # unsharded grad dtype
-    block_g = _gathered_bytes(u["block"] + lora_blk, pc, spec, st)
-    kept_g = _gathered_bytes(u["kept"], pc, spec, st)
-    embed_g = _gathered_bytes(u["embed"], pc, spec, st)
+    block_g = _gathered_bytes(u["block"] + lora_blk, st)
+    kept_g = _gathered_bytes(u["kept"], st)
+    embed_g = _gathered_bytes(u["embed"], st)
     every_g = spec.layers * block_g + kept_g + embed_g
     block_train = (lora_blk if st.lora else u["block"]) * gb
 
@@ -261,14 +262,14 @@ def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
                 block_wgrad=p.block_wgrad and b * pc.largest_layer)
     t = lora_params(spec, st) if st.lora else pc.total
     master = 4 * t / n
-    opt_full = step_parts(spec, pc, replace(st, precision="fp32", strategy="ddp"))
-    opt = opt_full.optimizer / n
-    opt_temp = opt_full.opt_temp / n
+    on_master = replace(st, precision="fp32")  # the optimizer runs on the fp32 master partition
+    opt = optimizer_state_bytes(spec, pc, on_master) / n
+    opt_temp = optimizer_step_temp_bytes(spec, pc, on_master) / n
     fp32_grad = 4 * t / n
     bucket = spec.hidden * spec.hidden * b
     offload_opt = st.offload in ("optimizer", "all", "nvme")
     offload_par = stage == 3 and st.offload in ("params", "all", "nvme")
-    h = st.offload == "nvme"
+    to_nvme = st.offload == "nvme"
     host = (master + opt + fp32_grad) if offload_opt else 0
     if stage == 3:
         persist = zero_persistent_params(spec, pc)
@@ -287,7 +288,7 @@ def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
     gpu_master, gpu_opt = (0, 0) if offload_opt else (master, opt)
     a = activation_phases(p)
     bw_in_block = a["bwd_in_block"]
-    block_grads = (b * (lora_params(spec, st) // spec.layers if st.lora else pc.largest_layer)) if bw_in_block else 0
+    block_grads = b * (_block_lora(spec, st) if st.lora else pc.largest_layer) if bw_in_block else 0
     base = {"weights": w, "optimizer": gpu_master + gpu_opt}
     phase_comp = {
         "model": {"weights": w},
@@ -301,7 +302,7 @@ def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
     }
     end_bw = w + gpu_master + gpu_opt + grad_part + bucket
     nvme = 0
-    if h:
+    if to_nvme:
         nvme, host = host, DS_OPT_SWAP_BUFFERS * 4 * min(t / n, 10**9)  # sub_group_size 1e9 values, fp32
         notes.append("NVMe offload: optimizer state (and ZeRO-3 parameters) swapped to NVMe through pinned buffers")
     elif offload_opt:

@@ -665,7 +665,9 @@ def activation_phases(p: StepParts) -> dict:
     intermediates. Backward peaks either at its start (the loss gradient over the logits, every
     activation still kept) or inside the last block (its recompute under checkpointing, its
     activation gradients; the head's weight gradient and, checkpointed full fine-tuning, the
-    block's exist by then): `in_block` says which, and `wgrad` is the weight-gradient part.
+    block's exist by then): `fwd_in_block` and `bwd_in_block` say which. The weight gradients
+    are left to the caller, which knows where they live (whole, or unsharded before a
+    reduce-scatter).
     """
     act, lg = p.act, p.logits
     at_loss, at_fwd_loss, in_fwd_block = lg["backward"], lg["forward"], act["recompute"]
@@ -700,8 +702,8 @@ def _replicated_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: lis
                      "other": buckets},
         "optimizer_step": {**base, "gradients": g, "other": buckets + p.opt_temp},
     }
-    c = _ctx(spec, st)
-    end_bw = w + o + g + buckets + (spec.vocab * spec.hidden * RECIPES[st.precision].grad if pc.tied and c.full else 0)
+    tied_head_grad = spec.vocab * spec.hidden * RECIPES[st.precision].grad if pc.tied and not st.lora else 0
+    end_bw = w + o + g + buckets + tied_head_grad
     return phase_comp, end_bw
 
 

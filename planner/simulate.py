@@ -158,6 +158,18 @@ def _tracker_class():
     return Tracker
 
 
+def phase_peak(tracker, dev=None) -> tuple:
+    """(device, MemTracker's peak snapshot since the last call) for the tracked device, then
+    restart the peak from the live bytes now, so that each phase of a step reports its own peak."""
+    s = tracker.get_tracker_snapshot("peak")
+    dev = dev or next(iter(s))
+    peak = dict(s.get(dev, {"Total": 0}))
+    cur = tracker.get_tracker_snapshot("current")
+    tracker._peak_mem[dev] = cur[dev]["Total"]
+    tracker._peak_mem_snap[dev] = dict(cur[dev])
+    return dev, peak
+
+
 @contextlib.contextmanager
 def _unpacked_sequences():
     """transformers checks `position_ids` for packed sequences by reading their values; on fake
@@ -211,14 +223,9 @@ def _measure(cfg: dict, st: Settings, fake: bool, weights: str | None = None) ->
 
             def snap(name):
                 nonlocal dev
-                s = tracker.get_tracker_snapshot("peak")
-                dev = dev or next(iter(s))
-                phases[name] = s[dev]["Total"] if dev in s else 0
-                cats[name] = _components(s.get(dev, {}))
-                # restart the peak from the current total so each phase reports its own peak
-                cur = tracker.get_tracker_snapshot("current")
-                tracker._peak_mem[dev] = cur[dev]["Total"]
-                tracker._peak_mem_snap[dev] = dict(cur[dev])
+                dev, s = phase_peak(tracker, dev)
+                phases[name] = s["Total"]
+                cats[name] = _components(s)
 
             s0 = tracker.get_tracker_snapshot("current")
             with amp:
