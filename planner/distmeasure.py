@@ -224,13 +224,17 @@ def launch(cfg: dict, st: Settings, launcher: str = "torchrun", timeout: int = 6
         r = subprocess.run(cmd + ["-m", "planner.distmeasure", case, out], capture_output=True, text=True,
                            env=env, timeout=timeout)
         if r.returncode != 0:
-            tail = [ln for ln in r.stderr.splitlines() if "Error" in ln][-1:] or r.stderr.splitlines()[-1:]
-            raise RuntimeError(f"{launcher} run of {st.strategy} failed: {' '.join(tail)}")
+            # a rank's own exception ("[rank0]: ValueError: ..."), not the launcher's ChildFailedError
+            lines = r.stderr.splitlines()
+            cause = [ln for ln in lines if ln.startswith("[rank") and "Error" in ln and "File " not in ln][-1:] \
+                or [ln for ln in lines if "Error" in ln][-1:] or lines[-1:]
+            raise RuntimeError(f"{launcher} run of {st.strategy} failed (exit {r.returncode}): {' '.join(cause)}")
         return [json.load(open(os.path.join(out, f"rank{i}.json"))) for i in range(world)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The torchrun / accelerate-launch entry point: CASE_JSON (model config and settings) OUT_DIR."""
+def main(argv: list[str] | None = None) -> None:
+    """The torchrun / accelerate-launch entry point: CASE_JSON (model config and settings) OUT_DIR.
+    Ends the process once the rank's report is written."""
     import torch.distributed as dist
 
     args = argv if argv is not None else sys.argv[1:]
@@ -256,8 +260,14 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, os.path.join(out_dir, f"rank{res['rank']}.json"))
     finally:
         dist.destroy_process_group()
-    return 0
+    # The result is on disk and the process group is gone: end here, without interpreter
+    # teardown, where a native thread of the comm stack (gloo / DeepSpeed) sometimes aborts the
+    # process ("terminate called without an active exception", SIGABRT) after a complete
+    # measurement. A rank that fails before this point still exits with its traceback.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
