@@ -190,6 +190,171 @@ simulate_cmd.__annotations__ = {n: a for n, a in estimate_cmd.__annotations__.it
 app.command("simulate")(simulate_cmd)
 
 
+def _gpu(name: str):
+    from .gpus import GPUError, resolve_gpu
+    try:
+        return resolve_gpu(name)
+    except GPUError as e:
+        fail(str(e))
+
+
+@app.command("recommend")
+def recommend_cmd(
+    model: str = typer.Argument(..., help="Hub id, directory with config.json, config.json or .gguf"),
+    gpu: str = typer.Option(..., "--gpu", help="a GPU of the catalog (plan gpus), or auto: the local GPUs via NVML"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs per node (default: 1, or what --gpu auto counts)"),
+    nodes: int = typer.Option(1, "--nodes"),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="sequences per optimizer step, kept exactly "
+                                               "(default: the largest micro-batch, no accumulation)"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="tokens per sample (default 2048, capped at the model's maximum)"),
+    method: str = typer.Option("auto", "--method", help="auto (full if it fits, else LoRA, else QLoRA), full, lora, qlora"),
+    margin: float = typer.Option(0.1, "--margin", help="fraction of GPU memory kept free"),
+    optimizer: str = typer.Option("adamw", "--optimizer"),
+    mfu: float = typer.Option(0.40, "--mfu", help="model-FLOPs utilisation assumed for the step-time model"),
+    samples: int = typer.Option(10_000, "--samples", help="sequences per epoch, for the time per epoch"),
+    host_ram: Optional[float] = typer.Option(None, "--host-ram", help="GiB of host RAM per node for offload (default: this machine's with --gpu auto, else not limited)"),
+    top: int = typer.Option(5, "--top", help="how many plans to show"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+):
+    """The fastest plan that fits: method, LoRA rank, strategy, offload, micro-batch, accumulation, checkpointing."""
+    from .gpus import local_host_ram
+    from .recommend import Request, nearest_fits, recommend, smallest_need
+    res, spec = _spec(model)
+    if spec is None:
+        fail(f"{model}: plan recommend needs the formulas, which model_type '{res.config.get('model_type')}' does not have yet")
+    g = _gpu(gpu)
+    req = Request(gpu=g, gpus=gpus if gpus is not None else g.count, nodes=nodes, seq_len=_default_seq(res, spec, seq_len),
+                  global_batch=global_batch, method=method, margin=margin, optimizer=optimizer, mfu=mfu, samples=samples,
+                  host_ram_bytes=int(host_ram * 2**30) if host_ram is not None else (local_host_ram() if gpu == "auto" else None))
+    try:
+        plans = recommend(spec, req)
+    except PlanError as e:
+        fail(str(e))
+    if not plans:
+        need, st = smallest_need(spec, req)
+        hints = nearest_fits(spec, req)
+        fail(f"nothing fits {req.world} x {g.name} ({req.budget / 2**30:,.1f} GiB usable per GPU at margin {margin:g}): "
+             f"the smallest plan needs {need / 2**30:,.1f} GiB"
+             + (f" ({st.strategy}, offload {st.offload})" if st else "")
+             + ("; it would fit with " + ", or ".join(hints) if hints else "; no single change makes it fit"))
+    from .report import plan_json, render_plans
+    if as_json:
+        typer.echo(json.dumps({"model": res.name, "gpu": g.name, "gpus": req.gpus, "nodes": req.nodes,
+                               "memory_bytes": g.memory_bytes, "budget_bytes": req.budget, "mfu": req.mfu,
+                               "plans": [plan_json(p) for p in plans[:top]]}, indent=2))
+        return
+    from rich.console import Console
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 120))
+    render_plans(console, res.name, req, plans[:top], len(plans))
+
+
+def _loadable(model: str, res) -> tuple[str, Optional[str]]:
+    """What `from_pretrained` loads for the recipe: a hub id as given, a local path made
+    absolute; a .gguf file as its directory plus `gguf_file` (transformers' convention)."""
+    from pathlib import Path
+    if res.source not in ("local", "gguf"):
+        return model, None
+    p = Path(model).resolve()
+    if res.source == "gguf":
+        if p.is_dir():
+            return str(p), sorted(p.glob("*.gguf"))[0].name
+        return str(p.parent), p.name
+    return str(p.parent if p.is_file() else p), None
+
+
+@app.command("emit-config")
+def emit_config_cmd(
+    model: str = typer.Argument(..., help="Hub id, directory with config.json, config.json or .gguf"),
+    out: str = typer.Option(..., "--out", help="directory to write accelerate.yaml, deepspeed.json, recipe.yaml, PLAN.md"),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="plan with `plan recommend` for this GPU (or auto) and write its best plan"),
+    from_recommendation: bool = typer.Option(False, "--from-recommendation", help="write the best plan of plan recommend (needs --gpu)"),
+    gpus: Optional[int] = typer.Option(None, "--gpus"),
+    nodes: int = typer.Option(1, "--nodes"),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len"),
+    method: str = typer.Option("auto", "--method", help="with --gpu: auto, full, lora, qlora"),
+    margin: float = typer.Option(0.1, "--margin"),
+    dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="explicit plan: compute dtype (default bf16)"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="explicit plan: recipe"),
+    batch_size: int = typer.Option(1, "--batch-size", help="explicit plan: micro-batch per GPU"),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="explicit plan: gradient accumulation steps"),
+    optimizer: str = typer.Option("adamw", "--optimizer"),
+    lora_rank: int = typer.Option(0, "--lora-rank"),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha"),
+    lora_targets: str = typer.Option("all-linear", "--lora-targets"),
+    quant: str = typer.Option("none", "--quant"),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing"),
+    strategy: str = typer.Option("ddp", "--strategy"),
+    offload: str = typer.Option("none", "--offload"),
+    data: Optional[str] = typer.Option(None, "--data", help="training data for the recipe (JSONL, JSON, CSV, Parquet)"),
+    data_format: str = typer.Option("alpaca", "--data-format", help="alpaca, chat, completion, classification"),
+    main_process_ip: Optional[str] = typer.Option(None, "--main-process-ip", help="multi-node: address of machine rank 0"),
+    main_process_port: int = typer.Option(29500, "--main-process-port"),
+    machine_rank: int = typer.Option(0, "--machine-rank"),
+    force: bool = typer.Option(False, "--force", help="replace files that already exist in --out"),
+):
+    """Write a plan as accelerate.yaml (+ deepspeed.json for ZeRO), recipe.yaml and PLAN.md."""
+    from .emit import render, write_files
+    res, spec = _spec(model)
+    if spec is None:
+        fail(f"{model}: plan emit-config needs the formulas, which model_type '{res.config.get('model_type')}' does not have yet")
+    if from_recommendation and gpu is None:
+        fail("--from-recommendation needs --gpu NAME (or auto)")
+    if data_format not in ("alpaca", "chat", "completion", "classification"):
+        fail(f"--data-format {data_format}: choose alpaca, chat, completion or classification")
+    why, gpu_name, bf16_gpu = None, None, True
+    try:
+        if gpu is not None:
+            from .recommend import Request, recommend
+            g = _gpu(gpu)
+            gpu_name, bf16_gpu = g.name, g.bf16
+            req = Request(gpu=g, gpus=gpus if gpus is not None else g.count, nodes=nodes,
+                          seq_len=_default_seq(res, spec, seq_len), global_batch=global_batch, method=method,
+                          margin=margin, optimizer=optimizer)
+            plans = recommend(spec, req)
+            if not plans:
+                fail(f"nothing fits {req.world} x {g.name}: run plan recommend {model} --gpu {gpu} to see what would")
+            best = plans[0]
+            st, accum, est, why = best.settings, best.accumulation, best.estimate, best.notes
+        else:
+            st = _settings(precision, dtype or Dtype.bf16, batch_size=batch_size, seq_len=_default_seq(res, spec, seq_len),
+                           optimizer=optimizer, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
+                           quant=quant, grad_checkpointing=grad_checkpointing, gpus=gpus or 1, nodes=nodes,
+                           strategy=strategy, offload=offload)[0]
+            if grad_accum < 1:
+                raise PlanError(f"--grad-accum must be at least 1, got {grad_accum}")
+            accum, est = grad_accum, estimate(spec, st)
+        base, gguf = _loadable(model, res)
+        contents = render(base, st, accum, est, out, spec.hidden, gpu=gpu_name, bf16_gpu=bf16_gpu, why=why,
+                          data=data, data_format=data_format, machine_rank=machine_rank,
+                          main_process_ip=main_process_ip, main_process_port=main_process_port, gguf_file=gguf)
+        written = write_files(out, contents, force)
+    except PlanError as e:
+        fail(str(e))
+    for path in written:
+        typer.echo(path)
+
+
+@app.command("gpus")
+def gpus_cmd(as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables")):
+    """The GPU catalog, and the GPUs NVML sees on this machine."""
+    from .gpus import catalog, detect
+    found, note = detect()
+    cat = catalog()
+    if as_json:
+        typer.echo(json.dumps({"catalog": [{**g.__dict__, "nvml_names": list(g.nvml_names)} for g in cat],
+                               "local": found, "local_note": note}, indent=2))
+        return
+    from rich.console import Console
+    from .report import render_gpus
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 140))
+    render_gpus(console, cat, found, note)
+
+
 @app.command("validate")
 def validate_cmd(
     out_dir: str = typer.Option("tables", "--out-dir", help="where validation.csv and accuracy.csv go"),

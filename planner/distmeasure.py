@@ -35,7 +35,8 @@ import sys
 from dataclasses import asdict, replace
 from types import SimpleNamespace
 
-from .distributed import FSDP, ZERO, world_size, zero_stage
+from .distributed import FSDP, ZERO, world_size
+from .emit import deepspeed_config
 from .memory import RECIPES, Settings
 
 
@@ -71,25 +72,6 @@ def wrap_fsdp2(model, st: Settings, mesh_and_names):
                           parallelism_config=SimpleNamespace(fsdp_dim_names=names), mixed_precision=mixed,
                           is_main_process=False, device="cpu")
     return fsdp2_prepare_model(acc, model)
-
-
-def deepspeed_config(st: Settings, hidden: int, world: int) -> dict:
-    """The DeepSpeed config accelerate hands to `deepspeed.initialize` for a ZeRO stage, with
-    the values its `auto` entries resolve to (accelerator.py `_prepare_deepspeed`: reduce bucket
-    h x h, ZeRO-3 prefetch bucket 0.9 h x h, persistence threshold 10 h)."""
-    zero = {"stage": zero_stage(st), "overlap_comm": False, "contiguous_gradients": True,
-            "reduce_bucket_size": hidden * hidden}
-    if st.strategy == "zero3":
-        zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
-                    stage3_param_persistence_threshold=10 * hidden)
-    if st.offload in ("optimizer", "all", "nvme"):
-        zero["offload_optimizer"] = {"device": "nvme" if st.offload == "nvme" else "cpu"}
-    if st.offload in ("params", "all", "nvme") and st.strategy == "zero3":
-        zero["offload_param"] = {"device": "nvme" if st.offload == "nvme" else "cpu"}
-    return {"train_micro_batch_size_per_gpu": st.batch_size, "gradient_accumulation_steps": 1,
-            "train_batch_size": st.batch_size * world, "gradient_clipping": 0.0,
-            "bf16": {"enabled": RECIPES[st.precision].compute == 2}, "zero_optimization": zero,
-            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
 def _phase_peaks(tracker, step) -> dict:

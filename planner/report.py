@@ -118,3 +118,84 @@ def render_strategies(console, name: str, arch: str, rows: list, skipped: list) 
                   f"GPUs hold it. Bold: the least GPU memory.", style="dim")
     for line in skipped:
         console.print(f"not offered: {line}", style="dim")
+
+
+def plan_json(p) -> dict:
+    """One recommended plan: its settings, the estimate (contract object) and the step-time model."""
+    st, t = p.settings, p.time
+    return {"method": p.method, "strategy": st.strategy, "offload": st.offload, "precision": st.precision,
+            "lora_rank": st.lora_rank, "lora_alpha": st.lora_alpha, "quant": st.quant,
+            "micro_batch": st.batch_size, "gradient_accumulation": p.accumulation, "global_batch": p.global_batch,
+            "largest_micro_batch": p.largest_micro, "seq_len": st.seq_len,
+            "grad_checkpointing": st.grad_checkpointing, "gpus": st.gpus, "nodes": st.nodes,
+            "device_bytes": int(p.estimate.device_bytes), "peak_bytes": int(p.estimate.peak_bytes),
+            "cpu_bytes": int(p.estimate.cpu_bytes), "nvme_bytes": int(p.estimate.nvme_bytes),
+            "step_seconds": t.total, "tokens_per_s": p.tokens_per_s, "epoch_seconds": p.epoch_s,
+            "time": {"compute": t.compute, "launch": t.launch, "dequant": t.dequant, "comm": t.comm,
+                     "offload_fetch": t.offload_fetch, "exposed": t.exposed, "optimizer": t.optimizer},
+            "why": p.notes}
+
+
+def _duration(s: float) -> str:
+    if s >= 86400:
+        return f"{s / 86400:,.1f} d"
+    if s >= 3600:
+        return f"{s / 3600:,.1f} h"
+    if s >= 60:
+        return f"{s / 60:,.1f} min"
+    return f"{s:,.1f} s"
+
+
+def render_plans(console, name: str, req, plans: list, n_fit: int) -> None:
+    from rich.table import Table
+
+    g = req.gpu
+    t = Table(title=f"Plans for {name} on {req.nodes} node(s) x {req.gpus} {g.name} "
+                    f"({g.memory_bytes / 2**30:,.1f} GiB, {req.budget / 2**30:,.1f} GiB usable at margin {req.margin:g}), "
+                    f"{req.seq_len} tokens per sequence"
+                    + (f", global batch {req.global_batch}" if req.global_batch else ""), title_justify="left")
+    for c in ("#", "method", "strategy", "offload", "micro x accum", "ckpt", "GiB/GPU", "host GiB", "tokens/s",
+              "step", "epoch"):
+        t.add_column(c, justify="left" if c in ("method", "strategy", "offload") else "right", no_wrap=True)
+    for i, p in enumerate(plans, 1):
+        st = p.settings
+        method = p.method if p.method == "full" else f"{p.method} r{st.lora_rank}"
+        t.add_row(str(i), method, st.strategy, st.offload, f"{st.batch_size} x {p.accumulation}",
+                  "yes" if st.grad_checkpointing else "no", f"{p.estimate.device_bytes / 2**30:,.1f}",
+                  f"{p.estimate.cpu_bytes / 2**30:,.0f}" if p.estimate.cpu_bytes else "-",
+                  f"{p.tokens_per_s:,.0f}", _duration(p.time.total), _duration(p.epoch_s), style="bold" if i == 1 else None)
+    console.print(t)
+    for i, p in enumerate(plans, 1):
+        console.print(f"[bold]{i}.[/] " + "; ".join(p.notes))
+    console.print(f"{n_fit} plans fit. Speed is a model, not a measurement: {g.peak_tflops:,.0f} dense 16-bit TFLOPs "
+                  f"at an assumed MFU of {req.mfu:.0%} (--mfu), kernel launches, collectives over "
+                  f"{g.link_gbs:,.0f} GB/s per GPU" + (" and a 50 GB/s-per-GPU network" if req.nodes > 1 else "")
+                  + f", offload over PCIe ({g.pcie_gbs:,.0f} GB/s); epoch = {req.samples:,} sequences (--samples). "
+                  "Memory per GPU is plan estimate's device figure.", style="dim")
+
+
+def render_gpus(console, cat: list, found: list, note: str) -> None:
+    from rich.table import Table
+
+    t = Table(title="GPU catalog (tables/gpus.csv): dense tensor TFLOPs, memory as NVML reports it", title_justify="left")
+    for c in ("name", "memory GiB", "bf16", "fp16", "fp8", "HBM GB/s", "interconnect", "GPU link GB/s", "PCIe GB/s"):
+        t.add_column(c, justify="left" if c in ("name", "interconnect") else "right", no_wrap=c != "interconnect")
+    for g in cat:
+        t.add_row(g.name, f"{g.memory_bytes / 2**30:,.1f}", f"{g.bf16_tflops:,.0f}" if g.bf16_tflops else "-",
+                  f"{g.fp16_tflops:,.0f}", f"{g.fp8_tflops:,.0f}" if g.fp8_tflops else "-", f"{g.mem_bw_gbs:,.0f}",
+                  g.interconnect, f"{g.nvlink_gbs:,.0f}" if g.nvlink_gbs else "-", f"{g.pcie_gbs:,.0f}")
+    console.print(t)
+    if found:
+        lt = Table(title="GPUs on this machine (NVML)", title_justify="left")
+        for c in ("index", "name", "memory GiB", "catalog entry"):
+            lt.add_column(c)
+        from .gpus import GPUError, lookup
+        for d in found:
+            try:
+                entry = lookup(d["name"]).name
+            except GPUError:
+                entry = "not in the catalog: memory only"
+            lt.add_row(str(d["index"]), d["name"], f"{d['memory_bytes'] / 2**30:,.1f}", entry)
+        console.print(lt)
+    else:
+        console.print(f"This machine: {note}. Name a GPU with --gpu instead of auto.")

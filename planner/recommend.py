@@ -1,0 +1,322 @@
+"""`plan recommend`: the fastest plan that fits, chosen from the estimate instead of by crashing.
+
+The search (pure functions, no I/O): method (full fine-tune, LoRA, QLoRA) x LoRA rank x strategy
+and offload x gradient checkpointing, and for each the largest micro-batch whose predicted
+`device_bytes` fits the GPU less a margin (bisection on the estimate), with the gradient
+accumulation that keeps the global batch the user asked for. Plans are ranked by the step-time
+model of planner/speed.py.
+
+Preference, most important first: a plan without offload before one with it (offload is the last
+resort: slow, and it needs host RAM); with `--method auto`, full fine-tuning before LoRA before
+QLoRA (the closer to full training, the better the model, when it fits); then tokens per second.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from .distributed import strategy_choices, world_size
+from .gpus import GPU
+from .memory import Estimate, PlanError, Settings, estimate
+from .speed import DEFAULT_MFU, StepTime, step_time
+from .spec import ModelSpec
+
+METHODS = ("full", "lora", "qlora")
+LORA_RANKS = (32, 16, 8)
+"""The field's defaults are rank 16-32 with alpha = 2 x rank on all linear layers (QLoRA paper,
+torchtune's and Unsloth's configs); the highest that fits is taken, 8 when memory is short."""
+MAX_MICRO = 1024
+
+
+@dataclass(frozen=True)
+class Request:
+    gpu: GPU
+    gpus: int = 1
+    nodes: int = 1
+    seq_len: int = 2048
+    global_batch: int | None = None   # None: the largest micro-batch, no accumulation
+    method: str = "auto"
+    margin: float = 0.1
+    optimizer: str = "adamw"
+    mfu: float = DEFAULT_MFU
+    samples: int = 10_000             # sequences in an epoch, for the time per epoch
+    host_ram_bytes: int | None = None  # per node; None: not limited
+    lora_targets: str = "all-linear"
+
+    @property
+    def budget(self) -> int:
+        """Bytes a plan may use per GPU: the GPU's memory less the margin."""
+        return int(self.gpu.memory_bytes * (1 - self.margin))
+
+    @property
+    def world(self) -> int:
+        return self.gpus * self.nodes
+
+
+@dataclass
+class Plan:
+    settings: Settings
+    method: str
+    accumulation: int
+    estimate: Estimate
+    time: StepTime
+    largest_micro: int
+    samples: int
+    notes: list = field(default_factory=list)
+
+    @property
+    def global_batch(self) -> int:
+        return self.settings.batch_size * self.accumulation * world_size(self.settings)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.global_batch * self.settings.seq_len / self.time.total
+
+    @property
+    def epoch_s(self) -> float:
+        return math.ceil(self.samples / self.global_batch) * self.time.total
+
+    @property
+    def offload(self) -> bool:
+        return self.settings.offload != "none"
+
+
+def check_request(req: Request) -> None:
+    """Requests that no plan can satisfy, whatever the model: one line each."""
+    if req.method not in ("auto",) + METHODS:
+        raise PlanError(f"unknown --method '{req.method}'; choose auto, full, lora or qlora")
+    if not 0 <= req.margin < 1:
+        raise PlanError(f"--margin must be in [0, 1), got {req.margin}")
+    if not 0 < req.mfu <= 1:
+        raise PlanError(f"--mfu must be in (0, 1], got {req.mfu}")
+    for name in ("gpus", "nodes", "seq_len", "samples"):
+        if getattr(req, name) < 1:
+            raise PlanError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(req, name)}")
+    if req.global_batch is not None:
+        if req.global_batch < 1:
+            raise PlanError(f"--global-batch must be at least 1, got {req.global_batch}")
+        if req.global_batch % req.world:
+            raise PlanError(f"--global-batch {req.global_batch} is not a multiple of the {req.world} GPUs "
+                            f"(each GPU takes the same micro-batch)")
+
+
+def fits(spec: ModelSpec, st: Settings, req: Request) -> Estimate | None:
+    """The estimate when the plan fits the budget (and the host RAM, if limited), else None."""
+    try:
+        est = estimate(spec, st)
+    except PlanError:
+        return None
+    if est.device_bytes > req.budget:
+        return None
+    if req.host_ram_bytes is not None and est.cpu_bytes > req.host_ram_bytes:
+        return None
+    return est
+
+
+def largest_micro(spec: ModelSpec, st: Settings, req: Request, cap: int = MAX_MICRO) -> int:
+    """The largest micro-batch (up to `cap`) whose estimate fits: doubling, then bisection.
+    Memory grows with the micro-batch, so the first size that does not fit bounds the search."""
+    if fits(spec, replace(st, batch_size=1), req) is None:
+        return 0
+    lo, hi = 1, 2
+    while hi <= cap and fits(spec, replace(st, batch_size=hi), req) is not None:
+        lo, hi = hi, hi * 2
+    hi = min(hi, cap + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(spec, replace(st, batch_size=mid), req) is not None:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _micro_and_accum(largest: int, req: Request) -> tuple[int, int]:
+    """The micro-batch and accumulation for the global batch: the largest divisor of the
+    per-GPU batch that fits. Without a global batch: the largest that fits, no accumulation."""
+    if req.global_batch is None:
+        return largest, 1
+    per_gpu = req.global_batch // req.world
+    micro = max(d for d in range(1, min(largest, per_gpu) + 1) if per_gpu % d == 0)
+    return micro, per_gpu // micro
+
+
+def _method_settings(method: str, rank: int, req: Request, gpu: GPU) -> Settings:
+    """The precision each method trains in, as practitioners run it. Full fine-tuning: mixed
+    precision with fp32 master weights (bf16 autocast, fp16 where the GPU has no bf16). LoRA:
+    the frozen base loaded in 16 bits (`torch_dtype=bfloat16`), the adapters in fp32 as PEFT
+    keeps them (`bf16-pure`; an fp16 base on a GPU without bf16 takes the same bytes). QLoRA:
+    the NF4 base, fp32 adapters, autocast."""
+    precision = "bf16-amp" if gpu.bf16 or not gpu.fp16_tflops else "fp16-amp"
+    if method == "lora":
+        precision = "bf16-pure"
+    lora = dict(lora_rank=rank, lora_alpha=2.0 * rank, lora_targets=req.lora_targets) if method != "full" else {}
+    return Settings(precision=precision, optimizer=req.optimizer, seq_len=req.seq_len, gpus=req.gpus,
+                    nodes=req.nodes, quant="nf4" if method == "qlora" else "none", **lora)
+
+
+def _strategies(base: Settings) -> list[tuple[str, str]]:
+    """Every strategy and offload the engines offer; on one GPU, sharding has nothing to shard
+    over, so only the offloads remain besides plain training."""
+    choices = strategy_choices(base)
+    if world_size(base) == 1:
+        choices = [(s, o) for s, o in choices if s == "ddp" or o != "none"]
+    return choices
+
+
+def candidates(spec: ModelSpec, req: Request, methods: tuple = METHODS) -> list[Plan]:
+    """Every plan that fits: for each method, strategy and offload, and checkpointing, the
+    highest LoRA rank that fits and the largest micro-batch, with its step time."""
+    plans = []
+    for method in methods:
+        ranks = (0,) if method == "full" else LORA_RANKS
+        for strategy, offload in _strategies(_method_settings(method, ranks[0], req, req.gpu)):
+            for ckpt in (False, True):
+                for rank in ranks:
+                    st = replace(_method_settings(method, rank, req, req.gpu), strategy=strategy, offload=offload,
+                                 grad_checkpointing=ckpt)
+                    largest = largest_micro(spec, st, req)
+                    if largest:
+                        break
+                if not largest:
+                    continue
+                micro, accum = _micro_and_accum(largest, req)
+                st = replace(st, batch_size=micro)
+                plans.append(Plan(settings=st, method=method, accumulation=accum, estimate=fits(spec, st, req),
+                                  time=step_time(spec, st, req.gpu, accum, req.mfu), largest_micro=largest,
+                                  samples=req.samples))
+    return plans
+
+
+def rank_plans(plans: list[Plan], req: Request) -> list[Plan]:
+    """Best first: no offload before offload; under --method auto, full before LoRA before
+    QLoRA (among offload plans, the last resort, speed alone decides); then tokens per second;
+    then the larger micro-batch."""
+    def key(p: Plan):
+        pref = METHODS.index(p.method) if req.method == "auto" and not p.offload else 0
+        return (p.offload, pref, -p.tokens_per_s, -p.settings.batch_size)
+    return sorted(plans, key=key)
+
+
+def recommend(spec: ModelSpec, req: Request) -> list[Plan]:
+    """The plans that fit, best first; empty when none does (see `nearest_fits`)."""
+    check_request(req)
+    methods = METHODS if req.method == "auto" else (req.method,)
+    plans = rank_plans(candidates(spec, req, methods), req)
+    for p in plans:
+        p.notes = explain(p, plans, req)
+    return plans
+
+
+def smallest_need(spec: ModelSpec, req: Request) -> tuple[int, Settings | None]:
+    """The least device memory any plan of the requested methods needs (micro-batch 1,
+    checkpointing, the lowest rank), and that plan: what the GPU would have to hold."""
+    methods = METHODS if req.method == "auto" else (req.method,)
+    best, best_st = None, None
+    for method in methods:
+        base = _method_settings(method, LORA_RANKS[-1] if method != "full" else 0, req, req.gpu)
+        for strategy, offload in _strategies(base):
+            st = replace(base, strategy=strategy, offload=offload, grad_checkpointing=True, batch_size=1)
+            try:
+                need = estimate(spec, st).device_bytes
+            except PlanError:
+                continue
+            if best is None or need < best:
+                best, best_st = need, st
+    return best or 0, best_st
+
+
+def nearest_fits(spec: ModelSpec, req: Request) -> list[str]:
+    """When nothing fits: the smallest changes that would, each as the option to pass.
+    QLoRA (if not already allowed), a shorter sequence (halving), more GPUs (doubling)."""
+    out = []
+    if req.method in ("full", "lora"):
+        if recommend(spec, replace(req, method="qlora")):
+            out.append("--method qlora")
+    seq = req.seq_len // 2
+    while seq >= 64:
+        if recommend(spec, replace(req, seq_len=seq, global_batch=None)):
+            out.append(f"--seq-len {seq}")
+            break
+        seq //= 2
+    for gpus in (2, 4, 8):
+        if gpus <= req.gpus:
+            continue
+        more = replace(req, gpus=gpus, global_batch=None)
+        if recommend(spec, more):
+            out.append(f"--gpus {gpus}" + (f" (x {req.nodes} nodes)" if req.nodes > 1 else ""))
+            break
+    else:
+        for nodes in (2, 4, 8, 16, 32):
+            if nodes > req.nodes and recommend(spec, replace(req, gpus=max(req.gpus, 8), nodes=nodes, global_batch=None)):
+                out.append(f"--gpus {max(req.gpus, 8)} --nodes {nodes}")
+                break
+    if req.host_ram_bytes is not None and recommend(spec, replace(req, host_ram_bytes=None)):
+        out.append("more host RAM (offload)")
+    return out
+
+
+_STRATEGY_WHY = {
+    "ddp": "replicates the model on every GPU: no sharding traffic",
+    "fsdp": "FSDP shards parameters, gradients and optimizer state",
+    "fsdp-grad-op": "FSDP grad-op shards gradients and optimizer state, keeps parameters gathered through the step",
+    "fsdp-hybrid": "FSDP hybrid shards within a node, replicates across nodes",
+    "fsdp-no-shard": "FSDP without sharding",
+    "zero1": "ZeRO-1 shards the optimizer state",
+    "zero2": "ZeRO-2 shards optimizer state and gradients",
+    "zero3": "ZeRO-3 shards parameters, gradients and optimizer state",
+}
+
+
+_OFFLOAD_WHAT = {
+    "optimizer": "the optimizer state (and its step) to host RAM",
+    "params": "parameters to host RAM",
+    "all": "parameters, gradients and optimizer state to host RAM",
+    "nvme": "optimizer state and parameters to NVMe",
+}
+
+
+def explain(p: Plan, plans: list[Plan], req: Request) -> list[str]:
+    """One short line each on why: the method, the strategy, the batch and checkpointing, and
+    what bounds the step."""
+    st, gib = p.settings, 2**30
+    lines = []
+    if p.method == "full":
+        lines.append("full fine-tune: every weight trains")
+    else:
+        lines.append(f"{'QLoRA (NF4 base)' if p.method == 'qlora' else 'LoRA'} r={st.lora_rank}, alpha={st.lora_alpha:g} "
+                     f"on {st.lora_targets}" + ("" if st.lora_rank == LORA_RANKS[0] else ": the highest rank that fits"))
+    if req.world == 1 and st.strategy == "ddp":
+        lines.append("one GPU, no sharding needed")
+    else:
+        lines.append(_STRATEGY_WHY[st.strategy] + (f", offloading {_OFFLOAD_WHAT[st.offload]}" if p.offload else ""))
+    fill = f"{p.estimate.device_bytes / gib:,.1f} of {req.budget / gib:,.1f} GiB usable"
+    if req.global_batch is None:
+        lines.append(f"micro-batch {st.batch_size}: the largest that fits ({fill})")
+    else:
+        lines.append(f"micro-batch {st.batch_size} x {p.accumulation} accumulation x {req.world} GPU(s) = global batch "
+                     f"{p.global_batch} ({fill}; largest fitting micro-batch {p.largest_micro})")
+    twin = [q for q in plans if q is not p and q.method == p.method and q.settings.strategy == st.strategy
+            and q.settings.offload == st.offload and q.settings.grad_checkpointing != st.grad_checkpointing]
+    if twin:
+        other = twin[0]
+        gain = p.tokens_per_s / other.tokens_per_s - 1
+        if st.grad_checkpointing:
+            lines.append(f"checkpointing: micro-batch {st.batch_size} instead of {other.settings.batch_size}, "
+                         f"{gain:+.0%} tokens/s after the recompute")
+        else:
+            lines.append(f"no checkpointing: {gain:+.0%} tokens/s against recomputing at micro-batch "
+                         f"{other.settings.batch_size}")
+    elif st.grad_checkpointing:
+        lines.append("checkpointing is needed: nothing fits without it")
+    t = p.time
+    bound = t.bound
+    if bound == "communication":
+        lines.append(f"communication-bound: {t.exposed / t.total:.0%} of the step waits on collectives")
+    elif bound == "optimizer":
+        lines.append(f"optimizer-bound: the {'host ' if p.offload else ''}optimizer step takes "
+                     f"{t.optimizer:,.2f} s of {t.total:,.2f} s")
+    else:
+        lines.append(f"compute-bound ({t.compute / t.total:.0%} of the step in matmuls)")
+    return lines
