@@ -40,38 +40,47 @@ from .emit import deepspeed_config
 from .memory import RECIPES, Settings
 
 
-def _mesh(st: Settings, world: int):
-    """The FSDP2 device mesh accelerate builds: one shard dimension, or (replicate, shard) for
-    hybrid sharding (shard within a node, replicate across nodes) and for no-shard (replicate
-    over every rank, shard over one)."""
+def device_mesh(world: int, replicate: int = 1):
+    """The FSDP2 device mesh accelerate builds, and its dimension names: one shard dimension, or
+    (replicate, shard) when parameters are replicated over `replicate` groups (hybrid sharding:
+    shard within a node, replicate across nodes; no-shard: replicate over every rank)."""
     from torch.distributed.device_mesh import init_device_mesh
-    if st.strategy == "fsdp-hybrid":
-        shape = (st.nodes, world // st.nodes)
-    elif st.strategy == "fsdp-no-shard":
-        shape = (world, 1)
-    else:
+    if replicate == 1:
         return init_device_mesh("cpu", (world,), mesh_dim_names=("dp_shard",)), ("dp_shard",)
-    return init_device_mesh("cpu", shape, mesh_dim_names=("dp_replicate", "dp_shard")), ("dp_replicate", "dp_shard")
+    names = ("dp_replicate", "dp_shard")
+    return init_device_mesh("cpu", (replicate, world // replicate), mesh_dim_names=names), names
+
+
+def _mesh(st: Settings, world: int):
+    replicate = {"fsdp-hybrid": st.nodes, "fsdp-no-shard": world}.get(st.strategy, 1)
+    return device_mesh(world, replicate)
+
+
+def fsdp2_shard(model, plugin, mixed: str, mesh, names):
+    """Shard `model` with accelerate's own `fsdp2_prepare_model` and an FSDP plugin, on CPU.
+    accelerate (1.15) turns FSDP on only for GPU-type backends and runs gloo ranks as MULTI_CPU,
+    so this hands the function the few accelerator fields it reads: the plugin, the mesh, the
+    mixed precision."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    if mixed != "no":
+        plugin.set_mixed_precision(mixed)
+    acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=mesh,
+                          parallelism_config=SimpleNamespace(fsdp_dim_names=names), mixed_precision=mixed,
+                          is_main_process=False, device="cpu")
+    return fsdp2_prepare_model(acc, model)
 
 
 def wrap_fsdp2(model, st: Settings, mesh_and_names):
-    """Shard `model` with accelerate's fsdp2_prepare_model, as `accelerate launch` with an FSDP2
-    config would (fsdp_reshard_after_forward false for SHARD_GRAD_OP)."""
+    """Shard `model` as `accelerate launch` with an FSDP2 config would (fsdp_reshard_after_forward
+    false for SHARD_GRAD_OP)."""
     from accelerate.utils import FullyShardedDataParallelPlugin
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
     rc = RECIPES[st.precision]
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, reshard_after_forward=st.strategy != "fsdp-grad-op", auto_wrap_policy="transformer_based_wrap",
         cpu_ram_efficient_loading=False, cpu_offload=st.offload in ("params", "all"), state_dict_type="SHARDED_STATE_DICT")
-    mixed = "bf16" if rc.autocast else "no"
-    if mixed != "no":
-        plugin.set_mixed_precision(mixed)
-    mesh, names = mesh_and_names
-    acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=mesh,
-                          parallelism_config=SimpleNamespace(fsdp_dim_names=names), mixed_precision=mixed,
-                          is_main_process=False, device="cpu")
-    return fsdp2_prepare_model(acc, model)
+    return fsdp2_shard(model, plugin, "bf16" if rc.autocast else "no", *mesh_and_names)
 
 
 def _phase_peaks(tracker, step) -> dict:

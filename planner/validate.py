@@ -212,6 +212,86 @@ def _run_distributed(case: Case, cfg: dict, predicted: int) -> dict:
             "ranks": ";".join(f"{r['rank']}:{r['peak_bytes']}" for r in ranks)}
 
 
+# recommend: small configs on one GPU of an artificial size (MiB of GPU memory), method,
+# sequence length, global batch (None: the largest micro-batch). Sizes are a few GiB, so that
+# what a batch adds outweighs the fixed CUDA context and workspaces (564 MiB) of device_bytes.
+RECOMMEND_SCENARIOS = [
+    ("llama", "full", 512, 2400, None), ("llama", "lora", 1024, 3000, None), ("llama", "full", 1024, 4000, None),
+    ("qwen2", "full", 512, 2400, None), ("qwen2", "lora", 1024, 3000, None), ("gemma2", "full", 512, 3000, None),
+    ("mistral", "full", 1024, 3000, None), ("phi3", "lora", 512, 2400, None), ("gpt_neox", "full", 512, 2400, None),
+    ("bert", "full", 512, 2400, None), ("llama", "full", 512, 2400, 64), ("qwen2", "lora", 1024, 3000, 40),
+]
+RECOMMEND_MARGIN = 0.03
+"""The margin the scenarios plan with (the default is 0.10): just above the largest device-level
+error of the estimate over these scenarios (bert, +3.1%), so that a plan fits and comes close."""
+
+
+def _measured_device(cfg: dict, st: Settings) -> int:
+    """The device bytes of a step whose peak is measured (simulator, corrected to CUDA kernels)."""
+    from .memory import device_bytes
+    from .simulate import simulated_estimate
+    return device_bytes(simulated_estimate(cfg, st).peak_bytes)
+
+
+def recommend_scenario(model: str, method: str, seq_len: int, mib: int, global_batch: int | None) -> dict:
+    """`plan recommend` on one GPU of `mib` MiB (margin RECOMMEND_MARGIN) against the truth: the
+    largest micro-batch whose measured step fits the GPU (bisection on the simulator's peak), for
+    the plan's own settings; and whether the recommended step, measured, fits the GPU."""
+    from dataclasses import replace
+
+    from .gpus import GPU
+    from .recommend import Request, recommend
+
+    cfg = SMALL[model]
+    spec = ModelSpec.from_config(cfg)
+    gpu = GPU(name=f"{mib}MiB", memory_bytes=mib * 2**20, bf16_tflops=100, fp16_tflops=100, fp8_tflops=0,
+              mem_bw_gbs=1000, nvlink_gbs=0, pcie_gbs=32)
+    req = Request(gpu=gpu, seq_len=seq_len, method=method, margin=RECOMMEND_MARGIN, global_batch=global_batch)
+    best = recommend(spec, req)[0]
+    st = best.settings
+
+    def fits(b: int) -> bool:
+        return _measured_device(cfg, replace(st, batch_size=b)) <= gpu.memory_bytes
+
+    rec = st.batch_size
+    rec_device = _measured_device(cfg, st)
+    if rec_device <= gpu.memory_bytes:  # search upwards for the first size that does not fit
+        lo, hi = rec, rec + max(1, rec // 8)
+        while fits(hi):
+            lo, hi = hi, hi + max(1, hi // 4)
+    else:
+        lo, hi = 0, rec
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    true_largest = lo
+    if global_batch:  # the largest measured-fitting micro-batch that divides the global batch
+        true_largest = max((d for d in range(1, true_largest + 1) if global_batch % d == 0), default=0)
+    return {"scenario": f"{model} {method} seq {seq_len} on {mib} MiB" + (f", global batch {global_batch}" if global_batch else ""),
+            "strategy": st.strategy, "offload": st.offload, "lora_rank": st.lora_rank,
+            "grad_checkpointing": st.grad_checkpointing, "recommended_micro": rec, "accumulation": best.accumulation,
+            "true_largest_micro": true_largest, "ratio": round(rec / true_largest, 3) if true_largest else None,
+            "capacity_bytes": gpu.memory_bytes, "budget_bytes": req.budget,
+            "predicted_device_bytes": best.estimate.device_bytes, "measured_device_bytes": rec_device,
+            "fits_gpu": rec_device <= gpu.memory_bytes, "within_budget": rec_device <= req.budget}
+
+
+def run_recommend(out_dir: str = "tables", echo=print) -> list[dict]:
+    """Every recommend scenario; writes recommend.csv."""
+    import os
+
+    import pandas as pd
+    rows = []
+    for sc in RECOMMEND_SCENARIOS:
+        r = recommend_scenario(*sc)
+        rows.append(r)
+        echo(f"{r['scenario']:55s} recommended micro {r['recommended_micro']:>3d} true largest "
+             f"{r['true_largest_micro']:>3d} ratio {r['ratio']} fits the GPU {r['fits_gpu']}")
+    os.makedirs(out_dir, exist_ok=True)
+    pd.DataFrame(rows).to_csv(os.path.join(out_dir, "recommend.csv"), index=False)
+    return rows
+
+
 def summary(errors) -> str:
     import pandas as pd
     a = pd.Series(list(errors)).abs()
