@@ -70,7 +70,8 @@ REAL = [
 # MemTracker on each rank, the worst rank counted
 FAKE_WORLD = [("fsdp", 8, 1), ("fsdp-grad-op", 8, 1), ("fsdp-hybrid", 4, 2), ("fsdp-no-shard", 8, 1)]
 FAKE_VARIANTS = [dict(precision="bf16-amp"), dict(precision="bf16-amp", lora_rank=8),
-                 dict(precision="bf16-amp", grad_checkpointing=True), dict(precision="fp32")]
+                 dict(precision="bf16-amp", grad_checkpointing=True), dict(precision="fp32"),
+                 dict(precision="bf16-pure", lora_rank=8)]  # LoRA on a bf16 base: what plan recommend picks
 LARGE_WORLD = [("meta-llama/Meta-Llama-3-8B", dict(precision="bf16-amp", batch_size=1, seq_len=2048, strategy=s,
                                                    gpus=g, nodes=n, grad_checkpointing=ck))
                for s, g, n, ck in (("fsdp", 8, 1, False), ("fsdp", 8, 1, True), ("fsdp-grad-op", 8, 1, True),
@@ -300,7 +301,8 @@ def summary(errors) -> str:
 
 
 def run(out_dir: str = "tables", plot: str | None = None, echo=print):
-    """Run every case; write validation.csv (all) and accuracy.csv (the accuracy suite)."""
+    """Run every case; write validation.csv (all) and accuracy.csv (the accuracy suite); then the
+    recommend scenarios, recommend.csv."""
     import os
 
     import pandas as pd
@@ -327,6 +329,9 @@ def run(out_dir: str = "tables", plot: str | None = None, echo=print):
         from .plot import plot_validation
         plot_validation(df, plot)
         echo(f"wrote {plot}")
+    rec = run_recommend(out_dir, echo)
+    echo(f"recommend scenarios: {len(rec)}, recommended / true largest micro-batch min "
+         f"{min(r['ratio'] for r in rec):.3f}; {sum(r['fits_gpu'] for r in rec)}/{len(rec)} fit the GPU measured")
     return df
 
 
