@@ -107,7 +107,7 @@ def run_rank(cfg: dict, st: Settings, world: int, fake_mode=None) -> dict:
     import torch
     import torch.distributed as dist
 
-    from .simulate import _tracker_class, _unpacked_sequences, build_model, make_optimizer
+    from .simulate import _tracker_class, _unpacked_sequences, build_model, make_optimizer, train_step
 
     rc = RECIPES[st.precision]
     zero = st.strategy in ZERO
@@ -135,22 +135,8 @@ def run_rank(cfg: dict, st: Settings, world: int, fake_mode=None) -> dict:
                                                         config=deepspeed_config(st, config.hidden_size, world))
             ids = torch.randint(0, config.vocab_size, (st.batch_size, st.seq_len))
 
-            def step(snap=lambda name: None):
-                with amp:
-                    loss = model(input_ids=ids, labels=ids).loss
-                snap("forward")
-                if zero:
-                    model.backward(loss)
-                    del loss
-                    snap("backward")
-                    model.step()
-                else:
-                    loss.backward()
-                    del loss
-                    snap("backward")
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                snap("optimizer_step")
+            def step(snap=lambda phase: None):
+                train_step(model, opt, dict(input_ids=ids, labels=ids), amp, snap, engine=model if zero else None)
 
             step()
             if fake_mode is not None:

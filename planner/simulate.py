@@ -192,6 +192,27 @@ def measure(cfg: dict, st: Settings, fake: bool = True, weights: str | None = No
         return _measure(cfg, st, fake, weights)
 
 
+def train_step(model, opt, batch: dict, amp, snap=lambda phase: None, engine=None) -> None:
+    """One training step as the estimate models it, calling `snap(phase)` at the end of the
+    forward, the backward and the optimizer step. `engine`: a DeepSpeed engine, whose `backward`
+    and `step` (the optimizer step and gradient release) replace the plain calls."""
+    with amp:
+        loss = model(**batch).loss
+    snap("forward")
+    if engine is not None:
+        engine.backward(loss)
+    else:
+        loss.backward()
+    del loss
+    snap("backward")
+    if engine is not None:
+        engine.step()
+    else:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    snap("optimizer_step")
+
+
 def _measure(cfg: dict, st: Settings, fake: bool, weights: str | None = None) -> Measurement:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -207,14 +228,8 @@ def _measure(cfg: dict, st: Settings, fake: bool, weights: str | None = None) ->
         ids = torch.randint(0, config.vocab_size, (st.batch_size, st.seq_len))
         labels = torch.zeros(st.batch_size, dtype=torch.long) if _is_encoder(config) else ids
 
-        def step():
-            with amp:
-                loss = model(input_ids=ids, labels=labels).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        step()
+        batch = dict(input_ids=ids, labels=labels)
+        train_step(model, opt, batch, amp)
         tracker = _tracker_class()()
         tracker.track_external(model, opt, ids, labels)
         phases, cats = {}, {}
@@ -228,15 +243,7 @@ def _measure(cfg: dict, st: Settings, fake: bool, weights: str | None = None) ->
                 cats[name] = _components(s)
 
             s0 = tracker.get_tracker_snapshot("current")
-            with amp:
-                loss = model(input_ids=ids, labels=labels).loss
-            snap("forward")
-            loss.backward()
-            del loss
-            snap("backward")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            snap("optimizer_step")
+            train_step(model, opt, batch, amp, snap)
         d0 = next(iter(s0)) if s0 else None
         phases["model"] = sum(v for k, v in s0[d0].items() if getattr(k, "value", None) in ("Parameter", "Buffer")) if d0 else 0
         cats["model"] = {"weights": phases["model"]}
