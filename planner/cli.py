@@ -198,6 +198,18 @@ def _gpu(name: str):
         fail(str(e))
 
 
+def _request(res, spec, gpu_arg: str, g, gpus: Optional[int], nodes: int, seq_len: Optional[int],
+             host_ram: Optional[float], **kw):
+    """The search request recommend and emit-config share: the GPU count NVML found unless
+    --gpus says otherwise, the default sequence length, and host RAM (GiB) from --host-ram, or
+    this machine's with --gpu auto, else not limited."""
+    from .gpus import local_host_ram
+    from .recommend import Request
+    host = int(host_ram * 2**30) if host_ram is not None else (local_host_ram() if gpu_arg == "auto" else None)
+    return Request(gpu=g, gpus=gpus if gpus is not None else g.count, nodes=nodes,
+                   seq_len=_default_seq(res, spec, seq_len), host_ram_bytes=host, **kw)
+
+
 @app.command("recommend")
 def recommend_cmd(
     model: str = typer.Argument(..., help="Hub id, directory with config.json, config.json or .gguf"),
@@ -217,15 +229,13 @@ def recommend_cmd(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ):
     """The fastest plan that fits: method, LoRA rank, strategy, offload, micro-batch, accumulation, checkpointing."""
-    from .gpus import local_host_ram
-    from .recommend import Request, nearest_fits, recommend, smallest_need
+    from .recommend import nearest_fits, recommend, smallest_need
     res, spec = _spec(model)
     if spec is None:
         fail(f"{model}: plan recommend needs the formulas, which model_type '{res.config.get('model_type')}' does not have yet")
     g = _gpu(gpu)
-    req = Request(gpu=g, gpus=gpus if gpus is not None else g.count, nodes=nodes, seq_len=_default_seq(res, spec, seq_len),
-                  global_batch=global_batch, method=method, margin=margin, optimizer=optimizer, mfu=mfu, samples=samples,
-                  host_ram_bytes=int(host_ram * 2**30) if host_ram is not None else (local_host_ram() if gpu == "auto" else None))
+    req = _request(res, spec, gpu, g, gpus, nodes, seq_len, host_ram, global_batch=global_batch, method=method,
+                   margin=margin, optimizer=optimizer, mfu=mfu, samples=samples)
     try:
         plans = recommend(spec, req)
     except PlanError as e:
@@ -307,12 +317,11 @@ def emit_config_cmd(
     why, gpu_name, bf16_gpu = None, None, True
     try:
         if gpu is not None:
-            from .recommend import Request, recommend
+            from .recommend import recommend
             g = _gpu(gpu)
             gpu_name, bf16_gpu = g.name, g.bf16
-            req = Request(gpu=g, gpus=gpus if gpus is not None else g.count, nodes=nodes,
-                          seq_len=_default_seq(res, spec, seq_len), global_batch=global_batch, method=method,
-                          margin=margin, optimizer=optimizer)
+            req = _request(res, spec, gpu, g, gpus, nodes, seq_len, None, global_batch=global_batch, method=method,
+                           margin=margin, optimizer=optimizer)
             plans = recommend(spec, req)
             if not plans:
                 fail(f"nothing fits {req.world} x {g.name}: run plan recommend {model} --gpu {gpu} to see what would")
