@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from planner.cli import app
-from planner.gpus import GPU, GPUError, catalog, detect, lookup
+from planner.gpus import GPUError, catalog, detect, lookup
 from planner.memory import Settings, estimate
 from planner.recommend import Request, recommend
 from planner.resolve import resolve
