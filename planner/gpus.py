@@ -153,3 +153,72 @@ def resolve_gpu(name: str) -> GPU:
     first = found[0]["name"]
     same = [d for d in found if d["name"] == first]
     return from_nvml(first, min(d["memory_bytes"] for d in same), len(same))
+
+
+class NvmlSampler:
+    """Per-process GPU memory as NVML sees it, sampled in a background thread.
+
+    The device is found by UUID (torch's `get_device_properties(i).uuid` against NVML's), so
+    `CUDA_VISIBLE_DEVICES` renumbering cannot mismatch them. NVML lists the processes using a
+    device with their memory; inside a container the PID namespace can hide this process, and
+    then the sampler falls back to the device's used memory minus a baseline taken at start
+    (before this process touched the GPU, if started before CUDA is initialised).
+    `peak` is the largest sample; `method` says which of the two it is.
+    """
+
+    def __init__(self, device_index: int = 0, interval_s: float = 0.05):
+        import os
+        import threading
+
+        import pynvml
+        self._nvml = pynvml
+        self.interval_s = interval_s
+        self.pid = os.getpid()
+        pynvml.nvmlInit()
+        self.handle = self._handle(device_index)
+        self.baseline = int(pynvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+        self.peak = 0
+        self.method = "process"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _handle(self, index: int):
+        nv = self._nvml
+        try:
+            import torch
+            if torch.cuda.is_available():
+                uuid = str(torch.cuda.get_device_properties(index).uuid)
+                return nv.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        except Exception:  # older torch without .uuid, or a MIG UUID NVML does not take: by index
+            pass
+        return nv.nvmlDeviceGetHandleByIndex(index)
+
+    def sample(self) -> int:
+        nv = self._nvml
+        try:
+            procs = nv.nvmlDeviceGetComputeRunningProcesses(self.handle)
+        except nv.NVMLError:
+            procs = []
+        mine = [p.usedGpuMemory for p in procs if p.pid == self.pid and p.usedGpuMemory is not None]
+        if mine:
+            self.method = "process"
+            value = int(sum(mine))
+        else:
+            self.method = "device-minus-baseline"
+            value = int(nv.nvmlDeviceGetMemoryInfo(self.handle).used) - self.baseline
+        self.peak = max(self.peak, value)
+        return value
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def start(self) -> "NvmlSampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        return self.peak

@@ -25,10 +25,12 @@ class Measurement:
     trainable_params: int = 0
 
 
-def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = None, meta: bool = False):
+def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = None, meta: bool = False,
+                device: str | None = None):
     """The model class a user trains, set up as the settings say. `weights`: a directory of
     safetensors or a .gguf file to load real pretrained weights from (real tensors only).
-    `meta`: leave it on the meta device (a sharding wrapper materialises it)."""
+    `meta`: leave it on the meta device (a sharding wrapper materialises it). `device`: build
+    the real tensors there (a GPU) instead of on the CPU."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -53,7 +55,8 @@ def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = N
     cls = _model_class(config)
     # Under fake tensors the model is built on the meta device (PEFT's adapter moves cannot swap
     # fake parameters) and each tensor is then turned into a fake CPU tensor of the same shape.
-    ctx = torch.device("meta") if fake_mode is not None or meta else contextlib.nullcontext()
+    ctx = torch.device("meta") if fake_mode is not None or meta else \
+        (torch.device(device) if device else contextlib.nullcontext())
     with ctx:
         if weights is not None:
             model = cls.from_pretrained(**load, config=config, dtype=dtype, attn_implementation=attn)
