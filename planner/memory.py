@@ -46,6 +46,9 @@ class Settings:
     strategy: str = "ddp"
     offload: str = "none"
     fsdp_version: int = 2
+    # micro-steps per optimizer step: from the second on, every gradient is alive through the
+    # forward and backward (accumulated in place)
+    accumulation: int = 1
     # Whose kernels and autocast op lists to model: "cuda" (the target) or "cpu" (the machine the
     # simulator measures on). They differ for attention with dropout and for a few autocast ops.
     kernels: str = "cuda"
@@ -687,7 +690,9 @@ def _replicated_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: lis
     """One GPU, or DDP: every GPU holds the whole model, its gradients and optimizer state.
 
     DDP (`gradient_as_bucket_view=False`, its default and accelerate's) allocates flat gradient
-    buckets at wrap time, one more copy of the gradients alive in every phase."""
+    buckets at wrap time, one more copy of the gradients alive in every phase. With gradient
+    accumulation, micro-steps after the first run forward and backward with every gradient
+    already allocated."""
     p = step_parts(spec, pc, st)
     w, g, o = p.weights, p.grads, p.optimizer
     buckets = g if st.gpus * st.nodes > 1 else 0
@@ -697,9 +702,9 @@ def _replicated_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: lis
     base = {"weights": w, "optimizer": o}
     phase_comp = {
         "model": {"weights": w, "other": buckets},
-        "forward": {**base, **a["forward"], "other": buckets},
-        "backward": {**base, **a["backward"], "gradients": p.head_grad + p.block_wgrad if a["bwd_in_block"] else 0,
-                     "other": buckets},
+        "forward": {**base, **a["forward"], "gradients": g if st.accumulation > 1 else 0, "other": buckets},
+        "backward": {**base, **a["backward"], "other": buckets,
+                     "gradients": g if st.accumulation > 1 else p.head_grad + p.block_wgrad if a["bwd_in_block"] else 0},
         "optimizer_step": {**base, "gradients": g, "other": buckets + p.opt_temp},
     }
     tied_head_grad = spec.vocab * spec.hidden * RECIPES[st.precision].grad if pc.tied and not st.lora else 0

@@ -118,21 +118,31 @@ def _fakeify(model, fake_mode) -> None:
                 mod._buffers[name] = conv.from_meta_and_device(fake_mode, b, cpu)
 
 
-def make_optimizer(params, name: str):
+def make_optimizer(params, name: str, lr: float | None = None, weight_decay: float = 0.0):
+    """The optimizer the estimate counts for `name`, as torch / transformers / bitsandbytes build it.
+    `params`: tensors or param groups. `lr` None: a small default (the simulator's steps)."""
     import torch
+    kw = dict(lr=lr if lr is not None else 1e-4, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+        return torch.optim.AdamW(params, foreach=True, **kw)
     if name == "adamw-fused":
-        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+        return torch.optim.AdamW(params, fused=True, **kw)
+    if name == "adamw-8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("optimizer adamw-8bit needs bitsandbytes (pip install bitsandbytes)") from None
+        return bnb.optim.AdamW8bit(params, **kw)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-3, foreach=True)
+        return torch.optim.SGD(params, foreach=True, **{**kw, "lr": lr if lr is not None else 1e-3})
     if name == "sgd-momentum":
-        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=True)
+        return torch.optim.SGD(params, momentum=0.9, foreach=True, **{**kw, "lr": lr if lr is not None else 1e-3})
     if name == "adafactor":
         from transformers.optimization import Adafactor
         # as HF Trainer builds it for optim="adafactor": fixed learning rate, no parameter scaling
-        return Adafactor(params, lr=1e-3, scale_parameter=False, relative_step=False, warmup_init=False)
-    raise ValueError(f"the simulator has no {name} optimizer on CPU")
+        return Adafactor(params, lr=lr if lr is not None else 1e-3, weight_decay=weight_decay, scale_parameter=False,
+                         relative_step=False, warmup_init=False)
+    raise ValueError(f"no {name} optimizer here: choose adamw, adamw-fused, adamw-8bit, sgd, sgd-momentum or adafactor")
 
 
 def _tracker_class():

@@ -57,6 +57,7 @@ class Recipe(_Strict):
     lora_alpha: float = Field(32, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    unfrozen_parameters: Optional[list[str]] = None  # train only parameters matching these regexes
     sequence_len: int = Field(2048, ge=1)
     sample_packing: bool = False
     train_on_inputs: bool = False
@@ -78,6 +79,8 @@ class Recipe(_Strict):
     output_dir: str = "./out"
     save_steps: Optional[int] = Field(None, ge=1)
     logging_steps: int = Field(10, ge=1)
+    eval_steps: Optional[int] = Field(None, ge=1)
+    skip_bad_lines: bool = False  # skip (and count) malformed JSONL lines instead of stopping
     plan: PlanSection = Field(default_factory=PlanSection)
 
     @model_validator(mode="after")

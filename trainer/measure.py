@@ -1,0 +1,161 @@
+"""What a training run measures about its memory, and the report against the plan's prediction.
+
+- On a GPU: `torch.cuda.max_memory_allocated` per phase of the measured optimizer step (what
+  the estimate's `peak_bytes` predicts), `max_memory_reserved`, and a background NVML sampler
+  of this process's memory (what `device_bytes` predicts), over the whole run.
+- On CPU: torch's MemTracker over the measured step (live tensor bytes per phase and per
+  category: parameters, gradients, optimizer state, activations) and the process's peak RSS.
+
+The measured step is an optimizer step after the first (optimizer state exists, as the
+estimate assumes): its micro-steps' forward and backward, and the optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+GIB = 2**30
+COMPONENTS = ("weights", "gradients", "optimizer", "activations", "other")
+
+
+def peak_rss() -> int:
+    """The process's peak resident set (Linux VmHWM; getrusage elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Meter:
+    """Measures one optimizer step in detail (`step_window`), and the run as a whole."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.notes: list[str] = []
+        self.nvml = None
+        self.phases: dict = {}
+        self.categories: dict = {}
+        self.step_start = 0
+        self.reserved = 0
+        if cuda:
+            try:
+                from planner.gpus import NvmlSampler
+                self.nvml = NvmlSampler(int(os.environ.get("LOCAL_RANK", 0))).start()
+            except Exception as e:  # no NVML library or no permission: allocator stats only
+                self.notes.append(f"NVML not measured ({type(e).__name__}: {e})")
+
+    @contextlib.contextmanager
+    def step_window(self, model, optimizer):
+        """Around one optimizer step; yields `snap(phase)`, to be called after each forward,
+        backward and the optimizer step. Phases seen several times (micro-steps) keep their max."""
+        if self.cuda:
+            import torch
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.step_start = torch.cuda.memory_allocated()
+
+            def snap(phase):
+                torch.cuda.synchronize()
+                self.phases[phase] = max(self.phases.get(phase, 0), torch.cuda.max_memory_allocated())
+                self.reserved = max(self.reserved, torch.cuda.max_memory_reserved())
+                torch.cuda.reset_peak_memory_stats()
+            yield snap
+            return
+        from planner.simulate import _components, _tracker_class, phase_peak
+        tracker = _tracker_class()()
+        tracker.track_external(model, optimizer)
+        with tracker:
+            dev = None
+            cur = tracker.get_tracker_snapshot("current")
+            self.step_start = int(sum(v["Total"] for v in cur.values()))
+
+            def snap(phase):
+                nonlocal dev
+                dev, s = phase_peak(tracker, dev)
+                if s["Total"] >= self.phases.get(phase, 0):
+                    self.phases[phase] = int(s["Total"])
+                    self.categories[phase] = _components(s)
+                if phase == "backward":  # MemTracker refuses a module's second call in one window
+                    tracker.reset_mod_stats()
+            yield snap
+
+    def result(self) -> dict:
+        """The measured figures (bytes), for run_report.json."""
+        out = {"phases": dict(self.phases), "peak_bytes": max(self.phases.values()) if self.phases else 0,
+               "step_start_bytes": int(self.step_start), "host_peak_rss_bytes": peak_rss()}
+        if self.phases:
+            peak_phase = max(self.phases, key=self.phases.get)
+            out["peak_phase"] = peak_phase
+            if self.categories:
+                comps = dict(self.categories[peak_phase])
+                comps["activations"] = comps.get("activations", 0) + comps.pop("logits", 0)
+                out["components"] = comps
+        if self.cuda:
+            import torch
+            out["source"] = "cuda-allocator"
+            out["max_memory_reserved_bytes"] = int(self.reserved)
+            out["run_max_memory_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+            if self.nvml is not None:
+                out["nvml_peak_bytes"] = int(self.nvml.stop())
+                out["nvml_method"] = self.nvml.method
+                self.nvml = None
+        else:
+            out["source"] = "memtracker-cpu"
+        return out
+
+
+def _err(pred: float, meas: float) -> float | None:
+    return round(100.0 * (pred - meas) / meas, 2) if meas else None
+
+
+def compare(predicted: dict, measured: dict) -> list[dict]:
+    """Rows of (what, predicted, measured, error %): the components at the peak (CPU), the
+    phases, the peak; on a GPU the NVML figure against device_bytes."""
+    rows = []
+    pc = dict(predicted.get("components", {}))
+    pc["activations"] = pc.get("activations", 0) + pc.pop("logits", 0)
+    mc = measured.get("components")
+    if mc:
+        for k in COMPONENTS:
+            rows.append({"what": k, "predicted": int(pc.get(k, 0)), "measured": int(mc.get(k, 0)),
+                         "error_pct": _err(pc.get(k, 0), mc.get(k, 0))})
+    for k in ("forward", "backward", "optimizer_step"):
+        if k in measured["phases"] and k in predicted.get("phases", {}):
+            rows.append({"what": f"phase: {k}", "predicted": int(predicted["phases"][k]),
+                         "measured": int(measured["phases"][k]),
+                         "error_pct": _err(predicted["phases"][k], measured["phases"][k])})
+    rows.append({"what": "total (peak)", "predicted": int(predicted["peak_bytes"]), "measured": int(measured["peak_bytes"]),
+                 "error_pct": _err(predicted["peak_bytes"], measured["peak_bytes"])})
+    if "nvml_peak_bytes" in measured:
+        rows.append({"what": "device (NVML)", "predicted": int(predicted["device_bytes"]),
+                     "measured": measured["nvml_peak_bytes"],
+                     "error_pct": _err(predicted["device_bytes"], measured["nvml_peak_bytes"])})
+    return rows
+
+
+def table(rows: list[dict], title: str):
+    from rich.table import Table
+    t = Table(title=title)
+    for c in ("", "predicted", "measured", "error"):
+        t.add_column(c, justify="left" if not c else "right")
+    for r in rows:
+        e = r["error_pct"]
+        style = "bold" if r["what"].startswith("total") else None
+        t.add_row(r["what"], f"{r['predicted'] / 2**20:,.1f} MiB", f"{r['measured'] / 2**20:,.1f} MiB",
+                  "n/a" if e is None else f"{e:+.1f}%", style=style)
+    return t
+
+
+def write_json(path: str, data: dict) -> None:
+    """Atomically: a temporary file, then a rename."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)

@@ -1,0 +1,483 @@
+"""The training loop `plan train` launches: `accelerate launch ... -m trainer RECIPE.yaml`.
+
+One optimizer step is `gradient_accumulation_steps` micro-steps, each a forward and a backward,
+then gradient clipping, the optimizer and scheduler steps. The loss is the mean over every
+label token of the optimizer step, on every rank (transformers' `num_items_in_batch`), so a
+padded or packed micro-batch weighs what its tokens weigh. Gradients are reduced on every
+micro-step under FSDP (accelerate's `accumulate()` would keep unsharded gradients), and only
+on the last one under DDP (`no_sync`).
+
+Accelerate runs gloo processes on CPU as MULTI_CPU even with an FSDP config; then the model is
+sharded here with the plugin accelerate builds from the launcher's environment, through
+accelerate's own `fsdp2_prepare_model` (planner.distmeasure.fsdp2_shard).
+
+Outputs in `output_dir`: `metrics.jsonl` (a line per logged step and evaluation),
+`checkpoint-N/` every `save_steps` (torch.distributed.checkpoint shards of the trainable
+parameters, optimizer, scheduler, RNG, the data position; written to a temporary directory then
+renamed), `final/` (the adapter or the model in safetensors, with the tokenizer) and
+`run_report.json` (predicted against measured memory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .recipe import Recipe, RecipeError, load
+
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _settings(recipe: Recipe, config, batch: int, seq: int, world: int, cuda: bool):
+    """The estimator's settings for a micro-batch of shape (batch, seq) of this recipe."""
+    from planner.memory import Settings
+
+    from .model import precision
+    targets = recipe.lora_target_modules
+    return Settings(precision=precision(recipe), optimizer=recipe.optimizer, batch_size=batch, seq_len=seq,
+                    lora_rank=recipe.lora_r if recipe.adapter else 0, lora_alpha=recipe.lora_alpha,
+                    lora_dropout=recipe.lora_dropout,
+                    lora_targets=targets if isinstance(targets, str) else ",".join(targets),
+                    quant="nf4" if recipe.adapter == "qlora" else "none", grad_checkpointing=recipe.gradient_checkpointing,
+                    gpus=world if recipe.plan.nodes == 1 else max(1, world // recipe.plan.nodes), nodes=recipe.plan.nodes,
+                    strategy=recipe.plan.strategy if world > 1 else "ddp", offload=recipe.plan.offload,
+                    accumulation=recipe.gradient_accumulation_steps, kernels="cuda" if cuda else "cpu")
+
+
+def predict(recipe: Recipe, config, batch: int, seq: int, world: int, cuda: bool) -> tuple[dict | None, list]:
+    """The estimate for the measured step's shape, as run_report's `predicted`, and notes."""
+    from planner.memory import PlanError, estimate
+    from planner.spec import ModelSpec, SpecError
+    notes = []
+    try:
+        spec = ModelSpec.from_config(config.to_dict())
+        est = estimate(spec, _settings(recipe, config, batch, seq, world, cuda))
+    except (SpecError, PlanError) as e:
+        return None, [f"no prediction: {e}"]
+    if recipe.unfrozen_parameters:
+        notes.append("unfrozen_parameters: the estimate has no formula for a partly frozen model and counts it "
+                     "as full fine-tuning (gradients and optimizer state of every parameter): an upper bound")
+    return {"peak_bytes": est.peak_bytes, "device_bytes": est.device_bytes, "components": est.components,
+            "phases": est.phases, "batch_size": batch, "seq_len": seq, "notes": est.notes}, notes
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Decay on matrices, none on biases and norms (HF Trainer's rule: 1-D parameters)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint: `checkpoint-N` directories only exist once renamed from
+    their temporary name, and hold `trainer_state.json`, written last before the rename."""
+    done = [p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, recipe_path: str):
+        self.recipe = recipe
+        self.recipe_path = recipe_path
+        self.out = Path(recipe.output_dir)
+
+    # ------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
+
+        from planner.emit import mixed_precision
+        from planner.memory import Settings
+
+        from . import data as D
+        from .model import load_config, load_model, load_tokenizer, precision
+
+        r = self.recipe
+        self.cuda = torch.cuda.is_available()
+        prec = precision(r)
+        if not self.cuda and prec.startswith("fp16"):
+            raise RecipeError("fp16: true needs a GPU; on CPU use bf16: true or neither")
+        mixed = mixed_precision(Settings(precision=prec))
+        self.acc = Accelerator(cpu=not self.cuda, mixed_precision=mixed,
+                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+        acc = self.acc
+        set_seed(r.seed)
+        self.world = acc.num_processes
+        self.main = acc.is_main_process
+        self.fsdp_cpu = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" \
+            and acc.distributed_type != DistributedType.FSDP
+        self.fsdp = self.fsdp_cpu or acc.distributed_type == DistributedType.FSDP
+        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+        self.tok = load_tokenizer(r)
+        self.config = load_config(r)
+        if not r.datasets:
+            raise RecipeError("datasets: the recipe names no dataset to train on")
+        fmt = {d.type for d in r.datasets}
+        if len(fmt) > 1 and "classification" in fmt:
+            raise RecipeError("datasets: classification cannot be mixed with other types")
+        self.classify = fmt == {"classification"}
+        if self.classify and r.sample_packing:
+            raise RecipeError("sample_packing: packing needs causal-LM data, not classification")
+        parts, classes, self.data_stats = [], None, {"records": 0, "truncated": 0, "skipped_lines": 0}
+        for d in r.datasets:
+            records, skipped = D.read_records(d.path, skip_bad_lines=r.skip_bad_lines)
+            ex = D.tokenize(records, self.tok, d.type, r.sequence_len, d.path, train_on_inputs=r.train_on_inputs,
+                            text_field=d.field, label_field=d.label_field, classes=classes)
+            classes = ex.classes
+            self.data_stats["records"] += len(records)
+            self.data_stats["truncated"] += ex.truncated
+            self.data_stats["skipped_lines"] += skipped
+            parts.append(ex)
+        ex = parts[0]
+        for p in parts[1:]:
+            ex = D.Examples(ex.input_ids + p.input_ids, ex.labels + p.labels, ex.classes, ex.truncated + p.truncated)
+        self.classes = ex.classes
+        train, val = D.split(ex, r.val_set_size, r.seed)
+        train_rows = D.rows(train, r.sequence_len, r.sample_packing)
+        val_rows = D.rows(val, r.sequence_len, r.sample_packing) if val is not None else []
+        self.data_stats.update(train_examples=len(train), val_examples=len(val) if val is not None else 0,
+                               train_rows=len(train_rows))
+        collate = D.Collator(self.tok.pad_token_id)
+        g = torch.Generator()
+        g.manual_seed(r.seed)
+        dl = torch.utils.data.DataLoader(train_rows, batch_size=r.micro_batch_size, shuffle=True, collate_fn=collate,
+                                         generator=g)
+        vdl = torch.utils.data.DataLoader(val_rows, batch_size=r.micro_batch_size, collate_fn=collate) if val_rows else None
+
+        model = load_model(r, num_labels=len(self.classes) if self.classify else None, cuda=self.cuda)
+        if self.classify and model.config.pad_token_id is None:
+            model.config.pad_token_id = self.tok.pad_token_id
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if self.fsdp_cpu:
+            from accelerate.utils import FullyShardedDataParallelPlugin
+
+            from planner.distmeasure import device_mesh, fsdp2_shard
+            replicate = int(os.environ.get("PARALLELISM_CONFIG_DP_REPLICATE_SIZE", "1") or 1)
+            mesh, names = device_mesh(self.world, replicate)
+            model = fsdp2_shard(model, FullyShardedDataParallelPlugin(), mixed, mesh, names)
+        from planner.simulate import make_optimizer
+        try:
+            opt = make_optimizer(param_groups(model, r.weight_decay), r.optimizer, lr=r.learning_rate,
+                                 weight_decay=r.weight_decay)
+        except ValueError as e:
+            raise RecipeError(f"optimizer: {e}") from None
+        per_epoch = math.ceil(len(dl) / self.world) if self.world > 1 else len(dl)
+        self.steps_per_epoch = max(1, math.ceil(per_epoch / r.gradient_accumulation_steps))
+        self.total_steps = r.max_steps or max(1, math.ceil(r.num_epochs * self.steps_per_epoch))
+        from transformers import get_scheduler
+        sched = get_scheduler(r.lr_scheduler, opt, num_warmup_steps=r.warmup_steps, num_training_steps=self.total_steps)
+        if self.fsdp_cpu:
+            opt, dl, sched = acc.prepare(opt, dl, sched)
+        else:
+            model, opt, dl, sched = acc.prepare(model, opt, dl, sched)
+        if vdl is not None:
+            vdl = acc.prepare(vdl)
+        self.model, self.opt, self.dl, self.vdl, self.sched = model, opt, dl, vdl, sched
+
+    # ------------------------------------------------------------ checkpoints
+    def _state(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        opts = StateDictOptions(ignore_frozen_params=True)
+        msd, osd = get_state_dict(self.acc.unwrap_model(self.model) if not self.fsdp else self.model, self.opt.optimizer
+                                  if hasattr(self.opt, "optimizer") else self.opt, options=opts)
+        return {"model": msd, "optim": osd}
+
+    def save_checkpoint(self, step: int, epoch: int, batch_in_epoch: int) -> None:
+        import torch
+        import torch.distributed.checkpoint as dcp
+        final = self.out / f"checkpoint-{step}"
+        tmp = self.out / f".tmp-checkpoint-{step}"
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.acc.wait_for_everyone()
+        dcp.save(self._state(), checkpoint_id=str(tmp))
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if self.cuda else None}
+        torch.save(rng, tmp / f"rng-{self.acc.process_index}.pt")
+        self.acc.wait_for_everyone()
+        if self.main:
+            torch.save(self.sched.state_dict(), tmp / "scheduler.pt")
+            state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "recipe_hash": recipe_hash(self.recipe),
+                     "world_size": self.world}
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            os.replace(tmp, final)
+        self.acc.wait_for_everyone()
+
+    def resume(self) -> tuple[int, int, int]:
+        """(step, epoch, batch_in_epoch) of the latest complete checkpoint, loaded; zeros if none."""
+        import torch
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        ck = latest_checkpoint(self.out) if self.out.exists() else None
+        if ck is None:
+            return 0, 0, 0
+        state = json.loads((ck / "trainer_state.json").read_text())
+        if state["recipe_hash"] != recipe_hash(self.recipe):
+            raise RecipeError(f"{ck}: written by a different recipe; use a new output_dir or delete the checkpoints")
+        if state["world_size"] != self.world:
+            raise RecipeError(f"{ck}: written by {state['world_size']} processes, resuming with {self.world}")
+        sd = self._state()
+        dcp.load(sd, checkpoint_id=str(ck))
+        model = self.acc.unwrap_model(self.model) if not self.fsdp else self.model
+        set_state_dict(model, self.opt.optimizer if hasattr(self.opt, "optimizer") else self.opt,
+                       model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        self.sched.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=False))
+        rng_file = ck / f"rng-{self.acc.process_index}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=False)
+            random.setstate(rng["python"])
+            torch.set_rng_state(rng["torch"])
+            if self.cuda and rng["cuda"] is not None:
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        if self.main:
+            self.log(f"resumed from {ck} (step {state['step']})")
+        return state["step"], state["epoch"], state["batch_in_epoch"]
+
+    def save_final(self) -> Path:
+        """The adapter (PEFT) or the whole model, in safetensors, with the tokenizer."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        final = self.out / "final"
+        sd = None
+        if self.fsdp:
+            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        model = self.acc.unwrap_model(self.model)
+        if self.main:
+            tmp = self.out / ".tmp-final"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": sd} if sd is not None else {}))
+            self.tok.save_pretrained(tmp)
+            if self.classes is not None:
+                (tmp / "labels.json").write_text(json.dumps(self.classes))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        self.acc.wait_for_everyone()
+        return final
+
+    # ------------------------------------------------------------ loop
+    def log(self, msg: str) -> None:
+        if self.main:
+            from rich.console import Console
+            Console(stderr=True).print(msg, highlight=False)
+
+    def metrics(self, row: dict) -> None:
+        if self.main:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _global_items(self, batches: list) -> int:
+        """Label tokens (causal LM) or rows (classification) of this optimizer step, all ranks."""
+        import torch
+        if self.classify:
+            n = sum(b["labels"].numel() for b in batches)
+        else:
+            n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        t = torch.tensor([n], device=self.acc.device)
+        return int(self.acc.reduce(t, reduction="sum").item()) if self.world > 1 else n
+
+    def micro_step(self, batch: dict, n_items: int, last: bool, snap) -> float:
+        import contextlib
+        model = self.model
+        sync = contextlib.nullcontext() if (last or self.fsdp or self.deepspeed or self.world == 1) \
+            else self.acc.no_sync(model)
+        with sync:
+            with self.acc.autocast():
+                if self.classify:
+                    out = model(**batch)
+                    loss = out.loss * batch["labels"].numel() / n_items
+                else:
+                    loss = model(**batch, num_items_in_batch=n_items).loss
+            snap("forward")
+            scaled = loss * self.world if self.world > 1 and not self.deepspeed else loss
+            self.acc.backward(scaled)
+            value = float(loss.detach())
+            del loss, scaled
+            snap("backward")
+        return value
+
+    def evaluate(self) -> dict:
+        import torch
+        if self.vdl is None:
+            return {}
+        self.model.eval()
+        tot_loss = torch.zeros(1, device=self.acc.device)
+        tot_n = torch.zeros(1, device=self.acc.device)
+        correct = torch.zeros(1, device=self.acc.device)
+        with torch.no_grad(), self.acc.autocast():
+            for b in self.vdl:
+                out = self.model(**b)
+                if self.classify:
+                    n = b["labels"].numel()
+                    correct += (out.logits.argmax(-1) == b["labels"]).sum()
+                else:
+                    n = int((b["labels"][:, 1:] != -100).sum())
+                tot_loss += out.loss.float() * n
+                tot_n += n
+        self.model.train()
+        tot_loss, tot_n, correct = (self.acc.reduce(t, reduction="sum") if self.world > 1 else t
+                                    for t in (tot_loss, tot_n, correct))
+        res = {"eval_loss": round(float(tot_loss / tot_n.clamp(min=1)), 5)}
+        if self.classify:
+            res["eval_accuracy"] = round(float(correct / tot_n.clamp(min=1)), 5)
+        return res
+
+    def run(self) -> dict:
+        import torch
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from .measure import Meter
+
+        r = self.recipe
+        accum = r.gradient_accumulation_steps
+        step, epoch, skip = self.resume()
+        meter = Meter(self.cuda)
+        measure_at = step + 2 if self.total_steps >= step + 2 else step + 1  # an optimizer step after the first
+        t0, tokens, last_loss, first = time.perf_counter(), 0, None, None
+        history = []
+        report = None
+        self.log(f"training {r.base_model}: {self.n_trainable:,} of {self.n_params:,} parameters trainable, "
+                 f"{self.total_steps} steps of {r.micro_batch_size} x {accum} x {self.world} rows")
+        progress = Progress(TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not self.main,
+                            transient=False)
+        with progress:
+            task = progress.add_task("train", total=self.total_steps, completed=step, info="")
+            while step < self.total_steps:
+                self.dl.set_epoch(epoch)
+                it = self.acc.skip_first_batches(self.dl, skip) if skip else self.dl
+                batch_in_epoch = skip
+                skip = 0
+                batches = []
+                for b in it:
+                    batches.append(b)
+                    batch_in_epoch += 1
+                    if len(batches) < accum:
+                        continue
+                    step += 1
+                    loss, gnorm, ntok = self.optimizer_step(batches, meter if step == measure_at else None)
+                    batches = []
+                    tokens += ntok
+                    last_loss = loss
+                    first = loss if first is None else first
+                    history.append(loss)
+                    el = time.perf_counter() - t0
+                    mem = (torch.cuda.max_memory_allocated() if self.cuda else meter.result()["host_peak_rss_bytes"]) / 2**30
+                    progress.update(task, completed=step, info=f"loss {loss:.4f}  {tokens / el:,.0f} tok/s  "
+                                    f"{'GPU' if self.cuda else 'RSS'} {mem:.2f} GiB")
+                    if step % r.logging_steps == 0 or step == self.total_steps:
+                        self.metrics({"step": step, "epoch": epoch, "loss": round(loss, 5), "grad_norm": gnorm,
+                                      "lr": self.sched.get_last_lr()[0], "tokens_per_s": round(tokens / el, 1)})
+                    if step == measure_at:
+                        report = self.report(meter, final=False)
+                    if r.eval_steps and step % r.eval_steps == 0 and step < self.total_steps:
+                        self.metrics({"step": step, **self.evaluate()})
+                    if r.save_steps and step % r.save_steps == 0 and step < self.total_steps:
+                        self.save_checkpoint(step, epoch, batch_in_epoch)
+                    if step >= self.total_steps:
+                        break
+                else:
+                    epoch += 1
+                    continue
+                break
+        elapsed = time.perf_counter() - t0
+        ev = self.evaluate()
+        if ev:
+            self.metrics({"step": step, **ev})
+        final = self.save_final()
+        report = self.report(meter, final=True, extra={
+            "steps": step, "tokens": tokens, "seconds": round(elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1),
+            "first_loss": first, "final_loss": last_loss, "eval": ev, "saved": str(final)}) or report
+        return report
+
+    def optimizer_step(self, batches: list, meter) -> tuple[float, float | None, int]:
+        import contextlib
+        r = self.recipe
+        n_items = self._global_items(batches)
+        window = meter.step_window(self.model, self.opt) if meter is not None else contextlib.nullcontext(lambda p: None)
+        with window as snap:
+            total = 0.0
+            for i, b in enumerate(batches):
+                total += self.micro_step(b, n_items, i == len(batches) - 1, snap)
+            gnorm = None
+            if r.max_grad_norm and not self.deepspeed:
+                norm = self.acc.clip_grad_norm_(self.model.parameters(), r.max_grad_norm)
+                gnorm = round(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm), 5)
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            snap("optimizer_step")
+        if meter is not None:
+            self.measured_shape = tuple(batches[0]["input_ids"].shape)
+        ntok = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
+        return total, gnorm, ntok * self.world
+
+    # ------------------------------------------------------------ report
+    def report(self, meter, final: bool, extra: dict | None = None) -> dict | None:
+        """Predicted against measured memory: a rich table and run_report.json (rank 0; the
+        worst rank's measurement under several processes)."""
+        from .measure import compare, table, write_json
+        if not meter.phases:
+            return None
+        measured = meter.result() if final else {**meter.result(), "partial": True}
+        if self.world > 1:
+            from accelerate.utils import gather_object
+            ranks = gather_object([measured])
+            measured = max(ranks, key=lambda m: m["peak_bytes"])
+            measured["ranks_peak_bytes"] = [m["peak_bytes"] for m in ranks]
+        if not self.main:
+            return None
+        b, s = self.measured_shape
+        predicted, notes = predict(self.recipe, self.config, b, s, self.world, self.cuda)
+        rep = {"recipe": self.recipe_path, "recipe_hash": recipe_hash(self.recipe), "model": self.recipe.base_model,
+               "device": "cuda" if self.cuda else "cpu", "world_size": self.world,
+               "params": self.n_params, "trainable_params": self.n_trainable, "data": self.data_stats,
+               "measured_step_shape": [b, s], "predicted": predicted, "measured": measured, "notes": notes + meter.notes}
+        if extra:
+            rep.update(extra)
+        if predicted is not None:
+            rows = compare(predicted, measured)
+            rep["comparison"] = rows
+            rep["total_error_pct"] = next(r["error_pct"] for r in rows if r["what"] == "total (peak)")
+            from rich.console import Console
+            Console(stderr=True).print(table(rows, f"memory per {'GPU' if self.cuda else 'process'}, predicted "
+                                                   f"against measured ({'end of run' if final else 'measured step'}, "
+                                                   f"micro-batch {b} x {s} tokens)"))
+        write_json(str(self.out / "run_report.json"), rep)
+        return rep
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m trainer RECIPE.yaml", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from .data import DataError
+    try:
+        recipe = load(argv[0])
+        t = Trainer(recipe, argv[0])
+        t.setup()
+        t.run()
+    except (RecipeError, DataError) as e:
+        print(f"plan train: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
