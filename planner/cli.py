@@ -346,6 +346,76 @@ def emit_config_cmd(
         typer.echo(path)
 
 
+@app.command("train")
+def train_cmd(
+    recipe: Optional[str] = typer.Argument(None, help="recipe.yaml (plan emit-config writes one)"),
+    auto: Optional[str] = typer.Option(None, "--auto", help="MODEL: plan it with plan recommend, write the plan, train it"),
+    data: Optional[str] = typer.Option(None, "--data", help="with --auto: training data (JSONL, JSON, CSV, Parquet)"),
+    data_format: str = typer.Option("alpaca", "--data-format", help="with --auto: alpaca, chat, completion, classification"),
+    gpu: str = typer.Option("auto", "--gpu", help="with --auto: the GPU to plan for (auto: what NVML sees)"),
+    gpus: Optional[int] = typer.Option(None, "--gpus"),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len"),
+    method: str = typer.Option("auto", "--method", help="with --auto: auto, full, lora, qlora"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="with --auto: stop after this many optimizer steps"),
+    out: str = typer.Option("plan-run", "--out", help="with --auto: directory for the plan's files and the run"),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", help="processes to launch (DDP, or the recipe's FSDP)"),
+    strict: bool = typer.Option(False, "--strict", help="exit 1 when the measured peak is outside --tolerance"),
+    tolerance: float = typer.Option(10.0, "--tolerance", help="percent, for --strict"),
+    force: bool = typer.Option(False, "--force", help="with --auto: replace plan files in --out"),
+):
+    """Train a recipe through accelerate launch, then print predicted against measured memory."""
+    from trainer import launch
+    from trainer.recipe import RecipeError
+    if (recipe is None) == (auto is None):
+        fail("give a RECIPE.yaml or --auto MODEL --data PATH (one of them)")
+    try:
+        if auto is not None:
+            if data is None:
+                fail("--auto needs --data PATH (the training data)")
+            recipe = _auto_recipe(auto, data, data_format, gpu, gpus, global_batch, seq_len, method, max_steps, out, force)
+        code = launch.run(recipe, num_processes, strict, tolerance, echo=lambda m: typer.echo(m, err=True))
+    except (RecipeError, PlanError) as e:
+        fail(str(e))
+    raise typer.Exit(code)
+
+
+def _auto_recipe(model, data, data_format, gpu_arg, gpus, global_batch, seq_len, method, max_steps, out, force) -> str:
+    """plan recommend's best plan for the GPU, written as emit-config writes it, into `out`;
+    the recipe trains there. Returns the recipe's path."""
+    from pathlib import Path
+
+    import yaml
+
+    from .emit import render, write_files
+    from .recommend import recommend
+    if data_format not in ("alpaca", "chat", "completion", "classification"):
+        fail(f"--data-format {data_format}: choose alpaca, chat, completion or classification")
+    res, spec = _spec(model)
+    if spec is None:
+        fail(f"{model}: plan train --auto needs the formulas, which model_type '{res.config.get('model_type')}' lacks")
+    g = _gpu(gpu_arg)
+    req = _request(res, spec, gpu_arg, g, gpus, 1, seq_len, None, global_batch=global_batch, method=method,
+                   margin=0.1, optimizer="adamw")
+    plans = recommend(spec, req)
+    if not plans:
+        fail(f"nothing fits {req.world} x {g.name}: run plan recommend {model} --gpu {gpu_arg} to see what would")
+    best = plans[0]
+    base, gguf = _loadable(model, res)
+    contents = render(base, best.settings, best.accumulation, best.estimate, out, spec.hidden, gpu=g.name,
+                      bf16_gpu=g.bf16, why=best.notes, data=str(Path(data).resolve()), data_format=data_format,
+                      gguf_file=gguf)
+    rec = yaml.safe_load(contents["recipe.yaml"])
+    rec["output_dir"] = str(Path(out).resolve())
+    if max_steps is not None:
+        rec["max_steps"] = max_steps
+    contents["recipe.yaml"] = yaml.safe_dump(rec, sort_keys=False)
+    for line in best.notes:
+        typer.echo(f"plan: {line}", err=True)
+    written = write_files(out, contents, force)
+    return next(w for w in written if w.endswith("recipe.yaml"))
+
+
 @app.command("gpus")
 def gpus_cmd(as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables")):
     """The GPU catalog, and the GPUs NVML sees on this machine."""

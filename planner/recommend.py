@@ -299,7 +299,7 @@ def explain(p: Plan, plans: list[Plan], req: Request) -> list[str]:
                      f"{p.global_batch} ({fill}; largest fitting micro-batch {p.largest_micro})")
     twin = [q for q in plans if q is not p and q.method == p.method and q.settings.strategy == st.strategy
             and q.settings.offload == st.offload and q.settings.grad_checkpointing != st.grad_checkpointing]
-    if twin:
+    if twin and p.tokens_per_s > 0 and twin[0].tokens_per_s > 0:  # a GPU without speed figures ranks by memory
         other = twin[0]
         gain = p.tokens_per_s / other.tokens_per_s - 1
         if st.grad_checkpointing:
@@ -308,9 +308,12 @@ def explain(p: Plan, plans: list[Plan], req: Request) -> list[str]:
         else:
             lines.append(f"no checkpointing: {gain:+.0%} tokens/s against recomputing at micro-batch "
                          f"{other.settings.batch_size}")
-    elif st.grad_checkpointing:
+    elif st.grad_checkpointing and not twin:
         lines.append("checkpointing is needed: nothing fits without it")
     t = p.time
+    if not t.total or t.total == float("inf"):
+        lines.append(f"no speed figures for {req.gpu.name}: tokens/s not modelled")
+        return lines
     bound = t.bound
     if bound == "communication":
         lines.append(f"communication-bound: {t.exposed / t.total:.0%} of the step waits on collectives")

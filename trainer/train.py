@@ -451,7 +451,8 @@ class Trainer:
         rep = {"recipe": self.recipe_path, "recipe_hash": recipe_hash(self.recipe), "model": self.recipe.base_model,
                "device": "cuda" if self.cuda else "cpu", "world_size": self.world,
                "params": self.n_params, "trainable_params": self.n_trainable, "data": self.data_stats,
-               "measured_step_shape": [b, s], "predicted": predicted, "measured": measured, "notes": notes + meter.notes}
+               "measured_step_shape": [b, s], "predicted": predicted, "measured": measured,
+               "planned": self.recipe.plan.expected.model_dump() if self.recipe.plan.expected else None, "notes": notes + meter.notes}
         if extra:
             rep.update(extra)
         if predicted is not None:
@@ -479,5 +480,19 @@ def main(argv: list[str] | None = None) -> int:
         t.run()
     except (RecipeError, DataError) as e:
         print(f"plan train: {e}", file=sys.stderr)
+        _error_file(argv[0], str(e), EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
     return 0
+
+
+def _error_file(recipe_path: str, line: str, status: int) -> None:
+    """Tell the launcher (trainer/launch.py) what went wrong: accelerate launch reports only
+    that a process failed."""
+    from .launch import CONFIG_DIR, ERROR_FILE
+    from .measure import write_json
+    try:
+        out = Path(load(recipe_path).output_dir) / CONFIG_DIR
+        if int(os.environ.get("RANK", "0")) == 0 and out.is_dir():
+            write_json(str(out / ERROR_FILE), {"status": status, "error": line})
+    except (RecipeError, OSError):
+        pass

@@ -1,0 +1,136 @@
+"""`plan train`: write the accelerate config for a recipe and run
+`accelerate launch --config_file CONFIG -m trainer RECIPE.yaml` as a child process.
+
+SIGINT and SIGTERM are passed on to the child (accelerate forwards them to its ranks), and the
+child's status is returned: 0, 2 for bad input (the trainer's one-line errors), 1 for a run that
+failed. With `strict`, a run whose measured peak is further from the prediction than
+`tolerance` percent is a failed run too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from .recipe import Recipe, RecipeError
+
+CONFIG_DIR = "launch"  # inside output_dir: the accelerate (and DeepSpeed) config of this run
+ERROR_FILE = "error.json"  # the trainer's bad-input line and status, for the launcher
+
+
+def preflight(recipe: Recipe) -> None:
+    """What can be checked before starting processes: every dataset file reads, the model's
+    config loads. The same errors the trainer would give, without a launcher in between."""
+    from .data import DataError, read_records
+    from .model import load_config
+    if not recipe.datasets:
+        raise RecipeError("datasets: the recipe names no dataset to train on")
+    for d in recipe.datasets:
+        try:
+            read_records(d.path, skip_bad_lines=recipe.skip_bad_lines)
+        except DataError as e:
+            raise RecipeError(str(e)) from None
+    load_config(recipe)
+
+
+def settings(recipe: Recipe, num_processes: int | None):
+    """The planner's settings of the recipe's plan, with the process count the user asked for."""
+    from planner.memory import Settings
+
+    from .model import precision
+    p = recipe.plan
+    gpus = num_processes if num_processes is not None else p.gpus
+    strategy = p.strategy if num_processes is None or num_processes > 1 else "ddp"
+    return Settings(precision=precision(recipe), batch_size=recipe.micro_batch_size, seq_len=recipe.sequence_len,
+                    lora_rank=recipe.lora_r if recipe.adapter else 0, quant="nf4" if recipe.adapter == "qlora" else "none",
+                    grad_checkpointing=recipe.gradient_checkpointing, gpus=gpus, nodes=p.nodes if num_processes is None else 1,
+                    strategy=strategy, offload=p.offload if strategy != "ddp" else "none")
+
+
+def write_config(recipe: Recipe, num_processes: int | None, hidden: int | None = None) -> Path:
+    """output_dir/launch/accelerate.yaml (and deepspeed.json for ZeRO), written atomically."""
+    import yaml
+
+    from planner.distributed import ZERO, world_size
+    from planner.emit import accelerate_config, deepspeed_config, write_files
+    st = settings(recipe, num_processes)
+    out = Path(recipe.output_dir) / CONFIG_DIR
+    files, ds = {}, None
+    if st.strategy in ZERO:
+        if hidden is None:
+            raise RecipeError(f"plan.strategy {st.strategy}: the DeepSpeed config needs the model's hidden size")
+        ds = str((out / "deepspeed.json").resolve())
+        files["deepspeed.json"] = json.dumps(deepspeed_config(st, hidden, world_size(st), recipe.gradient_accumulation_steps,
+                                                              recipe.max_grad_norm), indent=2) + "\n"
+    files["accelerate.yaml"] = yaml.safe_dump(accelerate_config(st, ds).to_dict())
+    write_files(str(out), files, force=True)
+    return out / "accelerate.yaml"
+
+
+def report_status(recipe: Recipe, strict: bool, tolerance: float) -> tuple[int, str]:
+    """(status, line) from run_report.json after a successful child."""
+    path = Path(recipe.output_dir) / "run_report.json"
+    if not path.exists():
+        return (1 if strict else 0), f"no {path}: nothing was measured"
+    rep = json.loads(path.read_text())
+    err = rep.get("total_error_pct")
+    if err is None:
+        return (1 if strict else 0), "no prediction to check the run against: " + "; ".join(rep.get("notes", []))
+    ok = abs(err) <= tolerance
+    line = f"peak memory: predicted {rep['predicted']['peak_bytes'] / 2**20:,.1f} MiB, measured " \
+           f"{rep['measured']['peak_bytes'] / 2**20:,.1f} MiB ({err:+.1f}%, tolerance {tolerance:g}%)"
+    return (0 if ok or not strict else 1), line + ("" if ok else ": OUTSIDE the tolerance")
+
+
+def run(recipe_path: str, num_processes: int | None = None, strict: bool = False, tolerance: float = 10.0,
+        echo=print) -> int:
+    from .recipe import load
+    recipe = load(recipe_path)
+    if num_processes is not None and num_processes < 1:
+        raise RecipeError(f"--num-processes must be at least 1, got {num_processes}")
+    hidden = None
+    if recipe.plan.strategy.startswith("zero"):
+        from .model import load_config
+        hidden = load_config(recipe).hidden_size
+    try:
+        Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RecipeError(f"output_dir {recipe.output_dir}: cannot create it ({e.strerror})") from None
+    from planner.memory import PlanError
+    try:
+        config = write_config(recipe, num_processes, hidden)
+    except PlanError as e:
+        raise RecipeError(str(e)) from None
+    preflight(recipe)
+    error_file = Path(recipe.output_dir) / CONFIG_DIR / ERROR_FILE
+    error_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", str(config), "-m", "trainer",
+           str(Path(recipe_path).resolve())]
+    echo(f"launching: accelerate launch --config_file {config} -m trainer {recipe_path}")
+    env = dict(os.environ)
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    child = subprocess.Popen(cmd, env=env)
+
+    def forward(sig, _frame):
+        child.send_signal(sig)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = child.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if rc != 0 and error_file.exists():  # the trainer's own one-line error, already printed
+        return int(json.loads(error_file.read_text()).get("status", 1))
+    if rc != 0:
+        echo(f"plan train: the run failed (exit status {rc})")
+        return 1
+    status, line = report_status(recipe, strict, tolerance)
+    echo(line)
+    return status
