@@ -17,7 +17,6 @@ import json
 import os
 
 GIB = 2**30
-COMPONENTS = ("weights", "gradients", "optimizer", "activations", "other")
 
 
 def peak_rss() -> int:
@@ -119,13 +118,18 @@ def compare(predicted: dict, measured: dict) -> list[dict]:
     """Rows of (what, predicted, measured, error %): the components at the peak (CPU), the
     phases, the peak; on a GPU the NVML figure against device_bytes."""
     rows = []
-    pc = dict(predicted.get("components", {}))
-    pc["activations"] = pc.get("activations", 0) + pc.pop("logits", 0)
     mc = measured.get("components")
-    if mc:
-        for k in COMPONENTS:
+    if mc and not measured.get("ranks_peak_bytes"):
+        # MemTracker files some saved activations under Temp/Other, and FSDP's unsharded
+        # parameters under weights: activations and temporaries are compared together, and
+        # components only for one process
+        pc = dict(predicted.get("components", {}))
+        merged = lambda c: sum(int(c.get(k, 0)) for k in ("activations", "logits", "other"))  # noqa: E731
+        for k in ("weights", "gradients", "optimizer"):
             rows.append({"what": k, "predicted": int(pc.get(k, 0)), "measured": int(mc.get(k, 0)),
                          "error_pct": _err(pc.get(k, 0), mc.get(k, 0))})
+        rows.append({"what": "activations + temporaries", "predicted": merged(pc), "measured": merged(mc),
+                     "error_pct": _err(merged(pc), merged(mc))})
     for k in ("forward", "backward", "optimizer_step"):
         if k in measured["phases"] and k in predicted.get("phases", {}):
             rows.append({"what": f"phase: {k}", "predicted": int(predicted["phases"][k]),

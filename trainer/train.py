@@ -185,10 +185,12 @@ class Trainer:
         self.total_steps = r.max_steps or max(1, math.ceil(r.num_epochs * self.steps_per_epoch))
         from transformers import get_scheduler
         sched = get_scheduler(r.lr_scheduler, opt, num_warmup_steps=r.warmup_steps, num_training_steps=self.total_steps)
+        # the scheduler stays unprepared: accelerate's wrapper steps it once per process, for
+        # schedules counted in single-process steps; this one counts optimizer steps
         if self.fsdp_cpu:
-            opt, dl, sched = acc.prepare(opt, dl, sched)
+            opt, dl = acc.prepare(opt, dl)
         else:
-            model, opt, dl, sched = acc.prepare(model, opt, dl, sched)
+            model, opt, dl = acc.prepare(model, opt, dl)
         if vdl is not None:
             vdl = acc.prepare(vdl)
         self.model, self.opt, self.dl, self.vdl, self.sched = model, opt, dl, vdl, sched

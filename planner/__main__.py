@@ -1,0 +1,4 @@
+"""`python -m planner ...`: the `plan` command without its console script."""
+from .cli import main
+
+main()
