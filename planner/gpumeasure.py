@@ -140,8 +140,27 @@ def run(out_csv: str, cases=CASES, echo=print) -> list[dict]:
     return rows
 
 
+def rescore(csv_path: str, echo=print) -> None:
+    """The measured rows of a run against today's estimate (after a calibration change)."""
+    from .resolve import catalog
+    names = {}
+    for model_id, settings in CASES:
+        st = Settings(**settings)
+        names["/".join([model_id, st.precision, f"lora{st.lora_rank}" if st.lora else "full", st.quant,
+                        "ckpt" if st.grad_checkpointing else "nockpt", f"b{st.batch_size}s{st.seq_len}",
+                        st.optimizer])] = (model_id, st)
+    for r in csv.DictReader(open(csv_path)):
+        model_id, st = names[r["case"]]
+        e = estimate(ModelSpec.from_config(catalog()[model_id]["config"]), st)
+        pk, nv = int(r["allocated_peak"]), int(r["nvml"])
+        echo(f"{r['case']:78s} peak {100 * (e.peak_bytes - pk) / pk:+6.2f}%  device {100 * (e.device_bytes - nv) / nv:+6.2f}%")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--rescore"]:
+        rescore(argv[1])
+        return 0
     if argv[:1] == ["--case"]:
         model_id, settings = json.loads(argv[1])
         print(json.dumps(measure_case(model_id, settings)))

@@ -321,5 +321,5 @@ def simulated_estimate(cfg: dict, st: Settings):
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]
     return Estimate(params=m.params, trainable_params=m.trainable_params, peak_bytes=peak,
-                    device_bytes=device_bytes(peak), components=cats[peak_phase], phases=phases,
+                    device_bytes=device_bytes(peak, st.grad_checkpointing), components=cats[peak_phase], phases=phases,
                     phase_components=cats, notes=notes)

@@ -231,7 +231,7 @@ def _measured_device(cfg: dict, st: Settings) -> int:
     """The device bytes of a step whose peak is measured (simulator, corrected to CUDA kernels)."""
     from .memory import device_bytes
     from .simulate import simulated_estimate
-    return device_bytes(simulated_estimate(cfg, st).peak_bytes)
+    return device_bytes(simulated_estimate(cfg, st).peak_bytes, st.grad_checkpointing)
 
 
 def recommend_scenario(model: str, method: str, seq_len: int, mib: int, global_batch: int | None) -> dict:

@@ -85,7 +85,7 @@ class Meter:
                     tracker.reset_mod_stats()
             yield snap
 
-    def result(self) -> dict:
+    def result(self, final: bool = False) -> dict:
         """The measured figures (bytes), for run_report.json."""
         out = {"phases": dict(self.phases), "peak_bytes": max(self.phases.values()) if self.phases else 0,
                "step_start_bytes": int(self.step_start), "host_peak_rss_bytes": peak_rss()}
@@ -102,9 +102,8 @@ class Meter:
             out["max_memory_reserved_bytes"] = int(self.reserved)
             out["run_max_memory_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
             if self.nvml is not None:
-                out["nvml_peak_bytes"] = int(self.nvml.stop())
+                out["nvml_peak_bytes"] = int(self.nvml.stop() if final else max(self.nvml.peak, self.nvml.sample()))
                 out["nvml_method"] = self.nvml.method
-                self.nvml = None
         else:
             out["source"] = "memtracker-cpu"
         return out

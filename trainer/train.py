@@ -440,7 +440,7 @@ class Trainer:
         from .measure import compare, table, write_json
         if not meter.phases:
             return None
-        measured = meter.result() if final else {**meter.result(), "partial": True}
+        measured = meter.result(final) if final else {**meter.result(), "partial": True}
         if self.world > 1:
             from accelerate.utils import gather_object
             ranks = gather_object([measured])
