@@ -210,6 +210,26 @@ def _request(res, spec, gpu_arg: str, g, gpus: Optional[int], nodes: int, seq_le
                    seq_len=_default_seq(res, spec, seq_len), host_ram_bytes=host, **kw)
 
 
+def _best_plan(model: str, res, spec, gpu_arg: str, g, gpus: Optional[int], nodes: int, seq_len: Optional[int], **kw):
+    """plan recommend's first plan for the request, or exit 2 saying nothing fits."""
+    from .recommend import recommend
+    req = _request(res, spec, gpu_arg, g, gpus, nodes, seq_len, None, **kw)
+    plans = recommend(spec, req)
+    if not plans:
+        fail(f"nothing fits {req.world} x {g.name}: run plan recommend {model} --gpu {gpu_arg} to see what would")
+    return plans[0]
+
+
+def _check_data_format(data_format: str) -> None:
+    """One of the recipe's dataset types (trainer/recipe.py)."""
+    from typing import get_args
+
+    from trainer.recipe import Dataset
+    formats = get_args(Dataset.model_fields["type"].annotation)
+    if data_format not in formats:
+        fail(f"--data-format {data_format}: choose {', '.join(formats[:-1])} or {formats[-1]}")
+
+
 @app.command("recommend")
 def recommend_cmd(
     model: str = typer.Argument(..., help="Hub id, directory with config.json, config.json or .gguf"),
@@ -312,20 +332,14 @@ def emit_config_cmd(
         fail(f"{model}: plan emit-config needs the formulas, which model_type '{res.config.get('model_type')}' does not have yet")
     if from_recommendation and gpu is None:
         fail("--from-recommendation needs --gpu NAME (or auto)")
-    if data_format not in ("alpaca", "chat", "completion", "classification"):
-        fail(f"--data-format {data_format}: choose alpaca, chat, completion or classification")
+    _check_data_format(data_format)
     why, gpu_name, bf16_gpu = None, None, True
     try:
         if gpu is not None:
-            from .recommend import recommend
             g = _gpu(gpu)
             gpu_name, bf16_gpu = g.name, g.bf16
-            req = _request(res, spec, gpu, g, gpus, nodes, seq_len, None, global_batch=global_batch, method=method,
-                           margin=margin, optimizer=optimizer)
-            plans = recommend(spec, req)
-            if not plans:
-                fail(f"nothing fits {req.world} x {g.name}: run plan recommend {model} --gpu {gpu} to see what would")
-            best = plans[0]
+            best = _best_plan(model, res, spec, gpu, g, gpus, nodes, seq_len, global_batch=global_batch, method=method,
+                              margin=margin, optimizer=optimizer)
             st, accum, est, why = best.settings, best.accumulation, best.estimate, best.notes
         else:
             st = _settings(precision, dtype or Dtype.bf16, batch_size=batch_size, seq_len=_default_seq(res, spec, seq_len),
@@ -388,19 +402,13 @@ def _auto_recipe(model, data, data_format, gpu_arg, gpus, global_batch, seq_len,
     import yaml
 
     from .emit import render, write_files
-    from .recommend import recommend
-    if data_format not in ("alpaca", "chat", "completion", "classification"):
-        fail(f"--data-format {data_format}: choose alpaca, chat, completion or classification")
+    _check_data_format(data_format)
     res, spec = _spec(model)
     if spec is None:
         fail(f"{model}: plan train --auto needs the formulas, which model_type '{res.config.get('model_type')}' lacks")
     g = _gpu(gpu_arg)
-    req = _request(res, spec, gpu_arg, g, gpus, 1, seq_len, None, global_batch=global_batch, method=method,
-                   margin=0.1, optimizer="adamw")
-    plans = recommend(spec, req)
-    if not plans:
-        fail(f"nothing fits {req.world} x {g.name}: run plan recommend {model} --gpu {gpu_arg} to see what would")
-    best = plans[0]
+    best = _best_plan(model, res, spec, gpu_arg, g, gpus, 1, seq_len, global_batch=global_batch, method=method,
+                      margin=0.1, optimizer="adamw")
     base, gguf = _loadable(model, res)
     contents = render(base, best.settings, best.accumulation, best.estimate, out, spec.hidden, gpu=g.name,
                       bf16_gpu=g.bf16, why=best.notes, data=str(Path(data).resolve()), data_format=data_format,

@@ -50,7 +50,9 @@ def _build(cfg: dict, st: Settings):
     if st.quant == "none":
         return build_model(cfg, st, device="cuda")
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoConfig, BitsAndBytesConfig
+    from transformers import AutoConfig
+
+    from trainer.model import nf4_config
 
     c = dict(cfg)
     config = AutoConfig.for_model(c.pop("model_type"), **c)
@@ -60,9 +62,7 @@ def _build(cfg: dict, st: Settings):
         with torch.device("cuda"):
             cls.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp)
         torch.cuda.empty_cache()
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-        model = cls.from_pretrained(tmp, quantization_config=q, dtype=torch.bfloat16, device_map={"": 0},
+        model = cls.from_pretrained(tmp, quantization_config=nf4_config(torch.bfloat16), dtype=torch.bfloat16, device_map={"": 0},
                                     attn_implementation="sdpa")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=st.grad_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -71,6 +71,11 @@ def _build(cfg: dict, st: Settings):
     model = get_peft_model(model, lcfg)
     model.train()
     return model, config
+
+
+def case_name(model_id: str, st: Settings) -> str:
+    return "/".join([model_id, st.precision, f"lora{st.lora_rank}" if st.lora else "full", st.quant,
+                     "ckpt" if st.grad_checkpointing else "nockpt", f"b{st.batch_size}s{st.seq_len}", st.optimizer])
 
 
 def measure_case(model_id: str, settings: dict) -> dict:
@@ -109,9 +114,7 @@ def measure_case(model_id: str, settings: dict) -> dict:
     nvml = sampler.stop()
     peak = max(phases.values())
     gpu = torch.cuda.get_device_name(0)
-    return {"case": "/".join([model_id, st.precision, f"lora{st.lora_rank}" if st.lora else "full",
-                              st.quant, "ckpt" if st.grad_checkpointing else "nockpt",
-                              f"b{st.batch_size}s{st.seq_len}", st.optimizer]),
+    return {"case": case_name(model_id, st),
             "gpu": gpu, "torch": torch.__version__, "predicted_peak": est.peak_bytes, "allocated_peak": peak,
             "peak_error_pct": round(100 * (est.peak_bytes - peak) / peak, 2),
             "predicted_device": est.device_bytes, "nvml": nvml, "nvml_method": sampler.method,
@@ -143,12 +146,7 @@ def run(out_csv: str, cases=CASES, echo=print) -> list[dict]:
 def rescore(csv_path: str, echo=print) -> None:
     """The measured rows of a run against today's estimate (after a calibration change)."""
     from .resolve import catalog
-    names = {}
-    for model_id, settings in CASES:
-        st = Settings(**settings)
-        names["/".join([model_id, st.precision, f"lora{st.lora_rank}" if st.lora else "full", st.quant,
-                        "ckpt" if st.grad_checkpointing else "nockpt", f"b{st.batch_size}s{st.seq_len}",
-                        st.optimizer])] = (model_id, st)
+    names = {case_name(m, Settings(**kw)): (m, Settings(**kw)) for m, kw in CASES}
     for r in csv.DictReader(open(csv_path)):
         model_id, st = names[r["case"]]
         e = estimate(ModelSpec.from_config(catalog()[model_id]["config"]), st)

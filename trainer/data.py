@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 IGNORE = -100  # the label that torch's cross-entropy skips
@@ -44,8 +44,7 @@ class Examples:
     labels: list
     classes: list | None = None
     truncated: int = 0
-    skipped: int = 0
-    stats: dict = field(default_factory=dict)
+    dropped: int = 0  # examples left with no token to train on (their answer truncated away)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -197,11 +196,10 @@ def tokenize(records: list[dict], tok, fmt: str, seq_len: int, path: str, *, tra
             truncated += 1
             ids, labels = ids[:seq_len], labels[:seq_len]
         if all(x == IGNORE for x in labels[1:]):
-            continue  # nothing to learn (the response was cut off): dropped, counted below
+            continue  # nothing to learn (the response was cut off): dropped and counted
         ids_all.append(ids)
         labels_all.append(labels)
-    ex = Examples(ids_all, labels_all, None, truncated)
-    ex.stats["empty_after_truncation"] = len(records) - len(ids_all)
+    ex = Examples(ids_all, labels_all, None, truncated, dropped=len(records) - len(ids_all))
     if not ids_all:
         raise DataError(f"{path}: no example has a token to train on within sequence_len={seq_len}")
     return ex

@@ -37,26 +37,13 @@ def preflight(recipe: Recipe) -> None:
     load_config(recipe)
 
 
-def settings(recipe: Recipe, num_processes: int | None):
-    """The planner's settings of the recipe's plan, with the process count the user asked for."""
-    from planner.memory import Settings
-
-    from .model import precision
-    p = recipe.plan
-    gpus = num_processes if num_processes is not None else p.gpus
-    strategy = p.strategy if num_processes is None or num_processes > 1 else "ddp"
-    return Settings(precision=precision(recipe), batch_size=recipe.micro_batch_size, seq_len=recipe.sequence_len,
-                    lora_rank=recipe.lora_r if recipe.adapter else 0, quant="nf4" if recipe.adapter == "qlora" else "none",
-                    grad_checkpointing=recipe.gradient_checkpointing, gpus=gpus, nodes=p.nodes if num_processes is None else 1,
-                    strategy=strategy, offload=p.offload if strategy != "ddp" else "none")
-
-
 def write_config(recipe: Recipe, num_processes: int | None, hidden: int | None = None) -> Path:
     """output_dir/launch/accelerate.yaml (and deepspeed.json for ZeRO), written atomically."""
     import yaml
 
     from planner.distributed import ZERO, world_size
     from planner.emit import accelerate_config, deepspeed_config, write_files
+    from .model import settings
     st = settings(recipe, num_processes)
     out = Path(recipe.output_dir) / CONFIG_DIR
     files, ds = {}, None

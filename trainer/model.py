@@ -34,6 +34,35 @@ def precision(recipe: Recipe) -> str:
     return f"{half}-amp"
 
 
+def settings(recipe: Recipe, world: int | None = None, batch: int | None = None, seq: int | None = None,
+             kernels: str = "cuda"):
+    """The planner's settings for this recipe: on the plan's GPUs and nodes, or on another
+    count of `world` processes on one node (one of them: no strategy); micro-batch `batch` x
+    `seq` tokens (default the recipe's)."""
+    from planner.memory import Settings
+    p = recipe.plan
+    if world is None or world == p.gpus * p.nodes:  # the plan as written (a 1-GPU ZeRO offload plan too)
+        gpus, nodes, strategy = p.gpus, p.nodes, p.strategy
+    else:
+        gpus, nodes, strategy = world, 1, p.strategy if world > 1 else "ddp"
+    targets = recipe.lora_target_modules
+    return Settings(precision=precision(recipe), optimizer=recipe.optimizer, batch_size=batch or recipe.micro_batch_size,
+                    seq_len=seq or recipe.sequence_len, lora_rank=recipe.lora_r if recipe.adapter else 0,
+                    lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                    lora_targets=targets if isinstance(targets, str) else ",".join(targets),
+                    quant="nf4" if recipe.adapter == "qlora" else "none", grad_checkpointing=recipe.gradient_checkpointing,
+                    gpus=gpus, nodes=nodes, strategy=strategy, offload=p.offload if strategy != "ddp" else "none",
+                    accumulation=recipe.gradient_accumulation_steps, kernels=kernels)
+
+
+def nf4_config(compute_dtype):
+    """QLoRA's base as bitsandbytes stores it (the layout the estimate counts): NF4, double
+    quantisation, matmuls in `compute_dtype`."""
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
 def source(recipe: Recipe) -> dict:
     """from_pretrained's location arguments."""
     base = recipe.base_model
@@ -84,14 +113,10 @@ def load_model(recipe: Recipe, num_labels: int | None = None, cuda: bool = False
     else:
         cls = AutoModelForCausalLM
     if qlora:
-        try:
-            import bitsandbytes  # noqa: F401  (only whether it is installed)
-        except ImportError:
-            raise ModelError("adapter: qlora needs bitsandbytes: pip install bitsandbytes") from None
-        from transformers import BitsAndBytesConfig
-        kw["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if recipe.bf16 else torch.float16)
+        import importlib.util
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelError("adapter: qlora needs bitsandbytes: pip install bitsandbytes")
+        kw["quantization_config"] = nf4_config(torch.bfloat16 if recipe.bf16 else torch.float16)
         import os
         kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     try:

@@ -39,30 +39,16 @@ def recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _settings(recipe: Recipe, config, batch: int, seq: int, world: int, cuda: bool):
-    """The estimator's settings for a micro-batch of shape (batch, seq) of this recipe."""
-    from planner.memory import Settings
-
-    from .model import precision
-    targets = recipe.lora_target_modules
-    return Settings(precision=precision(recipe), optimizer=recipe.optimizer, batch_size=batch, seq_len=seq,
-                    lora_rank=recipe.lora_r if recipe.adapter else 0, lora_alpha=recipe.lora_alpha,
-                    lora_dropout=recipe.lora_dropout,
-                    lora_targets=targets if isinstance(targets, str) else ",".join(targets),
-                    quant="nf4" if recipe.adapter == "qlora" else "none", grad_checkpointing=recipe.gradient_checkpointing,
-                    gpus=world if recipe.plan.nodes == 1 else max(1, world // recipe.plan.nodes), nodes=recipe.plan.nodes,
-                    strategy=recipe.plan.strategy if world > 1 else "ddp", offload=recipe.plan.offload,
-                    accumulation=recipe.gradient_accumulation_steps, kernels="cuda" if cuda else "cpu")
-
-
 def predict(recipe: Recipe, config, batch: int, seq: int, world: int, cuda: bool) -> tuple[dict | None, list]:
     """The estimate for the measured step's shape, as run_report's `predicted`, and notes."""
     from planner.memory import PlanError, estimate
     from planner.spec import ModelSpec, SpecError
+
+    from .model import settings
     notes = []
     try:
         spec = ModelSpec.from_config(config.to_dict())
-        est = estimate(spec, _settings(recipe, config, batch, seq, world, cuda))
+        est = estimate(spec, settings(recipe, world, batch, seq, kernels="cuda" if cuda else "cpu"))
     except (SpecError, PlanError) as e:
         return None, [f"no prediction: {e}"]
     if recipe.unfrozen_parameters:
@@ -136,7 +122,7 @@ class Trainer:
         self.classify = fmt == {"classification"}
         if self.classify and r.sample_packing:
             raise RecipeError("sample_packing: packing needs causal-LM data, not classification")
-        parts, classes, self.data_stats = [], None, {"records": 0, "truncated": 0, "skipped_lines": 0}
+        parts, classes, self.data_stats = [], None, {"records": 0, "truncated": 0, "dropped": 0, "skipped_lines": 0}
         for d in r.datasets:
             records, skipped = D.read_records(d.path, skip_bad_lines=r.skip_bad_lines)
             ex = D.tokenize(records, self.tok, d.type, r.sequence_len, d.path, train_on_inputs=r.train_on_inputs,
@@ -144,6 +130,7 @@ class Trainer:
             classes = ex.classes
             self.data_stats["records"] += len(records)
             self.data_stats["truncated"] += ex.truncated
+            self.data_stats["dropped"] += ex.dropped
             self.data_stats["skipped_lines"] += skipped
             parts.append(ex)
         ex = parts[0]
@@ -180,8 +167,8 @@ class Trainer:
                                  weight_decay=r.weight_decay)
         except ValueError as e:
             raise RecipeError(f"optimizer: {e}") from None
-        per_epoch = math.ceil(len(dl) / self.world) if self.world > 1 else len(dl)
-        self.steps_per_epoch = max(1, math.ceil(per_epoch / r.gradient_accumulation_steps))
+        per_rank = math.ceil(len(dl) / self.world)
+        self.steps_per_epoch = max(1, math.ceil(per_rank / r.gradient_accumulation_steps))
         self.total_steps = r.max_steps or max(1, math.ceil(r.num_epochs * self.steps_per_epoch))
         from transformers import get_scheduler
         sched = get_scheduler(r.lr_scheduler, opt, num_warmup_steps=r.warmup_steps, num_training_steps=self.total_steps)
@@ -347,7 +334,7 @@ class Trainer:
         import torch
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from .measure import Meter
+        from .measure import Meter, peak_rss
 
         r = self.recipe
         accum = r.gradient_accumulation_steps
@@ -383,7 +370,7 @@ class Trainer:
                     first = loss if first is None else first
                     history.append(loss)
                     el = time.perf_counter() - t0
-                    mem = (torch.cuda.max_memory_allocated() if self.cuda else meter.result()["host_peak_rss_bytes"]) / 2**30
+                    mem = (torch.cuda.max_memory_allocated() if self.cuda else peak_rss()) / 2**30
                     progress.update(task, completed=step, info=f"loss {loss:.4f}  {tokens / el:,.0f} tok/s  "
                                     f"{'GPU' if self.cuda else 'RSS'} {mem:.2f} GiB")
                     if step % r.logging_steps == 0 or step == self.total_steps:
@@ -475,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m trainer RECIPE.yaml", file=sys.stderr)
         return EXIT_BAD_INPUT
     from .data import DataError
+    recipe = None
     try:
         recipe = load(argv[0])
         t = Trainer(recipe, argv[0])
@@ -482,19 +470,21 @@ def main(argv: list[str] | None = None) -> int:
         t.run()
     except (RecipeError, DataError) as e:
         print(f"plan train: {e}", file=sys.stderr)
-        _error_file(argv[0], str(e), EXIT_BAD_INPUT)
+        if recipe is not None:
+            _error_file(recipe, str(e), EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
     return 0
 
 
-def _error_file(recipe_path: str, line: str, status: int) -> None:
+def _error_file(recipe: Recipe, line: str, status: int) -> None:
     """Tell the launcher (trainer/launch.py) what went wrong: accelerate launch reports only
-    that a process failed."""
+    that a process failed. (A recipe that does not load never gets here: the launcher loads it
+    first and says so itself.)"""
     from .launch import CONFIG_DIR, ERROR_FILE
     from .measure import write_json
-    try:
-        out = Path(load(recipe_path).output_dir) / CONFIG_DIR
-        if int(os.environ.get("RANK", "0")) == 0 and out.is_dir():
+    out = Path(recipe.output_dir) / CONFIG_DIR
+    if int(os.environ.get("RANK", "0")) == 0 and out.is_dir():
+        try:
             write_json(str(out / ERROR_FILE), {"status": status, "error": line})
-    except (RecipeError, OSError):
-        pass
+        except OSError:
+            pass
