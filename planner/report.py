@@ -76,8 +76,8 @@ def render(console, name: str, arch: str, rows: list[tuple[Settings, Estimate]],
         console.print(f"host RAM per node: {gib(est0.cpu_bytes)}" + (f"; NVMe per node: {gib(est0.nvme_bytes)}" if est0.nvme_bytes else ""))
     for n in est0.notes:
         console.print(f"note: {n}")
-    console.print("peak = live tensors (torch.cuda.max_memory_allocated); device adds CUDA context, "
-                  "cuBLAS workspaces and allocator reserve (see README).", style="dim")
+    console.print("peak = live tensors and cuBLAS workspace (torch.cuda.max_memory_allocated); device adds the "
+                  "CUDA context and allocator reserve (see README).", style="dim")
 
 
 # GPU memory sizes the comparison marks fit against (GiB as NVML reports total memory, rounded
