@@ -90,6 +90,8 @@ def check_options(st: Settings) -> Settings:
             raise PlanError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(st, name)}")
     if st.lora_rank < 0:
         raise PlanError(f"--lora-rank must be 0 (full fine-tune) or positive, got {st.lora_rank}")
+    if st.lora_alpha is not None and st.lora_alpha <= 0:
+        raise PlanError(f"--lora-alpha must be positive, got {st.lora_alpha:g}")
     if st.lora_dropout < 0 or st.lora_dropout >= 1:
         raise PlanError(f"--lora-dropout must be in [0, 1), got {st.lora_dropout}")
     if st.quant != "none" and not st.lora:
@@ -385,9 +387,13 @@ def _attention_core(c: _Ctx, acc: _Saved, q: _T | None, k: _T | None, v: _T | No
     the output and an fp32 log-sum-exp per head and token; no seq x seq matrix, and GQA runs
     without repeating k and v. Eager (transformers' `eager_attention_forward`): keeps q, the
     repeated k and v, the fp32 softmax output and its cast back to the compute dtype (seq x seq
-    per head), plus gemma2's tanh soft-capping output and the dropout mask.
+    per head), plus gemma2's tanh soft-capping output and the dropout mask. SDPA on CPU kernels
+    with attention dropout (BERT's and GPT-2's 0.1 in training) has no fused kernel and runs the
+    math one, in fp32: see `_attention_math_dropout`.
     """
     s, st, e = c.spec, c.st, c.compute
+    if not _eager(s, st) and st.kernels == "cpu" and s.attn_dropout > 0:
+        return _attention_math_dropout(c, acc, v, qkv)
     if qkv is not None:
         qkv.keep()
     for t in (q, k, v):
@@ -407,6 +413,24 @@ def _attention_core(c: _Ctx, acc: _Saved, q: _T | None, k: _T | None, v: _T | No
     else:
         acc.add(s.heads, 4)
     return out
+
+
+def _attention_math_dropout(c: _Ctx, acc: _Saved, v: _T | None, qkv: _T | None) -> _T:
+    """CPU SDPA with dropout: torch's `_scaled_dot_product_attention_math` in fp32 keeps scaled
+    fp32 copies of q and k, v (itself when already fp32, else an fp32 copy; a slice of GPT-2's
+    fused qkv keeps the whole qkv), and three fp32 seq x seq values per head: the softmax
+    output, the CPU dropout's scaled noise and the dropped probabilities. Counted from the
+    tensors autograd saves (saved_tensors_hooks on F.scaled_dot_product_attention, torch 2.13
+    CPU). The output is not kept here; the output projection keeps it if it needs it."""
+    s, e = c.spec, c.compute
+    acc.add(2 * s.q_dim, 4)
+    keep_v = qkv if qkv is not None else v
+    if e == 4 and keep_v is not None:
+        keep_v.keep()
+    else:
+        acc.add(s.q_dim, 4)
+    acc.add(s.heads * c.st.seq_len, 3 * 4)
+    return acc.new(s.q_dim, e)
 
 
 def _eager(s: ModelSpec, st: Settings) -> bool:
