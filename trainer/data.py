@@ -116,14 +116,35 @@ def _field(rec: dict, name: str, n: int, path: str, kind: str, required: bool = 
     return v if isinstance(v, str) else str(v)
 
 
-def _chat_segments(tok, messages, n: int, path: str, train_on_inputs: bool) -> list[tuple[str, bool]]:
-    """The chat rendered by the tokenizer's template, cut into (text, trained) pieces: each
-    message's text is what its prefix adds to the rendering; an assistant message's generation
-    header is never trained on."""
+def _check_messages(messages, n: int, path: str) -> None:
     if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages):
         raise DataError(f"{path}: record {n}: 'messages' must be a list of {{role, content}} objects")
+
+
+def check_records(records: list[dict], fmt: str, path: str, text_field: str | None = None,
+                  label_field: str | None = None) -> None:
+    """Every record has the fields `fmt` needs; the first that lacks one is named. Cheap (no
+    tokenizer): the launcher runs it before starting any process, `tokenize` again."""
+    if fmt == "chat":
+        for n, r in enumerate(records, 1):
+            _check_messages(r.get(text_field or "messages"), n, path)
+        return
+    need = {"alpaca": ["instruction", "output"], "completion": [text_field or "text"],
+            "classification": [text_field or "text", label_field or "label"]}
+    if fmt not in need:
+        raise DataError(f"{path}: unknown dataset type '{fmt}'")
+    for n, r in enumerate(records, 1):
+        for name in need[fmt]:
+            _field(r, name, n, path, fmt)
+
+
+def _chat_segments(tok, messages, n: int, path: str, train_on_inputs: bool) -> list[tuple[str, bool]]:
+    """The chat rendered by the tokenizer's template, cut into (text, trained) pieces: each
+    message's text is what its prefix adds to the rendering; an assistant message's generation
+    header is never trained on."""
+    _check_messages(messages, n, path)
     if getattr(tok, "chat_template", None) is None:
         raise DataError(f"{path}: the chat format needs a tokenizer with a chat template; this one has none")
     out, prev = [], ""
@@ -155,6 +176,7 @@ def tokenize(records: list[dict], tok, fmt: str, seq_len: int, path: str, *, tra
              text_field: str | None = None, label_field: str | None = None,
              classes: list | None = None) -> Examples:
     """Render and tokenise each record; longer than `seq_len` is truncated and counted."""
+    check_records(records, fmt, path, text_field, label_field)
     ids_all, labels_all, truncated = [], [], 0
     if fmt == "classification":
         tf, lf = text_field or "text", label_field or "label"
@@ -182,8 +204,6 @@ def tokenize(records: list[dict], tok, fmt: str, seq_len: int, path: str, *, tra
             segs = _chat_segments(tok, r.get(text_field or "messages"), n, path, train_on_inputs)
         elif fmt == "completion":
             segs = [(_field(r, text_field or "text", n, path, fmt), True)]
-        else:
-            raise DataError(f"{path}: unknown dataset type '{fmt}'")
         ids, labels = list(bos), [IGNORE] * len(bos)
         for text, trained in segs:
             t = _tokens(tok, text)
@@ -247,7 +267,7 @@ def pack(ex: Examples, seq_len: int) -> list[dict]:
             pos += list(range(len(ex.input_ids[i])))
         pad = seq_len - len(ids)
         rows.append({"input_ids": ids + [0] * pad, "labels": labels + [IGNORE] * pad,
-                     "position_ids": pos + list(range(pad))})
+                     "position_ids": pos + list(range(pad)), "length": len(ids)})
     return rows
 
 
@@ -261,7 +281,8 @@ def rows(ex: Examples, seq_len: int, packing: bool) -> list[dict]:
 
 class Collator:
     """Pads a micro-batch to its longest row (rounded up to a multiple of 8), labels with -100
-    and an attention mask; packed rows are already full and carry position ids."""
+    and an attention mask; packed rows are already full and carry position ids, and `length`,
+    their tokens before padding, which the trainer counts and takes out before the forward."""
 
     def __init__(self, pad_id: int, multiple: int = 8):
         self.pad_id, self.multiple = pad_id, multiple
@@ -269,7 +290,7 @@ class Collator:
     def __call__(self, batch: list[dict]) -> dict:
         import torch
         if "position_ids" in batch[0]:
-            return {k: torch.tensor([r[k] for r in batch]) for k in ("input_ids", "labels", "position_ids")}
+            return {k: torch.tensor([r[k] for r in batch]) for k in ("input_ids", "labels", "position_ids", "length")}
         n = max(len(r["input_ids"]) for r in batch)
         n = -(-n // self.multiple) * self.multiple
         ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)

@@ -58,6 +58,17 @@ def predict(recipe: Recipe, config, batch: int, seq: int, world: int, cuda: bool
             "phases": est.phases, "batch_size": batch, "seq_len": seq, "notes": est.notes}, notes
 
 
+def real_tokens(batch: dict) -> int:
+    """The tokens of a micro-batch that are not padding; takes out packed rows' `length` (see
+    trainer.data.Collator), which the model does not accept."""
+    length = batch.pop("length", None)
+    if length is not None:
+        return int(length.sum())
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return batch["input_ids"].numel()
+
+
 def param_groups(model, weight_decay: float) -> list[dict]:
     """Decay on matrices, none on biases and norms (HF Trainer's rule: 1-D parameters)."""
     decay, no_decay = [], []
@@ -137,6 +148,8 @@ class Trainer:
         for p in parts[1:]:
             ex = D.Examples(ex.input_ids + p.input_ids, ex.labels + p.labels, ex.classes, ex.truncated + p.truncated)
         self.classes = ex.classes
+        if self.classify:  # the prediction counts the classifier the model gets
+            self.config.num_labels = len(self.classes)
         train, val = D.split(ex, r.val_set_size, r.seed)
         train_rows = D.rows(train, r.sequence_len, r.sample_packing)
         val_rows = D.rows(val, r.sequence_len, r.sample_packing) if val is not None else []
@@ -314,6 +327,7 @@ class Trainer:
         correct = torch.zeros(1, device=self.acc.device)
         with torch.no_grad(), self.acc.autocast():
             for b in self.vdl:
+                real_tokens(b)
                 out = self.model(**b)
                 if self.classify:
                     n = b["labels"].numel()
@@ -342,6 +356,7 @@ class Trainer:
         meter = Meter(self.cuda)
         measure_at = step + 2 if self.total_steps >= step + 2 else step + 1  # an optimizer step after the first
         t0, tokens, last_loss, first = time.perf_counter(), 0, None, None
+        self.label_tokens = 0
         history = []
         report = None
         self.log(f"training {r.base_model}: {self.n_trainable:,} of {self.n_params:,} parameters trainable, "
@@ -395,13 +410,16 @@ class Trainer:
         final = self.save_final()
         report = self.report(meter, final=True, extra={
             "steps": step, "tokens": tokens, "seconds": round(elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1),
-            "first_loss": first, "final_loss": last_loss, "eval": ev, "saved": str(final)}) or report
+            "label_tokens": self.label_tokens, "first_loss": first, "final_loss": last_loss,
+            "mean_loss": sum(history) / len(history) if history else None, "eval": ev, "saved": str(final)}) or report
         return report
 
     def optimizer_step(self, batches: list, meter) -> tuple[float, float | None, int]:
         import contextlib
         r = self.recipe
+        ntok = sum(real_tokens(b) for b in batches)
         n_items = self._global_items(batches)
+        self.label_tokens += n_items
         window = meter.step_window(self.model, self.opt) if meter is not None else contextlib.nullcontext(lambda p: None)
         with window as snap:
             total = 0.0
@@ -417,7 +435,6 @@ class Trainer:
             snap("optimizer_step")
         if meter is not None:
             self.measured_shape = tuple(batches[0]["input_ids"].shape)
-        ntok = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
         return total, gnorm, ntok * self.world
 
     # ------------------------------------------------------------ report
