@@ -332,6 +332,14 @@ def emit_config_cmd(
         fail(f"{model}: plan emit-config needs the formulas, which model_type '{res.config.get('model_type')}' does not have yet")
     if from_recommendation and gpu is None:
         fail("--from-recommendation needs --gpu NAME (or auto)")
+    if gpu is not None:  # recommend chooses these; an explicit value would be silently dropped
+        given = {"--dtype": dtype is not None, "--precision": precision is not None, "--batch-size": batch_size != 1,
+                 "--grad-accum": grad_accum != 1, "--lora-rank": lora_rank != 0, "--lora-alpha": lora_alpha is not None,
+                 "--lora-targets": lora_targets != "all-linear", "--quant": quant != "none",
+                 "--grad-checkpointing": grad_checkpointing, "--strategy": strategy != "ddp", "--offload": offload != "none"}
+        if any(given.values()):
+            fail(f"{', '.join(k for k, v in given.items() if v)}: explicit-plan options, but --gpu asks plan recommend to "
+                 "choose the plan; drop --gpu to write your plan, or drop these to write recommend's")
     _check_data_format(data_format)
     why, gpu_name, bf16_gpu = None, None, True
     try:
@@ -401,8 +409,14 @@ def _auto_recipe(model, data, data_format, gpu_arg, gpus, global_batch, seq_len,
 
     import yaml
 
+    from trainer.data import DataError, check_records, read_records
+
     from .emit import render, write_files
     _check_data_format(data_format)
+    try:  # the data first: a bad file is named before any planning is printed
+        check_records(read_records(data)[0], data_format, data)
+    except DataError as e:
+        fail(str(e))
     res, spec = _spec(model)
     if spec is None:
         fail(f"{model}: plan train --auto needs the formulas, which model_type '{res.config.get('model_type')}' lacks")
@@ -513,10 +527,24 @@ def _compat_deepspeed(model: str, as_json: bool, gpus: int, nodes: int) -> None:
 
 
 def main() -> None:
+    """The `plan` entry point. Click's usage errors (an unknown option, a value of the wrong
+    type or outside a choice) are answered like every other bad input: one line, status 2."""
     try:
-        app()
-    except KeyboardInterrupt:
+        from typer._click import exceptions as cx  # typer 0.2x carries its own click
+    except ImportError:
+        from click import exceptions as cx
+    try:
+        rc = app(standalone_mode=False)
+    except cx.NoArgsIsHelpError as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except cx.UsageError as e:
+        where = f"{e.ctx.command_path}: " if e.ctx is not None else ""
+        typer.echo(f"error: {where}{' '.join(e.format_message().split())}", err=True)
+        sys.exit(2)
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

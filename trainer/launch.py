@@ -23,15 +23,16 @@ ERROR_FILE = "error.json"  # the trainer's bad-input line and status, for the la
 
 
 def preflight(recipe: Recipe) -> None:
-    """What can be checked before starting processes: every dataset file reads, the model's
-    config loads. The same errors the trainer would give, without a launcher in between."""
-    from .data import DataError, read_records
+    """What can be checked before starting processes: every dataset file reads and has the
+    fields its format needs, the model's config loads. The same errors the trainer would give, without a launcher in between."""
+    from .data import DataError, check_records, read_records
     from .model import load_config
     if not recipe.datasets:
         raise RecipeError("datasets: the recipe names no dataset to train on")
     for d in recipe.datasets:
         try:
-            read_records(d.path, skip_bad_lines=recipe.skip_bad_lines)
+            records, _ = read_records(d.path, skip_bad_lines=recipe.skip_bad_lines)
+            check_records(records, d.type, d.path, d.field, d.label_field)
         except DataError as e:
             raise RecipeError(str(e)) from None
     load_config(recipe)
