@@ -49,6 +49,15 @@ def _spec(model: str):
         fail(f"{model}: malformed config: {e}")
 
 
+def _source_note(res) -> None:
+    """Say where the config came from when it is not the user's own file: the built-in catalog
+    stands in when the model is not local, not cached and the Hub is offline or unreachable
+    (stderr, so that --json output stays one object)."""
+    if res.source == "catalog":
+        typer.echo(f"note: {res.name}: config from plan's built-in catalog (tables/models.json); not local, not in "
+                   "the Hugging Face cache, and the Hub offline or unreachable", err=True)
+
+
 def _settings(precision, dtype, **kw) -> list[Settings]:
     if precision:
         return [Settings(precision=precision, **kw)]
@@ -119,6 +128,7 @@ def estimate_cmd(
             sim.param_counts = est.param_counts if est else None  # the formula's breakdown, where there is one
             sims.append((st, sim))
         runs, method = sims, "simulated"
+    _source_note(res)
     if as_json:
         objs = [to_json(res.name, arch, st, est, method) for st, est in runs]
         typer.echo(json.dumps(objs[0] if (precision or dtype) else objs, indent=2))
@@ -268,6 +278,7 @@ def recommend_cmd(
              + (f" ({st.strategy}, offload {st.offload})" if st else "")
              + ("; it would fit with " + ", or ".join(hints) if hints else "; no single change makes it fit"))
     from .report import plan_json, render_plans
+    _source_note(res)
     if as_json:
         typer.echo(json.dumps({"model": res.name, "gpu": g.name, "gpus": req.gpus, "nodes": req.nodes,
                                "memory_bytes": g.memory_bytes, "budget_bytes": req.budget, "mfu": req.mfu,

@@ -57,9 +57,9 @@ def recipe(tiny, out, **kw) -> Path:
     return path
 
 
-def plan_train(*args, timeout=600):
+def plan_train(*args, timeout=600, env=None):
     return subprocess.run([sys.executable, "-m", "planner", "train", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
 def metrics(out: Path) -> list[dict]:

@@ -38,6 +38,18 @@ def preflight(recipe: Recipe) -> None:
     load_config(recipe)
 
 
+def _wait_group(pgid: int, timeout: float = 600.0) -> None:
+    """Until no process of the group is left (a trainer writing its last checkpoint)."""
+    import time
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.2)
+
+
 def write_config(recipe: Recipe, num_processes: int | None, hidden: int | None = None) -> Path:
     """output_dir/launch/accelerate.yaml (and deepspeed.json for ZeRO), written atomically."""
     import yaml
@@ -103,14 +115,21 @@ def run(recipe_path: str, num_processes: int | None = None, strict: bool = False
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    child = subprocess.Popen(cmd, env=env)
+    # The child leads its own process group, and a signal goes to the whole group: accelerate's
+    # one-process launcher does not pass SIGTERM on to the trainer, which saves a checkpoint on
+    # SIGINT/SIGTERM before it exits.
+    child = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def forward(sig, _frame):
-        child.send_signal(sig)
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            pass
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         rc = child.wait()
+        _wait_group(child.pid)  # the trainer may outlive a launcher that died of the signal
     finally:
         for s, h in old.items():
             signal.signal(s, h)

@@ -85,6 +85,12 @@ class Meter:
                     tracker.reset_mod_stats()
             yield snap
 
+    def discard(self) -> None:
+        """Forget a step window that did not finish (an out-of-memory error; the step is retried)."""
+        self.phases.clear()
+        self.categories.clear()
+        self.reserved = 0
+
     def result(self, final: bool = False) -> dict:
         """The measured figures (bytes), for run_report.json."""
         out = {"phases": dict(self.phases), "peak_bytes": max(self.phases.values()) if self.phases else 0,

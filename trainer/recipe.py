@@ -81,6 +81,9 @@ class Recipe(_Strict):
     logging_steps: int = Field(10, ge=1)
     eval_steps: Optional[int] = Field(None, ge=1)
     skip_bad_lines: bool = False  # skip (and count) malformed JSONL lines instead of stopping
+    loss_watchdog_threshold: Optional[float] = Field(None, gt=0)  # Axolotl's: stop when the loss stays above it
+    loss_watchdog_patience: int = Field(3, ge=1)  # ... for this many steps in a row (a non-finite loss always counts)
+    oom_backoff: bool = True  # out of memory: halve the micro-batch, double the accumulation, retry the step
     plan: PlanSection = Field(default_factory=PlanSection)
 
     @model_validator(mode="after")

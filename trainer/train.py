@@ -35,12 +35,64 @@ from .recipe import Recipe, RecipeError, load
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 
+class RunStopped(Exception):
+    """The run stopped before its last step, on purpose: a signal, the loss watchdog, or an
+    out-of-memory error the back-off cannot get under. One line; exit status 1."""
+
+
+class _OutOfMemory(Exception):
+    """Every rank agreed that `ranks` of them ran out of memory in this `phase` of the step."""
+
+    def __init__(self, ranks: int, phase: str, recoverable: bool):
+        super().__init__(f"out of memory in {phase} on {ranks} rank(s)")
+        self.ranks, self.phase, self.recoverable = ranks, phase, recoverable
+
+
+def finite(x: float | None, digits: int = 5) -> float | None:
+    """A value for the JSON files: rounded, and None (null) when not finite."""
+    return round(x, digits) if x is not None and math.isfinite(x) else None
+
+
+def split_rows(batches: list[dict], parts: int) -> list[dict]:
+    """Each loader batch cut into `parts` micro-batches of consecutive rows (the OOM back-off's
+    smaller micro-batch: the loader, its position and the step's samples stay as they were)."""
+    if parts == 1:
+        return batches
+    out = []
+    for b in batches:
+        n = b["input_ids"].shape[0]
+        size = -(-n // parts)
+        out += [{k: v[i:i + size] for k, v in b.items()} for i in range(0, n, size)]
+    return out
+
+
+def injected_oom(rows: int, rank: int) -> None:
+    """Fault injection for tests, off unless set: PLAN_INJECT_OOM_ROWS=N makes a forward of more
+    than N rows raise torch.OutOfMemoryError, on every rank or on PLAN_INJECT_OOM_RANK only."""
+    limit = os.environ.get("PLAN_INJECT_OOM_ROWS")
+    if limit is None or rows <= int(limit):
+        return
+    only = os.environ.get("PLAN_INJECT_OOM_RANK")
+    if only is None or int(only) == rank:
+        import torch
+        raise torch.OutOfMemoryError(f"injected: a forward of {rows} rows (PLAN_INJECT_OOM_ROWS={limit})")
+
+
+def injected_nan_steps() -> set[int]:
+    """Fault injection for tests: PLAN_INJECT_NAN_STEPS=3,4 makes those steps' loss NaN."""
+    return {int(x) for x in os.environ.get("PLAN_INJECT_NAN_STEPS", "").split(",") if x.strip()}
+
+
 def recipe_hash(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def predict(recipe: Recipe, config, batch: int, seq: int, world: int, cuda: bool) -> tuple[dict | None, list]:
-    """The estimate for the measured step's shape, as run_report's `predicted`, and notes."""
+def predict(recipe: Recipe, config, batch: int, seq: int, world: int, cuda: bool,
+            accumulation: int | None = None) -> tuple[dict | None, list]:
+    """The estimate for a step of this shape (and accumulation, after an OOM back-off), as
+    run_report's `predicted`, and notes."""
+    from dataclasses import replace
+
     from planner.memory import PlanError, estimate
     from planner.spec import ModelSpec, SpecError
 
@@ -48,7 +100,8 @@ def predict(recipe: Recipe, config, batch: int, seq: int, world: int, cuda: bool
     notes = []
     try:
         spec = ModelSpec.from_config(config.to_dict())
-        est = estimate(spec, settings(recipe, world, batch, seq, kernels="cuda" if cuda else "cpu"))
+        st = settings(recipe, world, batch, seq, kernels="cuda" if cuda else "cpu")
+        est = estimate(spec, replace(st, accumulation=accumulation) if accumulation else st)
     except (SpecError, PlanError) as e:
         return None, [f"no prediction: {e}"]
     if recipe.unfrozen_parameters:
@@ -91,12 +144,17 @@ class Trainer:
         self.recipe = recipe
         self.recipe_path = recipe_path
         self.out = Path(recipe.output_dir)
+        self.split = 1  # loader batches cut into this many micro-batches (OOM back-off)
+        self.stop_signal: str | None = None
+        self.skipped_steps = 0
+        self.oom_events: list[dict] = []
+        self.inject_nan = injected_nan_steps()
 
     # ------------------------------------------------------------ set-up
     def setup(self) -> None:
         import torch
         from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
+        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, set_seed
 
         from planner.emit import mixed_precision
         from planner.memory import Settings
@@ -110,8 +168,12 @@ class Trainer:
         if not self.cuda and prec.startswith("fp16"):
             raise RecipeError("fp16: true needs a GPU; on CPU use bf16: true or neither")
         mixed = mixed_precision(Settings(precision=prec))
+        # DDP without broadcast_buffers: a transformer's buffers (rotary frequencies, position
+        # ids) are constants, and a forward free of collectives lets the ranks agree on an
+        # out-of-memory error right after it (_agree_oom)
         self.acc = Accelerator(cpu=not self.cuda, mixed_precision=mixed,
-                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         acc = self.acc
         set_seed(r.seed)
         self.world = acc.num_processes
@@ -220,7 +282,7 @@ class Trainer:
         if self.main:
             torch.save(self.sched.state_dict(), tmp / "scheduler.pt")
             state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "recipe_hash": recipe_hash(self.recipe),
-                     "world_size": self.world}
+                     "world_size": self.world, "micro_split": self.split, "skipped_steps": self.skipped_steps}
             (tmp / "trainer_state.json").write_text(json.dumps(state))
             os.replace(tmp, final)
         self.acc.wait_for_everyone()
@@ -252,6 +314,8 @@ class Trainer:
             torch.set_rng_state(rng["torch"])
             if self.cuda and rng["cuda"] is not None:
                 torch.cuda.set_rng_state_all(rng["cuda"])
+        self.split = state.get("micro_split", 1)  # a backed-off micro-batch stays backed off
+        self.skipped_steps = state.get("skipped_steps", 0)
         if self.main:
             self.log(f"resumed from {ck} (step {state['step']})")
         return state["step"], state["epoch"], state["batch_in_epoch"]
@@ -297,25 +361,74 @@ class Trainer:
         t = torch.tensor([n], device=self.acc.device)
         return int(self.acc.reduce(t, reduction="sum").item()) if self.world > 1 else n
 
-    def micro_step(self, batch: dict, n_items: int, last: bool, snap) -> float:
+    def micro_step(self, batch: dict, n_items: int, last: bool, snap, step: int) -> float:
+        """One forward and backward; an out-of-memory error in either is agreed on by every
+        rank after that half (`_agree_oom`), so that all of them abandon the step together."""
         import contextlib
+
+        import torch
         model = self.model
         sync = contextlib.nullcontext() if (last or self.fsdp or self.deepspeed or self.world == 1) \
             else self.acc.no_sync(model)
+        value, oom, loss = 0.0, False, None
         with sync:
-            with self.acc.autocast():
-                if self.classify:
-                    out = model(**batch)
-                    loss = out.loss * batch["labels"].numel() / n_items
-                else:
-                    loss = model(**batch, num_items_in_batch=n_items).loss
-            snap("forward")
-            scaled = loss * self.world if self.world > 1 and not self.deepspeed else loss
-            self.acc.backward(scaled)
-            value = float(loss.detach())
-            del loss, scaled
-            snap("backward")
+            try:
+                injected_oom(batch["input_ids"].shape[0], self.acc.process_index)
+                with self.acc.autocast():
+                    if self.classify:
+                        out = model(**batch)
+                        loss = out.loss * batch["labels"].numel() / n_items
+                    else:
+                        loss = model(**batch, num_items_in_batch=n_items).loss
+                if step in self.inject_nan:
+                    loss = loss * float("nan")
+                snap("forward")
+            except torch.OutOfMemoryError:  # a flag, not the exception: its traceback would keep the activations
+                oom, loss = True, None
+            try:
+                self._agree_oom(oom, "forward")
+            except _OutOfMemory:
+                if last and self.world > 1 and not (self.fsdp or self.deepspeed):
+                    self._drain_ddp(batch, loss)
+                raise
+            try:
+                scaled = loss * self.world if self.world > 1 and not self.deepspeed else loss
+                self.acc.backward(scaled)
+                value = float(loss.detach())
+                del loss, scaled
+                snap("backward")
+            except torch.OutOfMemoryError:
+                oom = True
+            self._agree_oom(oom, "backward")
         return value
+
+    def _drain_ddp(self, batch: dict, loss) -> None:
+        """After an out-of-memory error in DDP's gradient-synchronising forward, bring every
+        rank's reducer back to rest so that the step can be retried: the ranks where the forward
+        finished expect a backward with its all-reduces. Every rank runs one backward of zero
+        (a rank whose forward failed first runs a one-row, 8-token forward), so all take part
+        in the same all-reduces; the zero gradients are then dropped."""
+        if loss is None:
+            tiny = {k: v[:1, :8] if v.dim() > 1 else v[:1] for k, v in batch.items()}
+            with self.acc.autocast():
+                loss = self.model(**tiny).loss
+        self.acc.backward(loss * 0.0)
+        self.opt.zero_grad(set_to_none=True)
+
+    def _agree_oom(self, oom: bool, phase: str) -> None:
+        """Raise `_OutOfMemory` on every rank when any rank ran out of memory. Ranks agree by
+        one all-reduce of a flag, where no rank can be inside another collective: always with
+        one process and under DDP, never under FSDP or DeepSpeed (their forward gathers
+        parameters), where an out-of-memory error stops the run."""
+        import torch
+        if self.world == 1 or self.fsdp or self.deepspeed:
+            if oom:
+                raise _OutOfMemory(1, phase, recoverable=self.world == 1)
+            return
+        flag = torch.tensor([float(oom)], device=self.acc.device)
+        ranks = int(self.acc.reduce(flag, reduction="sum").item())
+        if ranks:
+            raise _OutOfMemory(ranks, phase, recoverable=True)
 
     def evaluate(self) -> dict:
         import torch
@@ -345,22 +458,33 @@ class Trainer:
         return res
 
     def run(self) -> dict:
+        import signal
+
         import torch
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         from .measure import Meter, peak_rss
 
         r = self.recipe
-        accum = r.gradient_accumulation_steps
         step, epoch, skip = self.resume()
         meter = Meter(self.cuda)
         measure_at = step + 2 if self.total_steps >= step + 2 else step + 1  # an optimizer step after the first
         t0, tokens, last_loss, first = time.perf_counter(), 0, None, None
-        self.label_tokens = 0
+        measured_s, measured_tokens = 0.0, 0  # the measured step runs under the memory tracker (slow on CPU)
+        self.label_tokens, self.bad_loss_steps = 0, 0
         history = []
         report = None
+
+        def on_signal(sig, _frame):
+            if self.stop_signal is not None:  # a second Ctrl-C: stop now, without a checkpoint
+                raise KeyboardInterrupt
+            self.stop_signal = signal.Signals(sig).name
+            self.log(f"{self.stop_signal}: stopping after this step with a checkpoint (again to stop at once)")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
         self.log(f"training {r.base_model}: {self.n_trainable:,} of {self.n_params:,} parameters trainable, "
-                 f"{self.total_steps} steps of {r.micro_batch_size} x {accum} x {self.world} rows")
+                 f"{self.total_steps} steps of {r.micro_batch_size} x {r.gradient_accumulation_steps} x {self.world} rows")
         progress = Progress(TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
                             TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not self.main,
                             transient=False)
@@ -375,10 +499,16 @@ class Trainer:
                 for b in it:
                     batches.append(b)
                     batch_in_epoch += 1
-                    if len(batches) < accum:
+                    if len(batches) < r.gradient_accumulation_steps:
                         continue
                     step += 1
-                    loss, gnorm, ntok = self.optimizer_step(batches, meter if step == measure_at else None)
+                    measured = step == measure_at
+                    t_step = time.perf_counter()
+                    loss, gnorm, ntok = self.optimizer_step(batches, meter if measured else None, step)
+                    if measured:
+                        measured_s, measured_tokens = time.perf_counter() - t_step, ntok
+                        if not meter.phases:  # the step was retried after an out-of-memory error
+                            measure_at += 1
                     batches = []
                     tokens += ntok
                     last_loss = loss
@@ -389,14 +519,21 @@ class Trainer:
                     progress.update(task, completed=step, info=f"loss {loss:.4f}  {tokens / el:,.0f} tok/s  "
                                     f"{'GPU' if self.cuda else 'RSS'} {mem:.2f} GiB")
                     if step % r.logging_steps == 0 or step == self.total_steps:
-                        self.metrics({"step": step, "epoch": epoch, "loss": round(loss, 5), "grad_norm": gnorm,
+                        self.metrics({"step": step, "epoch": epoch, "loss": finite(loss), "grad_norm": finite(gnorm),
                                       "lr": self.sched.get_last_lr()[0], "tokens_per_s": round(tokens / el, 1)})
                     if step == measure_at:
                         report = self.report(meter, final=False)
                     if r.eval_steps and step % r.eval_steps == 0 and step < self.total_steps:
                         self.metrics({"step": step, **self.evaluate()})
-                    if r.save_steps and step % r.save_steps == 0 and step < self.total_steps:
+                    saved = bool(r.save_steps and step % r.save_steps == 0 and step < self.total_steps)
+                    if saved:
                         self.save_checkpoint(step, epoch, batch_in_epoch)
+                    why = self._stop_reason(loss, step)
+                    if why is not None:
+                        if not saved:
+                            self.save_checkpoint(step, epoch, batch_in_epoch)
+                        self.report(meter, final=False, extra={"steps": step, "stopped": why})
+                        raise RunStopped(f"{why}; checkpoint-{step} saved in {self.out}")
                     if step >= self.total_steps:
                         break
                 else:
@@ -410,32 +547,118 @@ class Trainer:
         final = self.save_final()
         report = self.report(meter, final=True, extra={
             "steps": step, "tokens": tokens, "seconds": round(elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1),
-            "label_tokens": self.label_tokens, "first_loss": first, "final_loss": last_loss,
-            "mean_loss": sum(history) / len(history) if history else None, "eval": ev, "saved": str(final)}) or report
+            "measured_step_seconds": round(measured_s, 2), "tokens_per_s_other_steps":
+                round((tokens - measured_tokens) / (elapsed - measured_s), 1) if elapsed > measured_s else None,
+            "label_tokens": self.label_tokens, "first_loss": finite(first, 8), "final_loss": finite(last_loss, 8),
+            "mean_loss": finite(sum(history) / len(history)) if history else None, "eval": ev, "saved": str(final)}) or report
         return report
 
-    def optimizer_step(self, batches: list, meter) -> tuple[float, float | None, int]:
-        import contextlib
+    def _stop_reason(self, loss: float, step: int) -> str | None:
+        """Why the run must stop after this step, the same on every rank (one all-reduce): a
+        signal, or the loss watchdog (a loss above `loss_watchdog_threshold`, or not finite, for
+        `loss_watchdog_patience` steps in a row, as Axolotl's loss_watchdog)."""
+        import torch
         r = self.recipe
+        bad = not math.isfinite(loss) or (r.loss_watchdog_threshold is not None and loss > r.loss_watchdog_threshold)
+        self.bad_loss_steps = self.bad_loss_steps + 1 if bad else 0
+        signalled = self.stop_signal is not None
+        if self.world > 1:
+            t = torch.tensor([float(signalled)], device=self.acc.device)
+            signalled = bool(self.acc.reduce(t, reduction="sum").item())
+        if signalled:
+            return f"stopped by {self.stop_signal or 'a signal to another rank'} at step {step}; run the same " \
+                   "command to resume"
+        if self.bad_loss_steps >= r.loss_watchdog_patience:
+            what = "not finite" if not math.isfinite(loss) else f"above loss_watchdog_threshold={r.loss_watchdog_threshold:g}"
+            return f"loss watchdog: the loss was {what} for {self.bad_loss_steps} steps in a row (step {step}, loss " \
+                   f"{loss:.4g}); lower learning_rate or check the data, then resume"
+        return None
+
+    def optimizer_step(self, batches: list, meter, step: int) -> tuple[float, float | None, int]:
+        """One optimizer step over the loader's `batches` (gradient_accumulation_steps of
+        them), each cut into `self.split` micro-batches after an out-of-memory back-off. Returns
+        (loss over all ranks, gradient norm, tokens). A step whose gradient norm is not finite
+        is skipped (no optimizer or scheduler step) and counted."""
+        import contextlib
+
+        import torch
         ntok = sum(real_tokens(b) for b in batches)
         n_items = self._global_items(batches)
         self.label_tokens += n_items
-        window = meter.step_window(self.model, self.opt) if meter is not None else contextlib.nullcontext(lambda p: None)
-        with window as snap:
-            total = 0.0
-            for i, b in enumerate(batches):
-                total += self.micro_step(b, n_items, i == len(batches) - 1, snap)
-            gnorm = None
-            if r.max_grad_norm and not self.deepspeed:
-                norm = self.acc.clip_grad_norm_(self.model.parameters(), r.max_grad_norm)
-                gnorm = round(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm), 5)
-            self.opt.step()
-            self.sched.step()
-            self.opt.zero_grad(set_to_none=True)
-            snap("optimizer_step")
+        while True:
+            micro = split_rows(batches, self.split)
+            window = meter.step_window(self.model, self.opt) if meter is not None else \
+                contextlib.nullcontext(lambda p: None)
+            try:
+                with window as snap:
+                    total = 0.0
+                    for i, b in enumerate(micro):
+                        total += self.micro_step(b, n_items, i == len(micro) - 1, snap, step)
+                    gnorm = self._grad_norm()
+                    if gnorm is None or math.isfinite(gnorm):
+                        self.opt.step()
+                        self.sched.step()
+                    else:
+                        self.skipped_steps += 1
+                        self.log(f"step {step}: gradient norm {gnorm}: step skipped ({self.skipped_steps} so far)")
+                    self.opt.zero_grad(set_to_none=True)
+                    snap("optimizer_step")
+                break
+            except _OutOfMemory as e:
+                self.opt.zero_grad(set_to_none=True)
+                if meter is not None:
+                    meter.discard()
+                self._back_off(e, step, micro)
         if meter is not None:
-            self.measured_shape = tuple(batches[0]["input_ids"].shape)
+            self.measured_shape = tuple(micro[0]["input_ids"].shape)
+        if self.world > 1:
+            t = torch.tensor([total], device=self.acc.device)
+            total = float(self.acc.reduce(t, reduction="sum").item())
         return total, gnorm, ntok * self.world
+
+    def _grad_norm(self) -> float | None:
+        """The global gradient norm, after clipping to max_grad_norm (0: no clipping, the norm
+        still computed for the non-finite check); None under DeepSpeed, which clips itself."""
+        if self.deepspeed:
+            return None
+        norm = self.acc.clip_grad_norm_(self.model.parameters(), self.recipe.max_grad_norm or float("inf"))
+        return round(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm), 5)
+
+    def _back_off(self, e: "_OutOfMemory", step: int, micro: list) -> None:
+        """After an out-of-memory error every rank agreed on: halve the micro-batch, double the
+        accumulation (the global batch and the step's samples stay the same) and retry the
+        step; or stop when that cannot help. Logged, and kept for run_report.json."""
+        import torch
+        rows, seq = micro[0]["input_ids"].shape
+        accum = self.recipe.gradient_accumulation_steps * self.split
+        where = f"out of memory in the {e.phase} of step {step} (micro-batch {rows} x {seq} tokens" + \
+            (f", {e.ranks} of {self.world} ranks)" if self.world > 1 else ")")
+        if self.cuda:
+            torch.cuda.empty_cache()
+        if not self.recipe.oom_backoff:
+            raise RunStopped(f"{where}; oom_backoff is off: lower micro_batch_size")
+        if not e.recoverable:
+            raise RunStopped(f"{where}; under {'FSDP' if self.fsdp else 'DeepSpeed'} with {self.world} ranks the step "
+                             "cannot be retried in place: lower micro_batch_size (plan recommend)")
+        if rows == 1:
+            raise RunStopped(f"{where}; the micro-batch is 1 row, nothing left to halve: use gradient_checkpointing, "
+                             "LoRA, a shorter sequence_len or more GPUs (plan recommend)")
+        self.split *= 2
+        new_rows = -(-rows // 2)
+        event = {"step": step, "phase": e.phase, "ranks": e.ranks, "micro_batch": [rows, new_rows],
+                 "accumulation": [accum, accum * 2], "seq_len": seq}
+        pred, _ = predict(self.recipe, self.config, rows, seq, self.world, self.cuda, accum)
+        if pred is not None:
+            event["predicted_peak_bytes"] = pred["peak_bytes"]
+            event["predicted_device_bytes"] = pred["device_bytes"]
+            if self.cuda:
+                total = torch.cuda.mem_get_info()[1]
+                event["device_total_bytes"] = total
+                if pred["device_bytes"] < total:  # it said this fits; it did not
+                    event["prediction_low_by_at_least_pct"] = round((total / pred["device_bytes"] - 1) * 100, 1)
+        self.oom_events.append(event)
+        self.log(f"{where}: micro-batch {rows} -> {new_rows}, accumulation {accum} -> {accum * 2} (global batch "
+                 f"unchanged); retrying step {step}")
 
     # ------------------------------------------------------------ report
     def report(self, meter, final: bool, extra: dict | None = None) -> dict | None:
@@ -453,12 +676,16 @@ class Trainer:
         if not self.main:
             return None
         b, s = self.measured_shape
-        predicted, notes = predict(self.recipe, self.config, b, s, self.world, self.cuda)
+        predicted, notes = predict(self.recipe, self.config, b, s, self.world, self.cuda,
+                                   self.recipe.gradient_accumulation_steps * self.split)
         rep = {"recipe": self.recipe_path, "recipe_hash": recipe_hash(self.recipe), "model": self.recipe.base_model,
                "device": "cuda" if self.cuda else "cpu", "world_size": self.world,
                "params": self.n_params, "trainable_params": self.n_trainable, "data": self.data_stats,
                "measured_step_shape": [b, s], "predicted": predicted, "measured": measured,
-               "planned": self.recipe.plan.expected.model_dump() if self.recipe.plan.expected else None, "notes": notes + meter.notes}
+               "planned": self.recipe.plan.expected.model_dump() if self.recipe.plan.expected else None,
+               "micro_batch_size": -(-self.recipe.micro_batch_size // self.split),
+               "gradient_accumulation_steps": self.recipe.gradient_accumulation_steps * self.split,
+               "oom_backoff": self.oom_events, "skipped_steps": self.skipped_steps, "notes": notes + meter.notes}
         if extra:
             rep.update(extra)
         if predicted is not None:
@@ -490,6 +717,10 @@ def main(argv: list[str] | None = None) -> int:
         if recipe is not None:
             _error_file(recipe, str(e), EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
+    except RunStopped as e:
+        print(f"plan train: {e}", file=sys.stderr)
+        _error_file(recipe, str(e), EXIT_FAILED)
+        return EXIT_FAILED
     return 0
 
 
