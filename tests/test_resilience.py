@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train import ROOT, metrics, needs_smollm2, plan_train, recipe, tiny, tok  # noqa: F401  (fixtures)
+from test_train import ROOT, metrics, needs_smollm2, plan_train, recipe
 
 from trainer.train import latest_checkpoint, split_rows
 
