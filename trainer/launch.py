@@ -38,6 +38,40 @@ def preflight(recipe: Recipe) -> None:
     load_config(recipe)
 
 
+def cpu_threads(local_processes: int) -> int:
+    """Threads per process: the machine's physical cores shared by the processes on it.
+    accelerate launch otherwise sets OMP_NUM_THREADS=1 unless the config says `use_cpu` (a GPU
+    plan run on a CPU machine does not): one core of two measured 0.59x HF Trainer's speed on
+    the same job (benchmarks/train_vs_hf.py)."""
+    import psutil
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    return max(1, cores // max(1, local_processes))
+
+
+def _trainer_ranks(pid: int) -> list[int] | None:
+    """The processes below `pid` that run `-m trainer` (Linux /proc); None where there is no /proc."""
+    proc = Path("/proc")
+    if not (proc / str(pid)).exists():
+        return None
+    children: dict[int, list[int]] = {}
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    ranks, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            todo.append(c)
+            try:
+                if b"-m\x00trainer\x00" in (proc / str(c) / "cmdline").read_bytes():
+                    ranks.append(c)
+            except OSError:
+                continue
+    return ranks
+
+
 def _wait_group(pgid: int, timeout: float = 600.0) -> None:
     """Until no process of the group is left (a trainer writing its last checkpoint)."""
     import time
@@ -108,21 +142,28 @@ def run(recipe_path: str, num_processes: int | None = None, strict: bool = False
     preflight(recipe)
     error_file = Path(recipe.output_dir) / CONFIG_DIR / ERROR_FILE
     error_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", str(config), "-m", "trainer",
-           str(Path(recipe_path).resolve())]
+    threads = [] if os.environ.get("OMP_NUM_THREADS") else \
+        ["--num_cpu_threads_per_process", str(cpu_threads(num_processes or recipe.plan.gpus))]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", str(config), *threads,
+           "-m", "trainer", str(Path(recipe_path).resolve())]
     echo(f"launching: accelerate launch --config_file {config} -m trainer {recipe_path}")
     env = dict(os.environ)
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    # The child leads its own process group, and a signal goes to the whole group: accelerate's
-    # one-process launcher does not pass SIGTERM on to the trainer, which saves a checkpoint on
-    # SIGINT/SIGTERM before it exits.
+    # The child leads its own process group (a terminal's Ctrl-C reaches this process only), and
+    # a signal goes to the trainer's ranks themselves: accelerate's one-process launcher does
+    # not pass SIGTERM on, and torch's elastic agent would pass it on a second time (the ranks
+    # take a second signal as "stop at once") and kill them 30 s later, checkpoint or not.
     child = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def forward(sig, _frame):
+        ranks = _trainer_ranks(child.pid)
         try:
-            os.killpg(child.pid, sig)
+            if ranks is None:  # no /proc: the whole group
+                os.killpg(child.pid, sig)
+            for pid in ranks or []:
+                os.kill(pid, sig)
         except ProcessLookupError:
             pass
 

@@ -721,6 +721,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plan train: {e}", file=sys.stderr)
         _error_file(recipe, str(e), EXIT_FAILED)
         return EXIT_FAILED
+    except KeyboardInterrupt:  # a second signal: no checkpoint for the step in flight
+        line = "stopped at once by a second signal; the newest complete checkpoint is where a rerun resumes"
+        print(f"plan train: {line}", file=sys.stderr)
+        if recipe is not None:
+            _error_file(recipe, line, EXIT_FAILED)
+        return EXIT_FAILED
     return 0
 
 
