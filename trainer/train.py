@@ -507,8 +507,6 @@ class Trainer:
                     loss, gnorm, ntok = self.optimizer_step(batches, meter if measured else None, step)
                     if measured:
                         measured_s, measured_tokens = time.perf_counter() - t_step, ntok
-                        if not meter.phases:  # the step was retried after an out-of-memory error
-                            measure_at += 1
                     batches = []
                     tokens += ntok
                     last_loss = loss
