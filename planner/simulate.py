@@ -16,6 +16,15 @@ from dataclasses import dataclass
 from .memory import RECIPES, Settings
 
 
+ATTENTION_DROPOUT_KEYS = ("attn_pdrop", "attention_probs_dropout_prob", "attention_dropout")
+
+
+def measured_config(cfg: dict) -> dict:
+    """The config as the simulator runs it, for the formula it is compared with: attention
+    dropout 0, whatever the class default (see the module docstring)."""
+    return {**cfg, **{k: 0.0 for k in ATTENTION_DROPOUT_KEYS}}
+
+
 @dataclass
 class Measurement:
     peak_bytes: int
@@ -46,7 +55,7 @@ def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = N
         config = AutoConfig.from_pretrained(**load, use_cache=False)
     else:
         config = AutoConfig.for_model(mt, **cfg)
-    for k in ("attn_pdrop", "attention_probs_dropout_prob", "attention_dropout"):
+    for k in ATTENTION_DROPOUT_KEYS:
         if hasattr(config, k):  # the class default counts too (GPT-2 and BERT default to 0.1)
             setattr(config, k, 0.0)
     rc = RECIPES[st.precision]
@@ -303,7 +312,7 @@ def simulated_estimate(cfg: dict, st: Settings):
     cats = {k: dict(v) for k, v in m.categories.items()}
     notes = ["measured: a real training step of the transformers model under fake tensors (MemTracker), CPU kernels"]
     try:
-        spec = ModelSpec.from_config(cfg)
+        spec = ModelSpec.from_config(measured_config(cfg))
     except SpecError:
         spec = None
         notes.append("attention dropout off as on CUDA's fused kernels; any dropout masks are counted as CPU keeps "

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 
 from .memory import Settings, estimate
+from .simulate import measured_config
 from .spec import ModelSpec
 
 SMALL = {
@@ -185,7 +186,7 @@ def run_case(case: Case) -> dict:
         cfg = catalog()[case.model]["config"]
     else:
         cfg = SMALL[case.model]
-    est = estimate(ModelSpec.from_config(cfg), case.settings)
+    est = estimate(ModelSpec.from_config(measured_config(cfg)), case.settings)
     if case.distributed:
         return _run_distributed(case, cfg, est.peak_bytes)
     real = case.source == "weights"
@@ -244,7 +245,7 @@ def recommend_scenario(model: str, method: str, seq_len: int, mib: int, global_b
     from .recommend import Request, recommend
 
     cfg = SMALL[model]
-    spec = ModelSpec.from_config(cfg)
+    spec = ModelSpec.from_config(measured_config(cfg))
     gpu = GPU(name=f"{mib}MiB", memory_bytes=mib * 2**20, bf16_tflops=100, fp16_tflops=100, fp8_tflops=0,
               mem_bw_gbs=1000, nvlink_gbs=0, pcie_gbs=32)
     req = Request(gpu=gpu, seq_len=seq_len, method=method, margin=RECOMMEND_MARGIN, global_batch=global_batch)
