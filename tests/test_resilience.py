@@ -31,6 +31,19 @@ def wait_for(cond, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process below it (the launcher runs accelerate in its own
+    process group, so the launcher's group alone would leave the trainer running)."""
+    import psutil
+    procs = psutil.Process(pid).children(recursive=True) + [psutil.Process(pid)]
+    for q in procs:
+        try:
+            q.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def weights(out: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(str(out / "final" / "model.safetensors"))
@@ -77,7 +90,7 @@ def test_sigkill_mid_run_then_resume_ends_as_an_uninterrupted_run(tiny, tmp_path
     path = recipe(tiny, out, **kw)
     p = start(path)
     wait_for(lambda: (out / "checkpoint-20" / "trainer_state.json").exists(), p)
-    os.killpg(p.pid, signal.SIGKILL)  # the node goes away: no handler runs
+    kill_tree(p.pid)  # the node goes away: no handler runs, nothing is left running
     p.wait()
     assert not (out / "final").exists()
     done = {int(m["step"]) for m in metrics(out)}
