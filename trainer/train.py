@@ -710,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         t = Trainer(recipe, argv[0])
         t.setup()
         t.run()
+        _shut_down(t)
     except (RecipeError, DataError) as e:
         print(f"plan train: {e}", file=sys.stderr)
         if recipe is not None:
@@ -726,6 +727,15 @@ def main(argv: list[str] | None = None) -> int:
             _error_file(recipe, line, EXIT_FAILED)
         return EXIT_FAILED
     return 0
+
+
+def _shut_down(t: Trainer) -> None:
+    """Ranks leave together and tear the process group down before the interpreter does: a
+    gloo rank that exits while another still talks to it can abort (SIGABRT) at exit."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        t.acc.wait_for_everyone()
+        dist.destroy_process_group()
 
 
 def _error_file(recipe: Recipe, line: str, status: int) -> None:
