@@ -150,6 +150,11 @@ class Trainer:
         self.oom_events: list[dict] = []
         self.inject_nan = injected_nan_steps()
 
+    @property
+    def accumulation(self) -> int:
+        """Micro-steps per optimizer step: the recipe's, times the OOM back-off's split."""
+        return self.recipe.gradient_accumulation_steps * self.split
+
     # ------------------------------------------------------------ set-up
     def setup(self) -> None:
         import torch
@@ -182,6 +187,7 @@ class Trainer:
             and acc.distributed_type != DistributedType.FSDP
         self.fsdp = self.fsdp_cpu or acc.distributed_type == DistributedType.FSDP
         self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        self.ddp = self.world > 1 and not (self.fsdp or self.deepspeed)  # several ranks, replicated model
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
 
@@ -353,13 +359,20 @@ class Trainer:
 
     def _global_items(self, batches: list) -> int:
         """Label tokens (causal LM) or rows (classification) of this optimizer step, all ranks."""
-        import torch
         if self.classify:
             n = sum(b["labels"].numel() for b in batches)
         else:
             n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        t = torch.tensor([n], device=self.acc.device)
-        return int(self.acc.reduce(t, reduction="sum").item()) if self.world > 1 else n
+        return int(self.rank_sum(n)[0])
+
+    def rank_sum(self, *values: float) -> list[float]:
+        """Each value summed over the ranks, in one all-reduce (float64: counts stay exact);
+        the values themselves with one process."""
+        import torch
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.acc.device)
+        return self.acc.reduce(t, reduction="sum").tolist()
 
     def micro_step(self, batch: dict, n_items: int, last: bool, snap, step: int) -> float:
         """One forward and backward; an out-of-memory error in either is agreed on by every
@@ -368,8 +381,7 @@ class Trainer:
 
         import torch
         model = self.model
-        sync = contextlib.nullcontext() if (last or self.fsdp or self.deepspeed or self.world == 1) \
-            else self.acc.no_sync(model)
+        sync = self.acc.no_sync(model) if self.ddp and not last else contextlib.nullcontext()
         value, oom, loss = 0.0, False, None
         with sync:
             try:
@@ -388,7 +400,7 @@ class Trainer:
             try:
                 self._agree_oom(oom, "forward")
             except _OutOfMemory:
-                if last and self.world > 1 and not (self.fsdp or self.deepspeed):
+                if last and self.ddp:
                     self._drain_ddp(batch, loss)
                 raise
             try:
@@ -420,13 +432,11 @@ class Trainer:
         one all-reduce of a flag, where no rank can be inside another collective: always with
         one process and under DDP, never under FSDP or DeepSpeed (their forward gathers
         parameters), where an out-of-memory error stops the run."""
-        import torch
-        if self.world == 1 or self.fsdp or self.deepspeed:
+        if not self.ddp:
             if oom:
                 raise _OutOfMemory(1, phase, recoverable=self.world == 1)
             return
-        flag = torch.tensor([float(oom)], device=self.acc.device)
-        ranks = int(self.acc.reduce(flag, reduction="sum").item())
+        ranks = int(self.rank_sum(float(oom))[0])
         if ranks:
             raise _OutOfMemory(ranks, phase, recoverable=True)
 
@@ -505,6 +515,7 @@ class Trainer:
                     measured = step == measure_at
                     t_step = time.perf_counter()
                     loss, gnorm, ntok = self.optimizer_step(batches, meter if measured else None, step)
+                    loss, signals = self.rank_sum(loss, float(self.stop_signal is not None))  # one all-reduce a step
                     if measured:
                         measured_s, measured_tokens = time.perf_counter() - t_step, ntok
                     batches = []
@@ -526,7 +537,7 @@ class Trainer:
                     saved = bool(r.save_steps and step % r.save_steps == 0 and step < self.total_steps)
                     if saved:
                         self.save_checkpoint(step, epoch, batch_in_epoch)
-                    why = self._stop_reason(loss, step)
+                    why = self._stop_reason(loss, step, signals > 0)
                     if why is not None:
                         if not saved:
                             self.save_checkpoint(step, epoch, batch_in_epoch)
@@ -551,18 +562,14 @@ class Trainer:
             "mean_loss": finite(sum(history) / len(history)) if history else None, "eval": ev, "saved": str(final)}) or report
         return report
 
-    def _stop_reason(self, loss: float, step: int) -> str | None:
-        """Why the run must stop after this step, the same on every rank (one all-reduce): a
-        signal, or the loss watchdog (a loss above `loss_watchdog_threshold`, or not finite, for
+    def _stop_reason(self, loss: float, step: int, signalled: bool) -> str | None:
+        """Why the run must stop after this step, the same on every rank (the loss is the mean
+        over all ranks; `signalled`: any rank got SIGINT/SIGTERM): a signal, or the loss
+        watchdog (a loss above `loss_watchdog_threshold`, or not finite, for
         `loss_watchdog_patience` steps in a row, as Axolotl's loss_watchdog)."""
-        import torch
         r = self.recipe
         bad = not math.isfinite(loss) or (r.loss_watchdog_threshold is not None and loss > r.loss_watchdog_threshold)
         self.bad_loss_steps = self.bad_loss_steps + 1 if bad else 0
-        signalled = self.stop_signal is not None
-        if self.world > 1:
-            t = torch.tensor([float(signalled)], device=self.acc.device)
-            signalled = bool(self.acc.reduce(t, reduction="sum").item())
         if signalled:
             return f"stopped by {self.stop_signal or 'a signal to another rank'} at step {step}; run the same " \
                    "command to resume"
@@ -575,11 +582,9 @@ class Trainer:
     def optimizer_step(self, batches: list, meter, step: int) -> tuple[float, float | None, int]:
         """One optimizer step over the loader's `batches` (gradient_accumulation_steps of
         them), each cut into `self.split` micro-batches after an out-of-memory back-off. Returns
-        (loss over all ranks, gradient norm, tokens). A step whose gradient norm is not finite
-        is skipped (no optimizer or scheduler step) and counted."""
+        (this rank's share of the step's loss, gradient norm, tokens of all ranks). A step whose
+        gradient norm is not finite is skipped (no optimizer or scheduler step) and counted."""
         import contextlib
-
-        import torch
         ntok = sum(real_tokens(b) for b in batches)
         n_items = self._global_items(batches)
         self.label_tokens += n_items
@@ -609,9 +614,6 @@ class Trainer:
                 self._back_off(e, step, micro)
         if meter is not None:
             self.measured_shape = tuple(micro[0]["input_ids"].shape)
-        if self.world > 1:
-            t = torch.tensor([total], device=self.acc.device)
-            total = float(self.acc.reduce(t, reduction="sum").item())
         return total, gnorm, ntok * self.world
 
     def _grad_norm(self) -> float | None:
@@ -628,7 +630,7 @@ class Trainer:
         step; or stop when that cannot help. Logged, and kept for run_report.json."""
         import torch
         rows, seq = micro[0]["input_ids"].shape
-        accum = self.recipe.gradient_accumulation_steps * self.split
+        accum = self.accumulation
         where = f"out of memory in the {e.phase} of step {step} (micro-batch {rows} x {seq} tokens" + \
             (f", {e.ranks} of {self.world} ranks)" if self.world > 1 else ")")
         if self.cuda:
@@ -674,15 +676,14 @@ class Trainer:
         if not self.main:
             return None
         b, s = self.measured_shape
-        predicted, notes = predict(self.recipe, self.config, b, s, self.world, self.cuda,
-                                   self.recipe.gradient_accumulation_steps * self.split)
+        predicted, notes = predict(self.recipe, self.config, b, s, self.world, self.cuda, self.accumulation)
         rep = {"recipe": self.recipe_path, "recipe_hash": recipe_hash(self.recipe), "model": self.recipe.base_model,
                "device": "cuda" if self.cuda else "cpu", "world_size": self.world,
                "params": self.n_params, "trainable_params": self.n_trainable, "data": self.data_stats,
                "measured_step_shape": [b, s], "predicted": predicted, "measured": measured,
                "planned": self.recipe.plan.expected.model_dump() if self.recipe.plan.expected else None,
                "micro_batch_size": -(-self.recipe.micro_batch_size // self.split),
-               "gradient_accumulation_steps": self.recipe.gradient_accumulation_steps * self.split,
+               "gradient_accumulation_steps": self.accumulation,
                "oom_backoff": self.oom_events, "skipped_steps": self.skipped_steps, "notes": notes + meter.notes}
         if extra:
             rep.update(extra)
@@ -712,21 +713,21 @@ def main(argv: list[str] | None = None) -> int:
         t.run()
         _shut_down(t)
     except (RecipeError, DataError) as e:
-        print(f"plan train: {e}", file=sys.stderr)
-        if recipe is not None:
-            _error_file(recipe, str(e), EXIT_BAD_INPUT)
-        return EXIT_BAD_INPUT
+        return _fail(recipe, str(e), EXIT_BAD_INPUT)
     except RunStopped as e:
-        print(f"plan train: {e}", file=sys.stderr)
-        _error_file(recipe, str(e), EXIT_FAILED)
-        return EXIT_FAILED
+        return _fail(recipe, str(e), EXIT_FAILED)
     except KeyboardInterrupt:  # a second signal: no checkpoint for the step in flight
-        line = "stopped at once by a second signal; the newest complete checkpoint is where a rerun resumes"
-        print(f"plan train: {line}", file=sys.stderr)
-        if recipe is not None:
-            _error_file(recipe, line, EXIT_FAILED)
-        return EXIT_FAILED
+        return _fail(recipe, "stopped at once by a second signal; the newest complete checkpoint is where a rerun "
+                     "resumes", EXIT_FAILED)
     return 0
+
+
+def _fail(recipe: Recipe | None, line: str, status: int) -> int:
+    """One line on stderr, and the same for the launcher (when the recipe loaded); the status."""
+    print(f"plan train: {line}", file=sys.stderr)
+    if recipe is not None:
+        _error_file(recipe, line, status)
+    return status
 
 
 def _shut_down(t: Trainer) -> None:
