@@ -7,7 +7,8 @@ Usage: python benchmarks/estimate_speed.py [catalog id ...]
 import sys
 import time
 
-from planner.memory import Settings, estimate
+from planner.contract import Settings
+from planner.estimate import estimate
 from planner.resolve import catalog
 from planner.spec import ModelSpec
 

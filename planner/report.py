@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .memory import Estimate, Settings
+from .contract import Settings
+from .estimate import Estimate
 
 
 def to_json(name: str, arch: str, st: Settings, est: Estimate, method: str = "analytic") -> dict:

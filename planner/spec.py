@@ -17,7 +17,7 @@ class SpecError(ValueError):
 
 class UnsupportedArchitecture(SpecError):
     """A well-formed config of an architecture without a hand-written formula: the simulator
-    measures it instead (planner/simulate.py)."""
+    measures it instead (planner/measure/simulate.py)."""
 
 
 # model_type -> family whose hand-written formulas apply. Anything else falls back to

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .distributed import FSDP, shard_size, world_size
+from .contract import FSDP, Settings, shard_size, world_size
 from .gpus import GPU
-from .memory import Settings, lora_params, trainable_params
+from .memory import lora_params, trainable_params
 from .spec import ModelSpec, ParamCount, count_params
 
 DEFAULT_MFU = 0.40

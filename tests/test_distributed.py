@@ -10,10 +10,11 @@ from dataclasses import replace
 import pytest
 
 from planner.distributed import fsdp_units, zero3_gathered_at_loss, zero_persistent_params
-from planner.memory import PlanError, Settings, estimate
+from planner.contract import PlanError, Settings
+from planner.estimate import estimate
 from planner.resolve import catalog
 from planner.spec import ModelSpec, count_params
-from planner.validate import SMALL
+from planner.measure.validate import SMALL
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 

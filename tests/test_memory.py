@@ -1,7 +1,8 @@
 """Pure-function checks of the memory model against counts that follow from the definitions."""
 import pytest
 
-from planner.memory import PlanError, Settings, estimate
+from planner.contract import PlanError, Settings
+from planner.estimate import estimate
 from planner.resolve import catalog
 from planner.spec import ModelSpec, count_params
 

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from planner.cli import app
 from planner.gpus import GPUError, catalog, detect, lookup
-from planner.memory import Settings, estimate
+from planner.contract import Settings
+from planner.estimate import estimate
 from planner.recommend import Request, recommend
 from planner.resolve import resolve
 from planner.spec import ModelSpec
@@ -187,7 +188,7 @@ def test_recommend_bad_input_is_one_line(args, msg):
 def test_recommend_scenarios_against_measured_peaks(tmp_path):
     """The recommended micro-batch is >= 90% of the largest that measurably fits, and none, measured,
     exceeds the GPU (12 small configs on artificial GPU sizes; the simulator's peak is the truth)."""
-    from planner.validate import run_recommend
+    from planner.measure.validate import run_recommend
     rows = run_recommend(str(tmp_path), echo=lambda *_: None)
     assert len(rows) >= 10
     for r in rows:
@@ -220,7 +221,7 @@ EMIT = [
 def test_emitted_configs_parse_with_the_launchers_own_loaders(tmp_path, monkeypatch, name, args):
     from accelerate.commands.config.config_args import ClusterConfig
 
-    from trainer.recipe import load
+    from planner.recipe import load
     out = tmp_path / name
     code, stdout, err = run("emit-config", LLAMA3, "--out", out, "--data", "train.jsonl", *args)
     assert code == 0, err
@@ -262,7 +263,7 @@ def test_emitted_configs_parse_with_the_launchers_own_loaders(tmp_path, monkeypa
 def test_emit_from_recommendation(tmp_path):
     code, out, err = run("emit-config", LLAMA3, "--gpu", "RTX-4090", "--global-batch", "64", "--out", tmp_path / "r")
     assert code == 0, err
-    from trainer.recipe import load
+    from planner.recipe import load
     r = load(str(tmp_path / "r" / "recipe.yaml"))
     assert r.adapter in ("lora", "qlora") and r.micro_batch_size * r.gradient_accumulation_steps == 64
     assert r.plan.gpu == "RTX-4090" and r.gradient_checkpointing

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.validate import real_weights_path
+from planner.measure.validate import real_weights_path
 from trainer import data as D
 from trainer import train as T
 

@@ -67,8 +67,8 @@ class Meter:
                 torch.cuda.reset_peak_memory_stats()
             yield snap
             return
-        from planner.simulate import _components, _tracker_class, phase_peak
-        tracker = _tracker_class()()
+        from planner.measure.tracker import Tracker, components, phase_peak
+        tracker = Tracker()
         tracker.track_external(model, optimizer)
         with tracker:
             dev = None
@@ -80,7 +80,7 @@ class Meter:
                 dev, s = phase_peak(tracker, dev)
                 if s["Total"] >= self.phases.get(phase, 0):
                     self.phases[phase] = int(s["Total"])
-                    self.categories[phase] = _components(s)
+                    self.categories[phase] = components(s)
                 if phase == "backward":  # MemTracker refuses a module's second call in one window
                     tracker.reset_mod_stats()
             yield snap

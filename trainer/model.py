@@ -14,66 +14,8 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
-
-from .recipe import Recipe, RecipeError
-
-
-class ModelError(RecipeError):
-    """The model cannot be loaded or set up as the recipe asks."""
-
-
-def precision(recipe: Recipe) -> str:
-    if "precision" in recipe.plan.model_fields_set:
-        return recipe.plan.precision
-    half = "bf16" if recipe.bf16 else "fp16" if recipe.fp16 else None
-    if half is None:
-        return "fp32"
-    if recipe.adapter == "lora" and half == "bf16":
-        return "bf16-pure"
-    return f"{half}-amp"
-
-
-def settings(recipe: Recipe, world: int | None = None, batch: int | None = None, seq: int | None = None,
-             kernels: str = "cuda"):
-    """The planner's settings for this recipe: on the plan's GPUs and nodes, or on another
-    count of `world` processes on one node (one of them: no strategy); micro-batch `batch` x
-    `seq` tokens (default the recipe's)."""
-    from planner.memory import Settings
-    p = recipe.plan
-    if world is None or world == p.gpus * p.nodes:  # the plan as written (a 1-GPU ZeRO offload plan too)
-        gpus, nodes, strategy = p.gpus, p.nodes, p.strategy
-    else:
-        gpus, nodes, strategy = world, 1, p.strategy if world > 1 else "ddp"
-    targets = recipe.lora_target_modules
-    return Settings(precision=precision(recipe), optimizer=recipe.optimizer, batch_size=batch or recipe.micro_batch_size,
-                    seq_len=seq or recipe.sequence_len, lora_rank=recipe.lora_r if recipe.adapter else 0,
-                    lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                    lora_targets=targets if isinstance(targets, str) else ",".join(targets),
-                    quant="nf4" if recipe.adapter == "qlora" else "none", grad_checkpointing=recipe.gradient_checkpointing,
-                    gpus=gpus, nodes=nodes, strategy=strategy, offload=p.offload if strategy != "ddp" else "none",
-                    accumulation=recipe.gradient_accumulation_steps, kernels=kernels)
-
-
-def nf4_config(compute_dtype):
-    """QLoRA's base as bitsandbytes stores it (the layout the estimate counts): NF4, double
-    quantisation, matmuls in `compute_dtype`."""
-    from transformers import BitsAndBytesConfig
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
-
-
-def source(recipe: Recipe) -> dict:
-    """from_pretrained's location arguments."""
-    base = recipe.base_model
-    if recipe.gguf_file:
-        return {"pretrained_model_name_or_path": base, "gguf_file": recipe.gguf_file}
-    p = Path(base)
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise ModelError(f"base_model: {base}: no such GGUF file")
-        return {"pretrained_model_name_or_path": str(p.parent), "gguf_file": p.name}
-    return {"pretrained_model_name_or_path": base}
+from planner.measure.builder import lora_config, nf4_config
+from planner.recipe import ModelError, Recipe, precision, settings, source
 
 
 def load_tokenizer(recipe: Recipe):
@@ -86,14 +28,6 @@ def load_tokenizer(recipe: Recipe):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
-
-
-def load_config(recipe: Recipe):
-    from transformers import AutoConfig
-    try:
-        return AutoConfig.from_pretrained(**source(recipe))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"base_model: cannot load {recipe.base_model} ({str(e).strip().splitlines()[0]})") from None
 
 
 def load_model(recipe: Recipe, num_labels: int | None = None, cuda: bool = False):
@@ -132,12 +66,9 @@ def load_model(recipe: Recipe, num_labels: int | None = None, cuda: bool = False
     elif recipe.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
     if recipe.adapter:
-        from peft import LoraConfig, get_peft_model
-        targets = recipe.lora_target_modules
-        cfg = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                         target_modules=targets, task_type="SEQ_CLS" if num_labels is not None else "CAUSAL_LM")
+        from peft import get_peft_model
         try:
-            model = get_peft_model(model, cfg)
+            model = get_peft_model(model, lora_config(settings(recipe), sequence_classification=num_labels is not None))
         except ValueError as e:
             raise ModelError(f"lora_target_modules: {str(e).strip().splitlines()[0]}") from None
     if recipe.unfrozen_parameters:

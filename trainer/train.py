@@ -9,7 +9,7 @@ on the last one under DDP (`no_sync`).
 
 Accelerate runs gloo processes on CPU as MULTI_CPU even with an FSDP config; then the model is
 sharded here with the plugin accelerate builds from the launcher's environment, through
-accelerate's own `fsdp2_prepare_model` (planner.distmeasure.fsdp2_shard).
+accelerate's own `fsdp2_prepare_model` (planner.measure.builder.fsdp2_shard).
 
 Outputs in `output_dir`: `metrics.jsonl` (a line per logged step and evaluation),
 `checkpoint-N/` every `save_steps` (torch.distributed.checkpoint shards of the trainable
@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from .recipe import Recipe, RecipeError, load
+from planner.recipe import RECIPE_NAMES, Recipe, RecipeError, load
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
@@ -93,17 +93,20 @@ def predict(recipe: Recipe, config, batch: int, seq: int, world: int, cuda: bool
     run_report's `predicted`, and notes."""
     from dataclasses import replace
 
-    from planner.memory import PlanError, estimate
+    from planner.contract import PlanError
+    from planner.estimate import estimate
+    from planner.recipe import settings
     from planner.spec import ModelSpec, SpecError
 
-    from .model import settings
     notes = []
     try:
         spec = ModelSpec.from_config(config.to_dict())
         st = settings(recipe, world, batch, seq, kernels="cuda" if cuda else "cpu")
         est = estimate(spec, replace(st, accumulation=accumulation) if accumulation else st)
-    except (SpecError, PlanError) as e:
+    except SpecError as e:
         return None, [f"no prediction: {e}"]
+    except PlanError as e:
+        return None, [f"no prediction: {e.render(RECIPE_NAMES)}"]
     if recipe.unfrozen_parameters:
         notes.append("unfrozen_parameters: the estimate has no formula for a partly frozen model and counts it "
                      "as full fine-tuning (gradients and optimizer state of every parameter): an upper bound")
@@ -113,7 +116,7 @@ def predict(recipe: Recipe, config, batch: int, seq: int, world: int, cuda: bool
 
 def real_tokens(batch: dict) -> int:
     """The tokens of a micro-batch that are not padding; takes out packed rows' `length` (see
-    trainer.data.Collator), which the model does not accept."""
+    planner.data.Collator), which the model does not accept."""
     length = batch.pop("length", None)
     if length is not None:
         return int(length.sum())
@@ -162,10 +165,12 @@ class Trainer:
         from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, set_seed
 
         from planner.emit import mixed_precision
-        from planner.memory import Settings
+        from planner.contract import Settings
 
-        from . import data as D
-        from .model import load_config, load_model, load_tokenizer, precision
+        from planner import data as D
+        from planner.recipe import load_config, precision
+
+        from .model import load_model, load_tokenizer
 
         r = self.recipe
         self.cuda = torch.cuda.is_available()
@@ -238,11 +243,11 @@ class Trainer:
         if self.fsdp_cpu:
             from accelerate.utils import FullyShardedDataParallelPlugin
 
-            from planner.distmeasure import device_mesh, fsdp2_shard
+            from planner.measure.builder import device_mesh, fsdp2_shard
             replicate = int(os.environ.get("PARALLELISM_CONFIG_DP_REPLICATE_SIZE", "1") or 1)
             mesh, names = device_mesh(self.world, replicate)
             model = fsdp2_shard(model, FullyShardedDataParallelPlugin(), mixed, mesh, names)
-        from planner.simulate import make_optimizer
+        from planner.measure.builder import make_optimizer
         try:
             opt = make_optimizer(param_groups(model, r.weight_decay), r.optimizer, lr=r.learning_rate,
                                  weight_decay=r.weight_decay)
@@ -704,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m trainer RECIPE.yaml", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from .data import DataError
+    from planner.data import DataError
     recipe = None
     try:
         recipe = load(argv[0])
@@ -740,10 +745,10 @@ def _shut_down(t: Trainer) -> None:
 
 
 def _error_file(recipe: Recipe, line: str, status: int) -> None:
-    """Tell the launcher (trainer/launch.py) what went wrong: accelerate launch reports only
+    """Tell the launcher (planner/launch.py) what went wrong: accelerate launch reports only
     that a process failed. (A recipe that does not load never gets here: the launcher loads it
     first and says so itself.)"""
-    from .launch import CONFIG_DIR, ERROR_FILE
+    from planner.launch import CONFIG_DIR, ERROR_FILE
     from .measure import write_json
     out = Path(recipe.output_dir) / CONFIG_DIR
     if int(os.environ.get("RANK", "0")) == 0 and out.is_dir():

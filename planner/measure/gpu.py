@@ -1,6 +1,6 @@
 """Measured on a GPU: the estimate's peak and device bytes against CUDA's allocator and NVML.
 
-`python -m planner.gpumeasure OUT.csv` runs each case of `CASES` (public configs from the
+`python -m planner.measure.gpu OUT.csv` runs each case of `CASES` (public configs from the
 catalog, random weights built directly on the GPU) as the estimator models it: a warm-up step,
 then a measured step `loss = model(**batch).loss; loss.backward(); opt.step(); opt.zero_grad()`.
 Per phase it reads `torch.cuda.max_memory_allocated` (what `peak_bytes` predicts); over the step
@@ -18,8 +18,11 @@ import subprocess
 import sys
 import tempfile
 
-from .memory import RECIPES, Settings, estimate
-from .spec import ModelSpec
+from ..contract import Settings
+from ..estimate import estimate
+from ..precision import RECIPES
+from ..spec import ModelSpec
+from .builder import build_model, is_encoder, lora_config, make_optimizer, model_class, nf4_config, train_step
 
 CASES = [
     ("meta-llama/Llama-3.2-1B", dict(precision="bf16-amp", batch_size=4, seq_len=2048)),
@@ -45,19 +48,15 @@ def _build(cfg: dict, st: Settings):
     BitsAndBytesConfig and PEFT's `prepare_model_for_kbit_training`, the QLoRA recipe."""
     import torch
 
-    from .simulate import _model_class, build_model
-
     if st.quant == "none":
         return build_model(cfg, st, device="cuda")
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoConfig
-
-    from trainer.model import nf4_config
 
     c = dict(cfg)
     config = AutoConfig.for_model(c.pop("model_type"), **c)
     config.use_cache = False
-    cls = _model_class(config)
+    cls = model_class(config)
     with tempfile.TemporaryDirectory() as tmp:  # random weights saved, then loaded quantised
         with torch.device("cuda"):
             cls.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp)
@@ -66,9 +65,7 @@ def _build(cfg: dict, st: Settings):
                                     attn_implementation="sdpa")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=st.grad_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
-    lcfg = LoraConfig(r=st.lora_rank, lora_alpha=st.lora_alpha or 2 * st.lora_rank, lora_dropout=st.lora_dropout,
-                      target_modules="all-linear", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lcfg)
+    model = get_peft_model(model, lora_config(st))
     model.train()
     return model, config
 
@@ -82,9 +79,8 @@ def measure_case(model_id: str, settings: dict) -> dict:
     """One case in this process: predicted against measured, as a row."""
     import torch
 
-    from .gpus import NvmlSampler
-    from .resolve import catalog
-    from .simulate import _is_encoder, make_optimizer, train_step
+    from ..gpus import NvmlSampler
+    from ..resolve import catalog
 
     sampler = NvmlSampler().start()  # before CUDA is initialised: the baseline is the idle device
     cfg = catalog()[model_id]["config"]
@@ -95,7 +91,7 @@ def measure_case(model_id: str, settings: dict) -> dict:
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], st.optimizer)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if RECIPES[st.precision].autocast else contextlib.nullcontext()
     ids = torch.randint(0, config.vocab_size, (st.batch_size, st.seq_len), device="cuda")
-    labels = torch.zeros(st.batch_size, dtype=torch.long, device="cuda") if _is_encoder(config) else ids
+    labels = torch.zeros(st.batch_size, dtype=torch.long, device="cuda") if is_encoder(config) else ids
     batch = dict(input_ids=ids, labels=labels)
     train_step(model, opt, batch, amp)
     torch.cuda.synchronize()
@@ -126,7 +122,7 @@ def measure_case(model_id: str, settings: dict) -> dict:
 def run(out_csv: str, cases=CASES, echo=print) -> list[dict]:
     rows = []
     for model_id, settings in cases:
-        proc = subprocess.run([sys.executable, "-m", "planner.gpumeasure", "--case", json.dumps([model_id, settings])],
+        proc = subprocess.run([sys.executable, "-m", "planner.measure.gpu", "--case", json.dumps([model_id, settings])],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             echo(f"FAILED {model_id} {settings}: {proc.stderr.strip().splitlines()[-1:]}")
@@ -145,7 +141,7 @@ def run(out_csv: str, cases=CASES, echo=print) -> list[dict]:
 
 def rescore(csv_path: str, echo=print) -> None:
     """The measured rows of a run against today's estimate (after a calibration change)."""
-    from .resolve import catalog
+    from ..resolve import catalog
     names = {case_name(m, Settings(**kw)): (m, Settings(**kw)) for m, kw in CASES}
     for r in csv.DictReader(open(csv_path)):
         model_id, st = names[r["case"]]

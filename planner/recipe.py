@@ -8,18 +8,25 @@ chose and expects: strategy, offload, GPUs, and the predicted memory the run is 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .contract import Offload, Optimizer, Precision, Settings, Strategy
 
 
 class RecipeError(ValueError):
     """A recipe that cannot run: one line naming the key to fix."""
 
 
+class ModelError(RecipeError):
+    """The model cannot be loaded or set up as the recipe asks."""
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_enum_values=True)
 
 
 class Dataset(_Strict):
@@ -38,12 +45,12 @@ class Expected(_Strict):
 
 
 class PlanSection(_Strict):
-    strategy: Literal["ddp", "fsdp", "fsdp-grad-op", "fsdp-hybrid", "fsdp-no-shard", "zero1", "zero2", "zero3"] = "ddp"
-    offload: Literal["none", "optimizer", "params", "all", "nvme"] = "none"
+    strategy: Strategy = "ddp"
+    offload: Offload = "none"
     gpus: int = Field(1, ge=1)
     nodes: int = Field(1, ge=1)
     gpu: Optional[str] = None
-    precision: str = "bf16-amp"
+    precision: Precision = "bf16-amp"
     expected: Optional[Expected] = None
 
 
@@ -66,7 +73,7 @@ class Recipe(_Strict):
     gradient_accumulation_steps: int = Field(1, ge=1)
     num_epochs: float = Field(1, gt=0)
     max_steps: Optional[int] = Field(None, ge=1)
-    optimizer: Literal["adamw", "adamw-fused", "adamw-8bit", "sgd", "sgd-momentum", "adafactor", "lion"] = "adamw"
+    optimizer: Optimizer = "adamw"
     learning_rate: float = Field(2e-4, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
@@ -131,3 +138,70 @@ def load(path: str) -> Recipe:
 
 def dump(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+# Settings fields as a recipe names them, for the planner's errors (PlanError.render)
+RECIPE_NAMES = {"precision": "plan.precision", "optimizer": "optimizer", "batch_size": "micro_batch_size",
+                "seq_len": "sequence_len", "lora_rank": "lora_r", "lora_alpha": "lora_alpha",
+                "lora_dropout": "lora_dropout", "lora_targets": "lora_target_modules", "quant": "adapter",
+                "grad_checkpointing": "gradient_checkpointing", "gpus": "plan.gpus", "nodes": "plan.nodes",
+                "strategy": "plan.strategy", "offload": "plan.offload",
+                "accumulation": "gradient_accumulation_steps", "num_processes": "--num-processes"}
+
+
+def precision(recipe: Recipe) -> str:
+    """The precision recipe a run computes in: `plan.precision` when the recipe names it, else
+    from `bf16`/`fp16`: full fine-tuning keeps fp32 weights under autocast (`bf16-amp`), LoRA
+    stores the frozen base in bf16 with fp32 adapters (`bf16-pure`, what `plan recommend`
+    picks), QLoRA stores it in NF4 with bf16 autocast (`bf16-amp`). Neither flag: fp32."""
+    if "precision" in recipe.plan.model_fields_set:
+        return recipe.plan.precision
+    half = "bf16" if recipe.bf16 else "fp16" if recipe.fp16 else None
+    if half is None:
+        return "fp32"
+    if recipe.adapter == "lora" and half == "bf16":
+        return "bf16-pure"
+    return f"{half}-amp"
+
+
+def settings(recipe: Recipe, world: int | None = None, batch: int | None = None, seq: int | None = None,
+             kernels: str = "cuda") -> Settings:
+    """The planner's settings for this recipe: on the plan's GPUs and nodes, or on another
+    count of `world` processes on one node (one of them: no strategy); micro-batch `batch` x
+    `seq` tokens (default the recipe's)."""
+    p = recipe.plan
+    if world is None or world == p.gpus * p.nodes:  # the plan as written (a 1-GPU ZeRO offload plan too)
+        gpus, nodes, strategy = p.gpus, p.nodes, p.strategy
+    else:
+        gpus, nodes, strategy = world, 1, p.strategy if world > 1 else "ddp"
+    targets = recipe.lora_target_modules
+    return Settings(precision=precision(recipe), optimizer=recipe.optimizer, batch_size=batch or recipe.micro_batch_size,
+                    seq_len=seq or recipe.sequence_len, lora_rank=recipe.lora_r if recipe.adapter else 0,
+                    lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                    lora_targets=targets if isinstance(targets, str) else ",".join(targets),
+                    quant="nf4" if recipe.adapter == "qlora" else "none", grad_checkpointing=recipe.gradient_checkpointing,
+                    gpus=gpus, nodes=nodes, strategy=strategy, offload=p.offload if strategy != "ddp" else "none",
+                    accumulation=recipe.gradient_accumulation_steps, kernels=kernels)
+
+
+def source(recipe: Recipe) -> dict:
+    """from_pretrained's location arguments: a Hub id or local directory, or a GGUF file
+    (`base_model` a path ending in .gguf, or `gguf_file` beside a directory)."""
+    base = recipe.base_model
+    if recipe.gguf_file:
+        return {"pretrained_model_name_or_path": base, "gguf_file": recipe.gguf_file}
+    p = Path(base)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"base_model: {base}: no such GGUF file")
+        return {"pretrained_model_name_or_path": str(p.parent), "gguf_file": p.name}
+    return {"pretrained_model_name_or_path": base}
+
+
+def load_config(recipe: Recipe):
+    """The base model's transformers config."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(**source(recipe))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"base_model: cannot load {recipe.base_model} ({str(e).strip().splitlines()[0]})") from None

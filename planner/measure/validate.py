@@ -1,6 +1,6 @@
 """The validation matrix: each case estimated analytically and measured with MemTracker.
 
-`plan validate` (or `python -m planner.validate [OUT_DIR [PLOT.png]]`) rewrites
+`plan validate` (or `python -m planner.measure.validate [OUT_DIR [PLOT.png]]`) rewrites
 tables/validation.csv and tables/accuracy.csv and prints median / p90 / max |error|. Configs run
 as fake-tensor steps (MemTracker on FakeTensorMode), real-weight models as real CPU steps; all
 use the estimator's CPU kernel policy (`kernels="cpu"`), because the measurement runs CPU kernels.
@@ -12,9 +12,10 @@ import itertools
 import sys
 from dataclasses import dataclass
 
-from .memory import Settings, estimate
-from .simulate import measured_config
-from .spec import ModelSpec
+from ..contract import Settings
+from ..estimate import estimate
+from ..spec import ModelSpec
+from .builder import measured_config
 
 SMALL = {
     "llama": dict(model_type="llama", vocab_size=2000, hidden_size=256, intermediate_size=688, num_hidden_layers=3,
@@ -177,7 +178,7 @@ def matrix(suite: str | None = None) -> list[Case]:
 
 
 def run_case(case: Case) -> dict:
-    from .resolve import catalog, resolve
+    from ..resolve import catalog, resolve
     from .simulate import measure
 
     if case.source == "weights":
@@ -198,7 +199,7 @@ def run_case(case: Case) -> dict:
 
 def _run_distributed(case: Case, cfg: dict, predicted: int) -> dict:
     """One estimate per rank against each rank's measured peak; the row keeps the worst rank."""
-    from .distmeasure import launch, measure_fake
+    from .distributed import launch, measure_fake
 
     st = case.settings
     if case.source == "fake-world":
@@ -230,7 +231,7 @@ error of the estimate over these scenarios (bert, +3.1%), so that a plan fits an
 
 def _measured_device(cfg: dict, st: Settings) -> int:
     """The device bytes of a step whose peak is measured (simulator, corrected to CUDA kernels)."""
-    from .memory import device_bytes
+    from ..memory import device_bytes
     from .simulate import simulated_estimate
     return device_bytes(simulated_estimate(cfg, st).peak_bytes, st.grad_checkpointing)
 
@@ -241,8 +242,8 @@ def recommend_scenario(model: str, method: str, seq_len: int, mib: int, global_b
     the plan's own settings; and whether the recommended step, measured, fits the GPU."""
     from dataclasses import replace
 
-    from .gpus import GPU
-    from .recommend import Request, recommend
+    from ..gpus import GPU
+    from ..recommend import Request, recommend
 
     cfg = SMALL[model]
     spec = ModelSpec.from_config(measured_config(cfg))

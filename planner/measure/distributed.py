@@ -18,8 +18,8 @@ bytes per phase, on every rank.
   buckets accelerate's `auto` fills from the hidden size, the client AdamW).
 
 Two ways to run:
-- real: `torchrun --nproc-per-node 2 -m planner.distmeasure CASE_JSON OUT_DIR` (or `accelerate
-  launch --cpu --num_processes 2 -m planner.distmeasure ...`), gloo, real CPU tensors; each rank
+- real: `torchrun --nproc-per-node 2 -m planner.measure.distributed CASE_JSON OUT_DIR` (or `accelerate
+  launch --cpu --num_processes 2 -m planner.measure.distributed ...`), gloo, real CPU tensors; each rank
   writes OUT_DIR/rank{N}.json.
 - fake: `measure_fake(cfg, st)`, FSDP strategies only: one process is rank 0 of a world of
   gpus x nodes ranks on torch's fake process group (FakeStore), on fake tensors, so an 8B model
@@ -33,73 +33,23 @@ import json
 import os
 import sys
 from dataclasses import asdict, replace
-from types import SimpleNamespace
 
-from .distributed import FSDP, ZERO, world_size
-from .emit import deepspeed_config
-from .memory import RECIPES, Settings
-
-
-def device_mesh(world: int, replicate: int = 1):
-    """The FSDP2 device mesh accelerate builds, and its dimension names: one shard dimension, or
-    (replicate, shard) when parameters are replicated over `replicate` groups (hybrid sharding:
-    shard within a node, replicate across nodes; no-shard: replicate over every rank)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    if replicate == 1:
-        return init_device_mesh("cpu", (world,), mesh_dim_names=("dp_shard",)), ("dp_shard",)
-    names = ("dp_replicate", "dp_shard")
-    return init_device_mesh("cpu", (replicate, world // replicate), mesh_dim_names=names), names
-
-
-def _mesh(st: Settings, world: int):
-    replicate = {"fsdp-hybrid": st.nodes, "fsdp-no-shard": world}.get(st.strategy, 1)
-    return device_mesh(world, replicate)
-
-
-def fsdp2_shard(model, plugin, mixed: str, mesh, names):
-    """Shard `model` with accelerate's own `fsdp2_prepare_model` and an FSDP plugin, on CPU.
-    accelerate (1.15) turns FSDP on only for GPU-type backends and runs gloo ranks as MULTI_CPU,
-    so this hands the function the few accelerator fields it reads: the plugin, the mesh, the
-    mixed precision."""
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-
-    if mixed != "no":
-        plugin.set_mixed_precision(mixed)
-    acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=mesh,
-                          parallelism_config=SimpleNamespace(fsdp_dim_names=names), mixed_precision=mixed,
-                          is_main_process=False, device="cpu")
-    return fsdp2_prepare_model(acc, model)
-
-
-def wrap_fsdp2(model, st: Settings, mesh_and_names):
-    """Shard `model` as `accelerate launch` with an FSDP2 config would (fsdp_reshard_after_forward
-    false for SHARD_GRAD_OP)."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
-    rc = RECIPES[st.precision]
-    plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, reshard_after_forward=st.strategy != "fsdp-grad-op", auto_wrap_policy="transformer_based_wrap",
-        cpu_ram_efficient_loading=False, cpu_offload=st.offload in ("params", "all"), state_dict_type="SHARDED_STATE_DICT")
-    return fsdp2_shard(model, plugin, "bf16" if rc.autocast else "no", *mesh_and_names)
+from ..contract import FSDP, ZERO, Settings, world_size
+from ..emit import deepspeed_config
+from ..precision import RECIPES
+from .builder import build_model, make_optimizer, mesh_for, train_step, unpacked_sequences, wrap_fsdp2
 
 
 def _phase_peaks(tracker, step) -> dict:
     """Run `step(snap)` and return the peak of live bytes in each phase it marks."""
-    from .simulate import phase_peak
+    from .tracker import PhaseRecorder
 
-    phases = {}
-    dev = None
-
-    def snap(name):
-        nonlocal dev
-        dev, peak = phase_peak(tracker, dev)
-        phases[name] = int(peak["Total"])
-
-    snap("model")  # resets the peak to the live bytes now, at the step's start
-    cur = tracker.get_tracker_snapshot("current")
-    phases["start"] = int(cur[dev]["Total"])  # steady state: model states and persistent buffers
-    step(snap)
-    return phases
+    record = PhaseRecorder(tracker)
+    record("model")  # resets the peak to the live bytes now, at the step's start
+    # steady state: model states and persistent buffers
+    record.phases["start"] = int(tracker.get_tracker_snapshot("current")[record.dev]["Total"])
+    step(record)
+    return record.phases
 
 
 def run_rank(cfg: dict, st: Settings, world: int, fake_mode=None) -> dict:
@@ -107,15 +57,15 @@ def run_rank(cfg: dict, st: Settings, world: int, fake_mode=None) -> dict:
     import torch
     import torch.distributed as dist
 
-    from .simulate import _tracker_class, _unpacked_sequences, build_model, make_optimizer, train_step
+    from .tracker import Tracker
 
     rc = RECIPES[st.precision]
     zero = st.strategy in ZERO
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if rc.autocast and not zero else contextlib.nullcontext()
-    tracker = _tracker_class()()
+    tracker = Tracker()
     torch.manual_seed(0)
-    mesh = _mesh(st, world) if st.strategy in FSDP else None  # outside fake mode: it reads ranks
-    with _unpacked_sequences(), (fake_mode or contextlib.nullcontext()):
+    mesh = mesh_for(st, world) if st.strategy in FSDP else None  # outside fake mode: it reads ranks
+    with unpacked_sequences(), (fake_mode or contextlib.nullcontext()):
         with tracker if fake_mode is None else contextlib.nullcontext():
             if fake_mode is not None:  # built on meta, sharded, then materialised as fake tensors
                 model, config = build_model(cfg, st, fake_mode=None, meta=True)
@@ -198,7 +148,7 @@ def launch(cfg: dict, st: Settings, launcher: str = "torchrun", timeout: int = 6
         else:
             raise ValueError(f"unknown launcher {launcher}")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        r = subprocess.run(cmd + ["-m", "planner.distmeasure", case, out], capture_output=True, text=True,
+        r = subprocess.run(cmd + ["-m", "planner.measure.distributed", case, out], capture_output=True, text=True,
                            env=env, timeout=timeout)
         if r.returncode != 0:
             # a rank's own exception ("[rank0]: ValueError: ..."), not the launcher's ChildFailedError

@@ -16,7 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .recipe import Recipe, RecipeError
+from .contract import ZERO, PlanError, world_size
+from .data import DataError, check_records, read_records
+from .emit import accelerate_config, deepspeed_config, write_files
+from .recipe import RECIPE_NAMES, Recipe, RecipeError, load, load_config, settings
 
 CONFIG_DIR = "launch"  # inside output_dir: the accelerate (and DeepSpeed) config of this run
 ERROR_FILE = "error.json"  # the trainer's bad-input line and status, for the launcher
@@ -25,8 +28,6 @@ ERROR_FILE = "error.json"  # the trainer's bad-input line and status, for the la
 def preflight(recipe: Recipe) -> None:
     """What can be checked before starting processes: every dataset file reads and has the
     fields its format needs, the model's config loads. The same errors the trainer would give, without a launcher in between."""
-    from .data import DataError, check_records, read_records
-    from .model import load_config
     if not recipe.datasets:
         raise RecipeError("datasets: the recipe names no dataset to train on")
     for d in recipe.datasets:
@@ -88,9 +89,6 @@ def write_config(recipe: Recipe, num_processes: int | None, hidden: int | None =
     """output_dir/launch/accelerate.yaml (and deepspeed.json for ZeRO), written atomically."""
     import yaml
 
-    from planner.distributed import ZERO, world_size
-    from planner.emit import accelerate_config, deepspeed_config, write_files
-    from .model import settings
     st = settings(recipe, num_processes)
     out = Path(recipe.output_dir) / CONFIG_DIR
     files, ds = {}, None
@@ -122,23 +120,20 @@ def report_status(recipe: Recipe, strict: bool, tolerance: float) -> tuple[int, 
 
 def run(recipe_path: str, num_processes: int | None = None, strict: bool = False, tolerance: float = 10.0,
         echo=print) -> int:
-    from .recipe import load
     recipe = load(recipe_path)
     if num_processes is not None and num_processes < 1:
         raise RecipeError(f"--num-processes must be at least 1, got {num_processes}")
     hidden = None
     if recipe.plan.strategy.startswith("zero"):
-        from .model import load_config
         hidden = load_config(recipe).hidden_size
     try:
         Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RecipeError(f"output_dir {recipe.output_dir}: cannot create it ({e.strerror})") from None
-    from planner.memory import PlanError
     try:
         config = write_config(recipe, num_processes, hidden)
     except PlanError as e:
-        raise RecipeError(str(e)) from None
+        raise RecipeError(e.render(RECIPE_NAMES)) from None
     preflight(recipe)
     error_file = Path(recipe.output_dir) / CONFIG_DIR / ERROR_FILE
     error_file.unlink(missing_ok=True)

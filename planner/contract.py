@@ -1,0 +1,254 @@
+"""The contract every layer speaks: the choices, the settings of one run, and the error for a run
+that cannot be.
+
+Every list of choices is an Enum here, defined once; the CLI's `--help`, the recipe's schema,
+the option checks and the formulas derive from these. Settings keep plain strings (the Enum
+values), so a Settings is what JSON and the recipe hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Choice(str, Enum):
+    """A choice whose value is the string users type."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+class Precision(Choice):
+    """Precision recipes (bytes per element in planner/precision.py: RECIPES)."""
+    FP32 = "fp32"
+    FP16_AMP = "fp16-amp"
+    BF16_AMP = "bf16-amp"
+    BF16_PURE = "bf16-pure"
+    FP8_TE = "fp8-te"
+    MSAMP_O1 = "msamp-o1"
+    MSAMP_O2 = "msamp-o2"
+    MSAMP_O3 = "msamp-o3"
+
+
+class Dtype(Choice):
+    """`--dtype`: the short names, each one precision recipe (DTYPE_TO_RECIPE)."""
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    FP8 = "fp8"
+
+
+DTYPE_TO_RECIPE = {"fp32": "fp32", "fp16": "fp16-amp", "bf16": "bf16-amp", "fp8": "fp8-te"}
+
+
+class Optimizer(Choice):
+    """Optimizers the estimate counts and the builder (planner/measure/builder.py: make_optimizer)
+    builds; each is measured (tables/validation.csv)."""
+    ADAMW = "adamw"
+    ADAMW_FUSED = "adamw-fused"
+    ADAMW_8BIT = "adamw-8bit"
+    SGD = "sgd"
+    SGD_MOMENTUM = "sgd-momentum"
+    ADAFACTOR = "adafactor"
+
+
+class Quant(Choice):
+    """The stored base of a LoRA run: unquantised, bitsandbytes LLM.int8 or NF4 (QLoRA)."""
+    NONE = "none"
+    INT8 = "int8"
+    NF4 = "nf4"
+
+
+class Strategy(Choice):
+    DDP = "ddp"
+    FSDP = "fsdp"
+    FSDP_GRAD_OP = "fsdp-grad-op"
+    FSDP_HYBRID = "fsdp-hybrid"
+    FSDP_NO_SHARD = "fsdp-no-shard"
+    ZERO1 = "zero1"
+    ZERO2 = "zero2"
+    ZERO3 = "zero3"
+
+
+class Offload(Choice):
+    NONE = "none"
+    OPTIMIZER = "optimizer"
+    PARAMS = "params"
+    ALL = "all"
+    NVME = "nvme"
+
+
+class Attention(Choice):
+    SDPA = "sdpa"
+    FLASH = "flash"
+    EAGER = "eager"
+
+
+class Method(Choice):
+    """What trains: every weight, LoRA adapters on a 16-bit base, or adapters on an NF4 base."""
+    FULL = "full"
+    LORA = "lora"
+    QLORA = "qlora"
+
+
+class Kernels(Choice):
+    """Whose kernels and autocast op lists the formulas model: the CUDA target, or the CPU the
+    simulator measures on."""
+    CUDA = "cuda"
+    CPU = "cpu"
+
+
+FSDP_VERSIONS = (1, 2)
+STRATEGIES = Strategy.values()
+FSDP = tuple(s for s in STRATEGIES if s.startswith("fsdp"))
+ZERO = tuple(s for s in STRATEGIES if s.startswith("zero"))
+QUANT_PRECISIONS = ("bf16-amp", "fp16-amp", "bf16-pure", "fp32")
+"""Precisions a bitsandbytes base computes in (its compute dtype and the adapters' autocast)."""
+
+
+# ---------------------------------------------------------------- errors
+
+class PlanError(ValueError):
+    """Options that describe no possible run: one line naming what to change.
+
+    The text names options as `{field}` (a Settings field, or another option of the same edge,
+    such as `{global_batch}`), and each edge words them its own way: `str(err)` gives the CLI's
+    flags (`--seq-len`), `err.render(names)` another vocabulary (a recipe's `sequence_len`).
+    `field` is the option the error is about, where there is one.
+    """
+
+    def __init__(self, text: str, field: str | None = None):
+        super().__init__(text)
+        self.text = text
+        self.field = field
+
+    def render(self, names: Mapping[str, str] | None = None) -> str:
+        return self.text.format_map(_Names(names or {}))
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+class _Names(dict):
+    def __init__(self, names: Mapping[str, str]):
+        super().__init__(names)
+
+    def __missing__(self, key: str) -> str:
+        return "--" + key.replace("_", "-")
+
+
+# ---------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class Settings:
+    precision: str = "bf16-amp"
+    optimizer: str = "adamw"
+    batch_size: int = 1
+    seq_len: int = 2048
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"
+    quant: str = "none"
+    grad_checkpointing: bool = False
+    attn: str = "sdpa"
+    gpus: int = 1
+    nodes: int = 1
+    strategy: str = "ddp"
+    offload: str = "none"
+    fsdp_version: int = 2
+    # micro-steps per optimizer step: from the second on, every gradient is alive through the
+    # forward and backward (accumulated in place)
+    accumulation: int = 1
+    # Whose kernels and autocast op lists to model: "cuda" (the target) or "cpu" (the machine the
+    # simulator measures on). They differ for attention with dropout and for a few autocast ops.
+    kernels: str = "cuda"
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_rank > 0
+
+    @property
+    def world(self) -> int:
+        return self.gpus * self.nodes
+
+
+def world_size(st: Settings) -> int:
+    return st.gpus * st.nodes
+
+
+def shard_size(st: Settings) -> int:
+    """Ranks one parameter is split over. FULL_SHARD, SHARD_GRAD_OP and ZeRO shard over the
+    world; HYBRID_SHARD shards within a node and replicates across nodes; NO_SHARD (FSDP2: a
+    replicate-only mesh) keeps everything whole."""
+    if st.strategy == "fsdp-hybrid":
+        return st.gpus
+    if st.strategy in ("fsdp-no-shard", "ddp"):
+        return 1
+    return world_size(st)
+
+
+_CHOICES = {"precision": Precision, "optimizer": Optimizer, "quant": Quant, "attn": Attention,
+            "strategy": Strategy, "offload": Offload, "kernels": Kernels}
+
+
+def _check_choice(st: Settings, name: str) -> None:
+    enum = _CHOICES[name]
+    value = getattr(st, name)
+    if value not in enum.values():
+        label = "{attn}" if name == "attn" else name
+        raise PlanError(f"unknown {label} '{value}'; choose one of {', '.join(enum.values())}", name)
+
+
+def check_options(st: Settings) -> Settings:
+    """Reject options that are impossible for any model, with one clear line."""
+    for name in _CHOICES:
+        _check_choice(st, name)
+    for name in ("batch_size", "seq_len", "gpus", "nodes", "accumulation"):
+        if getattr(st, name) < 1:
+            raise PlanError(f"{{{name}}} must be at least 1, got {getattr(st, name)}", name)
+    if st.lora_rank < 0:
+        raise PlanError(f"{{lora_rank}} must be 0 (full fine-tune) or positive, got {st.lora_rank}", "lora_rank")
+    if st.lora_alpha is not None and st.lora_alpha <= 0:
+        raise PlanError(f"{{lora_alpha}} must be positive, got {st.lora_alpha:g}", "lora_alpha")
+    if st.lora_dropout < 0 or st.lora_dropout >= 1:
+        raise PlanError(f"{{lora_dropout}} must be in [0, 1), got {st.lora_dropout}", "lora_dropout")
+    if st.quant != "none" and not st.lora:
+        raise PlanError(f"{{quant}} {st.quant} freezes the base weights: add {{lora_rank}} (QLoRA) to train adapters",
+                        "quant")
+    if st.quant != "none" and st.precision not in QUANT_PRECISIONS:
+        raise PlanError(f"{{quant}} {st.quant} cannot be combined with {{precision}} {st.precision}", "quant")
+    check_strategy(st)
+    return st
+
+
+def check_strategy(st: Settings) -> None:
+    """Combinations the engines do not offer, each with the one that does."""
+    if st.strategy == "ddp" and st.offload != "none":
+        raise PlanError(f"{{offload}} {st.offload} needs a sharded strategy: DDP keeps everything on the GPU "
+                        "(use {strategy} zero2 {offload} optimizer, or fsdp {offload} all)", "offload")
+    if st.strategy in FSDP and st.offload == "optimizer":
+        raise PlanError("FSDP offloads parameters, gradients and optimizer state together: use {offload} all "
+                        "(or DeepSpeed {strategy} zero2/zero3 {offload} optimizer)", "offload")
+    if st.strategy in FSDP and st.offload == "nvme":
+        raise PlanError("FSDP cannot offload to NVMe: use {strategy} zero3 {offload} nvme", "offload")
+    if st.strategy in ("zero1", "zero2") and st.offload in ("params", "all"):
+        raise PlanError(f"{{offload}} {st.offload}: DeepSpeed offloads parameters only under ZeRO-3 "
+                        f"(use {{strategy}} zero3, or {{offload}} optimizer with {st.strategy})", "offload")
+    if st.fsdp_version not in FSDP_VERSIONS:
+        raise PlanError(f"{{fsdp_version}} must be 1 or 2, got {st.fsdp_version}", "fsdp_version")
+    if st.strategy == "fsdp-hybrid" and st.nodes < 2:
+        raise PlanError("{strategy} fsdp-hybrid shards within a node and replicates across nodes: "
+                        "it needs {nodes} 2 or more", "nodes")
+    if st.strategy == "zero3" and st.quant != "none":
+        raise PlanError("ZeRO-3 cannot partition bitsandbytes 4/8-bit weights: use zero2 or FSDP for QLoRA", "quant")

@@ -1,0 +1,81 @@
+"""`estimate(spec, settings)`: the one entry to the formulas. Peak bytes per phase and per
+component for one GPU (per rank, under a strategy), from the single-GPU formulas of
+planner/memory.py or the sharding formulas of planner/distributed.py.
+
+The step it models is `loss = model(**batch).loss; loss.backward(); opt.step();
+opt.zero_grad(set_to_none=True)` with the optimizer state already allocated (the second and later
+steps), `use_cache=False`; `peak_bytes` is what `torch.cuda.max_memory_allocated()` reports for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .contract import PlanError, Settings, check_options
+from .distributed import sharded_phases
+from .memory import (CUBLAS_WORKSPACE_BYTES, eager_attention, device_bytes, lora_targets, replicated_phases,
+                     trainable_params)
+from .spec import ModelSpec, ParamCount, count_params
+
+
+@dataclass
+class Estimate:
+    params: int
+    trainable_params: int
+    peak_bytes: int
+    device_bytes: int
+    components: dict
+    phases: dict
+    phase_components: dict
+    cpu_bytes: int = 0
+    nvme_bytes: int = 0
+    notes: list = field(default_factory=list)
+    param_counts: ParamCount | None = None
+
+
+def validate(spec: ModelSpec, st: Settings) -> Settings:
+    """Reject impossible options with one clear line, those that depend on the model included."""
+    check_options(st)
+    if st.seq_len > spec.max_positions:
+        raise PlanError(f"{{seq_len}} {st.seq_len} exceeds the model's maximum of {spec.max_positions} positions",
+                        "seq_len")
+    if st.lora:
+        targets = lora_targets(spec, st)
+        if not targets:
+            raise PlanError(f"{{lora_targets}} '{st.lora_targets}' matches no linear layer of {spec.model_type}",
+                            "lora_targets")
+        # PEFT accepts a rank above a small layer's width (a MoE router's), but not above the model's
+        if st.lora_rank > spec.hidden:
+            raise PlanError(f"{{lora_rank}} {st.lora_rank} exceeds the hidden size ({spec.hidden})", "lora_rank")
+    return st
+
+
+def estimate(spec: ModelSpec, st: Settings) -> Estimate:
+    """Peak bytes per phase and per component for one GPU (per rank, under a strategy)."""
+    st = validate(spec, st)
+    pc = count_params(spec)
+    notes: list = []
+    cpu = nvme = 0
+    if st.strategy == "ddp":
+        phase_comp, end_bw = replicated_phases(spec, pc, st, notes)
+    else:
+        phase_comp, end_bw, cpu, nvme = sharded_phases(spec, pc, st, notes)
+    phases = {k: int(sum(v.values())) for k, v in phase_comp.items()}
+    phases["backward"] = max(phases["backward"], int(end_bw))
+    peak_phase = max(phases, key=phases.get)
+    comps = {k: 0 for k in ("weights", "gradients", "optimizer", "activations", "logits", "other")}
+    for k, v in phase_comp[peak_phase].items():
+        comps[k] += int(v)
+    if st.kernels == "cuda":
+        # cuBLAS/cuBLASLt workspaces come from the caching allocator on first use and stay:
+        # max_memory_allocated counts them (64 MiB on the H100, tables/validation_gpu.csv)
+        phases = {k: v + (CUBLAS_WORKSPACE_BYTES if k != "model" else 0) for k, v in phases.items()}
+        comps["other"] += CUBLAS_WORKSPACE_BYTES
+    peak = int(phases[peak_phase])
+    comps["other"] += peak - sum(comps.values())
+    if eager_attention(spec, st) and st.attn != "eager":
+        notes.append(f"{spec.model_type} attention soft-capping needs eager attention (or --attn flash)")
+    return Estimate(params=pc.total, trainable_params=trainable_params(spec, pc, st), peak_bytes=peak,
+                    device_bytes=device_bytes(peak, st.grad_checkpointing), components=comps, phases=phases,
+                    phase_components=phase_comp, cpu_bytes=int(cpu), nvme_bytes=int(nvme), notes=notes,
+                    param_counts=pc)

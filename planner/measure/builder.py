@@ -1,0 +1,245 @@
+"""What a run trains, built one way for every measurement and for the trainer: the
+transformers model set up as the settings say (dtype, attention kernel, checkpointing, LoRA
+through PEFT, an NF4 base through bitsandbytes), the optimizer the estimate counts, FSDP2
+sharding as accelerate applies it, and the training step the estimate models.
+
+The simulator, the per-rank and GPU measurements and `plan train` all build through here, so
+the trainer trains exactly what the simulator measures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+from ..contract import Optimizer, Settings
+from ..precision import RECIPES
+
+ATTENTION_DROPOUT_KEYS = ("attn_pdrop", "attention_probs_dropout_prob", "attention_dropout")
+
+
+def measured_config(cfg: dict) -> dict:
+    """The config as the simulator runs it, for the formula it is compared with: attention
+    dropout 0, whatever the class default (see the module docstring)."""
+    return {**cfg, **{k: 0.0 for k in ATTENTION_DROPOUT_KEYS}}
+
+
+
+
+def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = None, meta: bool = False,
+                device: str | None = None):
+    """The model class a user trains, set up as the settings say. `weights`: a directory of
+    safetensors or a .gguf file to load real pretrained weights from (real tensors only).
+    `meta`: leave it on the meta device (a sharding wrapper materialises it). `device`: build
+    the real tensors there (a GPU) instead of on the CPU."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(cfg)
+    mt = cfg.pop("model_type")
+    cfg["use_cache"] = False
+    load = {}
+    if weights is not None:
+        from pathlib import Path
+        path = Path(weights)
+        load = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name} if path.suffix == ".gguf" \
+            else {"pretrained_model_name_or_path": str(path)}
+        config = AutoConfig.from_pretrained(**load, use_cache=False)
+    else:
+        config = AutoConfig.for_model(mt, **cfg)
+    for k in ATTENTION_DROPOUT_KEYS:
+        if hasattr(config, k):  # the class default counts too (GPT-2 and BERT default to 0.1)
+            setattr(config, k, 0.0)
+    rc = RECIPES[st.precision]
+    dtype = torch.bfloat16 if rc.weight == 2 else torch.float32
+    attn = "eager" if st.attn == "eager" or getattr(config, "attn_logit_softcapping", None) else "sdpa"
+    cls = model_class(config)
+    # Under fake tensors the model is built on the meta device (PEFT's adapter moves cannot swap
+    # fake parameters) and each tensor is then turned into a fake CPU tensor of the same shape.
+    ctx = torch.device("meta") if fake_mode is not None or meta else \
+        (torch.device(device) if device else contextlib.nullcontext())
+    with ctx:
+        if weights is not None:
+            model = cls.from_pretrained(**load, config=config, dtype=dtype, attn_implementation=attn)
+        else:
+            model = cls.from_config(config, dtype=dtype, attn_implementation=attn)
+        if st.grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if st.lora:
+            from peft import get_peft_model
+            model = get_peft_model(model, lora_config(st, sequence_classification=cls is not AutoModelForCausalLM))
+            if cls is not AutoModelForCausalLM:  # PEFT's SEQ_CLS keeps the classifier trainable; adapters only here
+                for n, p in model.named_parameters():
+                    if "lora_" not in n:
+                        p.requires_grad_(False)
+        model.train()
+    if fake_mode is not None:
+        fakeify(model, fake_mode)
+    return model, config
+
+
+def is_encoder(config) -> bool:
+    """BERT-style encoders (token-type embeddings) train with a task head: sequence classification,
+    the head the estimator assumes. transformers' causal-LM head for them needs is_decoder."""
+    return getattr(config, "type_vocab_size", None) is not None and not getattr(config, "is_decoder", False)
+
+
+def model_class(config):
+    """The class a user trains: sequence classification for encoders, a causal LM otherwise."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+    if is_encoder(config) and config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        return AutoModelForSequenceClassification
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    raise ValueError(f"transformers has no causal-LM class for model_type '{config.model_type}'")
+
+
+def fakeify(model, fake_mode) -> None:
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorConverter
+
+    conv = FakeTensorConverter()
+    cpu = torch.device("cpu")
+    done = {}  # id(meta parameter) -> fake parameter, so tied weights stay one parameter
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                if id(p) not in done:
+                    fake = conv.from_meta_and_device(fake_mode, p.data, cpu)
+                    done[id(p)] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+                mod._parameters[name] = done[id(p)]
+        for name, b in list(mod._buffers.items()):
+            if b is not None:
+                mod._buffers[name] = conv.from_meta_and_device(fake_mode, b, cpu)
+
+
+def make_optimizer(params, name: str, lr: float | None = None, weight_decay: float = 0.0):
+    """The optimizer the estimate counts for `name`, as torch / transformers / bitsandbytes build it.
+    `params`: tensors or param groups. `lr` None: a small default (the simulator's steps)."""
+    import torch
+    kw = dict(lr=lr if lr is not None else 1e-4, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, foreach=True, **kw)
+    if name == "adamw-fused":
+        return torch.optim.AdamW(params, fused=True, **kw)
+    if name == "adamw-8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("optimizer adamw-8bit needs bitsandbytes (pip install bitsandbytes)") from None
+        return bnb.optim.AdamW8bit(params, **kw)
+    if name == "sgd":
+        return torch.optim.SGD(params, foreach=True, **{**kw, "lr": lr if lr is not None else 1e-3})
+    if name == "sgd-momentum":
+        return torch.optim.SGD(params, momentum=0.9, foreach=True, **{**kw, "lr": lr if lr is not None else 1e-3})
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+        # as HF Trainer builds it for optim="adafactor": fixed learning rate, no parameter scaling
+        return Adafactor(params, lr=lr if lr is not None else 1e-3, weight_decay=weight_decay, scale_parameter=False,
+                         relative_step=False, warmup_init=False)
+    raise ValueError(f"no {name} optimizer here: choose one of {', '.join(Optimizer.values())}")
+
+
+
+
+@contextlib.contextmanager
+def unpacked_sequences():
+    """transformers checks `position_ids` for packed sequences by reading their values; on fake
+    tensors it cannot, assumes packing and builds an explicit 4-D mask (and repeats GQA's k and v)
+    where a real run passes `is_causal=True`. The simulator feeds unpacked rows (positions
+    0..S-1), so it gives the answer a real run computes: no packing."""
+    import transformers.masking_utils as mu
+
+    orig = mu.find_packed_sequence_indices
+    mu.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        mu.find_packed_sequence_indices = orig
+
+
+
+
+def train_step(model, opt, batch: dict, amp, snap=lambda phase: None, engine=None) -> None:
+    """One training step as the estimate models it, calling `snap(phase)` at the end of the
+    forward, the backward and the optimizer step. `engine`: a DeepSpeed engine, whose `backward`
+    and `step` (the optimizer step and gradient release) replace the plain calls."""
+    with amp:
+        loss = model(**batch).loss
+    snap("forward")
+    if engine is not None:
+        engine.backward(loss)
+    else:
+        loss.backward()
+    del loss
+    snap("backward")
+    if engine is not None:
+        engine.step()
+    else:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    snap("optimizer_step")
+
+
+
+
+def device_mesh(world: int, replicate: int = 1):
+    """The FSDP2 device mesh accelerate builds, and its dimension names: one shard dimension, or
+    (replicate, shard) when parameters are replicated over `replicate` groups (hybrid sharding:
+    shard within a node, replicate across nodes; no-shard: replicate over every rank)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    if replicate == 1:
+        return init_device_mesh("cpu", (world,), mesh_dim_names=("dp_shard",)), ("dp_shard",)
+    names = ("dp_replicate", "dp_shard")
+    return init_device_mesh("cpu", (replicate, world // replicate), mesh_dim_names=names), names
+
+
+def mesh_for(st: Settings, world: int):
+    replicate = {"fsdp-hybrid": st.nodes, "fsdp-no-shard": world}.get(st.strategy, 1)
+    return device_mesh(world, replicate)
+
+
+def fsdp2_shard(model, plugin, mixed: str, mesh, names):
+    """Shard `model` with accelerate's own `fsdp2_prepare_model` and an FSDP plugin, on CPU.
+    accelerate (1.15) turns FSDP on only for GPU-type backends and runs gloo ranks as MULTI_CPU,
+    so this hands the function the few accelerator fields it reads: the plugin, the mesh, the
+    mixed precision."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    if mixed != "no":
+        plugin.set_mixed_precision(mixed)
+    acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=mesh,
+                          parallelism_config=SimpleNamespace(fsdp_dim_names=names), mixed_precision=mixed,
+                          is_main_process=False, device="cpu")
+    return fsdp2_prepare_model(acc, model)
+
+
+def wrap_fsdp2(model, st: Settings, mesh_and_names):
+    """Shard `model` as `accelerate launch` with an FSDP2 config would (fsdp_reshard_after_forward
+    false for SHARD_GRAD_OP)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    rc = RECIPES[st.precision]
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, reshard_after_forward=st.strategy != "fsdp-grad-op", auto_wrap_policy="transformer_based_wrap",
+        cpu_ram_efficient_loading=False, cpu_offload=st.offload in ("params", "all"), state_dict_type="SHARDED_STATE_DICT")
+    return fsdp2_shard(model, plugin, "bf16" if rc.autocast else "no", *mesh_and_names)
+
+
+def lora_config(st: Settings, sequence_classification: bool = False):
+    """PEFT's LoraConfig for the settings: rank, alpha (2 x rank when unset, the field's
+    default), dropout, and the target modules (`all-linear`, or the comma-separated names)."""
+    from peft import LoraConfig
+    targets = "all-linear" if st.lora_targets == "all-linear" else st.lora_targets.split(",")
+    return LoraConfig(r=st.lora_rank, lora_alpha=st.lora_alpha or 2 * st.lora_rank, lora_dropout=st.lora_dropout,
+                      target_modules=targets, task_type="SEQ_CLS" if sequence_classification else "CAUSAL_LM")
+
+
+def nf4_config(compute_dtype):
+    """QLoRA's base as bitsandbytes stores it (the layout the estimate counts): NF4, double
+    quantisation, matmuls in `compute_dtype`."""
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)

@@ -1,0 +1,93 @@
+"""torch's MemTracker as every measurement here uses it, and one recorder of per-phase peaks.
+
+MemTracker (torch/distributed/_tools/mem_tracker.py) counts live tensor bytes by category
+(parameters, buffers, gradients, optimizer state, activations, temporaries) on real or fake
+tensors. The simulator, the per-rank measurement and the trainer's CPU meter share this class
+and this recorder.
+"""
+
+from __future__ import annotations
+
+from torch.distributed._tools.mem_tracker import MemTracker
+
+COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "other")
+"""The contract's memory components (shared/CONTRACT.md), in the order tables show them."""
+
+# MemTracker's reference types -> the contract's components (logits are activations to it)
+_CATEGORY = {"Parameter": "weights", "Buffer": "weights", "Gradient": "gradients", "Optstate": "optimizer",
+             "Activation": "activations", "Temp": "other", "Other": "other"}
+
+
+class Tracker(MemTracker):
+    """MemTracker that accepts frozen parameters (LoRA bases) and keeps the global peak only.
+
+    torch's version registers a gradient hook on every parameter, which raises for one
+    without requires_grad. Modules holding frozen parameters get no gradient hooks; their
+    gradients are still counted in the total, only under another category."""
+
+    def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+        ok = all(p.requires_grad for p in module.parameters())
+        return super()._track_module_params_and_buffers(module, install_grad_hooks and ok)
+
+    def _update_peak_stats(self, peak_state) -> None:
+        """Only the global peak: torch's version also walks every module on every op to keep
+        per-module peaks, which nothing here reads (minutes for a LoRA model with thousands of
+        modules)."""
+        for dev, snap in self._curr_mem_snap.items():
+            if self._peak_mem.get(dev, 0) < snap["Total"]:
+                self._peak_mem[dev] = snap["Total"]
+                self._peak_mem_snap[dev] = dict(snap)
+
+
+def phase_peak(tracker: MemTracker, dev=None) -> tuple:
+    """(device, the peak snapshot since the last call) for the tracked device, then restart the
+    peak from the live bytes now, so that each phase of a step reports its own peak."""
+    s = tracker.get_tracker_snapshot("peak")
+    dev = dev or next(iter(s))
+    peak = dict(s.get(dev, {"Total": 0}))
+    cur = tracker.get_tracker_snapshot("current")
+    tracker._peak_mem[dev] = cur[dev]["Total"]
+    tracker._peak_mem_snap[dev] = dict(cur[dev])
+    return dev, peak
+
+
+def components(snapshot: dict) -> dict:
+    """A MemTracker snapshot in the contract's components."""
+    out = {k: 0 for k in COMPONENTS}
+    for k, v in snapshot.items():
+        if k != "Total":
+            out[_CATEGORY.get(getattr(k, "value", str(k)), "other")] += int(v)
+    return out
+
+
+def live_bytes(tracker: MemTracker) -> int:
+    """Live tensor bytes now, over every tracked device."""
+    return int(sum(v["Total"] for v in tracker.get_tracker_snapshot("current").values()))
+
+
+class PhaseRecorder:
+    """Called with a phase name at the end of each phase of a step: keeps that phase's peak
+    (the largest where a phase repeats, as micro-steps do) and its components.
+
+    `reset_modules_after`: phases after which MemTracker's per-module state is cleared (it
+    refuses a module's second forward in one window, which gradient accumulation makes)."""
+
+    def __init__(self, tracker: MemTracker, reset_modules_after: tuple[str, ...] = ()):
+        self.tracker = tracker
+        self.reset_modules_after = reset_modules_after
+        self.dev = None
+        self.phases: dict[str, int] = {}
+        self.categories: dict[str, dict] = {}
+
+    def __call__(self, phase: str) -> None:
+        self.dev, s = phase_peak(self.tracker, self.dev)
+        total = int(s["Total"])
+        if total >= self.phases.get(phase, 0):
+            self.phases[phase] = total
+            self.categories[phase] = components(s)
+        if phase in self.reset_modules_after:
+            self.tracker.reset_mod_stats()
+
+    def clear(self) -> None:
+        self.phases.clear()
+        self.categories.clear()
