@@ -88,7 +88,7 @@ def hf_worker(a) -> None:
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from trainer import data as D
+    from planner import data as D
     from trainer.model import load_model, load_tokenizer
     from planner.recipe import from_dict
 

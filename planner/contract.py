@@ -97,6 +97,15 @@ class Method(Choice):
     QLORA = "qlora"
 
 
+class DataFormat(Choice):
+    """How a dataset's records read (planner/data.py): instruction/output pairs, chat messages
+    (the tokenizer's template), plain text, or text with a label."""
+    ALPACA = "alpaca"
+    CHAT = "chat"
+    COMPLETION = "completion"
+    CLASSIFICATION = "classification"
+
+
 class Kernels(Choice):
     """Whose kernels and autocast op lists the formulas model: the CUDA target, or the CPU the
     simulator measures on."""

@@ -14,7 +14,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .contract import Offload, Optimizer, Precision, Settings, Strategy
+from .contract import DataFormat, Offload, Optimizer, Precision, Settings, Strategy
 
 
 class RecipeError(ValueError):
@@ -31,7 +31,7 @@ class _Strict(BaseModel):
 
 class Dataset(_Strict):
     path: str
-    type: Literal["alpaca", "chat", "completion", "classification"] = "alpaca"
+    type: DataFormat = "alpaca"
     field: Optional[str] = None           # completion/classification: the text field
     label_field: Optional[str] = None     # classification: the label field
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from planner.measure.validate import real_weights_path
-from trainer import data as D
+from planner import data as D
 from trainer import train as T
 
 ROOT = Path(__file__).resolve().parent.parent
