@@ -10,7 +10,7 @@ tables/validation.csv).
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from .contract import FSDP, ZERO, PlanError, Settings, check_strategy, shard_size, world_size
 from .memory import (RECIPES, StepParts, activation_phases, lora_params,
@@ -19,7 +19,16 @@ from .spec import ModelSpec, ParamCount
 
 # ---------------------------------------------------------------- FSDP
 
-def fsdp_units(spec: ModelSpec, pc: ParamCount, version: int = 2) -> dict:
+@dataclass(frozen=True)
+class FsdpUnits:
+    """Parameters per FSDP unit (see `fsdp_units`)."""
+    block: int
+    embed: int
+    kept: int
+    kept_late: bool
+
+
+def fsdp_units(spec: ModelSpec, pc: ParamCount, version: int = 2) -> FsdpUnits:
     """Parameters per FSDP unit in accelerate's FSDP2 layout (fsdp2_prepare_model):
 
     - `block`: one `_no_split_modules` block (transformer_based_wrap), gathered for its forward
@@ -40,10 +49,10 @@ def fsdp_units(spec: ModelSpec, pc: ParamCount, version: int = 2) -> dict:
     """
     blocks = spec.layers * pc.largest_layer
     if version == 1:
-        return {"block": pc.largest_layer, "embed": 0, "kept": pc.total - blocks, "kept_late": True}
+        return FsdpUnits(block=pc.largest_layer, embed=0, kept=pc.total - blocks, kept_late=True)
     embed = spec.vocab * spec.hidden if (not pc.tied or spec.is_encoder) else 0
-    return {"block": pc.largest_layer, "embed": embed, "kept": pc.total - blocks - embed,
-            "kept_late": bool(pc.tied or spec.learned_positions or spec.is_encoder)}
+    return FsdpUnits(block=pc.largest_layer, embed=embed, kept=pc.total - blocks - embed,
+                     kept_late=bool(pc.tied or spec.learned_positions or spec.is_encoder))
 
 
 def _gathered_bytes(n_params: int, st: Settings) -> float:
@@ -91,11 +100,11 @@ def fsdp_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
     u = fsdp_units(spec, pc, st.fsdp_version)
     lora_blk = _block_lora(spec, st)
     gb = 2 if RECIPES[st.precision].autocast else RECIPES[st.precision].grad  # unsharded grad dtype
-    block_g = _gathered_bytes(u["block"] + lora_blk, st)
-    kept_g = _gathered_bytes(u["kept"], st)
-    embed_g = _gathered_bytes(u["embed"], st)
+    block_g = _gathered_bytes(u.block + lora_blk, st)
+    kept_g = _gathered_bytes(u.kept, st)
+    embed_g = _gathered_bytes(u.embed, st)
     every_g = spec.layers * block_g + kept_g + embed_g
-    block_train = (lora_blk if st.lora else u["block"]) * gb
+    block_train = (lora_blk if st.lora else u.block) * gb
 
     offload = st.offload in ("params", "all")
     w, g, o, t = (p.weights / n, p.grads / n, p.optimizer / n, p.opt_temp / n)
@@ -108,35 +117,35 @@ def fsdp_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
         w_gpu, g_gpu, o_gpu, t_gpu = w, g, o, t
     a = activation_phases(p)
     grad_op = st.strategy == "fsdp-grad-op"
-    late = u["kept_late"]
-    kept_train = 0 if st.lora else u["kept"] * gb        # the kept unit's unsharded gradients
-    kept_shard = 0 if (st.lora or offload) else u["kept"] * RECIPES[st.precision].grad / n
-    fwd_gathered = every_g if grad_op else kept_g + (block_g if a["fwd_in_block"] else 0)
-    if a["bwd_in_block"]:
+    late = u.kept_late
+    kept_train = 0 if st.lora else u.kept * gb        # the kept unit's unsharded gradients
+    kept_shard = 0 if (st.lora or offload) else u.kept * RECIPES[st.precision].grad / n
+    fwd_gathered = every_g if grad_op else kept_g + (block_g if a.fwd_in_block else 0)
+    if a.bwd_in_block:
         # inside a block's backward: this block and the prefetched next one gathered (every block
         # not yet differentiated under SHARD_GRAD_OP), the kept unit if it is released last, the
         # previous block's reduce-scatter input (FSDP2 frees it when the next reduce-scatter waits)
         # and the sharded gradients of the units already reduced
         blocks_g = (spec.layers * block_g + embed_g) if grad_op else 2 * block_g
         gathered_bw = blocks_g + (kept_g if late else 0)
-        done_shard = 0 if (st.lora or offload) else u["block"] * RECIPES[st.precision].grad / n
+        done_shard = 0 if (st.lora or offload) else u.block * RECIPES[st.precision].grad / n
         bw_grads = (kept_train if late else kept_shard) + done_shard + block_train
         # the peak comes as the block's backward starts (its weight gradients come later, when
         # its recompute is being freed): the recompute and the first activation gradients
-        a["backward"]["activations"] = p.act["kept"] + p.act["recompute"] + p.act["first_grads"]
+        a.backward["activations"] = p.act.kept + p.act.recompute + p.act.first_grads
     else:
         gathered_bw = every_g if grad_op else kept_g
         bw_grads = 0
     base = {"weights": w_gpu, "optimizer": o_gpu}
     phase_comp = {
         "model": {"weights": w_gpu},
-        "forward": {**base, **a["forward"], "other": fwd_gathered},
-        "backward": {**base, **a["backward"], "gradients": bw_grads, "other": gathered_bw},
+        "forward": {**base, **a.forward, "other": fwd_gathered},
+        "backward": {**base, **a.backward, "gradients": bw_grads, "other": gathered_bw},
         "optimizer_step": {**base, "gradients": g_gpu, "other": t_gpu},
     }
     # end of backward: every sharded gradient, and the last unit reduced (the embedding, or the
     # kept unit when it is released last) gathered with its unsharded gradients and their copy
-    last_g, last_train = (kept_g, kept_train) if late else (embed_g, 0 if st.lora else u["embed"] * gb)
+    last_g, last_train = (kept_g, kept_train) if late else (embed_g, 0 if st.lora else u.embed * gb)
     end_bw = w_gpu + o_gpu + g_gpu + last_g + 2 * max(last_train, block_train)
     notes.append(f"FSDP{st.fsdp_version} ({st.strategy}), shard group {n} of {world_size(st)} ranks: "
                  f"{'all units stay gathered after forward' if grad_op else 'one block gathered in forward, two in backward'}")
@@ -187,7 +196,7 @@ def zero3_gathered_at_loss(spec: ModelSpec, pc: ParamCount) -> int:
     blocks closest to it are kept; a model under about 0.5B parameters stays gathered whole.
     """
     u = fsdp_units(spec, pc)
-    order = [u["embed"]] + [u["block"]] * spec.layers + [u["kept"]]
+    order = [u.embed] + [u.block] * spec.layers + [u.kept]
     gathered, after = 0, 0
     for n in reversed(order):
         if 2 * after < DS_MAX_REUSE_DISTANCE:
@@ -248,14 +257,14 @@ def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
         at_loss = in_block = 0
     gpu_master, gpu_opt = (0, 0) if offload_opt else (master, opt)
     a = activation_phases(p)
-    bw_in_block = a["bwd_in_block"]
+    bw_in_block = a.bwd_in_block
     block_grads = b * (_block_lora(spec, st) if st.lora else pc.largest_layer) if bw_in_block else 0
     base = {"weights": w, "optimizer": gpu_master + gpu_opt}
     phase_comp = {
         "model": {"weights": w},
-        "forward": {**base, **a["forward"], "other": at_loss + (grad_part if stage == 3 else 0)},
+        "forward": {**base, **a.forward, "other": at_loss + (grad_part if stage == 3 else 0)},
         # stages 1-2 allocate the gradient partition at the first reduce, inside the backward
-        "backward": {**base, **a["backward"],
+        "backward": {**base, **a.backward,
                      "gradients": (grad_part + bucket + block_grads) if (bw_in_block or stage == 3) else 0,
                      "other": in_block if bw_in_block else at_loss},
         "optimizer_step": {**base, "gradients": 0 if offload_opt else fp32_grad,

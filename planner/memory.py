@@ -473,7 +473,17 @@ def _model_level(c: _Ctx) -> float:
     return acc.per_token + acc.per_layer / max(c.st.tokens, 1)
 
 
-def logits_bytes(spec: ModelSpec, st: Settings) -> dict:
+@dataclass(frozen=True)
+class Logits:
+    """Bytes of the logits and the loss: kept for backward, alive at the forward's peak (the
+    log-softmax), at the start of backward, and the logits' gradient."""
+    saved: float
+    forward: float
+    backward: float
+    grad: float = 0
+
+
+def logits_bytes(spec: ModelSpec, st: Settings) -> Logits:
     """The output head's logits and cross-entropy, B x S x vocab values.
 
     transformers' ForCausalLMLoss upcasts the logits (`logits.float()`) and `cross_entropy` keeps
@@ -483,17 +493,34 @@ def logits_bytes(spec: ModelSpec, st: Settings) -> dict:
     Gemma-2's final soft-capping keeps its tanh output too.
     """
     if spec.is_encoder:
-        return {"saved": 0, "forward": 0, "backward": 0}
+        return Logits(saved=0, forward=0, backward=0)
     tv = st.tokens * spec.vocab
     rc = RECIPES[st.precision]
     e = 4 if st.quant != "none" and not rc.autocast else rc.compute
     saved = 4 * tv + (e * tv if spec.final_softcap else 0)
     fwd = saved + e * tv + (4 * tv if e != 4 else 0)
     bwd = saved + 8 * tv
-    return {"saved": saved, "forward": fwd, "backward": bwd, "grad": e * tv}
+    return Logits(saved=saved, forward=fwd, backward=bwd, grad=e * tv)
 
 
-def activation_bytes(spec: ModelSpec, st: Settings) -> dict:
+@dataclass(frozen=True)
+class Activations:
+    """Activation bytes of a step (the logits apart).
+
+    kept: what the blocks and the model level keep for backward; layer: what one block keeps;
+    recompute: what a checkpointed block holds again while its backward runs (0 without
+    checkpointing); layer_grads: the gradients alive inside one block's backward;
+    first_grads: those at the start of a block's backward, before any weight gradient;
+    mask: eager attention's 4-D float mask."""
+    kept: float
+    layer: float
+    recompute: float
+    layer_grads: float
+    mask: float
+    first_grads: float
+
+
+def activation_bytes(spec: ModelSpec, st: Settings) -> Activations:
     """Activations kept for backward (without the logits), and what one block adds on top.
 
     `layer_grads`: the gradients alive inside one block's backward on top of what it keeps: the
@@ -523,11 +550,11 @@ def activation_bytes(spec: ModelSpec, st: Settings) -> dict:
         # at the start of the block's backward, before any weight gradient: the gradients of the
         # block output and of the last MLP projection's input (one stream-, one MLP-wide)
         first = st.tokens * (c.compute * spec.intermediate + c.stream * spec.hidden)
-        return {"kept": kept, "layer": per_layer, "recompute": recompute, "layer_grads": grads, "mask": mask,
-                "first_grads": first}
+        return Activations(kept=kept, layer=per_layer, recompute=recompute, layer_grads=grads, mask=mask,
+                           first_grads=first)
     grads = st.tokens * (c.compute * spec.intermediate + c.stream * spec.hidden)
-    return {"kept": spec.layers * per_layer + model_level, "layer": per_layer, "recompute": 0,
-            "layer_grads": grads, "mask": mask, "first_grads": grads}
+    return Activations(kept=spec.layers * per_layer + model_level, layer=per_layer, recompute=0,
+                       layer_grads=grads, mask=mask, first_grads=grads)
 
 
 # ---------------------------------------------------------------- overheads
@@ -563,8 +590,8 @@ class StepParts:
     grads: float        # every trainable parameter's gradient
     optimizer: float    # optimizer state
     opt_temp: float     # transient inside optimizer.step()
-    act: dict           # activation_bytes()
-    logits: dict        # logits_bytes()
+    act: Activations
+    logits: Logits
     head_grad: float    # the head's weight gradient, alive from the start of backward
     block_wgrad: float  # a checkpointed block's weight gradients, alive in its backward
 
@@ -580,7 +607,17 @@ def step_parts(spec: ModelSpec, pc: ParamCount, st: Settings) -> StepParts:
         block_wgrad=rc.grad * pc.largest_layer if c.full and st.grad_checkpointing else 0)
 
 
-def activation_phases(p: StepParts) -> dict:
+@dataclass
+class ActivationPhases:
+    """Activation-side components (activations, logits) at the forward's and the backward's
+    peak, and whether each peak is inside the last block rather than at the loss."""
+    forward: dict
+    backward: dict
+    fwd_in_block: bool
+    bwd_in_block: bool
+
+
+def activation_phases(p: StepParts) -> ActivationPhases:
     """Activation-side bytes at each phase's peak, on top of the model states.
 
     Forward peaks at the loss, or (checkpointing) inside the last block, which holds its
@@ -592,17 +629,16 @@ def activation_phases(p: StepParts) -> dict:
     reduce-scatter).
     """
     act, lg = p.act, p.logits
-    at_loss, at_fwd_loss, in_fwd_block = lg["backward"], lg["forward"], act["recompute"]
-    in_block = act["recompute"] + act["layer_grads"] + p.block_wgrad + p.head_grad
+    at_loss, at_fwd_loss, in_fwd_block = lg.backward, lg.forward, act.recompute
+    in_block = act.recompute + act.layer_grads + p.block_wgrad + p.head_grad
     fwd_block = in_fwd_block > at_fwd_loss
     bwd_block = in_block > at_loss
-    return {
-        "forward": {"activations": act["kept"] + act["mask"] + (in_fwd_block if fwd_block else 0),
-                    "logits": 0 if fwd_block else at_fwd_loss},
-        "backward": {"activations": act["kept"] + (act["recompute"] + act["layer_grads"] if bwd_block else 0),
-                     "logits": 0 if bwd_block else at_loss},
-        "fwd_in_block": fwd_block, "bwd_in_block": bwd_block,
-    }
+    return ActivationPhases(
+        forward={"activations": act.kept + act.mask + (in_fwd_block if fwd_block else 0),
+                 "logits": 0 if fwd_block else at_fwd_loss},
+        backward={"activations": act.kept + (act.recompute + act.layer_grads if bwd_block else 0),
+                  "logits": 0 if bwd_block else at_loss},
+        fwd_in_block=fwd_block, bwd_in_block=bwd_block)
 
 
 def replicated_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> tuple[dict, float]:
@@ -621,9 +657,9 @@ def replicated_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list
     base = {"weights": w, "optimizer": o}
     phase_comp = {
         "model": {"weights": w, "other": buckets},
-        "forward": {**base, **a["forward"], "gradients": g if st.accumulation > 1 else 0, "other": buckets},
-        "backward": {**base, **a["backward"], "other": buckets,
-                     "gradients": g if st.accumulation > 1 else p.head_grad + p.block_wgrad if a["bwd_in_block"] else 0},
+        "forward": {**base, **a.forward, "gradients": g if st.accumulation > 1 else 0, "other": buckets},
+        "backward": {**base, **a.backward, "other": buckets,
+                     "gradients": g if st.accumulation > 1 else p.head_grad + p.block_wgrad if a.bwd_in_block else 0},
         "optimizer_step": {**base, "gradients": g, "other": buckets + p.opt_temp},
     }
     tied_head_grad = spec.vocab * spec.hidden * RECIPES[st.precision].grad if pc.tied and not st.lora else 0

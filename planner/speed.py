@@ -118,9 +118,16 @@ def _ring(n_bytes: float, ranks: int, allreduce: bool = False) -> float:
     return (2 if allreduce else 1) * n_bytes * (ranks - 1) / ranks
 
 
-def comm_bytes(spec: ModelSpec, st: Settings) -> dict:
-    """Bytes each GPU sends, {"micro": (intra-node, network), "step": (intra-node, network)}:
-    per micro-step, and once per optimizer step.
+@dataclass(frozen=True)
+class CommBytes:
+    """Bytes one GPU sends, each as (intra-node, network): per micro-step, and once per
+    optimizer step."""
+    micro: tuple[float, float] = (0.0, 0.0)
+    step: tuple[float, float] = (0.0, 0.0)
+
+
+def comm_bytes(spec: ModelSpec, st: Settings) -> CommBytes:
+    """Bytes each GPU sends per micro-step and once per optimizer step (CommBytes).
 
     - DDP: one all-reduce of the gradients per optimizer step (accelerate's `no_sync` skips it
       on the other micro-steps), in the gradients' dtype (fp32 under autocast).
@@ -136,10 +143,9 @@ def comm_bytes(spec: ModelSpec, st: Settings) -> dict:
     LoRA moves only the adapters' gradients; the frozen base is gathered like any parameter.
     Across nodes the ring runs at the network's speed, so its bytes count as network bytes.
     """
-    zero = {"micro": (0.0, 0.0), "step": (0.0, 0.0)}
     world = world_size(st)
     if world == 1:
-        return zero
+        return CommBytes()
     pc = count_params(spec)
     p16 = 2 * pc.total                    # the 16-bit parameters
     train = trainable_params(spec, pc, st)
@@ -161,10 +167,10 @@ def comm_bytes(spec: ModelSpec, st: Settings) -> dict:
         gathers = 1 if s == "fsdp-grad-op" else 2
         micro = gathers * _ring(p16, group) + _ring(g16, group)
         if s == "fsdp-hybrid":
-            return {"micro": (micro, _ring(g16 / group, st.nodes, allreduce=True)), "step": (0.0, 0.0)}
+            return CommBytes(micro=(micro, _ring(g16 / group, st.nodes, allreduce=True)))
     if st.nodes > 1:
-        return {"micro": (0.0, micro), "step": (0.0, step)}
-    return {"micro": (micro, 0.0), "step": (step, 0.0)}
+        return CommBytes(micro=(0.0, micro), step=(0.0, step))
+    return CommBytes(micro=(micro, 0.0), step=(step, 0.0))
 
 
 def offload_bytes(spec: ModelSpec, st: Settings) -> tuple[float, float]:
@@ -220,8 +226,8 @@ def step_time(spec: ModelSpec, st: Settings, gpu: GPU, accumulation: int, mfu: f
         dequant = passes * qparams * ((0.5 if st.quant == "nf4" else 1) + 4) / (gpu.mem_bw_gbs * 1e9)
     link, net = gpu.link_gbs * 1e9, min(gpu.link_gbs, INTER_NODE_GBS) * 1e9
     cb = comm_bytes(spec, st)
-    comm_micro = cb["micro"][0] / link + cb["micro"][1] / net
-    comm_step = cb["step"][0] / link + cb["step"][1] / net
+    comm_micro = cb.micro[0] / link + cb.micro[1] / net
+    comm_step = cb.step[0] / link + cb.step[1] / net
     fetch, per_step_pcie = offload_bytes(spec, st)
     pcie = gpu.pcie_gbs * 1e9
     fetch_s = fetch / pcie

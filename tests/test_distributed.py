@@ -2,12 +2,10 @@
 structure (what sharding divides, what stays whole), and the --strategy all comparison. The
 measured accuracy of every strategy is asserted in tests/test_accuracy.py (distributed suite)."""
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
+from helpers import run_plan
 
 from planner.distributed import fsdp_units, zero3_gathered_at_loss, zero_persistent_params
 from planner.contract import PlanError, Settings
@@ -15,13 +13,6 @@ from planner.estimate import estimate
 from planner.resolve import catalog
 from planner.spec import ModelSpec, count_params
 from planner.measure.validate import SMALL
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-
-def plan(*args):
-    return subprocess.run([sys.executable, "-m", "planner.cli", *args], capture_output=True, text=True, env=ENV)
-
 
 def spec_of(model_id):
     return ModelSpec.from_config(catalog()[model_id]["config"])
@@ -39,7 +30,7 @@ BF16_8 = Settings(precision="bf16-amp", gpus=8, seq_len=2048, grad_checkpointing
     ("fsdp-hybrid", "none", 1, "needs --nodes 2"),
 ])
 def test_impossible_combinations_exit_2_with_one_line(strategy, offload, nodes, message):
-    r = plan("estimate", "gpt2", "--dtype", "bf16", "--gpus", "2", "--nodes", str(nodes), "--strategy", strategy,
+    r = run_plan("estimate", "gpt2", "--dtype", "bf16", "--gpus", "2", "--nodes", str(nodes), "--strategy", strategy,
              "--offload", offload)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -93,7 +84,7 @@ def test_zero3_keeps_small_models_gathered_whole_and_big_ones_only_near_the_head
     assert zero3_gathered_at_loss(small, count_params(small)) == count_params(small).total
     pc = count_params(LLAMA8B)
     u = fsdp_units(LLAMA8B, pc)
-    assert zero3_gathered_at_loss(LLAMA8B, pc) == u["kept"]  # head + final norm: 2 x 525M > 1e9
+    assert zero3_gathered_at_loss(LLAMA8B, pc) == u.kept  # head + final norm: 2 x 525M > 1e9
     assert 0 < zero_persistent_params(LLAMA8B, pc) < 0.001 * pc.total
 
 
@@ -103,11 +94,11 @@ def test_fsdp_units_cover_every_parameter():
         pc = count_params(s)
         for version in (1, 2):
             u = fsdp_units(s, pc, version)
-            assert s.layers * u["block"] + u["embed"] + u["kept"] == pc.total
+            assert s.layers * u.block + u.embed + u.kept == pc.total
 
 
 def test_strategy_all_compares_every_strategy_as_json():
-    r = plan("estimate", "meta-llama/Llama-3.1-70B", "--gpus", "8", "--nodes", "2", "--strategy", "all",
+    r = run_plan("estimate", "meta-llama/Llama-3.1-70B", "--gpus", "8", "--nodes", "2", "--strategy", "all",
              "--grad-checkpointing", "--json")
     assert r.returncode == 0, r.stderr
     objs = json.loads(r.stdout)
@@ -121,7 +112,7 @@ def test_strategy_all_compares_every_strategy_as_json():
 
 
 def test_strategy_all_table_shows_what_fits():
-    r = plan("estimate", "meta-llama/Llama-3.1-70B", "--gpus", "8", "--strategy", "all", "--grad-checkpointing")
+    r = run_plan("estimate", "meta-llama/Llama-3.1-70B", "--gpus", "8", "--strategy", "all", "--grad-checkpointing")
     assert r.returncode == 0, r.stderr
     assert "zero3" in r.stdout and "fsdp-no-shard" in r.stdout and "host/node" in r.stdout
     rows = {tuple(line.split("│")[1:3]): line for line in r.stdout.splitlines() if line.count("│") > 8}

@@ -19,7 +19,7 @@ from planner.estimate import estimate
 from planner.recommend import Request, recommend
 from planner.resolve import resolve
 from planner.spec import ModelSpec
-from planner.speed import comm_bytes, step_time, train_flops_per_token
+from planner.speed import CommBytes, comm_bytes, step_time, train_flops_per_token
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,14 +105,14 @@ def test_communication_volumes():
     s = spec_of(LLAMA3)
     n = 8_030_261_248
     ddp = comm_bytes(s, Settings(gpus=8, strategy="ddp"))
-    assert ddp["step"][0] == pytest.approx(2 * 7 / 8 * 4 * n) and ddp["micro"] == (0.0, 0.0)
+    assert ddp.step[0] == pytest.approx(2 * 7 / 8 * 4 * n) and ddp.micro == (0.0, 0.0)
     z3 = comm_bytes(s, Settings(gpus=8, strategy="zero3"))
-    assert z3["micro"][0] == pytest.approx(3 * 7 / 8 * 2 * n)  # gather twice, reduce-scatter once, in bf16
+    assert z3.micro[0] == pytest.approx(3 * 7 / 8 * 2 * n)  # gather twice, reduce-scatter once, in bf16
     z2 = comm_bytes(s, Settings(gpus=8, strategy="zero2"))
-    assert z2["micro"][0] == pytest.approx(7 / 8 * 2 * n) and z2["step"][0] == pytest.approx(7 / 8 * 2 * n)
+    assert z2.micro[0] == pytest.approx(7 / 8 * 2 * n) and z2.step[0] == pytest.approx(7 / 8 * 2 * n)
     across = comm_bytes(s, Settings(gpus=8, nodes=2, strategy="zero3"))
-    assert across["micro"][0] == 0 and across["micro"][1] == pytest.approx(3 * 15 / 16 * 2 * n)
-    assert comm_bytes(s, Settings()) == {"micro": (0.0, 0.0), "step": (0.0, 0.0)}
+    assert across.micro[0] == 0 and across.micro[1] == pytest.approx(3 * 15 / 16 * 2 * n)
+    assert comm_bytes(s, Settings()) == CommBytes(micro=(0.0, 0.0), step=(0.0, 0.0))
 
 
 def test_step_time_is_monotone_in_what_it_models():
