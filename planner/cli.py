@@ -232,10 +232,8 @@ def _best_plan(model: str, res, spec, gpu_arg: str, g, gpus: Optional[int], node
 
 def _check_data_format(data_format: str) -> None:
     """One of the recipe's dataset types (planner/recipe.py)."""
-    from typing import get_args
-
-    from planner.recipe import Dataset
-    formats = get_args(Dataset.model_fields["type"].annotation)
+    from .contract import DataFormat
+    formats = DataFormat.values()
     if data_format not in formats:
         fail(f"--data-format {data_format}: choose {', '.join(formats[:-1])} or {formats[-1]}")
 
