@@ -6,14 +6,13 @@ checkpoint, no final model, no run report)."""
 from __future__ import annotations
 
 import json
-import os
 import resource
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_plan
 
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000, "max_position_embeddings": 512}
@@ -207,11 +206,6 @@ def _argv(args: list[str], w: Path) -> list[str]:
     return out
 
 
-def plan(args: list[str], env: dict | None = None, preexec=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "planner", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, preexec_fn=preexec)
-
-
 def complete_outputs(w: Path) -> list[str]:
     """Anything under the workspace a later run could take for a finished one."""
     names = ("PLAN.md", "recipe.yaml", "accelerate.yaml", "run_report.json", "final")
@@ -237,7 +231,7 @@ def assert_one_clear_line(r: subprocess.CompletedProcess, mention: str) -> None:
 @pytest.mark.parametrize("case, args, mention", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_status_2_and_leaves_nothing(w, case, args, mention):
     before = set(complete_outputs(w))
-    r = plan(_argv(args, w))
+    r = run_plan(*_argv(args, w), timeout=300)
     assert_one_clear_line(r, mention)
     assert set(complete_outputs(w)) == before, f"left behind: {set(complete_outputs(w)) - before}"
 
@@ -256,6 +250,7 @@ def _no_space(limit: int):
 
 def test_full_disk_on_emit_config_is_one_line_and_no_partial_plan(w):
     out = w / "emit-full"
-    r = plan(["emit-config", str(w / "config.json"), "--gpu", "a100-80gb", "--out", str(out)], preexec=_no_space(64))
+    r = run_plan("emit-config", w / "config.json", "--gpu", "a100-80gb", "--out", out, timeout=300,
+                 preexec_fn=_no_space(64))
     assert_one_clear_line(r, str(out))
     assert not out.exists() or not any(p.name in ("PLAN.md", "recipe.yaml", "accelerate.yaml") for p in out.iterdir())

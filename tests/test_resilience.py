@@ -4,23 +4,16 @@ error, a NaN. Real runs of a 2-layer Llama through `plan train` (accelerate laun
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_train import ROOT, metrics, needs_smollm2, plan_train, recipe
+from helpers import run_plan, start_plan
+from test_train import metrics, needs_smollm2, recipe
 
 from trainer.train import latest_checkpoint, split_rows
-
-
-def start(path: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "planner", "train", str(path)], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            env={**os.environ, **(env or {})})
 
 
 def wait_for(cond, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -83,12 +76,12 @@ def test_split_rows_keeps_every_row_in_order():
 def test_sigkill_mid_run_then_resume_ends_as_an_uninterrupted_run(tiny, tmp_path):
     kw = dict(max_steps=60, save_steps=10, gradient_accumulation_steps=1, micro_batch_size=2, num_epochs=5)
     ref_out = tmp_path / "ref"
-    r = plan_train(recipe(tiny, ref_out, **kw))
+    r = run_plan("train", recipe(tiny, ref_out, **kw))
     assert r.returncode == 0, r.stderr[-3000:]
 
     out = tmp_path / "killed"
     path = recipe(tiny, out, **kw)
-    p = start(path)
+    p = start_plan("train", path, start_new_session=True)
     wait_for(lambda: (out / "checkpoint-20" / "trainer_state.json").exists(), p)
     kill_tree(p.pid)  # the node goes away: no handler runs, nothing is left running
     p.wait()
@@ -97,7 +90,7 @@ def test_sigkill_mid_run_then_resume_ends_as_an_uninterrupted_run(tiny, tmp_path
     assert 20 <= max(done) < 60, f"killed at step {max(done)}"
     (out / ".tmp-checkpoint-30").mkdir(exist_ok=True)  # a checkpoint being written when it died
 
-    r = plan_train(path)
+    r = run_plan("train", path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr and "checkpoint-" in r.stderr
     a, b = report(ref_out), report(out)
@@ -109,7 +102,7 @@ def test_sigkill_mid_run_then_resume_ends_as_an_uninterrupted_run(tiny, tmp_path
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny, tmp_path):
     out = tmp_path / "term"
     path = recipe(tiny, out, max_steps=400, gradient_accumulation_steps=1, micro_batch_size=2, num_epochs=20)
-    p = start(path)
+    p = start_plan("train", path, start_new_session=True)
     wait_for(lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) >= 3, p)
     p.send_signal(signal.SIGTERM)  # to the launcher, which passes it to the trainer
     _, err = p.communicate(timeout=300)
@@ -127,7 +120,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny, tmp_path):
 def reference(tiny, tmp_path_factory):
     """A 4-step run, micro-batch 4 x accumulation 2, nothing injected."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    r = plan_train(recipe(tiny, out))
+    r = run_plan("train", recipe(tiny, out))
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -135,7 +128,7 @@ def reference(tiny, tmp_path_factory):
 @needs_smollm2
 def test_injected_oom_halves_the_micro_batch_and_keeps_the_global_batch(tiny, reference, tmp_path):
     out = tmp_path / "oom"
-    r = plan_train(recipe(tiny, out), env={"PLAN_INJECT_OOM_ROWS": "1"})
+    r = run_plan("train", recipe(tiny, out), env={"PLAN_INJECT_OOM_ROWS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     rep = report(out)
     assert [(e["micro_batch"], e["accumulation"]) for e in rep["oom_backoff"]] == [([4, 2], [2, 4]), ([2, 1], [4, 8])]
@@ -155,10 +148,10 @@ def test_oom_on_one_rank_of_two_backs_off_on_both(tiny, tmp_path, accum):
     """Rank 1 alone runs out of memory; both ranks halve together and end where a run without
     the error ends. With accumulation 1 the error hits DDP's gradient-synchronising forward."""
     ref, out = tmp_path / "ref2", tmp_path / "oom2"
-    r = plan_train(recipe(tiny, ref, gradient_accumulation_steps=accum), "--num-processes", "2")
+    r = run_plan("train", recipe(tiny, ref, gradient_accumulation_steps=accum), "--num-processes", "2")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = plan_train(recipe(tiny, out, gradient_accumulation_steps=accum), "--num-processes", "2",
-                   env={"PLAN_INJECT_OOM_ROWS": "2", "PLAN_INJECT_OOM_RANK": "1"})
+    r = run_plan("train", recipe(tiny, out, gradient_accumulation_steps=accum), "--num-processes", "2",
+                 env={"PLAN_INJECT_OOM_ROWS": "2", "PLAN_INJECT_OOM_RANK": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     rep = report(out)
     assert rep["world_size"] == 2
@@ -172,7 +165,7 @@ def test_oom_on_one_rank_of_two_backs_off_on_both(tiny, tmp_path, accum):
 @needs_smollm2
 def test_oom_at_micro_batch_one_stops_with_one_line(tiny, tmp_path):
     out = tmp_path / "oom-stop"
-    r = plan_train(recipe(tiny, out, micro_batch_size=1), env={"PLAN_INJECT_OOM_ROWS": "0"})
+    r = run_plan("train", recipe(tiny, out, micro_batch_size=1), env={"PLAN_INJECT_OOM_ROWS": "0"})
     assert r.returncode == 1
     assert "nothing left to halve" in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
     assert not (out / "final").exists()
@@ -181,7 +174,7 @@ def test_oom_at_micro_batch_one_stops_with_one_line(tiny, tmp_path):
 @needs_smollm2
 def test_nan_gradient_skips_the_step_and_counts_it(tiny, reference, tmp_path):
     out = tmp_path / "nan"
-    r = plan_train(recipe(tiny, out), env={"PLAN_INJECT_NAN_STEPS": "2"})
+    r = run_plan("train", recipe(tiny, out), env={"PLAN_INJECT_NAN_STEPS": "2"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert report(out)["skipped_steps"] == 1
     m = {x["step"]: x for x in metrics(out) if "loss" in x}
@@ -194,12 +187,12 @@ def test_nan_gradient_skips_the_step_and_counts_it(tiny, reference, tmp_path):
 @needs_smollm2
 def test_loss_watchdog_stops_with_a_checkpoint(tiny, tmp_path):
     out = tmp_path / "watch"
-    r = plan_train(recipe(tiny, out, max_steps=10, loss_watchdog_threshold=0.001, loss_watchdog_patience=2))
+    r = run_plan("train", recipe(tiny, out, max_steps=10, loss_watchdog_threshold=0.001, loss_watchdog_patience=2))
     assert r.returncode == 1
     err = " ".join(r.stderr.split())
     assert "loss watchdog" in err and "(step 2," in err and "Traceback" not in err
     assert latest_checkpoint(out).name == "checkpoint-2" and not (out / "final").exists()
     out = tmp_path / "watch-nan"
-    r = plan_train(recipe(tiny, out, max_steps=10), env={"PLAN_INJECT_NAN_STEPS": "3,4,5"})
+    r = run_plan("train", recipe(tiny, out, max_steps=10), env={"PLAN_INJECT_NAN_STEPS": "3,4,5"})
     assert r.returncode == 1 and "not finite for 3 steps" in " ".join(r.stderr.split())
     assert latest_checkpoint(out).name == "checkpoint-5"

