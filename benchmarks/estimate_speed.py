@@ -36,9 +36,12 @@ def accelerate_path(cfg):
 def main(ids):
     for mid in ids:
         cfg = catalog()[mid]["config"]
-        plan_s = best_of(lambda: estimate(ModelSpec.from_config(cfg), Settings(precision="bf16-amp", seq_len=min(2048, ModelSpec.from_config(cfg).max_positions))), 20)
-        acc_s = best_of(lambda: accelerate_path(cfg), 3)
-        print(f"{mid:35s} plan {plan_s * 1e3:8.2f} ms   accelerate {acc_s * 1e3:9.1f} ms   ratio {acc_s / plan_s:8.0f}x")
+        plan_s = best_of(lambda cfg=cfg: estimate(
+            ModelSpec.from_config(cfg),
+            Settings(precision="bf16-amp", seq_len=min(2048, ModelSpec.from_config(cfg).max_positions))), 20)
+        acc_s = best_of(lambda cfg=cfg: accelerate_path(cfg), 3)
+        print(f"{mid:35s} plan {plan_s * 1e3:8.2f} ms   accelerate {acc_s * 1e3:9.1f} ms   "
+              f"ratio {acc_s / plan_s:8.0f}x")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,8 @@ def run_plan(a, packing: bool) -> dict:
     wall = time.perf_counter() - t0
     rep = json.loads((out / "run_report.json").read_text())
     m = rep["measured"]
-    return {"run": tag, "steps": rep["steps"], "loop_s": rep["seconds"], "wall_s": round(wall, 1), "tokens": rep["tokens"],
+    return {"run": tag, "steps": rep["steps"], "loop_s": rep["seconds"], "wall_s": round(wall, 1),
+            "tokens": rep["tokens"],
             "tokens_per_s": rep["tokens_per_s"], "tokens_per_s_unmeasured": rep["tokens_per_s_other_steps"],
             "measured_step_s": rep["measured_step_seconds"], "mean_loss": rep["mean_loss"],
             "peak_bytes": m["peak_bytes"] if rep["device"] == "cuda" else m["host_peak_rss_bytes"]}
@@ -89,21 +90,22 @@ def hf_worker(a) -> None:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from planner import data as D
-    from trainer.model import load_model, load_tokenizer
     from planner.recipe import from_dict
+    from trainer.model import load_model, load_tokenizer
 
     recipe = from_dict({**job(a), "output_dir": str(Path(a.work) / "hf")})
     tok = load_tokenizer(recipe)
     records, _ = D.read_records(recipe.datasets[0].path)
     ex = D.tokenize(records, tok, "chat", recipe.sequence_len, recipe.datasets[0].path)
-    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(ex.input_ids, ex.labels)]
+    rows = [{"input_ids": i, "labels": lab} for i, lab in zip(ex.input_ids, ex.labels, strict=True)]
     torch.manual_seed(recipe.seed)
     model = load_model(recipe, cuda=torch.cuda.is_available())  # the same base and PEFT LoRA plan train builds
     collate = DataCollatorForSeq2Seq(tok, padding=True, pad_to_multiple_of=8, label_pad_token_id=-100)
     args = TrainingArguments(output_dir=recipe.output_dir, per_device_train_batch_size=a.batch, max_steps=a.steps,
                              learning_rate=recipe.learning_rate, lr_scheduler_type="linear", warmup_steps=2,
                              weight_decay=0.0, max_grad_norm=1.0, bf16=a.bf16, optim="adamw_torch", seed=recipe.seed,
-                             logging_steps=a.steps, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+                             logging_steps=a.steps, save_strategy="no", report_to=[],
+                             use_cpu=not torch.cuda.is_available(),
                              dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
                              include_num_input_tokens_seen="non_padding")
     tr = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)

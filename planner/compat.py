@@ -67,7 +67,8 @@ def ds_zero2_model_states(total: int, gpus: int, nodes: int, cpu_offload: bool,
 
 
 def ds_zero3_model_states(total: int, largest: int, gpus: int, nodes: int, cpu_offload: bool,
-                          cpu_offload_params: bool, zero_init: bool, buffer: float = DS_BUFFER_FACTOR) -> tuple[int, int]:
+                          cpu_offload_params: bool, zero_init: bool,
+                          buffer: float = DS_BUFFER_FACTOR) -> tuple[int, int]:
     """(per-CPU, per-GPU) bytes of DeepSpeed's `estimate_zero3_model_states_mem_needs`
     (deepspeed/runtime/zero/stage3.py): the largest module gathered in fp32 on the GPU, 18
     bytes/param sharded over all GPUs unless offloaded, host memory per node."""

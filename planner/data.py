@@ -101,7 +101,8 @@ def read_records(path: str, skip_bad_lines: bool = False) -> tuple[list[dict], i
     except DataError:
         raise
     except Exception as e:  # pandas/pyarrow parse errors
-        raise DataError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise DataError(f"{path}: cannot read "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not records:
         raise DataError(f"{path}: no records")
     return records, skipped
@@ -183,7 +184,7 @@ def tokenize(records: list[dict], tok, fmt: str, seq_len: int, path: str, *, tra
         names = [_field(r, lf, n, path, fmt) for n, r in enumerate(records, 1)]
         classes = classes or sorted(set(names))
         index = {c: i for i, c in enumerate(classes)}
-        for n, (r, name) in enumerate(zip(records, names), 1):
+        for n, (r, name) in enumerate(zip(records, names, strict=True), 1):
             if name not in index:
                 raise DataError(f"{path}: record {n} has label '{name}', not one of the {len(classes)} training labels")
             ids = tok(_field(r, tf, n, path, fmt), truncation=False)["input_ids"]
@@ -275,8 +276,8 @@ def rows(ex: Examples, seq_len: int, packing: bool) -> list[dict]:
     if packing:
         return pack(ex, seq_len)
     if ex.classes is not None:
-        return [{"input_ids": i, "labels": c} for i, c in zip(ex.input_ids, ex.labels)]
-    return [{"input_ids": i, "labels": lab} for i, lab in zip(ex.input_ids, ex.labels)]
+        return [{"input_ids": i, "labels": c} for i, c in zip(ex.input_ids, ex.labels, strict=False)]
+    return [{"input_ids": i, "labels": lab} for i, lab in zip(ex.input_ids, ex.labels, strict=False)]
 
 
 class Collator:

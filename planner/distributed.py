@@ -12,9 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .contract import FSDP, ZERO, PlanError, Settings, check_strategy, shard_size, world_size
-from .memory import (RECIPES, StepParts, activation_phases, lora_params,
-                     optimizer_state_bytes, optimizer_step_temp_bytes, step_parts)
+from .contract import FSDP, Settings, check_strategy, shard_size, world_size
+from .memory import (
+    RECIPES,
+    StepParts,
+    activation_phases,
+    lora_params,
+    optimizer_state_bytes,
+    optimizer_step_temp_bytes,
+    step_parts,
+)
 from .spec import ModelSpec, ParamCount
 
 # ---------------------------------------------------------------- FSDP
@@ -148,7 +155,8 @@ def fsdp_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
     last_g, last_train = (kept_g, kept_train) if late else (embed_g, 0 if st.lora else u.embed * gb)
     end_bw = w_gpu + o_gpu + g_gpu + last_g + 2 * max(last_train, block_train)
     notes.append(f"FSDP{st.fsdp_version} ({st.strategy}), shard group {n} of {world_size(st)} ranks: "
-                 f"{'all units stay gathered after forward' if grad_op else 'one block gathered in forward, two in backward'}")
+                 + ("all units stay gathered after forward" if grad_op
+                    else "one block gathered in forward, two in backward"))
     return phase_comp, end_bw, host * st.gpus
 
 
@@ -278,7 +286,8 @@ def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
     elif offload_opt:
         notes.append("optimizer offload: fp32 master, optimizer state and fp32 gradients in pinned host RAM "
                      "(DeepSpeedCPUAdam steps on the CPU)")
-    notes.append(f"DeepSpeed ZeRO-{stage} over {n} ranks, bf16 module" if b == 2 else f"DeepSpeed ZeRO-{stage} over {n} ranks, fp32")
+    notes.append(f"DeepSpeed ZeRO-{stage} over {n} ranks, bf16 module" if b == 2
+                 else f"DeepSpeed ZeRO-{stage} over {n} ranks, fp32")
     return phase_comp, end_bw, host * st.gpus, nvme * st.gpus
 
 

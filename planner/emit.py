@@ -81,7 +81,8 @@ def accelerate_config(st: Settings, deepspeed_file: str | None = None, machine_r
               enable_cpu_affinity=False)
     if st.nodes > 1:
         if not main_process_ip:
-            raise PlanError(f"{st.nodes} nodes: pass {{main_process_ip}} (the address of machine rank 0)", "main_process_ip")
+            raise PlanError(f"{st.nodes} nodes: pass {{main_process_ip}} (the address of machine rank 0)",
+                            "main_process_ip")
         kw.update(main_process_ip=main_process_ip, main_process_port=main_process_port)
     if st.strategy in ZERO:
         kw.update(distributed_type="DEEPSPEED",
@@ -108,7 +109,8 @@ def recipe_dict(model: str, st: Settings, accumulation: int, est: Estimate, gpu:
     rc = RECIPES[st.precision]
     adapter = None if not st.lora else ("qlora" if st.quant == "nf4" else "lora")
     if st.quant == "int8":
-        raise PlanError("plan train runs QLoRA on an NF4 base; an int8 base has no recipe yet (use {quant} nf4)", "quant")
+        raise PlanError("plan train runs QLoRA on an NF4 base; an int8 base has no recipe yet (use {quant} nf4)",
+                        "quant")
     half = rc.compute == 2 or (st.lora and rc.weight == 2)
     d = {"base_model": model}
     if gguf_file:
@@ -139,10 +141,12 @@ def plan_md(model: str, st: Settings, accumulation: int, est: Estimate, files: l
             gpu: str | None = None) -> str:
     gib = 2**30
     world = world_size(st)
-    method = "full fine-tune" if not st.lora else (f"QLoRA r={st.lora_rank}" if st.quant == "nf4" else f"LoRA r={st.lora_rank}")
+    method = ("full fine-tune" if not st.lora
+              else (f"QLoRA r={st.lora_rank}" if st.quant == "nf4" else f"LoRA r={st.lora_rank}"))
     lines = [f"# Plan: {model}", "",
              f"- **Hardware**: {st.nodes} node(s) x {st.gpus} GPU(s)" + (f" ({gpu})" if gpu else ""),
-             f"- **Method**: {method}, {st.precision}, {st.optimizer}" + (", gradient checkpointing" if st.grad_checkpointing else ""),
+             f"- **Method**: {method}, {st.precision}, {st.optimizer}"
+             + (", gradient checkpointing" if st.grad_checkpointing else ""),
              f"- **Strategy**: {st.strategy}" + (f", offload {st.offload}" if st.offload != "none" else ""),
              f"- **Batch**: micro-batch {st.batch_size} x accumulation {accumulation} x {world} GPU(s) = "
              f"{st.batch_size * accumulation * world} sequences of {st.seq_len} tokens per optimizer step",
@@ -152,7 +156,8 @@ def plan_md(model: str, st: Settings, accumulation: int, est: Estimate, files: l
     if why:
         lines += ["Why:", ""] + [f"- {w}" for w in why] + [""]
     lines += ["Files:", ""] + [f"- `{f}`" for f in files] + ["",
-              "Run it:", "", "```bash", "plan train recipe.yaml            # plans nothing: launches this recipe through accelerate",
+              "Run it:", "", "```bash",
+              "plan train recipe.yaml            # plans nothing: launches this recipe through accelerate",
               "accelerate launch --config_file accelerate.yaml your_script.py   # or your own script", "```", ""]
     if st.strategy in FSDP:
         lines += ["FSDP note: the estimate assumes gradients are reduce-scattered on every micro-step "

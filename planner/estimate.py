@@ -13,8 +13,14 @@ from dataclasses import dataclass, field
 
 from .contract import PlanError, Settings, check_options
 from .distributed import sharded_phases
-from .memory import (CUBLAS_WORKSPACE_BYTES, eager_attention, device_bytes, lora_targets, replicated_phases,
-                     trainable_params)
+from .memory import (
+    CUBLAS_WORKSPACE_BYTES,
+    device_bytes,
+    eager_attention,
+    lora_targets,
+    replicated_phases,
+    trainable_params,
+)
 from .spec import ModelSpec, ParamCount, count_params
 
 

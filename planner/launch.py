@@ -27,7 +27,8 @@ ERROR_FILE = "error.json"  # the trainer's bad-input line and status, for the la
 
 def preflight(recipe: Recipe) -> None:
     """What can be checked before starting processes: every dataset file reads and has the
-    fields its format needs, the model's config loads. The same errors the trainer would give, without a launcher in between."""
+    fields its format needs, the model's config loads. The same errors the trainer would give,
+    without a launcher in between."""
     if not recipe.datasets:
         raise RecipeError("datasets: the recipe names no dataset to train on")
     for d in recipe.datasets:
@@ -96,7 +97,8 @@ def write_config(recipe: Recipe, num_processes: int | None, hidden: int | None =
         if hidden is None:
             raise RecipeError(f"plan.strategy {st.strategy}: the DeepSpeed config needs the model's hidden size")
         ds = str((out / "deepspeed.json").resolve())
-        files["deepspeed.json"] = json.dumps(deepspeed_config(st, hidden, world_size(st), recipe.gradient_accumulation_steps,
+        files["deepspeed.json"] = json.dumps(deepspeed_config(st, hidden, world_size(st),
+                                                              recipe.gradient_accumulation_steps,
                                                               recipe.max_grad_norm), indent=2) + "\n"
     files["accelerate.yaml"] = yaml.safe_dump(accelerate_config(st, ds).to_dict())
     write_files(str(out), files, force=True)

@@ -175,11 +175,13 @@ def settings(recipe: Recipe, world: int | None = None, batch: int | None = None,
     else:
         gpus, nodes, strategy = world, 1, p.strategy if world > 1 else "ddp"
     targets = recipe.lora_target_modules
-    return Settings(precision=precision(recipe), optimizer=recipe.optimizer, batch_size=batch or recipe.micro_batch_size,
+    return Settings(precision=precision(recipe), optimizer=recipe.optimizer,
+                    batch_size=batch or recipe.micro_batch_size,
                     seq_len=seq or recipe.sequence_len, lora_rank=recipe.lora_r if recipe.adapter else 0,
                     lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                     lora_targets=targets if isinstance(targets, str) else ",".join(targets),
-                    quant="nf4" if recipe.adapter == "qlora" else "none", grad_checkpointing=recipe.gradient_checkpointing,
+                    quant="nf4" if recipe.adapter == "qlora" else "none",
+                    grad_checkpointing=recipe.gradient_checkpointing,
                     gpus=gpus, nodes=nodes, strategy=strategy, offload=p.offload if strategy != "ddp" else "none",
                     accumulation=recipe.gradient_accumulation_steps, kernels=kernels)
 

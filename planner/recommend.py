@@ -20,8 +20,8 @@ from .contract import Method, PlanError, Settings, world_size
 from .distributed import strategy_choices
 from .estimate import Estimate, estimate
 from .gpus import GPU
-from .speed import DEFAULT_MFU, StepTime, step_time
 from .spec import ModelSpec
+from .speed import DEFAULT_MFU, StepTime, step_time
 
 METHODS = Method.values()
 LORA_RANKS = (32, 16, 8)
@@ -250,7 +250,8 @@ def nearest_fits(spec: ModelSpec, req: Request) -> list[str]:
             break
     else:
         for nodes in (2, 4, 8, 16, 32):
-            if nodes > req.nodes and recommend(spec, replace(req, gpus=max(req.gpus, 8), nodes=nodes, global_batch=None)):
+            if nodes > req.nodes and recommend(spec, replace(req, gpus=max(req.gpus, 8), nodes=nodes,
+                                                             global_batch=None)):
                 out.append(f"--gpus {max(req.gpus, 8)} --nodes {nodes}")
                 break
     if req.host_ram_bytes is not None and recommend(spec, replace(req, host_ram_bytes=None)):
@@ -286,8 +287,9 @@ def explain(p: Plan, plans: list[Plan], req: Request) -> list[str]:
     if p.method == "full":
         lines.append("full fine-tune: every weight trains")
     else:
-        lines.append(f"{'QLoRA (NF4 base)' if p.method == 'qlora' else 'LoRA'} r={st.lora_rank}, alpha={st.lora_alpha:g} "
-                     f"on {st.lora_targets}" + ("" if st.lora_rank == LORA_RANKS[0] else ": the highest rank that fits"))
+        lines.append(f"{'QLoRA (NF4 base)' if p.method == 'qlora' else 'LoRA'} r={st.lora_rank}, "
+                     f"alpha={st.lora_alpha:g} on {st.lora_targets}"
+                     + ("" if st.lora_rank == LORA_RANKS[0] else ": the highest rank that fits"))
     if req.world == 1 and st.strategy == "ddp":
         lines.append("one GPU, no sharding needed")
     else:

@@ -59,7 +59,8 @@ def _read_json(path: Path) -> dict:
 def resolve(model: str) -> Resolved:
     """Resolution order of the contract: local path, HF cache, Hub (unless HF_HUB_OFFLINE), catalog."""
     if not model or not model.strip():
-        raise ResolveError("no model given: pass a Hugging Face id, a directory with config.json, a config.json or a .gguf file")
+        raise ResolveError("no model given: pass a Hugging Face id, a directory with config.json, "
+                           "a config.json or a .gguf file")
     path = Path(model).expanduser()
     if path.suffix == ".gguf" or (path.exists() and path.is_file() and path.suffix != ".json"):
         if not path.exists():
@@ -145,7 +146,8 @@ _GGUF_FIELDS = {
     "attention.layer_norm_rms_epsilon": "rms_norm_eps", "expert_count": "num_local_experts",
     "expert_used_count": "num_experts_per_tok", "attention.key_length": "head_dim",
 }
-_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "gemma2": "gemma2", "phi3": "phi3", "gpt2": "gpt2", "falcon": "falcon"}
+_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "gemma2": "gemma2", "phi3": "phi3", "gpt2": "gpt2",
+              "falcon": "falcon"}
 
 
 def gguf_config(path: Path) -> dict:

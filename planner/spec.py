@@ -93,10 +93,12 @@ class ModelSpec:
             return cls(mt, fam, vocab=g.pos("vocab_size"), hidden=h, layers=g.pos("n_layer", "num_hidden_layers"),
                        heads=g.pos("n_head", "num_attention_heads"), kv_heads=g.pos("n_head", "num_attention_heads"),
                        head_dim=h // g.pos("n_head", "num_attention_heads"), intermediate=cfg.get("n_inner") or 4 * h,
-                       max_positions=g.pos("n_positions", "max_position_embeddings"), tied=cfg.get("tie_word_embeddings", True),
+                       max_positions=g.pos("n_positions", "max_position_embeddings"),
+                       tied=cfg.get("tie_word_embeddings", True),
                        gated_mlp=False, norm="layer", norms_per_layer=2, qkv_bias=True, out_bias=True, mlp_bias=True,
                        hidden_dropout=g.frac("resid_pdrop", 0.1), attn_dropout=g.frac("attn_pdrop", 0.1),
-                       learned_positions=True, act=cfg.get("activation_function", "gelu_new"), extra={"embd_pdrop": g.frac("embd_pdrop", 0.1)})
+                       learned_positions=True, act=cfg.get("activation_function", "gelu_new"),
+                       extra={"embd_pdrop": g.frac("embd_pdrop", 0.1)})
         h = g.pos("hidden_size")
         heads = g.pos("num_attention_heads")
         head_dim = cfg.get("head_dim") or h // heads
@@ -107,8 +109,10 @@ class ModelSpec:
                        kv_heads=heads, head_dim=head_dim, intermediate=g.pos("intermediate_size"),
                        max_positions=g.pos("max_position_embeddings"), tied=False, gated_mlp=False, norm="layer",
                        norms_per_layer=2, qkv_bias=True, out_bias=True, mlp_bias=True,
-                       hidden_dropout=g.frac("hidden_dropout_prob", 0.1), attn_dropout=g.frac("attention_probs_dropout_prob", 0.1),
-                       type_vocab=cfg.get("type_vocab_size", 2), learned_positions=True, act=cfg.get("hidden_act", "gelu"),
+                       hidden_dropout=g.frac("hidden_dropout_prob", 0.1),
+                       attn_dropout=g.frac("attention_probs_dropout_prob", 0.1),
+                       type_vocab=cfg.get("type_vocab_size", 2), learned_positions=True,
+                       act=cfg.get("hidden_act", "gelu"),
                        num_labels=cfg.get("num_labels", 2) if "id2label" not in cfg else len(cfg["id2label"]))
         if fam == "gpt_neox":
             return cls(mt, fam, vocab=g.pos("vocab_size"), hidden=h, layers=g.pos("num_hidden_layers"), heads=heads,
@@ -125,7 +129,8 @@ class ModelSpec:
             bias = bool(cfg.get("bias", False))
             return cls(mt, fam, vocab=g.pos("vocab_size"), hidden=h, layers=g.pos("num_hidden_layers"), heads=heads,
                        kv_heads=kv, head_dim=head_dim, intermediate=cfg.get("ffn_hidden_size") or 4 * h,
-                       max_positions=cfg.get("max_position_embeddings", 2048), tied=cfg.get("tie_word_embeddings", True),
+                       max_positions=cfg.get("max_position_embeddings", 2048),
+                       tied=cfg.get("tie_word_embeddings", True),
                        gated_mlp=False, norm="layer", norms_per_layer=1, qkv_bias=bias, out_bias=bias, mlp_bias=bias,
                        hidden_dropout=g.frac("hidden_dropout", 0.0), attn_dropout=g.frac("attention_dropout", 0.0),
                        parallel_block=True, act="gelu")
@@ -148,7 +153,8 @@ class ModelSpec:
         return cls(mt, fam, tied=cfg.get("tie_word_embeddings", mt == "qwen2" and False), norm="rms", norms_per_layer=2,
                    qkv_bias=qkv_bias, out_bias=bool(cfg.get("attention_bias", False)) and mt != "qwen2",
                    mlp_bias=bool(cfg.get("mlp_bias", False)), experts=experts,
-                   top_k=cfg.get("num_experts_per_tok", 0) if experts else 0, act=cfg.get("hidden_act", "silu"), **common)
+                   top_k=cfg.get("num_experts_per_tok", 0) if experts else 0, act=cfg.get("hidden_act", "silu"),
+                   **common)
 
 
 class _Getter:
@@ -228,7 +234,8 @@ def count_params(s: ModelSpec) -> ParamCount:
         attn = _lin(h, 3 * h, s.qkv_bias) + _lin(h, h, s.out_bias)
         mlp = _lin(h, i, True) + _lin(i, h, True)
     else:
-        lin = [("q_proj", h, s.q_dim, 1), ("k_proj", h, s.kv_dim, 1), ("v_proj", h, s.kv_dim, 1), ("o_proj", s.q_dim, h, 1)]
+        lin = [("q_proj", h, s.q_dim, 1), ("k_proj", h, s.kv_dim, 1), ("v_proj", h, s.kv_dim, 1),
+               ("o_proj", s.q_dim, h, 1)]
         attn = _lin(h, s.q_dim, s.qkv_bias) + 2 * _lin(h, s.kv_dim, s.qkv_bias) + _lin(s.q_dim, h, s.out_bias)
         if s.family == "bert":
             lin = [("query", h, h, 1), ("key", h, h, 1), ("value", h, h, 1), ("dense", h, h, 1),

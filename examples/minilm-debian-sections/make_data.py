@@ -46,7 +46,8 @@ def main() -> int:
     try:
         text = Path(a.status).read_text(encoding="utf-8")
     except OSError as e:
-        print(f"make_data: cannot read {a.status} ({e.strerror}); this example needs a Debian-based system", file=sys.stderr)
+        print(f"make_data: cannot read {a.status} ({e.strerror}); this example needs a Debian-based system",
+              file=sys.stderr)
         return 2
     by_section = collections.defaultdict(list)
     for p in paragraphs(text):
@@ -70,7 +71,8 @@ def main() -> int:
     with open(out / "sections.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     counts = collections.Counter(r["label"] for r in rows)
-    print(f"{len(rows)} descriptions, {len(counts)} sections: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+    print(f"{len(rows)} descriptions, {len(counts)} sections: "
+          + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
     return 0
 
 

@@ -83,7 +83,8 @@ def main() -> int:
             "seconds": rep["seconds"],
             "measured_peak_MiB": round(rep["measured"]["peak_bytes"] / 2**20, 1),
             "predicted_peak_MiB": round(rep["predicted"]["peak_bytes"] / 2**20, 1) if rep.get("predicted") else None,
-            "error_pct": rep.get("total_error_pct"), "peak_rss_MiB": round(rep["measured"]["host_peak_rss_bytes"] / 2**20, 1),
+            "error_pct": rep.get("total_error_pct"),
+            "peak_rss_MiB": round(rep["measured"]["host_peak_rss_bytes"] / 2**20, 1),
         }
     (work / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -36,7 +36,8 @@ def examples(stdlib: Path):
                 continue
             name = node.name
             body = node.body
-            if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            if (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
                 body = body[1:]
             if not body:
                 continue

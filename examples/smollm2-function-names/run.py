@@ -41,7 +41,7 @@ def words(name: str) -> set:
 def score(answers: list[str], names: list[str]) -> dict:
     valid = exact = 0
     f1s = []
-    for a, name in zip(answers, names):
+    for a, name in zip(answers, names, strict=False):
         got = None
         m = re.search(r"\{.*?\}", a, re.S)
         if m:
@@ -104,7 +104,7 @@ def main() -> int:
     after = answer(tuned, tok, questions)
     result = {"heldout": len(names), "base": score(before, names), "fine_tuned": score(after, names),
               "examples": [{"name": n, "base": b.strip(), "fine_tuned": t.strip()}
-                           for n, b, t in list(zip(names, before, after))[:8]]}
+                           for n, b, t in list(zip(names, before, after, strict=True))[:8]]}
     report = json.loads((work / "out" / "run_report.json").read_text())
     result["training"] = {k: report.get(k) for k in ("steps", "tokens_per_s", "first_loss", "final_loss", "eval",
                                                      "total_error_pct")}

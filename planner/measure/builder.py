@@ -87,8 +87,10 @@ def is_encoder(config) -> bool:
 def model_class(config):
     """The class a user trains: sequence classification for encoders, a causal LM otherwise."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
     if is_encoder(config) and config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
         return AutoModelForSequenceClassification
     if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -224,7 +226,8 @@ def wrap_fsdp2(model, st: Settings, mesh_and_names):
     rc = RECIPES[st.precision]
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, reshard_after_forward=st.strategy != "fsdp-grad-op", auto_wrap_policy="transformer_based_wrap",
-        cpu_ram_efficient_loading=False, cpu_offload=st.offload in ("params", "all"), state_dict_type="SHARDED_STATE_DICT")
+        cpu_ram_efficient_loading=False, cpu_offload=st.offload in ("params", "all"),
+        state_dict_type="SHARDED_STATE_DICT")
     return fsdp2_shard(model, plugin, "bf16" if rc.autocast else "no", *mesh_and_names)
 
 

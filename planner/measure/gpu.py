@@ -61,8 +61,8 @@ def _build(cfg: dict, st: Settings):
         with torch.device("cuda"):
             cls.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp)
         torch.cuda.empty_cache()
-        model = cls.from_pretrained(tmp, quantization_config=nf4_config(torch.bfloat16), dtype=torch.bfloat16, device_map={"": 0},
-                                    attn_implementation="sdpa")
+        model = cls.from_pretrained(tmp, quantization_config=nf4_config(torch.bfloat16), dtype=torch.bfloat16,
+                                    device_map={"": 0}, attn_implementation="sdpa")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=st.grad_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, lora_config(st))
@@ -147,7 +147,8 @@ def rescore(csv_path: str, echo=print) -> None:
         model_id, st = names[r["case"]]
         e = estimate(ModelSpec.from_config(catalog()[model_id]["config"]), st)
         pk, nv = int(r["allocated_peak"]), int(r["nvml"])
-        echo(f"{r['case']:78s} peak {100 * (e.peak_bytes - pk) / pk:+6.2f}%  device {100 * (e.device_bytes - nv) / nv:+6.2f}%")
+        echo(f"{r['case']:78s} peak {100 * (e.peak_bytes - pk) / pk:+6.2f}%  "
+             f"device {100 * (e.device_bytes - nv) / nv:+6.2f}%")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,7 +63,8 @@ def _measure(cfg: dict, st: Settings, fake: bool, weights: str | None = None) ->
             train_step(model, opt, batch, amp, record)
         phases, cats = record.phases, record.categories
         d0 = next(iter(s0)) if s0 else None
-        phases["model"] = sum(v for k, v in s0[d0].items() if getattr(k, "value", None) in ("Parameter", "Buffer")) if d0 else 0
+        phases["model"] = (sum(v for k, v in s0[d0].items() if getattr(k, "value", None) in ("Parameter", "Buffer"))
+                           if d0 else 0)
         cats["model"] = {"weights": phases["model"]}
         n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         n_train = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
@@ -104,7 +105,8 @@ def simulated_estimate(cfg: dict, st: Settings) -> Estimate:
                 cats[k]["activations"] = cats[k].get("activations", 0) + d
             worst = max(delta.values(), key=abs)
             notes.append(f"corrected from CPU to CUDA kernels (dropout masks: bool on CUDA, fp32 on CPU; autocast "
-                         f"runs GELU-tanh's pow in fp32 on CUDA): {worst / 2**20:+,.1f} MiB in the phase it changes most")
+                         f"runs GELU-tanh's pow in fp32 on CUDA): {worst / 2**20:+,.1f} MiB "
+                         f"in the phase it changes most")
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]
     return Estimate(params=m.params, trainable_params=m.trainable_params, peak_bytes=peak,

@@ -19,7 +19,8 @@ from .builder import measured_config
 
 SMALL = {
     "llama": dict(model_type="llama", vocab_size=2000, hidden_size=256, intermediate_size=688, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False),
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  tie_word_embeddings=False),
     "qwen2": dict(model_type="qwen2", vocab_size=3000, hidden_size=224, intermediate_size=608, num_hidden_layers=3,
                   num_attention_heads=7, num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True),
     "gemma2": dict(model_type="gemma2", vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
@@ -136,7 +137,8 @@ def matrix(suite: str | None = None) -> list[Case]:
     cases = []
     for arch, prec, rank, ckpt in itertools.product(("llama", "qwen2", "gemma2", "gpt2", "bert"),
                                                     ("fp32", "bf16-pure", "bf16-amp"), (0, 8), (False, True)):
-        cases.append(Case(arch, _st(precision=prec, batch_size=2, seq_len=256, lora_rank=rank, grad_checkpointing=ckpt)))
+        cases.append(Case(arch, _st(precision=prec, batch_size=2, seq_len=256, lora_rank=rank,
+                                    grad_checkpointing=ckpt)))
     for name, kw in LARGE:
         cases.append(Case(name, _st(**kw), "catalog"))
     for package, rel, kw in REAL:
@@ -193,7 +195,8 @@ def run_case(case: Case) -> dict:
     real = case.source == "weights"
     m = measure(cfg, case.settings, fake=not real, weights=case.model if real else None)
     err = 100.0 * (est.peak_bytes - m.peak_bytes) / m.peak_bytes
-    return {"case": case.name, "model": case.label, "suite": case.suite, "predicted": est.peak_bytes, "measured": m.peak_bytes,
+    return {"case": case.name, "model": case.label, "suite": case.suite, "predicted": est.peak_bytes,
+            "measured": m.peak_bytes,
             "error_pct": round(err, 2), "method": "memtracker-real-cpu" if real else "memtracker-fake-cpu"}
 
 
@@ -270,7 +273,8 @@ def recommend_scenario(model: str, method: str, seq_len: int, mib: int, global_b
     true_largest = lo
     if global_batch:  # the largest measured-fitting micro-batch that divides the global batch
         true_largest = max((d for d in range(1, true_largest + 1) if global_batch % d == 0), default=0)
-    return {"scenario": f"{model} {method} seq {seq_len} on {mib} MiB" + (f", global batch {global_batch}" if global_batch else ""),
+    return {"scenario": f"{model} {method} seq {seq_len} on {mib} MiB"
+            + (f", global batch {global_batch}" if global_batch else ""),
             "strategy": st.strategy, "offload": st.offload, "lora_rank": st.lora_rank,
             "grad_checkpointing": st.grad_checkpointing, "recommended_micro": rec, "accumulation": best.accumulation,
             "true_largest_micro": true_largest, "ratio": round(rec / true_largest, 3) if true_largest else None,
@@ -306,10 +310,9 @@ def run(out_dir: str = "tables", plot: str | None = None, echo=print):
     """Run every case; write validation.csv (all) and accuracy.csv (the accuracy suite); then the
     recommend scenarios, recommend.csv."""
     import os
+    import time
 
     import pandas as pd
-
-    import time
 
     rows = []
     for case in matrix():
