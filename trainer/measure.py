@@ -115,6 +115,33 @@ class Meter:
         return out
 
 
+def predict(recipe, config, batch: int, seq: int, world: int, cuda: bool,
+            accumulation: int | None = None) -> tuple[dict | None, list]:
+    """The estimate for a step of this shape (and accumulation, after an OOM back-off), as
+    run_report's `predicted`, and notes; None and the reason when there is no estimate."""
+    from dataclasses import replace
+
+    from planner.contract import PlanError
+    from planner.estimate import estimate
+    from planner.recipe import RECIPE_NAMES, settings
+    from planner.spec import ModelSpec, SpecError
+
+    notes = []
+    try:
+        spec = ModelSpec.from_config(config.to_dict())
+        st = settings(recipe, world, batch, seq, kernels="cuda" if cuda else "cpu")
+        est = estimate(spec, replace(st, accumulation=accumulation) if accumulation else st)
+    except SpecError as e:
+        return None, [f"no prediction: {e}"]
+    except PlanError as e:
+        return None, [f"no prediction: {e.render(RECIPE_NAMES)}"]
+    if recipe.unfrozen_parameters:
+        notes.append("unfrozen_parameters: the estimate has no formula for a partly frozen model and counts it "
+                     "as full fine-tuning (gradients and optimizer state of every parameter): an upper bound")
+    return {"peak_bytes": est.peak_bytes, "device_bytes": est.device_bytes, "components": est.components,
+            "phases": est.phases, "batch_size": batch, "seq_len": seq, "notes": est.notes}, notes
+
+
 def _err(pred: float, meas: float) -> float | None:
     return round(100.0 * (pred - meas) / meas, 2) if meas else None
 
@@ -140,7 +167,8 @@ def compare(predicted: dict, measured: dict) -> list[dict]:
             rows.append({"what": f"phase: {k}", "predicted": int(predicted["phases"][k]),
                          "measured": int(measured["phases"][k]),
                          "error_pct": _err(predicted["phases"][k], measured["phases"][k])})
-    rows.append({"what": "total (peak)", "predicted": int(predicted["peak_bytes"]), "measured": int(measured["peak_bytes"]),
+    rows.append({"what": "total (peak)", "predicted": int(predicted["peak_bytes"]),
+                 "measured": int(measured["peak_bytes"]),
                  "error_pct": _err(predicted["peak_bytes"], measured["peak_bytes"])})
     if "nvml_peak_bytes" in measured:
         rows.append({"what": "device (NVML)", "predicted": int(predicted["device_bytes"]),

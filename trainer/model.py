@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import re
+
 from planner.measure.builder import lora_config, nf4_config
 from planner.recipe import ModelError, Recipe, precision, settings, source
 
