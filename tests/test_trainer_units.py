@@ -12,8 +12,19 @@ from types import SimpleNamespace
 import pytest
 
 from trainer.checkpoint import STATE_FILE, check_resumable, latest_checkpoint
-from trainer.resilience import (OutOfMemory, RunStopped, agreed_oom, back_off, bad_loss_count, gradient_is_usable,
-                                injected_nan_steps, injected_oom, prediction_fields, split_rows, stop_reason)
+from trainer.resilience import (
+    OutOfMemory,
+    RunStopped,
+    agreed_oom,
+    back_off,
+    bad_loss_count,
+    gradient_is_usable,
+    injected_nan_steps,
+    injected_oom,
+    prediction_fields,
+    split_rows,
+    stop_reason,
+)
 from trainer.state import CHECKPOINT_KEYS, RunState, due, optimizer_steps, steps_in_epoch, steps_in_run
 
 
