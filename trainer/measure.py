@@ -177,6 +177,29 @@ def compare(predicted: dict, measured: dict) -> list[dict]:
     return rows
 
 
+def worst_rank(measured: dict) -> dict:
+    """Under several processes: the measurement of the rank with the highest peak, with every
+    rank's peak (a collective: every rank calls it)."""
+    from accelerate.utils import gather_object
+    ranks = gather_object([measured])
+    worst = max(ranks, key=lambda m: m["peak_bytes"])
+    worst["ranks_peak_bytes"] = [m["peak_bytes"] for m in ranks]
+    return worst
+
+
+def add_comparison(rep: dict, final: bool, cuda: bool) -> None:
+    """A report's comparison rows and the total's error percentage, into `rep`; the table printed
+    on stderr."""
+    from rich.console import Console
+    rows = compare(rep["predicted"], rep["measured"])
+    rep["comparison"] = rows
+    rep["total_error_pct"] = next(r["error_pct"] for r in rows if r["what"] == "total (peak)")
+    b, s = rep["measured_step_shape"]
+    Console(stderr=True).print(table(rows, f"memory per {'GPU' if cuda else 'process'}, predicted against measured "
+                                           f"({'end of run' if final else 'measured step'}, micro-batch {b} x {s} "
+                                           "tokens)"))
+
+
 def table(rows: list[dict], title: str):
     from rich.table import Table
     t = Table(title=title)

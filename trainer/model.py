@@ -87,3 +87,19 @@ def load_model(recipe: Recipe, num_labels: int | None = None, cuda: bool = False
 
 def method(recipe: Recipe) -> str:
     return recipe.adapter or ("partial" if recipe.unfrozen_parameters else "full")
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Decay on matrices, none on biases and norms (HF Trainer's rule: 1-D parameters)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(all parameters, trainable parameters)."""
+    return (sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad))

@@ -38,6 +38,7 @@ from planner.recipe import Recipe, RecipeError, load
 
 from .checkpoint import Checkpointer, latest_checkpoint, recipe_hash
 from .measure import predict
+from .model import param_groups, parameter_counts
 from .resilience import (
     OutOfMemory,
     RunStopped,
@@ -74,22 +75,6 @@ def real_tokens(batch: dict) -> int:
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return batch["input_ids"].numel()
-
-
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """Decay on matrices, none on biases and norms (HF Trainer's rule: 1-D parameters)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def parameter_counts(model) -> tuple[int, int]:
-    """(all parameters, trainable parameters)."""
-    return (sum(p.numel() for p in model.parameters()),
-            sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
 def dataset_kind(recipe: Recipe) -> bool:
@@ -644,26 +629,16 @@ class Trainer:
         worst rank's measurement under several processes). None before the measured step."""
         if not meter.phases:
             return None
-        measured = self._worst_rank(meter.result(final) if final else {**meter.result(), "partial": True})
+        from .measure import add_comparison, worst_rank, write_json
+        measured = meter.result(final) if final else {**meter.result(), "partial": True}
+        measured = worst_rank(measured) if self.proc.world > 1 else measured
         if not self.proc.main:
             return None
-        from .measure import write_json
         rep = self._report_fields(measured, meter.notes, extra or {})
         if rep["predicted"] is not None:
-            self._compare(rep, final)
+            add_comparison(rep, final, self.proc.cuda)
         write_json(str(self.out / "run_report.json"), rep)
         return rep
-
-    def _worst_rank(self, measured: dict) -> dict:
-        """With several processes: the measurement of the rank with the highest peak, and every
-        rank's peak (a collective: every rank calls it)."""
-        if self.proc.world == 1:
-            return measured
-        from accelerate.utils import gather_object
-        ranks = gather_object([measured])
-        worst = max(ranks, key=lambda m: m["peak_bytes"])
-        worst["ranks_peak_bytes"] = [m["peak_bytes"] for m in ranks]
-        return worst
 
     def _report_fields(self, measured: dict, meter_notes: list, extra: dict) -> dict:
         """run_report.json's content but the comparison: the prediction for the measured step's
@@ -681,20 +656,6 @@ class Trainer:
                "oom_backoff": st.oom_events, "skipped_steps": st.skipped_steps, "notes": notes + meter_notes}
         rep.update(extra)
         return rep
-
-    def _compare(self, rep: dict, final: bool) -> None:
-        """The comparison rows and the total's error into `rep`; the table on stderr."""
-        from rich.console import Console
-
-        from .measure import compare, table
-        rows = compare(rep["predicted"], rep["measured"])
-        rep["comparison"] = rows
-        rep["total_error_pct"] = next(r["error_pct"] for r in rows if r["what"] == "total (peak)")
-        b, s = rep["measured_step_shape"]
-        where = "GPU" if self.proc.cuda else "process"
-        Console(stderr=True).print(table(rows, f"memory per {where}, predicted against measured "
-                                               f"({'end of run' if final else 'measured step'}, "
-                                               f"micro-batch {b} x {s} tokens)"))
 
 
 def main(argv: list[str] | None = None) -> int:
