@@ -160,8 +160,8 @@ class Trainer:
         opt = self._setup_optimizer(model)
         self.total_steps = self._count_steps(len(self.data.train))
         self.sched = self._setup_scheduler(opt)
-        self.model, self.opt = self._prepare(model, opt)
-        self.ckpt = Checkpointer(self.acc, self.out, self.recipe, self.proc.fsdp, self.proc.cuda)
+        self.model, self.opt, self.data.train, self.data.val = self._prepare(model, opt)
+        self.ckpt = self._setup_checkpoint()
         self.state = self._resume()
 
     def _setup_accelerator(self):
@@ -294,14 +294,18 @@ class Trainer:
 
     def _prepare(self, model, opt):
         """Model (unless sharded here already), optimizer and loaders through `accelerate.prepare`."""
-        acc, data = self.acc, self.data
+        acc, train, val = self.acc, self.data.train, self.data.val
         if self.proc.fsdp_cpu:
-            opt, data.train = acc.prepare(opt, data.train)
+            opt, train = acc.prepare(opt, train)
         else:
-            model, opt, data.train = acc.prepare(model, opt, data.train)
-        if data.val is not None:
-            data.val = acc.prepare(data.val)
-        return model, opt
+            model, opt, train = acc.prepare(model, opt, train)
+        if val is not None:
+            val = acc.prepare(val)
+        return model, opt, train, val
+
+    def _setup_checkpoint(self) -> Checkpointer:
+        """Checkpoints of this run in `output_dir` (trainer/checkpoint.py)."""
+        return Checkpointer(self.acc, self.out, self.recipe, self.proc.fsdp, self.proc.cuda)
 
     def _resume(self) -> RunState:
         """The state of the newest complete checkpoint, loaded (model, optimizer, scheduler,
