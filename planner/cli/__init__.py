@@ -1,0 +1,64 @@
+"""`plan`: the command line, one module per command. Bad input exits 2 with one line on stderr,
+never a traceback: the commands' own checks (`common.fail`) and click's usage errors alike."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+from . import emit_config, estimate, gpus, recommend, train, validate
+
+try:
+    from typer._click import exceptions as cx  # typer 0.2x carries its own click
+except ImportError:
+    from click import exceptions as cx
+
+
+def usage_line(e: cx.UsageError) -> str:
+    """Click's usage error as one line. A value outside an option's choices reads as the
+    planner's own unknown choices do: `unknown --method 'dpo'; choose one of auto, full, ...`."""
+    choices = getattr(getattr(e, "param", None), "type_descriptor", None)  # typer's resolved Enum choices
+    cause = e.__cause__  # typer validates a choice with pydantic: the bad value is the error's input
+    if choices is not None and choices.is_choice and hasattr(cause, "errors") and e.param.opts:
+        value = cause.errors()[0].get("input")
+        return f"unknown {e.param.opts[0]} '{value}'; choose one of {', '.join(map(str, choices.choices))}"
+    where = f"{e.ctx.command_path}: " if e.ctx is not None else ""
+    return where + " ".join(e.format_message().split())
+
+
+class OneLineErrors(TyperGroup):
+    """The app's group: click's usage errors (an unknown option, a value of the wrong type or
+    outside a choice) are answered like every other bad input, with one line and status 2."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        try:
+            rc = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except cx.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except cx.UsageError as e:
+            typer.echo(f"error: {usage_line(e)}", err=True)
+            sys.exit(2)
+        except (KeyboardInterrupt, typer.Abort):
+            sys.exit(130)
+        sys.exit(rc if isinstance(rc, int) else 0)
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Training-memory planner: will it fit, and on what?")
+app.command("estimate")(estimate.estimate_cmd)
+app.command("simulate")(estimate.simulate_cmd)
+app.command("recommend")(recommend.recommend_cmd)
+app.command("emit-config")(emit_config.emit_config_cmd)
+app.command("train")(train.train_cmd)
+app.command("gpus")(gpus.gpus_cmd)
+app.command("validate")(validate.validate_cmd)
+
+
+def main() -> None:
+    """The `plan` entry point."""
+    app()

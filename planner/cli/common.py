@@ -1,0 +1,121 @@
+"""What the commands share besides their options: the one-line error exit, the model and GPU
+arguments resolved (or refused in one line), the plan search's request, and output helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NoReturn, Optional
+
+import typer
+
+from ..gpus import GPU, GPUError, local_host_ram, resolve_gpu
+from ..recommend import Plan, Request, recommend
+from ..resolve import Resolved, ResolveError, resolve
+from ..spec import ModelSpec, SpecError, UnsupportedArchitecture
+from .options import to_request
+
+
+def fail(msg: str, code: int = 2) -> NoReturn:
+    """Bad input: one line on stderr, exit status 2 (or `code`)."""
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def model_spec(model: str) -> tuple[Resolved, Optional[ModelSpec]]:
+    """(resolved, spec); spec is None for a well-formed config of an architecture without a
+    formula, which the simulator then measures."""
+    try:
+        res = resolve(model)
+    except ResolveError as e:
+        fail(str(e))
+    try:
+        return res, ModelSpec.from_config(res.config)
+    except UnsupportedArchitecture:
+        from transformers import CONFIG_MAPPING
+        mt = res.config.get("model_type")
+        if mt not in CONFIG_MAPPING:
+            fail(f"{model}: unknown model_type '{mt}': neither plan's formulas nor transformers know it")
+        return res, None
+    except SpecError as e:
+        fail(f"{model}: malformed config: {e}")
+
+
+def formula_spec(model: str, what: str) -> tuple[Resolved, ModelSpec]:
+    """`model_spec` for a command that needs the formulas (`what` names it)."""
+    res, spec = model_spec(model)
+    if spec is None:
+        fail(no_formula(model, res, f"{what} needs the formulas"))
+    return res, spec
+
+
+def no_formula(name: str, res: Resolved, what_needs: str) -> str:
+    return f"{name}: {what_needs}, which model_type '{res.config.get('model_type')}' does not have yet"
+
+
+def source_note(res: Resolved) -> None:
+    """Say where the config came from when it is not the user's own file: the built-in catalog
+    stands in when the model is not local, not cached and the Hub offline or unreachable
+    (stderr, so that --json output stays one object)."""
+    if res.source == "catalog":
+        typer.echo(f"note: {res.name}: config from plan's built-in catalog (tables/models.json); not local, not in "
+                   "the Hugging Face cache, and the Hub offline or unreachable", err=True)
+
+
+def default_seq(res: Resolved, spec: Optional[ModelSpec], seq_len: Optional[int]) -> int:
+    """--seq-len, else 2048 capped at the model's maximum."""
+    if seq_len is not None:
+        return seq_len
+    if spec is not None:
+        return min(2048, spec.max_positions)
+    cfg = res.config
+    limit = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048
+    return min(2048, int(limit))
+
+
+def find_gpu(name: str) -> GPU:
+    try:
+        return resolve_gpu(name)
+    except GPUError as e:
+        fail(str(e))
+
+
+def request(options: Mapping[str, Any], res: Resolved, spec: ModelSpec, g: GPU) -> Request:
+    """The search request recommend, emit-config and train --auto share: the GPU count `--gpu`
+    found unless --gpus says otherwise, the default sequence length, and host RAM (GiB) from
+    --host-ram, or this machine's with --gpu auto, else not limited."""
+    gpus, host_ram = options.get("gpus"), options.get("host_ram")
+    host = int(host_ram * 2**30) if host_ram is not None else (local_host_ram() if options["gpu"] == "auto" else None)
+    return to_request(options, gpu=g, gpus=gpus if gpus is not None else g.count,
+                      seq_len=default_seq(res, spec, options.get("seq_len")), host_ram_bytes=host)
+
+
+def best_plan(model: str, options: Mapping[str, Any], res: Resolved, spec: ModelSpec, g: GPU) -> Plan:
+    """plan recommend's first plan for the request, or exit 2 saying nothing fits."""
+    req = request(options, res, spec, g)
+    plans = recommend(spec, req)
+    if not plans:
+        fail(f"nothing fits {req.world} x {g.name}: run plan recommend {model} --gpu {options['gpu']} "
+             "to see what would")
+    return plans[0]
+
+
+def loadable(model: str, res: Resolved) -> tuple[str, Optional[str]]:
+    """What `from_pretrained` loads for the recipe: a hub id as given, a local path made
+    absolute; a .gguf file as its directory plus `gguf_file` (transformers' convention)."""
+    from pathlib import Path
+    if res.source not in ("local", "gguf"):
+        return model, None
+    p = Path(model).resolve()
+    if res.source == "gguf":
+        if p.is_dir():
+            return str(p), sorted(p.glob("*.gguf"))[0].name
+        return str(p.parent), p.name
+    return str(p.parent if p.is_file() else p), None
+
+
+def console(width: int = 0):
+    """A rich Console; piped or logged, at least `width` columns (the whole table, not one
+    squeezed to 80)."""
+    from rich.console import Console
+    c = Console()
+    return c if c.is_terminal or c.width >= width else Console(width=width)

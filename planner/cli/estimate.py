@@ -1,0 +1,234 @@
+"""`plan estimate` and `plan simulate`: training memory per GPU, from the formulas or measured by
+the simulator; `--strategy all` compares the strategies side by side, `--compat` prints
+accelerate's or DeepSpeed's own tables."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ..compat import accelerate_table, deepspeed_table, ds_largest_module_params
+from ..contract import Choice, Dtype, PlanError, Precision, Settings, check_options
+from ..distributed import strategy_choices
+from ..estimate import estimate
+from ..report import gib, render, render_strategies, to_json
+from ..resolve import Resolved
+from ..spec import ModelSpec, count_params
+from .common import console, default_seq, fail, model_spec, no_formula, source_note
+from .options import (
+    AttnOpt,
+    BatchSize,
+    DtypeOpt,
+    FsdpVersion,
+    Gpus,
+    GradCheckpointing,
+    Json,
+    LoraAlpha,
+    LoraDropout,
+    LoraRank,
+    LoraTargets,
+    Model,
+    Nodes,
+    OffloadOpt,
+    OptimizerOpt,
+    PrecisionOpt,
+    QuantOpt,
+    SeqLen,
+    StrategyOrAll,
+    StrategyOrAllOpt,
+    to_settings,
+)
+
+
+class CompatTable(Choice):
+    ACCELERATE = "accelerate"
+    DEEPSPEED = "deepspeed"
+
+
+Compat = Annotated[Optional[CompatTable], typer.Option(
+    "--compat", help="print accelerate's estimate-memory table, or DeepSpeed's ZeRO estimator tables")]
+Exact = Annotated[bool, typer.Option("--exact", help="measure with the simulator instead of the formulas")]
+
+
+def estimate_cmd(ctx: typer.Context, model: Model, dtype: DtypeOpt = None, precision: PrecisionOpt = None,
+                 batch_size: BatchSize = None, seq_len: SeqLen = None, optimizer: OptimizerOpt = None,
+                 lora_rank: LoraRank = None, lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None,
+                 lora_targets: LoraTargets = None, quant: QuantOpt = None, grad_checkpointing: GradCheckpointing = None,
+                 attn: AttnOpt = None, gpus: Gpus = None, nodes: Nodes = None, strategy: StrategyOrAllOpt = None,
+                 offload: OffloadOpt = None, fsdp_version: FsdpVersion = None, compat: Compat = None,
+                 exact: Exact = False, as_json: Json = False) -> None:
+    """Training memory per GPU, per dtype, per component and per phase."""
+    if compat == CompatTable.DEEPSPEED:
+        return compat_deepspeed(ctx.params)
+    if compat == CompatTable.ACCELERATE:
+        return compat_accelerate(model, as_json)
+    run(ctx.params, exact)
+
+
+def simulate_cmd(ctx: typer.Context, model: Model, dtype: DtypeOpt = None, precision: PrecisionOpt = None,
+                 batch_size: BatchSize = None, seq_len: SeqLen = None, optimizer: OptimizerOpt = None,
+                 lora_rank: LoraRank = None, lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None,
+                 lora_targets: LoraTargets = None, quant: QuantOpt = None, grad_checkpointing: GradCheckpointing = None,
+                 attn: AttnOpt = None, gpus: Gpus = None, nodes: Nodes = None, strategy: StrategyOrAllOpt = None,
+                 offload: OffloadOpt = None, fsdp_version: FsdpVersion = None, as_json: Json = False) -> None:
+    """Run the real training step under fake tensors and report the measured peak.
+
+    bf16-amp unless --dtype/--precision say otherwise; every estimate option applies."""
+    one = {"precision": Precision.BF16_AMP} if dtype is None and precision is None else {}
+    run({**ctx.params, **one}, exact=True)
+
+
+def run(options: Mapping[str, Any], exact: bool) -> None:
+    """Estimate (or, `exact`, measure) each precision the options ask for, and print them."""
+    res, spec = model_spec(options["model"])
+    if options["strategy"] == StrategyOrAll.ALL:
+        return compare_strategies(res, spec, options)
+    runs = _estimates(spec, _settings(res, spec, options))
+    method = "analytic"
+    if exact or spec is None:
+        runs, method = _measured(res, runs, quiet=options["as_json"]), "simulated"
+    source_note(res)
+    one = options["precision"] is not None or options["dtype"] is not None
+    _print(res, runs, method, one, options["as_json"])
+
+
+def _settings(res: Resolved, spec: Optional[ModelSpec], options: Mapping[str, Any]) -> list[Settings]:
+    """--precision's or --dtype's settings, else one for each dtype."""
+    seq = default_seq(res, spec, options["seq_len"])
+    if options["precision"] is not None or options["dtype"] is not None:
+        return [to_settings(options, seq_len=seq)]
+    return [to_settings({**options, "dtype": d}, seq_len=seq) for d in Dtype]
+
+
+def _estimates(spec: Optional[ModelSpec], settings: list[Settings]) -> list[tuple]:
+    """(settings, estimate) each; without a formula there is no estimate, only the options to
+    check before simulating."""
+    try:
+        return [(check_options(st), estimate(spec, st) if spec else None) for st in settings]
+    except PlanError as e:
+        fail(str(e))
+
+
+def _measured(res: Resolved, runs: list[tuple], quiet: bool) -> list[tuple]:
+    """The simulator's measurement for each run, with the formula's parameter breakdown where
+    there is one."""
+    if runs[0][1] is None and not quiet:
+        typer.echo(f"note: no formula for model_type '{res.config.get('model_type', '?')}': measuring a real "
+                   "training step on fake tensors", err=True)
+    sims = []
+    for st, est in runs:
+        sim = _simulated(res, st)
+        sim.param_counts = est.param_counts if est else None
+        sims.append((st, sim))
+    return sims
+
+
+def _simulated(res: Resolved, st: Settings):
+    from ..measure.simulate import simulated_estimate
+    try:
+        return simulated_estimate(res.config, st)
+    except PlanError as e:
+        fail(str(e))
+    except Exception as e:  # the simulator cannot run this model or recipe on CPU
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"simulation of {res.name} ({st.precision}, {st.optimizer}) failed: {msg}", 1)
+
+
+def _print(res: Resolved, runs: list[tuple], method: str, one: bool, as_json: bool) -> None:
+    """JSON (one object for one precision asked for, else a list) or the tables, bf16-amp's
+    breakdown shown."""
+    arch = res.config.get("model_type", "?")
+    if as_json:
+        objs = [to_json(res.name, arch, st, est, method) for st, est in runs]
+        typer.echo(json.dumps(objs[0] if one else objs, indent=2))
+        return
+    chosen = next((i for i, (st, _) in enumerate(runs) if st.precision == "bf16-amp"), 0)
+    render(console(), res.name, arch, runs, chosen)
+
+
+# ---------------------------------------------------------------- --strategy all
+
+def compare_strategies(res: Resolved, spec: Optional[ModelSpec], options: Mapping[str, Any]) -> None:
+    """`--strategy all`: one precision (bf16 mixed precision unless given), every strategy and
+    offload the engines offer, side by side."""
+    if spec is None:
+        fail(no_formula(res.name, res, "--strategy all needs the formulas"))
+    base = to_settings(options, seq_len=default_seq(res, spec, options["seq_len"]), strategy="ddp", offload="none")
+    try:
+        estimate(spec, base)  # the options every strategy shares: fail on them once, not per strategy
+    except PlanError as e:
+        fail(str(e))
+    rows, skipped = [], []
+    for strat, off in strategy_choices(base):
+        st = replace(base, strategy=strat, offload=off)
+        try:
+            rows.append((st, estimate(spec, st)))
+        except PlanError as e:
+            skipped.append(f"{strat} --offload {off}: {e}")
+    arch = res.config.get("model_type", "?")
+    if options["as_json"]:
+        objs = [{**to_json(res.name, arch, st, est), "strategy": st.strategy, "offload": st.offload,
+                 "gpus": st.gpus, "nodes": st.nodes} for st, est in rows]
+        typer.echo(json.dumps(objs, indent=2))
+        return
+    render_strategies(console(110), res.name, arch, rows, skipped)
+
+
+# ---------------------------------------------------------------- --compat
+
+def compat_accelerate(model: str, as_json: bool) -> None:
+    """accelerate's `estimate-memory` table, the same numbers."""
+    res, _ = model_spec(model)
+    rows = accelerate_table(res.config)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+    t = Table(title=f"Memory Usage for loading `{res.name}` (accelerate estimate-memory)", title_justify="left")
+    for col in ("dtype", "Largest Layer", "Total Size", "Training using Adam"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["dtype"], r["largest_layer_str"], r["total_size_str"], r["training_str"])
+    console().print(t)
+
+
+def compat_deepspeed(options: Mapping[str, Any]) -> None:
+    """DeepSpeed's ZeRO-2/ZeRO-3 model-state estimator tables (its `_all_cold` functions)."""
+    try:
+        st = check_options(to_settings({name: options[name] for name in ("gpus", "nodes")}))
+    except PlanError as e:
+        fail(str(e))
+    res, spec = model_spec(options["model"])
+    if spec is None:
+        fail(no_formula(options["model"], res, "--compat deepspeed needs the parameter formula"))
+    pc = count_params(spec)
+    rows = deepspeed_table(spec, pc, st.gpus, st.nodes)
+    if options["as_json"]:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    out = console()
+    largest = ds_largest_module_params(spec, pc)
+    for stage in ("zero2", "zero3"):
+        title = (f"DeepSpeed {stage.upper()} model states (estimate_{stage}_model_states_mem_needs_all_cold): "
+                 f"{st.nodes} node(s) x {st.gpus} GPU(s), {pc.total / 1e6:,.0f}M params"
+                 + (f", {largest / 1e6:,.0f}M largest layer" if stage == "zero3" else ""))
+        out.print(_deepspeed_table(title, [r for r in rows if r["stage"] == stage]))
+    out.print("model states only (no activations, no buffers), as DeepSpeed's estimator counts them; "
+              "DeepSpeed prints GiB labelled GB", style="dim")
+
+
+def _deepspeed_table(title: str, rows: list[dict]):
+    from rich.table import Table
+    t = Table(title=title, title_justify="left")
+    for col in ("per CPU", "per GPU", "options"):
+        t.add_column(col, justify="right" if col != "options" else "left")
+    for r in rows:
+        opts = f"offload_optimizer={'cpu' if r['offload_optimizer'] else 'none'}"
+        if r["stage"] == "zero3":
+            opts = f"offload_param={'cpu' if r['offload_param'] else 'none'}, {opts}, zero_init={int(r['zero_init'])}"
+        t.add_row(gib(r["cpu_bytes"]), gib(r["gpu_bytes"]), opts)
+    return t

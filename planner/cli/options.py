@@ -1,0 +1,142 @@
+"""The options the commands share, each declared once as an `Annotated` alias, and the one
+conversion of options into the planner's `Settings` (and into a recommend `Request`).
+
+Choices are the contract's Enums, so `--help` lists them and a value outside them is refused
+before a command runs. Options that describe the run default to None: an option left out is
+None ("given" is "is not None"), and its default lives in one place, `Settings` or `Request`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import fields
+from enum import Enum
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ..contract import (
+    DTYPE_TO_RECIPE,
+    Attention,
+    Choice,
+    DataFormat,
+    Dtype,
+    Method,
+    Offload,
+    Optimizer,
+    Precision,
+    Quant,
+    Settings,
+    Strategy,
+)
+from ..recommend import Request
+
+_DEFAULT = {f.name: f.default for f in fields(Settings)}
+_SEARCH = {f.name: f.default for f in fields(Request)}
+
+# --strategy of plan estimate also takes `all`: every strategy side by side
+StrategyOrAll = Choice("StrategyOrAll", {**{s.name: s.value for s in Strategy}, "ALL": "all"})
+# --method: auto lets plan recommend choose one of the contract's methods
+MethodOrAuto = Choice("MethodOrAuto", {"AUTO": "auto", **{m.name: m.value for m in Method}})
+
+# ---------------------------------------------------------------- the model and the run's shape
+
+Model = Annotated[str, typer.Argument(help="Hub id, directory with config.json, config.json or .gguf")]
+DtypeOpt = Annotated[Optional[Dtype], typer.Option(
+    "--dtype", help="compute dtype; fp16/bf16 = mixed precision (default: a row for each, bf16 where one plan is "
+    "written)")]
+PrecisionOpt = Annotated[Optional[Precision], typer.Option("--precision", help="precision recipe (default: --dtype's)")]
+BatchSize = Annotated[Optional[int], typer.Option(
+    "--batch-size", help=f"micro-batch per GPU (default {_DEFAULT['batch_size']})")]
+SeqLen = Annotated[Optional[int], typer.Option(
+    "--seq-len", help="tokens per sample (default 2048, capped at the model's maximum)")]
+OptimizerOpt = Annotated[Optional[Optimizer], typer.Option(
+    "--optimizer", help=f"(default {_DEFAULT['optimizer']})")]
+LoraRank = Annotated[Optional[int], typer.Option(
+    "--lora-rank", help="LoRA rank; 0 = full fine-tune (default 0)")]
+LoraAlpha = Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA alpha (default 2 x rank)")]
+LoraDropout = Annotated[Optional[float], typer.Option(
+    "--lora-dropout", help=f"(default {_DEFAULT['lora_dropout']})")]
+LoraTargets = Annotated[Optional[str], typer.Option(
+    "--lora-targets", help=f"all-linear or comma-separated module names (default {_DEFAULT['lora_targets']})")]
+QuantOpt = Annotated[Optional[Quant], typer.Option(
+    "--quant", help=f"frozen base of a LoRA run (default {_DEFAULT['quant']})")]
+GradCheckpointing = Annotated[Optional[bool], typer.Option("--grad-checkpointing", help="recompute activations")]
+AttnOpt = Annotated[Optional[Attention], typer.Option(
+    "--attn", help=f"attention kernel; flash counts as sdpa (default {_DEFAULT['attn']})")]
+Gpus = Annotated[Optional[int], typer.Option(
+    "--gpus", help="GPUs per node (default 1; with --gpu, the GPUs it names or NVML counts)")]
+Nodes = Annotated[Optional[int], typer.Option("--nodes", help=f"(default {_DEFAULT['nodes']})")]
+StrategyOpt = Annotated[Optional[Strategy], typer.Option(
+    "--strategy", help=f"data parallelism (default {_DEFAULT['strategy']})")]
+StrategyOrAllOpt = Annotated[Optional[StrategyOrAll], typer.Option(
+    "--strategy", help=f"data parallelism, or all: compare them side by side (default {_DEFAULT['strategy']})")]
+OffloadOpt = Annotated[Optional[Offload], typer.Option(
+    "--offload", help=f"what a sharded strategy keeps off the GPU (default {_DEFAULT['offload']})")]
+FsdpVersion = Annotated[Optional[int], typer.Option(
+    "--fsdp-version", help=f"FSDP 1 or 2, accelerate's fsdp_version (default {_DEFAULT['fsdp_version']})")]
+
+# ---------------------------------------------------------------- the plan search (plan recommend)
+
+Gpu = Annotated[Optional[str], typer.Option(
+    "--gpu", help="a GPU of the catalog (plan gpus), or auto: the local GPUs via NVML")]
+GlobalBatch = Annotated[Optional[int], typer.Option(
+    "--global-batch", help="sequences per optimizer step, kept exactly (default: the largest micro-batch, "
+    "no accumulation)")]
+MethodOpt = Annotated[Optional[MethodOrAuto], typer.Option(
+    "--method", help=f"what trains; auto: full if it fits, else LoRA, else QLoRA (default {_SEARCH['method']})")]
+Margin = Annotated[Optional[float], typer.Option(
+    "--margin", help=f"fraction of GPU memory kept free (default {_SEARCH['margin']})")]
+Mfu = Annotated[Optional[float], typer.Option(
+    "--mfu", help=f"model-FLOPs utilisation assumed for the step-time model (default {_SEARCH['mfu']:g})")]
+Samples = Annotated[Optional[int], typer.Option(
+    "--samples", help=f"sequences per epoch, for the time per epoch (default {_SEARCH['samples']})")]
+HostRam = Annotated[Optional[float], typer.Option(
+    "--host-ram", help="GiB of host RAM per node for offload (default: this machine's with --gpu auto, else not "
+    "limited)")]
+
+# ---------------------------------------------------------------- files and output
+
+Json = Annotated[bool, typer.Option("--json", help="print JSON (the contract) instead of tables")]
+Out = Annotated[str, typer.Option(
+    "--out", help="directory for the plan's files: accelerate.yaml (+ deepspeed.json for ZeRO), recipe.yaml, PLAN.md")]
+Force = Annotated[bool, typer.Option("--force", help="replace files that already exist in --out")]
+Data = Annotated[Optional[str], typer.Option("--data", help="training data for the recipe (JSONL, JSON, CSV, Parquet)")]
+DataFormatOpt = Annotated[DataFormat, typer.Option("--data-format", help="how the data's records read")]
+
+
+# ---------------------------------------------------------------- options -> Settings
+
+def plain(value: Any) -> Any:
+    """An Enum option as the string users type (what Settings and the recipe hold)."""
+    return value.value if isinstance(value, Enum) else value
+
+
+def _given_fields(options: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    return {name: plain(v) for name, v in options.items() if name in names and v is not None}
+
+
+def to_settings(options: Mapping[str, Any], **overrides: Any) -> Settings:
+    """The Settings the options describe: every option named like a Settings field and given, as
+    its plain value; `--dtype` stands for its precision recipe unless `--precision` is given;
+    `overrides` (Settings fields) win. Options left out keep Settings' defaults."""
+    kw = _given_fields(options, _DEFAULT)
+    if "precision" not in kw and options.get("dtype") is not None:
+        kw["precision"] = DTYPE_TO_RECIPE[plain(options["dtype"])]
+    return Settings(**{**kw, **overrides})
+
+
+def to_request(options: Mapping[str, Any], **overrides: Any) -> Request:
+    """The plan search the options describe, as `to_settings` for a recommend Request: the options
+    named like its fields and given, then `overrides`; the rest keep Request's defaults."""
+    return Request(**{**_given_fields(options, _SEARCH), **overrides})
+
+
+def given(options: Mapping[str, Any], names: Iterable[str]) -> list[str]:
+    """Which of `names` the user gave (an option left out is None; a flag given is True)."""
+    return [n for n in names if options.get(n) is not None]
+
+
+def flag(name: str) -> str:
+    """An option's name on the command line: `seq_len` -> `--seq-len` (as PlanError renders it)."""
+    return "--" + name.replace("_", "-")

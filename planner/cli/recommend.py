@@ -1,0 +1,66 @@
+"""`plan recommend`: the fastest plan that fits a GPU, and when none does, the smallest change
+that would make one fit."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from ..contract import PlanError
+from ..gpus import GPU
+from ..recommend import Request, nearest_fits, recommend, smallest_need
+from ..report import plan_json, render_plans
+from ..spec import ModelSpec
+from .common import console, fail, find_gpu, formula_spec, request, source_note
+from .options import (
+    GlobalBatch,
+    Gpu,
+    Gpus,
+    HostRam,
+    Json,
+    Margin,
+    MethodOpt,
+    Mfu,
+    Model,
+    Nodes,
+    OptimizerOpt,
+    Samples,
+    SeqLen,
+)
+
+Top = Annotated[int, typer.Option("--top", help="how many plans to show")]
+
+
+def recommend_cmd(ctx: typer.Context, model: Model, gpu: Gpu, gpus: Gpus = None, nodes: Nodes = None,
+                  global_batch: GlobalBatch = None, seq_len: SeqLen = None, method: MethodOpt = None,
+                  margin: Margin = None, optimizer: OptimizerOpt = None, mfu: Mfu = None, samples: Samples = None,
+                  host_ram: HostRam = None, top: Top = 5, as_json: Json = False) -> None:
+    """The fastest plan that fits: method, LoRA rank, strategy, offload, micro-batch, accumulation, checkpointing."""
+    res, spec = formula_spec(model, "plan recommend")
+    g = find_gpu(gpu)
+    req = request(ctx.params, res, spec, g)
+    try:
+        plans = recommend(spec, req)
+    except PlanError as e:
+        fail(str(e))
+    if not plans:
+        fail(nothing_fits(spec, req, g))
+    source_note(res)
+    if as_json:
+        typer.echo(json.dumps({"model": res.name, "gpu": g.name, "gpus": req.gpus, "nodes": req.nodes,
+                               "memory_bytes": g.memory_bytes, "budget_bytes": req.budget, "mfu": req.mfu,
+                               "plans": [plan_json(p) for p in plans[:top]]}, indent=2))
+        return
+    render_plans(console(120), res.name, req, plans[:top], len(plans))
+
+
+def nothing_fits(spec: ModelSpec, req: Request, g: GPU) -> str:
+    """What the smallest plan needs, and the single changes that would make one fit."""
+    need, st = smallest_need(spec, req)
+    hints = nearest_fits(spec, req)
+    return (f"nothing fits {req.world} x {g.name} ({req.budget / 2**30:,.1f} GiB usable per GPU at margin "
+            f"{req.margin:g}): the smallest plan needs {need / 2**30:,.1f} GiB"
+            + (f" ({st.strategy}, offload {st.offload})" if st else "")
+            + ("; it would fit with " + ", or ".join(hints) if hints else "; no single change makes it fit"))
