@@ -56,6 +56,7 @@ class Optimizer(Choice):
     SGD = "sgd"
     SGD_MOMENTUM = "sgd-momentum"
     ADAFACTOR = "adafactor"
+    LION = "lion"
 
 
 class Quant(Choice):

@@ -93,7 +93,8 @@ def optimizer_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> floa
     """Optimizer state per trainable parameter.
 
     adamw / adamw-fused: exp_avg and exp_avg_sq, `zeros_like(param)` so in the parameter dtype
-    (torch.optim.AdamW). sgd: none at momentum 0; sgd-momentum: one buffer.
+    (torch.optim.AdamW). sgd: none at momentum 0; sgd-momentum: one buffer. lion: bitsandbytes'
+    Lion, one fp32 momentum whatever the parameter dtype.
     adamw-8bit: bitsandbytes AdamW8bit, two uint8 states plus one fp32 absmax per 256 values, fp32
     states for tensors under 4096 elements. adafactor: transformers' Adafactor, factored second
     moment (a row and a column vector) for matrices, a full one for vectors.
@@ -110,6 +111,10 @@ def optimizer_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> floa
         return 0
     if st.optimizer == "sgd-momentum":
         return p * n
+    if st.optimizer == "lion":
+        # bitsandbytes' Lion (a 32-bit Optimizer1State) keeps one fp32 `state1` per parameter,
+        # whatever the parameter's dtype (bitsandbytes/optim/optimizer.py:681, 0.50)
+        return 4 * n
     if st.optimizer == "adamw-8bit":
         total = 0.0
         for elems, count in _trainable_tensors(spec, pc, st):
@@ -139,9 +144,8 @@ def optimizer_step_temp_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> 
 
     torch's foreach AdamW (the CUDA default) computes `exp_avg_sq.sqrt()` for the whole parameter
     group at once (`torch._foreach_sqrt` in torch/optim/adam.py `_multi_tensor_adam`): one extra
-    copy of every trainable parameter. The fused kernel and bitsandbytes update in place.
-    transformers'
-    Adafactor loops over tensors and upcasts: about three fp32 copies of the largest tensor.
+    copy of every trainable parameter. The fused kernel and bitsandbytes (AdamW8bit, Lion) update
+    in place (Lion on CPU measured: no live bytes above the step's start). transformers' Adafactor loops over tensors and upcasts: about three fp32 copies of the largest tensor.
     """
     if st.optimizer == "adamw":
         return _param_dtype_bytes(st) * trainable_params(spec, pc, st)

@@ -99,30 +99,24 @@ def test_every_list_of_choices_is_the_contracts():
 
 @pytest.mark.parametrize("name", Optimizer.values())
 def test_every_optimizer_the_estimate_counts_is_built(name):
-    """The estimate's optimizers are the builder's: each builds, or (bitsandbytes absent) names
-    the package to install in one line."""
+    """The estimate's optimizers are the builder's: each one builds (lion and adamw-8bit through
+    bitsandbytes), so `plan train` runs every optimizer `plan estimate` offers."""
     import torch
 
     from planner.measure.builder import make_optimizer
     p = torch.nn.Parameter(torch.zeros(4, 4))
-    try:
-        opt = make_optimizer([p], name)
-    except ValueError as e:
-        assert name == "adamw-8bit" and "pip install bitsandbytes" in str(e)
-        return
-    assert isinstance(opt, torch.optim.Optimizer)
+    assert isinstance(make_optimizer([p], name), torch.optim.Optimizer)
 
 
-def test_lion_is_refused_everywhere_from_the_one_list():
+def test_an_optimizer_outside_the_list_is_refused_everywhere():
     from planner.measure.builder import make_optimizer
     from planner.recipe import RecipeError, from_dict
-    assert "lion" not in Optimizer.values()
-    with pytest.raises(PlanError, match="unknown optimizer 'lion'"):
-        check_options(Settings(optimizer="lion"))
+    with pytest.raises(PlanError, match="unknown optimizer 'adam9'"):
+        check_options(Settings(optimizer="adam9"))
     with pytest.raises(RecipeError, match="optimizer"):
-        from_dict({"base_model": "x", "optimizer": "lion"})
-    with pytest.raises(ValueError, match="no lion optimizer"):
-        make_optimizer([], "lion")
+        from_dict({"base_model": "x", "optimizer": "adam9"})
+    with pytest.raises(ValueError, match="no adam9 optimizer"):
+        make_optimizer([], "adam9")
 
 
 def test_plan_errors_name_options_as_each_edge_does():

@@ -126,12 +126,12 @@ def make_optimizer(params, name: str, lr: float | None = None, weight_decay: flo
         return torch.optim.AdamW(params, foreach=True, **kw)
     if name == "adamw-fused":
         return torch.optim.AdamW(params, fused=True, **kw)
-    if name == "adamw-8bit":
+    if name in ("adamw-8bit", "lion"):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ValueError("optimizer adamw-8bit needs bitsandbytes (pip install bitsandbytes)") from None
-        return bnb.optim.AdamW8bit(params, **kw)
+            raise ValueError(f"optimizer {name} needs bitsandbytes (pip install bitsandbytes)") from None
+        return bnb.optim.AdamW8bit(params, **kw) if name == "adamw-8bit" else bnb.optim.Lion(params, **kw)
     if name == "sgd":
         return torch.optim.SGD(params, foreach=True, **{**kw, "lr": lr if lr is not None else 1e-3})
     if name == "sgd-momentum":

@@ -85,7 +85,11 @@ def simulated_estimate(cfg: dict, st: Settings) -> Estimate:
     """
     if st.quant != "none":
         raise PlanError(f"{{quant}} {st.quant}: the simulator cannot run bitsandbytes kernels on CPU; "
-                        "drop --exact for the formula")
+                        "drop --exact for the formula", "quant")
+    if st.optimizer == "adamw-8bit":
+        raise PlanError("{optimizer} adamw-8bit: bitsandbytes' 8-bit step reads its values, which fake tensors "
+                        "do not have; drop --exact for the formula (measured on real tensors: tables/validation.csv)",
+                        "optimizer")
     m = measure(cfg, replace(st, kernels="cpu"), fake=True)
     phases = {k: m.phases[k] for k in ("model", "forward", "backward", "optimizer_step")}
     cats = {k: dict(v) for k, v in m.categories.items()}

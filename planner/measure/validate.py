@@ -101,7 +101,7 @@ def real_weights_path(package: str, rel: str) -> str | None:
 class Case:
     model: str          # a SMALL key, a catalog id (source "catalog") or a weights path (source "weights")
     settings: Settings
-    source: str = "small"
+    source: str = "small"  # small (fake tensors), small-real (real CPU tensors), catalog, weights, or a launcher
     suite: str = "accuracy"  # "accuracy": the plan-estimate matrix (issue table); "extra": the wider validation
     tag: str = ""            # a name for the row where the model is a path
 
@@ -155,8 +155,11 @@ def matrix(suite: str | None = None) -> list[Case]:
         cases.append(Case("mixtral", _st(precision="bf16-pure", batch_size=2, seq_len=256, lora_rank=rank,
                                          grad_checkpointing=ckpt), suite="extra"))
     for arch, prec in (("llama", "bf16-amp"), ("gpt2", "fp32")):
-        for opt in ("adamw-fused", "sgd", "sgd-momentum", "adafactor"):
+        for opt in ("adamw-fused", "sgd", "sgd-momentum", "adafactor", "lion"):
             cases.append(Case(arch, _st(precision=prec, batch_size=2, seq_len=256, optimizer=opt), suite="extra"))
+        # bitsandbytes' 8-bit optimizer reads its values (blockwise absmax): real CPU tensors
+        cases.append(Case(arch, _st(precision=prec, batch_size=2, seq_len=256, optimizer="adamw-8bit"), "small-real",
+                          suite="extra"))
     for arch, b, sq, prec, rank in (("llama", 1, 1024, "bf16-amp", 0), ("llama", 8, 64, "bf16-pure", 0),
                                     ("qwen2", 4, 512, "bf16-amp", 16), ("bert", 8, 128, "fp32", 0),
                                     ("gpt2", 1, 1024, "bf16-amp", 8), ("gemma2", 4, 128, "bf16-pure", 0)):
@@ -192,8 +195,8 @@ def run_case(case: Case) -> dict:
     est = estimate(ModelSpec.from_config(measured_config(cfg)), case.settings)
     if case.distributed:
         return _run_distributed(case, cfg, est.peak_bytes)
-    real = case.source == "weights"
-    m = measure(cfg, case.settings, fake=not real, weights=case.model if real else None)
+    real = case.source in ("weights", "small-real")
+    m = measure(cfg, case.settings, fake=not real, weights=case.model if case.source == "weights" else None)
     err = 100.0 * (est.peak_bytes - m.peak_bytes) / m.peak_bytes
     return {"case": case.name, "model": case.label, "suite": case.suite, "predicted": est.peak_bytes,
             "measured": m.peak_bytes,
