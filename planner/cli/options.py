@@ -8,7 +8,7 @@ None ("given" is "is not None"), and its default lives in one place, `Settings` 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import fields
 from enum import Enum
 from typing import Annotated, Any, Optional
@@ -53,7 +53,7 @@ SeqLen = Annotated[Optional[int], typer.Option(
 OptimizerOpt = Annotated[Optional[Optimizer], typer.Option(
     "--optimizer", help=f"(default {_DEFAULT['optimizer']})")]
 LoraRank = Annotated[Optional[int], typer.Option(
-    "--lora-rank", help="LoRA rank; 0 = full fine-tune (default 0)")]
+    "--lora-rank", help=f"LoRA rank; 0 = full fine-tune (default {_DEFAULT['lora_rank']})")]
 LoraAlpha = Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA alpha (default 2 x rank)")]
 LoraDropout = Annotated[Optional[float], typer.Option(
     "--lora-dropout", help=f"(default {_DEFAULT['lora_dropout']})")]
@@ -65,7 +65,7 @@ GradCheckpointing = Annotated[Optional[bool], typer.Option("--grad-checkpointing
 AttnOpt = Annotated[Optional[Attention], typer.Option(
     "--attn", help=f"attention kernel; flash counts as sdpa (default {_DEFAULT['attn']})")]
 Gpus = Annotated[Optional[int], typer.Option(
-    "--gpus", help="GPUs per node (default 1; with --gpu, the GPUs it names or NVML counts)")]
+    "--gpus", help="GPUs per node (default 1, or what --gpu auto counts)")]
 Nodes = Annotated[Optional[int], typer.Option("--nodes", help=f"(default {_DEFAULT['nodes']})")]
 StrategyOpt = Annotated[Optional[Strategy], typer.Option(
     "--strategy", help=f"data parallelism (default {_DEFAULT['strategy']})")]
@@ -112,7 +112,7 @@ def plain(value: Any) -> Any:
     return value.value if isinstance(value, Enum) else value
 
 
-def _given_fields(options: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+def _given_fields(options: Mapping[str, Any], names: Container[str]) -> dict[str, Any]:
     return {name: plain(v) for name, v in options.items() if name in names and v is not None}
 
 
