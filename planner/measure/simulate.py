@@ -21,6 +21,81 @@ from ..spec import ModelSpec, SpecError
 from .builder import build_model, is_encoder, make_optimizer, measured_config, train_step, unpacked_sequences
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What one simulated step may take: wall seconds and resident memory. The step's cost is
+    predicted from the config before anything is built (`check_budget`), and the wall time is
+    enforced while it runs."""
+    seconds: float = 120.0
+    memory_bytes: int = 8 * 2**30
+
+
+# Measured on the 2-core CPU machine (Qwen3-8B's width, 4 and 16 layers, full and LoRA r16,
+# 2026-11-29): about 6 s of imports and set-up, then 0.12 s and 0.5 MiB per layer (0.45 s and
+# 5 MiB with LoRA); the prediction takes twice that, so that it errs towards refusing.
+SIM_SECONDS_PER_LAYER = 0.25
+SIM_SECONDS_PER_LAYER_LORA = 0.9
+SIM_BASE_BYTES = 512 * 2**20
+SIM_BYTES_PER_LAYER = 1 * 2**20
+SIM_BYTES_PER_LAYER_LORA = 10 * 2**20
+SIM_MAX_ELEMENTS = 2**48
+"""Largest tensor the simulator builds, in elements (fake tensors hold no data, but torch's
+shape arithmetic is 64-bit): 2.8e14, 100x Llama-3.1-405B's largest."""
+
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_WIDTH_KEYS = ("hidden_size", "n_embd", "d_model", "intermediate_size", "n_inner", "moe_intermediate_size",
+               "vocab_size", "num_local_experts", "num_experts", "n_routed_experts", "head_dim",
+               "num_attention_heads", "n_head", "num_key_value_heads", "max_position_embeddings", "n_positions")
+
+
+def _size(cfg: dict, keys: tuple[str, ...]) -> int:
+    vals = [cfg[k] for k in keys if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool)]
+    return max(vals, default=0)
+
+
+def check_budget(cfg: dict, st: Settings, budget: Budget) -> None:
+    """Refuse, before building anything, a step the budget cannot hold: its predicted time or
+    memory (from the layer count, SIM_SECONDS_PER_LAYER...) over the budget, or a tensor over
+    SIM_MAX_ELEMENTS (the widest product of two sizes, or the tokens times the vocabulary)."""
+    layers = _size(cfg, _LAYER_KEYS)
+    lora = st.lora_rank > 0
+    seconds = layers * (SIM_SECONDS_PER_LAYER_LORA if lora else SIM_SECONDS_PER_LAYER)
+    memory = SIM_BASE_BYTES + layers * (SIM_BYTES_PER_LAYER_LORA if lora else SIM_BYTES_PER_LAYER)
+    if seconds > budget.seconds:
+        raise PlanError(f"the simulator would take about {seconds:,.0f} s for {layers:,} layers, over its budget of "
+                        f"{budget.seconds:g} s (raise it with {{sim_seconds}})", "sim_seconds")
+    if memory > budget.memory_bytes:
+        raise PlanError(f"the simulator would need about {memory / 2**30:,.1f} GiB for {layers:,} layers, over its "
+                        f"budget of {budget.memory_bytes / 2**30:g} GiB (raise it with {{sim_memory}})", "sim_memory")
+    widths = sorted((_size(cfg, (k,)) for k in _WIDTH_KEYS), reverse=True)
+    widest = max(widths[0] * widths[1], st.tokens * _size(cfg, ("vocab_size",)))
+    if widest > SIM_MAX_ELEMENTS:
+        raise PlanError(f"the config's sizes make a tensor of {widest:.2e} elements, over the simulator's limit of "
+                        f"{SIM_MAX_ELEMENTS:.1e}: check the config's sizes")
+
+
+@contextlib.contextmanager
+def _wall_clock(seconds: float):
+    """Stop a step that runs past `seconds` with a PlanError (SIGALRM: the main thread only;
+    elsewhere the step runs unbounded)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread() or seconds <= 0:
+        yield
+        return
+
+    def stop(*_):
+        raise PlanError(f"the simulator stopped after its budget of {seconds:g} s (raise it with {{sim_seconds}})",
+                        "sim_seconds")
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 @dataclass
 class Measurement:
     peak_bytes: int
@@ -73,7 +148,7 @@ def _measure(cfg: dict, st: Settings, fake: bool, weights: str | None = None) ->
                        params=int(n_params), trainable_params=int(n_train))
 
 
-def simulated_estimate(cfg: dict, st: Settings) -> Estimate:
+def simulated_estimate(cfg: dict, st: Settings, budget: Budget = Budget()) -> Estimate:
     """An Estimate measured by the simulator: for architectures without a formula, and --exact.
 
     The step runs CPU kernels. Where they keep different memory than CUDA's, the measurement is
@@ -90,7 +165,15 @@ def simulated_estimate(cfg: dict, st: Settings) -> Estimate:
         raise PlanError("{optimizer} adamw-8bit: bitsandbytes' 8-bit step reads its values, which fake tensors "
                         "do not have; drop --exact for the formula (measured on real tensors: tables/validation.csv)",
                         "optimizer")
-    m = measure(cfg, replace(st, kernels="cpu"), fake=True)
+    check_budget(cfg, st, budget)
+    try:
+        with _wall_clock(budget.seconds):
+            m = measure(cfg, replace(st, kernels="cpu"), fake=True)
+    except PlanError:
+        raise
+    except Exception as e:  # transformers or torch refusing this config: one line, not a traceback
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise PlanError(f"the simulator cannot run this config ({type(e).__name__}: {first})") from None
     phases = {k: m.phases[k] for k in ("model", "forward", "backward", "optimizer_step")}
     cats = {k: dict(v) for k, v in m.categories.items()}
     notes = ["measured: a real training step of the transformers model under fake tensors (MemTracker), CPU kernels"]
