@@ -39,3 +39,11 @@ def tiny(tmp_path_factory, tok):
             a, b = rng.randint(0, 99), rng.randint(0, 99)
             f.write(json.dumps({"instruction": f"Add {a} and {b}.", "output": str(a + b)}) + "\n")
     return d
+
+
+@pytest.fixture(scope="session")
+def validation_results():
+    """The whole validation matrix, run once per session: {case name: (case, result of run_case)}.
+    Several minutes of measured training steps and gloo ranks; its users are marked slow."""
+    from planner.measure.validate import matrix, run_case
+    return {c.name: (c, run_case(c)) for c in matrix()}

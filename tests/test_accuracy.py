@@ -11,39 +11,37 @@ import statistics
 
 import pytest
 
-from planner.measure.validate import REAL, matrix, real_weights_path, run_case
+from planner.measure.validate import REAL, real_weights_path
+
+pytestmark = pytest.mark.slow  # every test reads the whole validation matrix (several minutes)
 
 
-@pytest.fixture(scope="module")
-def results():
-    return {c.name: (c, run_case(c)) for c in matrix()}
-
-
-def test_matrix_is_as_wide_as_promised(results):
-    cases = [c for c, _ in results.values()]
+def test_matrix_is_as_wide_as_promised(validation_results):
+    cases = [c for c, _ in validation_results.values()]
     archs = {c.model for c in cases if c.source == "small"}
     assert len(cases) >= 80
     assert {"llama", "mistral", "qwen2", "gemma2", "phi3", "gpt2", "gpt_neox", "mixtral", "bert"} <= archs
     assert {c.settings.optimizer for c in cases} >= {"adamw", "adamw-fused", "sgd", "sgd-momentum", "adafactor"}
 
 
-def test_accuracy_suite_every_case_within_5_percent(results):
-    off = {n: r["error_pct"] for n, (c, r) in results.items() if c.suite == "accuracy" and abs(r["error_pct"]) > 5}
+def test_accuracy_suite_every_case_within_5_percent(validation_results):
+    off = {n: r["error_pct"] for n, (c, r) in validation_results.items()
+           if c.suite == "accuracy" and abs(r["error_pct"]) > 5}
     assert not off, off
 
 
-def test_validation_median_3_max_8_percent(results):
-    errs = [abs(r["error_pct"]) for _, r in results.values()]
+def test_validation_median_3_max_8_percent(validation_results):
+    errs = [abs(r["error_pct"]) for _, r in validation_results.values()]
     assert statistics.median(errs) <= 3, statistics.median(errs)
-    assert max(errs) <= 8, max(results.items(), key=lambda kv: abs(kv[1][1]["error_pct"]))[0]
+    assert max(errs) <= 8, max(validation_results.items(), key=lambda kv: abs(kv[1][1]["error_pct"]))[0]
 
 
-def test_fake_step_matches_real_step_of_real_weights(results):
+def test_fake_step_matches_real_step_of_real_weights(validation_results):
     """The fake-tensor measurement is the real one: for each real pretrained model, its real CPU
     step (measured in the matrix) and the fake step of its config agree within 1%."""
-    from planner.resolve import resolve
     from planner.measure.simulate import measure
-    real_cases = [(c, r) for c, r in results.values() if c.source == "weights"]
+    from planner.resolve import resolve
+    real_cases = [(c, r) for c, r in validation_results.values() if c.source == "weights"]
     installed = [p for p, rel, _ in REAL if real_weights_path(p, rel)]
     assert len(real_cases) == len(installed)
     if not installed:
@@ -53,8 +51,8 @@ def test_fake_step_matches_real_step_of_real_weights(results):
         assert abs(fake - r["measured"]) <= 0.01 * r["measured"], (c.name, r["measured"], fake)
 
 
-def test_distributed_suite_every_strategy_within_5_percent_per_rank(results):
-    dist = [(c, r) for c, r in results.values() if c.suite == "distributed"]
+def test_distributed_suite_every_strategy_within_5_percent_per_rank(validation_results):
+    dist = [(c, r) for c, r in validation_results.values() if c.suite == "distributed"]
     assert {c.settings.strategy for c, _ in dist} == {"ddp", "fsdp", "fsdp-grad-op", "fsdp-hybrid", "fsdp-no-shard",
                                                       "zero1", "zero2", "zero3"}
     assert {c.source for c, _ in dist} == {"fake-world", "torchrun", "accelerate"}
