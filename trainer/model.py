@@ -33,14 +33,26 @@ def load_tokenizer(recipe: Recipe):
 
 def load_model(recipe: Recipe, num_labels: int | None = None, cuda: bool = False):
     """The model, set up for training (train mode, use_cache off, checkpointing, adapters)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    prec = precision(recipe)
     qlora = recipe.adapter == "qlora"
     if qlora and not cuda:
         raise ModelError("adapter: qlora needs a CUDA GPU (bitsandbytes NF4 kernels); on CPU use adapter: lora")
-    dtype = torch.bfloat16 if prec == "bf16-pure" or qlora else torch.float32
+    model = _from_pretrained(recipe, num_labels, qlora)
+    model.config.use_cache = False
+    model = _checkpointing(model, recipe, qlora)
+    if recipe.adapter:
+        model = _with_adapter(model, recipe, num_labels is not None)
+    if recipe.unfrozen_parameters:
+        _unfreeze_only(model, recipe.unfrozen_parameters)
+    model.train()
+    return model
+
+
+def _from_pretrained(recipe: Recipe, num_labels: int | None, qlora: bool):
+    """`from_pretrained` in the plan's storage dtype (NF4 on this rank's GPU for QLoRA); a
+    sequence classifier when `num_labels` is given."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    dtype = torch.bfloat16 if precision(recipe) == "bf16-pure" or qlora else torch.float32
     kw = dict(source(recipe), dtype=dtype)
     if num_labels is not None:
         cls = AutoModelForSequenceClassification
@@ -55,34 +67,44 @@ def load_model(recipe: Recipe, num_labels: int | None = None, cuda: bool = False
         import os
         kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     try:
-        model = cls.from_pretrained(**kw)
+        return cls.from_pretrained(**kw)
     except (OSError, ValueError) as e:
         raise ModelError(f"base_model: cannot load {recipe.base_model} ({str(e).strip().splitlines()[0]})") from None
-    model.config.use_cache = False
+
+
+def _checkpointing(model, recipe: Recipe, qlora: bool):
+    """Non-reentrant gradient checkpointing when the recipe asks; QLoRA through PEFT's
+    `prepare_model_for_kbit_training` (which also casts norms to fp32)."""
     ckpt = {"use_reentrant": False}
     if qlora:
         from peft import prepare_model_for_kbit_training
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=ckpt)
-    elif recipe.gradient_checkpointing:
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing,
+                                               gradient_checkpointing_kwargs=ckpt)
+    if recipe.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
-    if recipe.adapter:
-        from peft import get_peft_model
-        try:
-            model = get_peft_model(model, lora_config(settings(recipe), sequence_classification=num_labels is not None))
-        except ValueError as e:
-            raise ModelError(f"lora_target_modules: {str(e).strip().splitlines()[0]}") from None
-    if recipe.unfrozen_parameters:
-        pats = [re.compile(p) for p in recipe.unfrozen_parameters]
-        n = 0
-        for name, p in model.named_parameters():
-            keep = any(pat.search(name) for pat in pats)
-            p.requires_grad_(keep)
-            n += keep
-        if n == 0:
-            raise ModelError(f"unfrozen_parameters: no parameter name matches {recipe.unfrozen_parameters}")
-    model.train()
     return model
+
+
+def _with_adapter(model, recipe: Recipe, sequence_classification: bool):
+    """The LoRA adapters of the plan's settings (PEFT's `get_peft_model`)."""
+    from peft import get_peft_model
+    try:
+        return get_peft_model(model, lora_config(settings(recipe), sequence_classification=sequence_classification))
+    except ValueError as e:
+        raise ModelError(f"lora_target_modules: {str(e).strip().splitlines()[0]}") from None
+
+
+def _unfreeze_only(model, patterns: list[str]) -> None:
+    """Train only the parameters whose names match one of `patterns` (Axolotl's
+    `unfrozen_parameters`); none matching is an error."""
+    pats = [re.compile(p) for p in patterns]
+    n = 0
+    for name, p in model.named_parameters():
+        keep = any(pat.search(name) for pat in pats)
+        p.requires_grad_(keep)
+        n += keep
+    if n == 0:
+        raise ModelError(f"unfrozen_parameters: no parameter name matches {patterns}")
 
 
 def method(recipe: Recipe) -> str:

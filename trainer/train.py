@@ -114,6 +114,19 @@ class Data:
     stats: dict
 
 
+def processes(acc, cuda: bool, mixed: str) -> Processes:
+    """What the Accelerator's state says: under FSDP on CPU accelerate reports MULTI_CPU, and the
+    launcher's ACCELERATE_USE_FSDP says the model is to be sharded here."""
+    from accelerate.utils import DistributedType
+    fsdp_cpu = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" \
+        and acc.distributed_type != DistributedType.FSDP
+    fsdp = fsdp_cpu or acc.distributed_type == DistributedType.FSDP
+    deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+    world = acc.num_processes
+    return Processes(cuda=cuda, mixed_precision=mixed, world=world, main=acc.is_main_process, fsdp_cpu=fsdp_cpu,
+                     fsdp=fsdp, deepspeed=deepspeed, ddp=world > 1 and not (fsdp or deepspeed))
+
+
 class Trainer:
     """One run of a recipe: `setup()`, then `run()`."""
 
@@ -169,7 +182,7 @@ class Trainer:
         sampler), the seed set, and what the processes are."""
         import torch
         from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, set_seed
+        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 
         from planner.contract import Settings
         from planner.emit import mixed_precision
@@ -186,16 +199,9 @@ class Trainer:
                           dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
                           kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         set_seed(self.recipe.seed)
-        fsdp_cpu = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" \
-            and acc.distributed_type != DistributedType.FSDP
-        fsdp = fsdp_cpu or acc.distributed_type == DistributedType.FSDP
-        deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
-        world = acc.num_processes
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-        return acc, Processes(cuda=cuda, mixed_precision=mixed, world=world, main=acc.is_main_process,
-                              fsdp_cpu=fsdp_cpu, fsdp=fsdp, deepspeed=deepspeed,
-                              ddp=world > 1 and not (fsdp or deepspeed))
+        return acc, processes(acc, cuda, mixed)
 
     def _setup_data(self) -> Data:
         """Every dataset read and tokenized, split into train and validation, made into rows
