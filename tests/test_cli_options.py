@@ -102,6 +102,9 @@ def test_usage_errors_are_one_line_in_process_too(config):
     r = CliRunner().invoke(cli.app, ["recommend", config, "--gpu", "a100-80gb", "--method", "dpo"])
     assert r.exit_code == 2
     assert r.stderr.strip() == "error: unknown --method 'dpo'; choose one of auto, full, lora, qlora"
+    r = CliRunner().invoke(cli.app, ["estimate", config, "--attn", "\x1e"])  # a line separator to splitlines()
+    assert r.exit_code == 2 and r.stderr.splitlines() == [
+        "error: unknown --attn '\\x1e'; choose one of sdpa, flash, eager"]
 
 
 # ---------------------------------------------------------------- options -> Settings

@@ -23,8 +23,8 @@ def usage_line(e: cx.UsageError) -> str:
     choices = getattr(getattr(e, "param", None), "type_descriptor", None)  # typer's resolved Enum choices
     cause = e.__cause__  # typer validates a choice with pydantic: the bad value is the error's input
     if choices is not None and choices.is_choice and hasattr(cause, "errors") and e.param.opts:
-        value = cause.errors()[0].get("input")
-        return f"unknown {e.param.opts[0]} '{value}'; choose one of {', '.join(map(str, choices.choices))}"
+        value = cause.errors()[0].get("input")  # as repr quotes it: a control character stays on this line
+        return f"unknown {e.param.opts[0]} {value!r}; choose one of {', '.join(map(str, choices.choices))}"
     where = f"{e.ctx.command_path}: " if e.ctx is not None else ""
     return where + " ".join(e.format_message().split())
 
