@@ -123,13 +123,33 @@ def from_dict(data: dict, source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source}: {_first_error(e)}") from None
 
 
+MAX_RECIPE_BYTES = 1 * 2**20
+"""A recipe is a few KB; past this, one line instead of reading it."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without anchors and aliases: an alias repeats a node by reference,
+    and a few lines of nested aliases (a "billion laughs" file) expand to more values than any
+    machine holds once validated. Recipes have no use for them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"line {mark.line + 1}: YAML aliases (*name) are not accepted in a recipe")
+        return super().compose_node(parent, index)
+
+
 def load(path: str) -> Recipe:
     """Read and validate a recipe; every problem is one RecipeError line naming the key."""
     try:
+        if Path(path).stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {Path(path).stat().st_size:,} bytes is not a recipe (at most 1 MiB)")
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
     except FileNotFoundError:
         raise RecipeError(f"{path}: no such recipe file") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{path}: a directory, not a recipe file") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0]
         raise RecipeError(f"{path}: not valid YAML ({first})") from None

@@ -41,12 +41,21 @@ def _catalog_index() -> dict:
     return idx
 
 
+MAX_CONFIG_BYTES = 16 * 2**20
+"""A config.json is a few KB (Llama-4's, the largest in the catalog, is 5 KB); past this, one line."""
+
+
 def _read_json(path: Path) -> dict:
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ResolveError(f"{path}: {path.stat().st_size:,} bytes is not a model config (at most "
+                               f"{MAX_CONFIG_BYTES // 2**20} MiB)")
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ResolveError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except RecursionError:
+        raise ResolveError(f"{path}: not a model config (nested too deeply)") from None
     except UnicodeDecodeError:
         raise ResolveError(f"{path}: not UTF-8 text") from None
     except OSError as e:
@@ -61,6 +70,13 @@ def resolve(model: str) -> Resolved:
     if not model or not model.strip():
         raise ResolveError("no model given: pass a Hugging Face id, a directory with config.json, "
                            "a config.json or a .gguf file")
+    try:
+        return _resolve(model)
+    except OSError as e:  # a name the file system refuses (too long, a device, no permission)
+        raise ResolveError(f"{model[:200]}: cannot read ({e.strerror or type(e).__name__})") from None
+
+
+def _resolve(model: str) -> Resolved:
     path = Path(model).expanduser()
     if path.suffix == ".gguf" or (path.exists() and path.is_file() and path.suffix != ".json"):
         if not path.exists():
@@ -150,8 +166,58 @@ _GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "gemma2": "gemma2", "phi3": "p
               "falcon": "falcon"}
 
 
+# GGUF value types (gguf-py's GGUFValueType) -> bytes of one value; 8 string, 9 array
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def check_gguf_layout(path: Path) -> None:
+    """Walk a GGUF file's header and metadata (GGUF v2/v3: counts and lengths are uint64) without
+    building any value, and refuse one whose counts or lengths the file cannot hold: the `gguf`
+    reader materialises every metadata element, so a corrupt count of 10^8 exhausts memory."""
+    import struct
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(24)
+        if len(head) < 24 or head[:4] != b"GGUF":
+            raise ResolveError(f"{path}: not a readable GGUF file (no GGUF header)")
+        version, tensors, kvs = struct.unpack("<IQQ", head[4:])
+        if version < 2 or tensors > size // 24 or kvs > size // 13:
+            raise ResolveError(f"{path}: not a readable GGUF file (version {version}, {tensors} tensors and {kvs} "
+                               f"metadata entries in {size:,} bytes)")
+
+        def take(n: int) -> bytes:
+            if n > size - f.tell():
+                raise ResolveError(f"{path}: not a readable GGUF file (a length of {n:,} past the end of the file)")
+            return f.read(n)
+
+        def skip_value(kind: int) -> None:
+            if kind == 8:
+                take(struct.unpack("<Q", take(8))[0])
+            elif kind == 9:
+                elem, count = struct.unpack("<IQ", take(12))
+                least = 8 if elem == 8 else _GGUF_SIZES.get(elem)
+                if least is None or count * least > size - f.tell():
+                    raise ResolveError(f"{path}: not a readable GGUF file (an array of {count:,} values of type "
+                                       f"{elem} past the end of the file)")
+                if elem == 8:
+                    for _ in range(count):
+                        skip_value(8)
+                else:
+                    take(count * least)
+            elif kind in _GGUF_SIZES:
+                take(_GGUF_SIZES[kind])
+            else:
+                raise ResolveError(f"{path}: not a readable GGUF file (unknown value type {kind})")
+
+        for _ in range(kvs):
+            take(struct.unpack("<Q", take(8))[0])  # the key
+            skip_value(struct.unpack("<I", take(4))[0])
+
+
 def gguf_config(path: Path) -> dict:
-    """A config dict from a GGUF file's metadata, read with the `gguf` package (no tensor data)."""
+    """A config dict from a GGUF file's metadata, read with the `gguf` package (no tensor data)
+    once `check_gguf_layout` has bounded what it will read."""
+    check_gguf_layout(path)
     try:
         from gguf import GGUFReader
         reader = GGUFReader(str(path), "r")

@@ -84,6 +84,8 @@ class ModelSpec:
         mt = cfg.get("model_type")
         if not mt:
             raise SpecError("config has no 'model_type'")
+        if not isinstance(mt, str):
+            raise SpecError(f"'model_type' must be a string, got {mt!r}")
         fam = FAMILIES.get(mt)
         if fam is None:
             raise UnsupportedArchitecture(f"no hand-written formula for model_type '{mt}'")

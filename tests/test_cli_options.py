@@ -174,7 +174,7 @@ def test_left_out_options_parse_as_none(monkeypatch, config):
     seen = {}
     monkeypatch.setattr(estimate_module, "run", lambda options, exact: seen.update(options))
     assert CliRunner().invoke(cli.app, ["estimate", config]).exit_code == 0
-    assert given(seen, set(seen) - {"model", "exact", "as_json"}) == []
+    assert given(seen, set(seen) - {"model", "exact", "as_json", "sim_seconds", "sim_memory"}) == []
 
 
 def test_emit_config_refuses_an_explicit_option_given_at_its_default_beside_gpu(config, tmp_path):

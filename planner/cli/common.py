@@ -31,19 +31,24 @@ def model_spec(model: str) -> tuple[Resolved, Optional[ModelSpec]]:
     try:
         return res, ModelSpec.from_config(res.config)
     except UnsupportedArchitecture:
-        from transformers import CONFIG_MAPPING
-        mt = res.config.get("model_type")
-        if mt not in CONFIG_MAPPING:
-            fail(f"{model}: unknown model_type '{mt}': neither plan's formulas nor transformers know it")
         return res, None
     except SpecError as e:
         fail(f"{model}: malformed config: {e}")
+
+
+def buildable(res: Resolved) -> None:
+    """A model type without a formula must be one transformers can build (the simulator's route)."""
+    from transformers import CONFIG_MAPPING
+    mt = res.config.get("model_type")
+    if mt not in CONFIG_MAPPING:
+        fail(f"{res.name}: unknown model_type '{mt}': neither plan's formulas nor transformers know it")
 
 
 def formula_spec(model: str, what: str) -> tuple[Resolved, ModelSpec]:
     """`model_spec` for a command that needs the formulas (`what` names it)."""
     res, spec = model_spec(model)
     if spec is None:
+        buildable(res)
         fail(no_formula(model, res, f"{what} needs the formulas"))
     return res, spec
 

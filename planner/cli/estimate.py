@@ -18,7 +18,7 @@ from ..estimate import estimate
 from ..report import gib, render, render_strategies, to_json
 from ..resolve import Resolved
 from ..spec import ModelSpec, count_params
-from .common import console, default_seq, fail, model_spec, no_formula, source_note
+from .common import buildable, console, default_seq, fail, model_spec, no_formula, source_note
 from .options import (
     AttnOpt,
     BatchSize,
@@ -38,6 +38,8 @@ from .options import (
     PrecisionOpt,
     QuantOpt,
     SeqLen,
+    SimMemory,
+    SimSeconds,
     StrategyOrAll,
     StrategyOrAllOpt,
     to_settings,
@@ -60,7 +62,8 @@ def estimate_cmd(ctx: typer.Context, model: Model, dtype: DtypeOpt = None, preci
                  lora_targets: LoraTargets = None, quant: QuantOpt = None, grad_checkpointing: GradCheckpointing = None,
                  attn: AttnOpt = None, gpus: Gpus = None, nodes: Nodes = None, strategy: StrategyOrAllOpt = None,
                  offload: OffloadOpt = None, fsdp_version: FsdpVersion = None, compat: Compat = None,
-                 exact: Exact = False, as_json: Json = False) -> None:
+                 exact: Exact = False, sim_seconds: SimSeconds = 120.0, sim_memory: SimMemory = 8.0,
+                 as_json: Json = False) -> None:
     """Training memory per GPU, per dtype, per component and per phase."""
     if compat == CompatTable.DEEPSPEED:
         return compat_deepspeed(ctx.params)
@@ -74,7 +77,8 @@ def simulate_cmd(ctx: typer.Context, model: Model, dtype: DtypeOpt = None, preci
                  lora_rank: LoraRank = None, lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None,
                  lora_targets: LoraTargets = None, quant: QuantOpt = None, grad_checkpointing: GradCheckpointing = None,
                  attn: AttnOpt = None, gpus: Gpus = None, nodes: Nodes = None, strategy: StrategyOrAllOpt = None,
-                 offload: OffloadOpt = None, fsdp_version: FsdpVersion = None, as_json: Json = False) -> None:
+                 offload: OffloadOpt = None, fsdp_version: FsdpVersion = None, sim_seconds: SimSeconds = 120.0,
+                 sim_memory: SimMemory = 8.0, as_json: Json = False) -> None:
     """Run the real training step under fake tensors and report the measured peak.
 
     bf16-amp unless --dtype/--precision say otherwise; every estimate option applies."""
@@ -90,7 +94,7 @@ def run(options: Mapping[str, Any], exact: bool) -> None:
     runs = _estimates(spec, _settings(res, spec, options))
     method = "analytic"
     if exact or spec is None:
-        runs, method = _measured(res, runs, quiet=options["as_json"]), "simulated"
+        runs, method = _measured(res, runs, options), "simulated"
     source_note(res)
     one = options["precision"] is not None or options["dtype"] is not None
     _print(res, runs, method, one, options["as_json"])
@@ -113,24 +117,33 @@ def _estimates(spec: Optional[ModelSpec], settings: list[Settings]) -> list[tupl
         fail(str(e))
 
 
-def _measured(res: Resolved, runs: list[tuple], quiet: bool) -> list[tuple]:
+def _measured(res: Resolved, runs: list[tuple], options: Mapping[str, Any]) -> list[tuple]:
     """The simulator's measurement for each run, with the formula's parameter breakdown where
-    there is one."""
-    if runs[0][1] is None and not quiet:
-        typer.echo(f"note: no formula for model_type '{res.config.get('model_type', '?')}': measuring a real "
-                   "training step on fake tensors", err=True)
+    there is one. The budget is checked for every run before anything is built or imported."""
+    from ..measure.simulate import Budget, check_budget
+    budget = Budget(seconds=options["sim_seconds"], memory_bytes=int(options["sim_memory"] * 2**30))
+    for st, _ in runs:
+        try:
+            check_budget(res.config, st, budget)
+        except PlanError as e:
+            fail(str(e))
+    if runs[0][1] is None:
+        buildable(res)
+        if not options["as_json"]:
+            typer.echo(f"note: no formula for model_type '{res.config.get('model_type', '?')}': measuring a real "
+                       "training step on fake tensors", err=True)
     sims = []
     for st, est in runs:
-        sim = _simulated(res, st)
+        sim = _simulated(res, st, budget)
         sim.param_counts = est.param_counts if est else None
         sims.append((st, sim))
     return sims
 
 
-def _simulated(res: Resolved, st: Settings):
+def _simulated(res: Resolved, st: Settings, budget):
     from ..measure.simulate import simulated_estimate
     try:
-        return simulated_estimate(res.config, st)
+        return simulated_estimate(res.config, st, budget)
     except PlanError as e:
         fail(str(e))
     except Exception as e:  # the simulator cannot run this model or recipe on CPU
@@ -182,7 +195,9 @@ def compare_strategies(res: Resolved, spec: Optional[ModelSpec], options: Mappin
 
 def compat_accelerate(model: str, as_json: bool) -> None:
     """accelerate's `estimate-memory` table, the same numbers."""
-    res, _ = model_spec(model)
+    res, spec = model_spec(model)
+    if spec is None:
+        buildable(res)
     rows = accelerate_table(res.config)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))

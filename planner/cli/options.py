@@ -98,6 +98,9 @@ HostRam = Annotated[Optional[float], typer.Option(
 # ---------------------------------------------------------------- files and output
 
 Json = Annotated[bool, typer.Option("--json", help="print JSON (the contract) instead of tables")]
+SimSeconds = Annotated[float, typer.Option(
+    "--sim-seconds", help="the simulator's time budget for one step (architectures without a formula, --exact)")]
+SimMemory = Annotated[float, typer.Option("--sim-memory", help="the simulator's memory budget, GiB")]
 Out = Annotated[str, typer.Option(
     "--out", help="directory for the plan's files: accelerate.yaml (+ deepspeed.json for ZeRO), recipe.yaml, PLAN.md")]
 Force = Annotated[bool, typer.Option("--force", help="replace files that already exist in --out")]
