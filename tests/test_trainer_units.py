@@ -328,3 +328,75 @@ def test_an_oom_at_one_row_stops_the_run(tmp_path, monkeypatch):
     t = _toy_trainer(tmp_path, monkeypatch, micro_batch_size=1)
     with pytest.raises(RunStopped, match="the micro-batch is 1 row, nothing left to halve"):
         t.optimizer_step(_batches(rows=1), meter=None)
+
+
+# ------------------------------------------------------------------ safe resume
+
+class _OneProcess:
+    """What the Checkpointer reads of accelerate's Accelerator, for one process."""
+    is_main_process = True
+    num_processes = 1
+    process_index = 0
+
+    def wait_for_everyone(self):
+        pass
+
+    def unwrap_model(self, model):
+        return model
+
+
+def _saved_run(tmp_path, width: int = 4):
+    import torch
+    from transformers import get_scheduler
+
+    from trainer.checkpoint import Checkpointer
+    recipe = SimpleNamespace(model_dump=lambda mode: {"base_model": "tiny"})
+    model = torch.nn.Linear(width, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = get_scheduler("cosine", opt, num_warmup_steps=1, num_training_steps=10)
+    model(torch.ones(1, width)).sum().backward()
+    opt.step()
+    ck = Checkpointer(_OneProcess(), tmp_path, recipe, fsdp=False, cuda=False)
+    ck.save(RunState(step=3), model, opt, sched)
+    return ck, model, opt, sched
+
+
+def test_a_checkpoint_resumes_weights_only(tmp_path):
+    ck, model, opt, sched = _saved_run(tmp_path)
+    path, state = ck.load_latest(model, opt, sched)
+    assert path.name == "checkpoint-3" and state.step == 3
+    assert json.loads((path / STATE_FILE).read_text())["model_digest"]
+
+
+def test_a_checkpoint_with_pickled_code_is_refused_without_running_it(tmp_path):
+    import os
+
+    import torch
+
+    from planner.recipe import RecipeError
+    ck, model, opt, sched = _saved_run(tmp_path)
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"lr_lambdas": [Payload()]}, tmp_path / "checkpoint-3" / "scheduler.pt")
+    with pytest.raises(RecipeError, match="cannot be resumed"):
+        ck.load_latest(model, opt, sched)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_of_another_model_or_a_damaged_state_is_refused(tmp_path):
+    import torch
+    from transformers import get_scheduler
+
+    from planner.recipe import RecipeError
+    ck, _, _, _ = _saved_run(tmp_path, width=4)
+    other = torch.nn.Linear(8, 2)
+    opt = torch.optim.AdamW(other.parameters())
+    with pytest.raises(RecipeError, match="another model"):
+        ck.load_latest(other, opt, get_scheduler("constant", opt))
+    (tmp_path / "checkpoint-3" / STATE_FILE).write_text("[1, 2]")
+    with pytest.raises(RecipeError, match="not a checkpoint's state"):
+        ck.load_latest(other, opt, get_scheduler("constant", opt))

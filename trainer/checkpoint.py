@@ -43,13 +43,38 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(done, key=_number, default=None)
 
 
-def check_resumable(ck: Path, fields: dict, expected_hash: str, world: int) -> None:
-    """Refuse a checkpoint of another recipe, or of another number of processes (its shards and
-    data positions are per rank)."""
+def model_digest(model) -> str:
+    """The trained model's identity: the names and shapes of its trainable parameters (global
+    shapes under FSDP), hashed. A checkpoint resumes only into the same trainable tensors."""
+    shapes = sorted(f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters() if p.requires_grad)
+    return hashlib.sha256("\n".join(shapes).encode()).hexdigest()[:16]
+
+
+def check_resumable(ck: Path, fields: dict, expected_hash: str, world: int, digest: str | None = None) -> None:
+    """Refuse a checkpoint of another recipe, of another number of processes (its shards and
+    data positions are per rank), or of another model (its trainable parameters' names and
+    shapes; checkpoints written before the digest existed are not checked for it)."""
     if fields["recipe_hash"] != expected_hash:
         raise RecipeError(f"{ck}: written by a different recipe; use a new output_dir or delete the checkpoints")
     if fields["world_size"] != world:
         raise RecipeError(f"{ck}: written by {fields['world_size']} processes, resuming with {world}")
+    if digest is not None and fields.get("model_digest", digest) != digest:
+        raise RecipeError(f"{ck}: written for another model (its trainable parameters' names or shapes differ); "
+                          "use a new output_dir or delete the checkpoints")
+
+
+def read_state(ck: Path) -> dict:
+    """`trainer_state.json`, or one line when it is not the JSON object a checkpoint writes."""
+    try:
+        fields = json.loads((ck / STATE_FILE).read_text())
+        if not isinstance(fields, dict):
+            raise ValueError("not a JSON object")
+        for key in ("step", "epoch", "batch_in_epoch", "recipe_hash", "world_size"):
+            if key not in fields:
+                raise ValueError(f"no '{key}'")
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"{ck / STATE_FILE}: not a checkpoint's state ({e})") from None
+    return fields
 
 
 class Checkpointer:
@@ -94,6 +119,7 @@ class Checkpointer:
             import torch
             torch.save(sched.state_dict(), tmp / "scheduler.pt")
             fields = state.checkpoint_fields(self.hash, self.acc.num_processes)
+            fields["model_digest"] = model_digest(self._model(model))
             (tmp / STATE_FILE).write_text(json.dumps(fields))
             os.replace(tmp, final)
         self.acc.wait_for_everyone()
@@ -107,29 +133,39 @@ class Checkpointer:
     # ------------------------------------------------------------ load
     def load_latest(self, model, opt, sched) -> tuple[Path, RunState] | None:
         """The newest complete checkpoint loaded into the model, optimizer, scheduler and RNG,
-        with its run state; None when there is none."""
-        import torch
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        with its run state; None when there is none. Nothing in it runs code: the scheduler and
+        RNG states load weights-only (torch.load's safe unpickler: tensors and plain values), and
+        a checkpoint that does not load is one line, never a traceback."""
         ck = latest_checkpoint(self.out) if self.out.exists() else None
         if ck is None:
             return None
-        fields = json.loads((ck / STATE_FILE).read_text())
-        check_resumable(ck, fields, self.hash, self.acc.num_processes)
+        fields = read_state(ck)
+        check_resumable(ck, fields, self.hash, self.acc.num_processes, model_digest(self._model(model)))
+        try:
+            self._load(ck, model, opt, sched)
+        except Exception as e:  # damaged, tampered with, or not this run's: pickled code included
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise RecipeError(f"{ck}: cannot be resumed ({type(e).__name__}: {first}); "
+                              "use a new output_dir or delete the checkpoint") from None
+        return ck, RunState.from_checkpoint(fields)
+
+    def _load(self, ck: Path, model, opt, sched) -> None:
+        import torch
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         sd = self._state_dicts(model, opt)
         dcp.load(sd, checkpoint_id=str(ck))
         set_state_dict(self._model(model), self._optimizer(opt), model_state_dict=sd["model"],
                        optim_state_dict=sd["optim"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
-        sched.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=False))
+        sched.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True))
         self._load_rng(ck)
-        return ck, RunState.from_checkpoint(fields)
 
     def _load_rng(self, ck: Path) -> None:
         import torch
         rng_file = ck / f"rng-{self.acc.process_index}.pt"
         if not rng_file.exists():
             return
-        rng = torch.load(rng_file, weights_only=False)
+        rng = torch.load(rng_file, weights_only=True)
         random.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])
         if self.cuda and rng["cuda"] is not None:
