@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import resource
 import signal
+import struct
 import subprocess
 from pathlib import Path
 
@@ -33,9 +34,11 @@ def w(tmp_path_factory) -> Path:
     PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]",
                             eos_token="[EOS]").save_pretrained(d / "model")
     (d / "config.json").write_text(json.dumps(TINY))
-    (d / "good.jsonl").write_text("".join(json.dumps({"instruction": "w1 w2", "output": "w3"}) + "\n" for _ in range(8)))
+    good = json.dumps({"instruction": "w1 w2", "output": "w3"}) + "\n"
+    (d / "good.jsonl").write_text(good * 8)
     (d / "empty.jsonl").write_text("")
-    (d / "latin1.jsonl").write_bytes(json.dumps({"instruction": "caf\u00e9", "output": "x"}, ensure_ascii=False).encode("latin-1") + b"\n")
+    latin1 = json.dumps({"instruction": "caf\u00e9", "output": "x"}, ensure_ascii=False).encode("latin-1")
+    (d / "latin1.jsonl").write_bytes(latin1 + b"\n")
     (d / "broken.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
     (d / "nofield.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" +
                                      json.dumps({"instruction": "c"}) + "\n")
@@ -50,6 +53,18 @@ def w(tmp_path_factory) -> Path:
     (d / "negative.json").write_text(json.dumps({**TINY, "num_hidden_layers": -2}))
     (d / "unsupported.json").write_text(json.dumps({"model_type": "no-such-architecture", "hidden_size": 64}))
     (d / "fake.gguf").write_bytes(b"this is not gguf")
+    # found by bounded-work review and tests/test_fuzz.py
+    (d / "ten-million-layers.json").write_text(json.dumps({
+        "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
+        "num_hidden_layers": 10_000_000, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+        "max_position_embeddings": 40960}))
+    (d / "model-type-a-list.json").write_text(json.dumps({**TINY, "model_type": ["llama"]}))
+    (d / "huge.json").write_bytes(b" " * (17 * 2**20) + b"{}")
+    key = b"tokenizer.ggml.tokens"
+    (d / "huge-count.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+                                        + struct.pack("<I", 9) + struct.pack("<IQ", 0, 10**8))
+    (d / "bomb.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                                 "base_model: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n")
     return d
 
 
@@ -76,6 +91,11 @@ CASES = [
     ("config-negative-field", ["estimate", "{w}/negative.json"], "num_hidden_layers"),
     ("unsupported-architecture", ["estimate", "{w}/unsupported.json"], "no-such-architecture"),
     ("gguf-not-gguf", ["estimate", "{w}/fake.gguf"], "fake.gguf"),
+    ("gguf-metadata-count-past-the-file", ["estimate", "{w}/huge-count.gguf"], "past the end"),
+    ("config-ten-million-layers-no-formula", ["estimate", "{w}/ten-million-layers.json"], "--sim-seconds"),
+    ("config-model-type-a-list", ["estimate", "{w}/model-type-a-list.json"], "model_type"),
+    ("config-over-16-mib", ["estimate", "{w}/huge.json"], "not a model config"),
+    ("model-name-too-long", ["estimate", "x" * 300], "cannot read"),
     # plan estimate: the options
     ("batch-zero", ["estimate", "{w}/config.json", "--batch-size", "0"], "--batch-size"),
     ("batch-negative", ["estimate", "{w}/config.json", "--batch-size", "-3"], "--batch-size"),
@@ -125,6 +145,7 @@ CASES = [
      "nothing fits"),
     # plan train: the recipe
     ("recipe-missing", ["train", "{w}/no-such-recipe.yaml"], "no such recipe"),
+    ("recipe-yaml-aliases", ["train", "{w}/bomb.yaml"], "aliases"),
     ("recipe-not-yaml", ["train", "@recipe:not-yaml"], "not valid YAML"),
     ("recipe-a-list", ["train", "@recipe:a-list"], "mapping"),
     ("recipe-unknown-key", ["train", "@recipe:unknown-key"], "learning_rat"),
