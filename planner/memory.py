@@ -145,7 +145,8 @@ def optimizer_step_temp_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> 
     torch's foreach AdamW (the CUDA default) computes `exp_avg_sq.sqrt()` for the whole parameter
     group at once (`torch._foreach_sqrt` in torch/optim/adam.py `_multi_tensor_adam`): one extra
     copy of every trainable parameter. The fused kernel and bitsandbytes (AdamW8bit, Lion) update
-    in place (Lion on CPU measured: no live bytes above the step's start). transformers' Adafactor loops over tensors and upcasts: about three fp32 copies of the largest tensor.
+    in place (Lion on CPU measured: no live bytes above the step's start). transformers' Adafactor
+    loops over tensors and upcasts: about three fp32 copies of the largest tensor.
     """
     if st.optimizer == "adamw":
         return _param_dtype_bytes(st) * trainable_params(spec, pc, st)

@@ -47,13 +47,16 @@ def render(console, name: str, arch: str, rows: list[tuple[Settings, Estimate]],
     console.print(head)
 
     t = Table(title=f"Training memory per GPU: batch {st0.batch_size} x {st0.seq_len} tokens, {st0.optimizer}"
-              + (f", LoRA r={st0.lora_rank}" if st0.lora else "") + (f", {st0.quant} base" if st0.quant != "none" else "")
+              + (f", LoRA r={st0.lora_rank}" if st0.lora else "")
+              + (f", {st0.quant} base" if st0.quant != "none" else "")
               + (", grad checkpointing" if st0.grad_checkpointing else "")
               + (f"; {st0.strategy}" + (f" (FSDP{st0.fsdp_version})" if st0.strategy.startswith("fsdp") else "")
                  + (f", offload {st0.offload}" if st0.offload != "none" else "")
-                 + f" over {st0.nodes} node(s) x {st0.gpus} GPU(s)" if st0.gpus * st0.nodes > 1 or st0.strategy != "ddp" else ""),
+                 + f" over {st0.nodes} node(s) x {st0.gpus} GPU(s)"
+                 if st0.gpus * st0.nodes > 1 or st0.strategy != "ddp" else ""),
               title_justify="left")
-    for col in ("precision", "weights", "gradients", "optimizer", "activations", "logits", "peak (allocated)", "device (NVML)"):
+    for col in ("precision", "weights", "gradients", "optimizer", "activations", "logits", "peak (allocated)",
+                "device (NVML)"):
         t.add_column(col, justify="right" if col != "precision" else "left")
     for i, (st, est) in enumerate(rows):
         c = est.components
@@ -74,7 +77,8 @@ def render(console, name: str, arch: str, rows: list[tuple[Settings, Estimate]],
         p.add_row(ph.replace("_", " "), *vals, gib(est0.phases[ph]), style="bold" if ph == peak_phase else None)
     console.print(p)
     if est0.cpu_bytes or est0.nvme_bytes:
-        console.print(f"host RAM per node: {gib(est0.cpu_bytes)}" + (f"; NVMe per node: {gib(est0.nvme_bytes)}" if est0.nvme_bytes else ""))
+        console.print(f"host RAM per node: {gib(est0.cpu_bytes)}"
+                      + (f"; NVMe per node: {gib(est0.nvme_bytes)}" if est0.nvme_bytes else ""))
     for n in est0.notes:
         console.print(f"note: {n}")
     console.print("peak = live tensors and cuBLAS workspace (torch.cuda.max_memory_allocated); device adds the "
@@ -96,7 +100,8 @@ def render_strategies(console, name: str, arch: str, rows: list, skipped: list) 
     t = Table(title=f"GiB per GPU and per node: {name} ({arch}), {est0.params / 1e9:,.2f}B params, "
                     f"{st0.nodes} node(s) x {st0.gpus} GPU(s), "
                     f"{st0.precision}, {st0.batch_size} x {st0.seq_len} tokens per GPU, {st0.optimizer}"
-                    + (f", LoRA r={st0.lora_rank}" if st0.lora else "") + (", checkpointing" if st0.grad_checkpointing else ""),
+                    + (f", LoRA r={st0.lora_rank}" if st0.lora else "")
+                    + (", checkpointing" if st0.grad_checkpointing else ""),
               title_justify="left")
     for c in ("strategy", "offload", "states", "activ.", "buffers", "device", "host/node", "NVMe/node", "fits (GiB)"):
         t.add_column(c, justify="left" if c in ("strategy", "offload", "fits (GiB)") else "right", no_wrap=True)
@@ -115,8 +120,8 @@ def render_strategies(console, name: str, arch: str, rows: list, skipped: list) 
     console.print(t)
     console.print(f"Per GPU at each strategy's peak phase ({world} GPUs in all): states = weights, gradients and "
                   f"optimizer state; buffers = gathered units, reduce-scatter and DDP buckets, optimizer temporaries; "
-                  f"device adds CUDA context and allocator reserve. fits: which of {', '.join(map(str, FIT_SIZES))} GiB "
-                  f"GPUs hold it. Bold: the least GPU memory.", style="dim")
+                  f"device adds CUDA context and allocator reserve. fits: which of "
+                  f"{', '.join(map(str, FIT_SIZES))} GiB GPUs hold it. Bold: the least GPU memory.", style="dim")
     for line in skipped:
         console.print(f"not offered: {line}", style="dim")
 
@@ -152,7 +157,8 @@ def render_plans(console, name: str, req, plans: list, n_fit: int) -> None:
 
     g = req.gpu
     t = Table(title=f"Plans for {name} on {req.nodes} node(s) x {req.gpus} {g.name} "
-                    f"({g.memory_bytes / 2**30:,.1f} GiB, {req.budget / 2**30:,.1f} GiB usable at margin {req.margin:g}), "
+                    f"({g.memory_bytes / 2**30:,.1f} GiB, {req.budget / 2**30:,.1f} GiB usable "
+                    f"at margin {req.margin:g}), "
                     f"{req.seq_len} tokens per sequence"
                     + (f", global batch {req.global_batch}" if req.global_batch else ""), title_justify="left")
     for c in ("#", "method", "strategy", "offload", "micro x accum", "ckpt", "GiB/GPU", "host GiB", "tokens/s",
@@ -164,7 +170,8 @@ def render_plans(console, name: str, req, plans: list, n_fit: int) -> None:
         t.add_row(str(i), method, st.strategy, st.offload, f"{st.batch_size} x {p.accumulation}",
                   "yes" if st.grad_checkpointing else "no", f"{p.estimate.device_bytes / 2**30:,.1f}",
                   f"{p.estimate.cpu_bytes / 2**30:,.0f}" if p.estimate.cpu_bytes else "-",
-                  f"{p.tokens_per_s:,.0f}", _duration(p.time.total), _duration(p.epoch_s), style="bold" if i == 1 else None)
+                  f"{p.tokens_per_s:,.0f}", _duration(p.time.total), _duration(p.epoch_s),
+                  style="bold" if i == 1 else None)
     console.print(t)
     for i, p in enumerate(plans, 1):
         console.print(f"[bold]{i}.[/] " + "; ".join(p.notes))
@@ -178,7 +185,8 @@ def render_plans(console, name: str, req, plans: list, n_fit: int) -> None:
 def render_gpus(console, cat: list, found: list, note: str) -> None:
     from rich.table import Table
 
-    t = Table(title="GPU catalog (tables/gpus.csv): dense tensor TFLOPs, memory as NVML reports it", title_justify="left")
+    t = Table(title="GPU catalog (tables/gpus.csv): dense tensor TFLOPs, memory as NVML reports it",
+              title_justify="left")
     for c in ("name", "memory GiB", "bf16", "fp16", "fp8", "HBM GB/s", "interconnect", "GPU link GB/s", "PCIe GB/s"):
         t.add_column(c, justify="left" if c in ("name", "interconnect") else "right", no_wrap=c != "interconnect")
     for g in cat:

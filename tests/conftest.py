@@ -28,7 +28,8 @@ def tiny(tmp_path_factory, tok):
     from transformers import LlamaConfig, LlamaForCausalLM
     d = tmp_path_factory.mktemp("tiny")
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(d / "model")

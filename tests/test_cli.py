@@ -137,7 +137,8 @@ def test_simulated_estimate_is_corrected_to_cuda_kernels():
     sim = simulated_estimate(cfg, st)
     cpu = measure(cfg, st, fake=True)
     spec = ModelSpec.from_config(measured_config(cfg))  # the simulator runs without attention dropout
-    delta = estimate(spec, st).phases["forward"] - estimate(spec, Settings(**{**st.__dict__, "kernels": "cpu"})).phases["forward"]
+    delta = (estimate(spec, st).phases["forward"]
+             - estimate(spec, Settings(**{**st.__dict__, "kernels": "cpu"})).phases["forward"])
     assert delta != 0
     assert sim.phases["forward"] == cpu.phases["forward"] + delta
     assert any("CUDA kernels" in n for n in sim.notes)

@@ -22,7 +22,8 @@ def test_deepspeed_tables_match_deepspeed(model_id):
     for gpus, nodes in SETUPS:
         for row in deepspeed_table(spec, pc, gpus, nodes):
             if row["stage"] == "zero2":
-                want = estimate_zero2_model_states_mem_needs(pc.total, gpus, nodes, cpu_offload=row["offload_optimizer"])
+                want = estimate_zero2_model_states_mem_needs(pc.total, gpus, nodes,
+                                                             cpu_offload=row["offload_optimizer"])
             else:
                 want = estimate_zero3_model_states_mem_needs(
                     pc.total, largest, gpus, nodes, cpu_offload=row["offload_optimizer"],

@@ -210,7 +210,8 @@ EMIT = [
     ("fsdpoff", ["--strategy", "fsdp", "--gpus", "8", "--offload", "all"]),
     ("z1", ["--strategy", "zero1", "--gpus", "4"]),
     ("z2off", ["--strategy", "zero2", "--gpus", "4", "--offload", "optimizer", "--grad-accum", "8"]),
-    ("z3", ["--strategy", "zero3", "--gpus", "8", "--nodes", "2", "--main-process-ip", "10.0.0.1", "--batch-size", "2"]),
+    ("z3", ["--strategy", "zero3", "--gpus", "8", "--nodes", "2", "--main-process-ip", "10.0.0.1",
+            "--batch-size", "2"]),
     ("z3all", ["--strategy", "zero3", "--gpus", "8", "--offload", "all"]),
     ("z3nvme", ["--strategy", "zero3", "--gpus", "8", "--offload", "nvme"]),
     ("qlora", ["--lora-rank", "16", "--quant", "nf4", "--grad-checkpointing"]),
@@ -233,7 +234,8 @@ def test_emitted_configs_parse_with_the_launchers_own_loaders(tmp_path, monkeypa
     assert recipe.plan.expected.device_bytes > recipe.plan.expected.peak_bytes > 0
     assert recipe.datasets[0].path == "train.jsonl"
     st = recipe.plan.strategy
-    expected_type = {"ddp": "MULTI_GPU" if world > 1 else "NO"}.get(st, "FSDP" if st.startswith("fsdp") else "DEEPSPEED")
+    expected_type = {"ddp": "MULTI_GPU" if world > 1 else "NO"}.get(
+        st, "FSDP" if st.startswith("fsdp") else "DEEPSPEED")
     assert cfg.distributed_type.value == expected_type
     if st.startswith("fsdp"):
         assert cfg.fsdp_config["fsdp_version"] == 2

@@ -62,10 +62,11 @@ def test_unusable_files_get_one_line(tmp_path, content, message):
 def test_alpaca_trains_on_the_response_only(tok):
     ex = D.tokenize([{"instruction": "Add 2 and 3.", "output": "5"}], tok, "alpaca", 128, "d")
     ids, labels = ex.input_ids[0], ex.labels[0]
-    trained = [i for i, lab in zip(ids, labels) if lab != D.IGNORE]
+    trained = [i for i, lab in zip(ids, labels, strict=True) if lab != D.IGNORE]
     assert tok.decode(trained) == "5" + tok.eos_token
     assert tok.decode(ids).startswith("Below is an instruction")
-    on_inputs = D.tokenize([{"instruction": "Add 2 and 3.", "output": "5"}], tok, "alpaca", 128, "d", train_on_inputs=True)
+    on_inputs = D.tokenize([{"instruction": "Add 2 and 3.", "output": "5"}], tok, "alpaca", 128, "d",
+                           train_on_inputs=True)
     assert on_inputs.labels[0] == on_inputs.input_ids[0]
 
 
@@ -75,7 +76,7 @@ def test_chat_trains_on_assistant_turns_without_their_header(tok):
     ex = D.tokenize([{"messages": msgs}], tok, "chat", 512, "d")
     ids, labels = ex.input_ids[0], ex.labels[0]
     assert tok.decode(ids) == tok.apply_chat_template(msgs, tokenize=False)
-    trained = tok.decode([i for i, lab in zip(ids, labels) if lab != D.IGNORE])
+    trained = tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != D.IGNORE])
     assert '{"name": "parse"}' in trained and "parse<|im_end|>" in trained
     assert "Name it." not in trained and "assistant" not in trained
 
