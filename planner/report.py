@@ -28,61 +28,139 @@ def gib(n: float) -> str:
     return f"{int(n)} B"
 
 
-def render(console, name: str, arch: str, rows: list[tuple[Settings, Estimate]], chosen: int) -> None:
-    from rich.table import Table
+def num(n: float, places: int = 2) -> str:
+    """Bytes as GiB, the unit in the column's header: `29.92`."""
+    return f"{n / 2**30:,.{places}f}"
 
+
+def _measure(console, table) -> int:
+    """The width `table` needs with nothing wrapped."""
+    from rich.measure import Measurement
+    return Measurement.get(console, console.options.update_width(100_000), table).maximum
+
+
+def _grid(cols: list, rows: list, styles: list, no_wrap: bool = True):
+    from rich.table import Table
+    t = Table()
+    for head, justify, *wrap in cols:
+        t.add_column(head, justify=justify, no_wrap=no_wrap and not wrap, overflow="fold")
+    for row, style in zip(rows, styles, strict=True):
+        t.add_row(*row, style=style)
+    return t
+
+
+def show(console, title: str, cols: list, rows: list, styles: list | None = None, key: int = 1) -> None:
+    """`title`, then the table: `cols` are (header, justify), `rows` lists of cells (rich markup),
+    the first `key` columns name a row; a column (header, justify, True) may wrap at its spaces.
+    At its natural width when the console is that wide;
+    else transposed (a column per row) when that fits; else split into tables of the columns that
+    fit, each repeating the key columns; else one block per row. Nothing is cut: a number, a
+    header or a title is never shortened to `…`."""
+    from rich.table import Table
+    from rich.text import Text
+    styles = list(styles or [None] * len(rows))
+    width = console.width
+    if title:
+        console.print(Text(title, style="italic"), overflow="fold")
+    natural = _grid(cols, rows, styles)
+    if _measure(console, natural) <= width:
+        console.print(natural)
+        return
+    if any(wrap for _, _, *wrap in cols):
+        from rich.measure import Measurement
+        if Measurement.get(console, console.options.update_width(100_000), natural).minimum <= width:
+            console.print(natural)
+            return
+    # transposed: a column for each row, named by its key cells
+    tcols = [(" ".join(h for h, *_ in cols[:key]).replace("\n", " "), "left")] + [
+        (" ".join(r[:key]), "right") for r in rows]
+    trows = [[head.replace("\n", " ")] + [r[j] for r in rows] for j, (head, *_) in enumerate(cols) if j >= key]
+    transposed = _grid(tcols, trows, [None] * len(trows))
+    for i, style in enumerate(styles):
+        if style:
+            transposed.columns[i + 1].header_style = style
+            transposed.columns[i + 1].style = style
+    if _measure(console, transposed) <= width:
+        console.print(transposed)
+        return
+    # split: the key columns, then as many of the others as fit, table after table
+    chunks, current = [], []
+    for j in range(key, len(cols)):
+        trial = current + [j]
+        part = _grid([cols[i] for i in list(range(key)) + trial], [r[:key] + [r[i] for i in trial] for r in rows],
+                     styles)
+        if current and _measure(console, part) > width:
+            chunks.append(current)
+            trial = [j]
+        current = trial
+    chunks.append(current)
+    parts = [_grid([cols[i] for i in list(range(key)) + c], [r[:key] + [r[i] for i in c] for r in rows], styles)
+             for c in chunks]
+    if all(_measure(console, part) <= width for part in parts):
+        for part in parts:
+            console.print(part)
+        return
+    # one block per row: each header beside its value, values folded if they must be
+    for row, style in zip(rows, styles, strict=True):
+        block = Table(box=None, show_header=False, padding=(0, 1))
+        block.add_column(no_wrap=False, overflow="fold", style="bold")
+        block.add_column(no_wrap=False, overflow="fold")
+        for (head, *_), cell in zip(cols, row, strict=True):
+            block.add_row(head.replace("\n", " "), cell, style=style)
+        console.print(block)
+        console.print()
+
+
+def render(console, name: str, arch: str, rows: list[tuple[Settings, Estimate]], chosen: int) -> None:
     st0, est0 = rows[chosen]
     pc = est0.param_counts
-    head = Table(title=f"{name} ({arch}): {est0.params:,} parameters, {est0.trainable_params:,} trainable",
-                 title_justify="left", show_header=True)
-    for col in ("part", "parameters"):
-        head.add_column(col, justify="right" if col != "part" else "left")
+    counts = []
     for k, v in (pc.as_dict() if pc else {"total": est0.params}).items():
         if k in ("tied_embeddings",):
-            head.add_row("tied embeddings", "yes" if v else "no")
+            counts.append(["tied embeddings", "yes" if v else "no"])
         elif k == "buffers_bytes":
-            head.add_row("buffers", gib(v))
+            counts.append(["buffers", gib(v)])
         else:
-            head.add_row(k.replace("_", " "), f"{v:,}")
-    console.print(head)
+            counts.append([k.replace("_", " "), f"{v:,}"])
+    show(console, f"{name} ({arch}): {est0.params:,} parameters, {est0.trainable_params:,} trainable",
+         [("part", "left"), ("parameters", "right")], counts)
 
-    t = Table(title=f"Training memory per GPU: batch {st0.batch_size} x {st0.seq_len} tokens, {st0.optimizer}"
-              + (f", LoRA r={st0.lora_rank}" if st0.lora else "")
-              + (f", {st0.quant} base" if st0.quant != "none" else "")
-              + (", grad checkpointing" if st0.grad_checkpointing else "")
-              + (f"; {st0.strategy}" + (f" (FSDP{st0.fsdp_version})" if st0.strategy.startswith("fsdp") else "")
-                 + (f", offload {st0.offload}" if st0.offload != "none" else "")
-                 + f" over {st0.nodes} node(s) x {st0.gpus} GPU(s)"
-                 if st0.gpus * st0.nodes > 1 or st0.strategy != "ddp" else ""),
-              title_justify="left")
-    for col in ("precision", "weights", "gradients", "optimizer", "activations", "logits", "peak (allocated)",
-                "device (NVML)"):
-        t.add_column(col, justify="right" if col != "precision" else "left")
-    for i, (st, est) in enumerate(rows):
+    title = (f"Training memory per GPU, GiB: batch {st0.batch_size} x {st0.seq_len} tokens, {st0.optimizer}"
+             + (f", LoRA r={st0.lora_rank}" if st0.lora else "")
+             + (f", {st0.quant} base" if st0.quant != "none" else "")
+             + (", grad checkpointing" if st0.grad_checkpointing else "")
+             + (f"; {st0.strategy}" + (f" (FSDP{st0.fsdp_version})" if st0.strategy.startswith("fsdp") else "")
+                + (f", offload {st0.offload}" if st0.offload != "none" else "")
+                + f" over {st0.nodes} node(s) x {st0.gpus} GPU(s)"
+                if st0.gpus * st0.nodes > 1 or st0.strategy != "ddp" else ""))
+    cols = [("precision", "left")] + [(c, "right") for c in (
+        "weights\nGiB", "gradients\nGiB", "optimizer\nGiB", "activations\nGiB", "logits\nGiB", "other\nGiB",
+        "peak GiB\n(allocated)", "device GiB\n(NVML)")]
+    table = []
+    for st, est in rows:
         c = est.components
-        style = "bold" if i == chosen and len(rows) > 1 else None
-        t.add_row(st.precision, gib(c["weights"]), gib(c["gradients"]), gib(c["optimizer"]), gib(c["activations"]),
-                  gib(c["logits"]), gib(est.peak_bytes), gib(est.device_bytes), style=style)
-    console.print(t)
+        table.append([st.precision, num(c["weights"]), num(c["gradients"]), num(c["optimizer"]),
+                      num(c["activations"]), num(c["logits"]), num(c["other"]), num(est.peak_bytes),
+                      num(est.device_bytes)])
+    show(console, title, cols, table, ["bold" if i == chosen and len(rows) > 1 else None for i in range(len(rows))])
 
-    p = Table(title=f"{st0.precision}: peak of each phase, by component", title_justify="left")
     comps = ("weights", "gradients", "optimizer", "activations", "logits", "other")
-    p.add_column("phase")
-    for col in comps + ("total",):
-        p.add_column(col, justify="right")
     peak_phase = max(est0.phases, key=est0.phases.get)
+    table = []
     for ph in ("model", "forward", "backward", "optimizer_step"):
         pcomp = est0.phase_components[ph]
-        vals = [gib(pcomp.get(k, 0)) if pcomp.get(k, 0) else "-" for k in comps]
-        p.add_row(ph.replace("_", " "), *vals, gib(est0.phases[ph]), style="bold" if ph == peak_phase else None)
-    console.print(p)
+        table.append([ph.replace("_", " ")] + [num(pcomp.get(k, 0)) if pcomp.get(k, 0) else "-" for k in comps]
+                     + [num(est0.phases[ph])])
+    show(console, f"{st0.precision}: peak of each phase, by component, GiB",
+         [("phase", "left")] + [(c, "right") for c in comps + ("total",)], table,
+         ["bold" if ph == peak_phase else None for ph in ("model", "forward", "backward", "optimizer_step")])
     if est0.cpu_bytes or est0.nvme_bytes:
         console.print(f"host RAM per node: {gib(est0.cpu_bytes)}"
                       + (f"; NVMe per node: {gib(est0.nvme_bytes)}" if est0.nvme_bytes else ""))
     for n in est0.notes:
         console.print(f"note: {n}")
     console.print("peak = live tensors and cuBLAS workspace (torch.cuda.max_memory_allocated); device adds the "
-                  "CUDA context and allocator reserve (see README).", style="dim")
+                  "CUDA context and allocator reserve (see README); both GiB.", style="dim")
 
 
 # GPU memory sizes the comparison marks fit against (GiB as NVML reports total memory, rounded
@@ -93,31 +171,29 @@ FIT_SIZES = (24, 40, 80)
 def render_strategies(console, name: str, arch: str, rows: list, skipped: list) -> None:
     """Strategies side by side: per-GPU memory (model states, activations and logits, engine
     buffers), what each host and NVMe hold, and the common GPU sizes the device figure fits."""
-    from rich.table import Table
-
     st0, est0 = rows[0]
     world = st0.gpus * st0.nodes
-    t = Table(title=f"GiB per GPU and per node: {name} ({arch}), {est0.params / 1e9:,.2f}B params, "
-                    f"{st0.nodes} node(s) x {st0.gpus} GPU(s), "
-                    f"{st0.precision}, {st0.batch_size} x {st0.seq_len} tokens per GPU, {st0.optimizer}"
-                    + (f", LoRA r={st0.lora_rank}" if st0.lora else "")
-                    + (", checkpointing" if st0.grad_checkpointing else ""),
-              title_justify="left")
-    for c in ("strategy", "offload", "states", "activ.", "buffers", "device", "host/node", "NVMe/node", "fits (GiB)"):
-        t.add_column(c, justify="left" if c in ("strategy", "offload", "fits (GiB)") else "right", no_wrap=True)
+    title = (f"GiB per GPU and per node: {name} ({arch}), {est0.params / 1e9:,.2f}B params, "
+             f"{st0.nodes} node(s) x {st0.gpus} GPU(s), "
+             f"{st0.precision}, {st0.batch_size} x {st0.seq_len} tokens per GPU, {st0.optimizer}"
+             + (f", LoRA r={st0.lora_rank}" if st0.lora else "")
+             + (", checkpointing" if st0.grad_checkpointing else ""))
+    cols = [(c, "left" if c in ("strategy", "offload", "fits\n(GiB)") else "right")
+            for c in ("strategy", "offload", "states", "activ.", "buffers", "device", "host\n/node", "NVMe\n/node",
+                      "fits\n(GiB)")]
 
     def g(n: float) -> str:
         return f"{n / 2**30:,.1f}" if n else "-"
 
     best = min(est.device_bytes for _, est in rows)
+    table = []
     for st, est in rows:
         c = est.components
         fits = [str(size) for size in FIT_SIZES if est.device_bytes <= size * 2**30]
-        t.add_row(st.strategy, st.offload, g(c["weights"] + c["gradients"] + c["optimizer"]),
-                  g(c["activations"] + c["logits"]), g(c["other"]), g(est.device_bytes), g(est.cpu_bytes),
-                  g(est.nvme_bytes), f"[green]{' '.join(fits)}[/]" if fits else "[red]none[/]",
-                  style="bold" if est.device_bytes == best else None)
-    console.print(t)
+        table.append([st.strategy, st.offload, g(c["weights"] + c["gradients"] + c["optimizer"]),
+                      g(c["activations"] + c["logits"]), g(c["other"]), g(est.device_bytes), g(est.cpu_bytes),
+                      g(est.nvme_bytes), f"[green]{' '.join(fits)}[/]" if fits else "[red]none[/]"])
+    show(console, title, cols, table, ["bold" if est.device_bytes == best else None for _, est in rows], key=2)
     console.print(f"Per GPU at each strategy's peak phase ({world} GPUs in all): states = weights, gradients and "
                   f"optimizer state; buffers = gathered units, reduce-scatter and DDP buckets, optimizer temporaries; "
                   f"device adds CUDA context and allocator reserve. fits: which of "
@@ -153,26 +229,24 @@ def _duration(s: float) -> str:
 
 
 def render_plans(console, name: str, req, plans: list, n_fit: int) -> None:
-    from rich.table import Table
-
     g = req.gpu
-    t = Table(title=f"Plans for {name} on {req.nodes} node(s) x {req.gpus} {g.name} "
-                    f"({g.memory_bytes / 2**30:,.1f} GiB, {req.budget / 2**30:,.1f} GiB usable "
-                    f"at margin {req.margin:g}), "
-                    f"{req.seq_len} tokens per sequence"
-                    + (f", global batch {req.global_batch}" if req.global_batch else ""), title_justify="left")
-    for c in ("#", "method", "strategy", "offload", "micro x accum", "ckpt", "GiB/GPU", "host GiB", "tokens/s",
-              "step", "epoch"):
-        t.add_column(c, justify="left" if c in ("method", "strategy", "offload") else "right", no_wrap=True)
+    title = (f"Plans for {name} on {req.nodes} node(s) x {req.gpus} {g.name} "
+             f"({g.memory_bytes / 2**30:,.1f} GiB, {req.budget / 2**30:,.1f} GiB usable "
+             f"at margin {req.margin:g}), "
+             f"{req.seq_len} tokens per sequence"
+             + (f", global batch {req.global_batch}" if req.global_batch else ""))
+    cols = [(c, "left" if c in ("method", "strategy", "offload") else "right")
+            for c in ("#", "method", "strategy", "offload", "micro\nx accum", "ckpt", "GiB\n/GPU", "host\nGiB",
+                      "tokens/s", "step", "epoch")]
+    table = []
     for i, p in enumerate(plans, 1):
         st = p.settings
         method = p.method if p.method == "full" else f"{p.method} r{st.lora_rank}"
-        t.add_row(str(i), method, st.strategy, st.offload, f"{st.batch_size} x {p.accumulation}",
-                  "yes" if st.grad_checkpointing else "no", f"{p.estimate.device_bytes / 2**30:,.1f}",
-                  f"{p.estimate.cpu_bytes / 2**30:,.0f}" if p.estimate.cpu_bytes else "-",
-                  f"{p.tokens_per_s:,.0f}", _duration(p.time.total), _duration(p.epoch_s),
-                  style="bold" if i == 1 else None)
-    console.print(t)
+        table.append([str(i), method, st.strategy, st.offload, f"{st.batch_size} x {p.accumulation}",
+                      "yes" if st.grad_checkpointing else "no", f"{p.estimate.device_bytes / 2**30:,.1f}",
+                      f"{p.estimate.cpu_bytes / 2**30:,.0f}" if p.estimate.cpu_bytes else "-",
+                      f"{p.tokens_per_s:,.0f}", _duration(p.time.total), _duration(p.epoch_s)])
+    show(console, title, cols, table, ["bold" if i == 0 else None for i in range(len(plans))])
     for i, p in enumerate(plans, 1):
         console.print(f"[bold]{i}.[/] " + "; ".join(p.notes))
     console.print(f"{n_fit} plans fit. Speed is a model, not a measurement: {g.peak_tflops:,.0f} dense 16-bit TFLOPs "
@@ -183,28 +257,23 @@ def render_plans(console, name: str, req, plans: list, n_fit: int) -> None:
 
 
 def render_gpus(console, cat: list, found: list, note: str) -> None:
-    from rich.table import Table
-
-    t = Table(title="GPU catalog (tables/gpus.csv): dense tensor TFLOPs, memory as NVML reports it",
-              title_justify="left")
-    for c in ("name", "memory GiB", "bf16", "fp16", "fp8", "HBM GB/s", "interconnect", "GPU link GB/s", "PCIe GB/s"):
-        t.add_column(c, justify="left" if c in ("name", "interconnect") else "right", no_wrap=c != "interconnect")
-    for g in cat:
-        t.add_row(g.name, f"{g.memory_bytes / 2**30:,.1f}", f"{g.bf16_tflops:,.0f}" if g.bf16_tflops else "-",
-                  f"{g.fp16_tflops:,.0f}", f"{g.fp8_tflops:,.0f}" if g.fp8_tflops else "-", f"{g.mem_bw_gbs:,.0f}",
-                  g.interconnect, f"{g.nvlink_gbs:,.0f}" if g.nvlink_gbs else "-", f"{g.pcie_gbs:,.0f}")
-    console.print(t)
+    cols = [(c, "left" if c in ("name", "interconnect") else "right")
+            for c in ("name", "memory\nGiB", "bf16", "fp16", "fp8", "HBM\nGB/s", "GPU link\nGB/s", "PCIe\nGB/s",
+                      "interconnect")]
+    table = [[g.name, f"{g.memory_bytes / 2**30:,.1f}", f"{g.bf16_tflops:,.0f}" if g.bf16_tflops else "-",
+              f"{g.fp16_tflops:,.0f}", f"{g.fp8_tflops:,.0f}" if g.fp8_tflops else "-", f"{g.mem_bw_gbs:,.0f}",
+              f"{g.nvlink_gbs:,.0f}" if g.nvlink_gbs else "-", f"{g.pcie_gbs:,.0f}", g.interconnect] for g in cat]
+    show(console, "GPU catalog (tables/gpus.csv): dense tensor TFLOPs, memory as NVML reports it", cols, table)
     if found:
-        lt = Table(title="GPUs on this machine (NVML)", title_justify="left")
-        for c in ("index", "name", "memory GiB", "catalog entry"):
-            lt.add_column(c)
+        local = []
         from .gpus import GPUError, lookup
         for d in found:
             try:
                 entry = lookup(d["name"]).name
             except GPUError:
                 entry = "not in the catalog: memory only"
-            lt.add_row(str(d["index"]), d["name"], f"{d['memory_bytes'] / 2**30:,.1f}", entry)
-        console.print(lt)
+            local.append([str(d["index"]), d["name"], f"{d['memory_bytes'] / 2**30:,.1f}", entry])
+        show(console, "GPUs on this machine (NVML)",
+             [("index", "right"), ("name", "left"), ("memory GiB", "right"), ("catalog entry", "left")], local)
     else:
         console.print(f"This machine: {note}. Name a GPU with --gpu instead of auto.")

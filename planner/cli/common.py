@@ -119,8 +119,10 @@ def loadable(model: str, res: Resolved) -> tuple[str, Optional[str]]:
 
 
 def console(width: int = 0):
-    """A rich Console; piped or logged, at least `width` columns (the whole table, not one
-    squeezed to 80)."""
+    """A rich Console: a terminal's width, or COLUMNS where set; piped or logged without COLUMNS,
+    at least `width` columns (the wide layout of the tables, not the narrow one of 80)."""
+    import os
+
     from rich.console import Console
     c = Console()
-    return c if c.is_terminal or c.width >= width else Console(width=width)
+    return c if c.is_terminal or os.environ.get("COLUMNS") or c.width >= width else Console(width=width)

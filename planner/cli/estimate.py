@@ -12,10 +12,10 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..compat import accelerate_table, deepspeed_table, ds_largest_module_params
-from ..contract import Choice, Dtype, PlanError, Precision, Settings, check_options
+from ..contract import DTYPE_TO_RECIPE, QUANT_PRECISIONS, Choice, Dtype, PlanError, Precision, Settings, check_options
 from ..distributed import strategy_choices
 from ..estimate import estimate
-from ..report import gib, render, render_strategies, to_json
+from ..report import gib, render, render_strategies, show, to_json
 from ..resolve import Resolved
 from ..spec import ModelSpec, count_params
 from .common import buildable, console, default_seq, fail, model_spec, no_formula, source_note
@@ -42,6 +42,8 @@ from .options import (
     SimSeconds,
     StrategyOrAll,
     StrategyOrAllOpt,
+    given,
+    plain,
     to_settings,
 )
 
@@ -92,6 +94,10 @@ def run(options: Mapping[str, Any], exact: bool) -> None:
     if options["strategy"] == StrategyOrAll.ALL:
         return compare_strategies(res, spec, options)
     runs = _estimates(spec, _settings(res, spec, options))
+    if _skipped(options):
+        quant = plain(options["quant"])
+        typer.echo(f"note: --quant {quant}: skipping {', '.join(DTYPE_TO_RECIPE[d.value] for d in _skipped(options))}, "
+                   f"which a bitsandbytes {quant} base cannot compute in", err=True)
     method = "analytic"
     if exact or spec is None:
         runs, method = _measured(res, runs, options), "simulated"
@@ -105,7 +111,15 @@ def _settings(res: Resolved, spec: Optional[ModelSpec], options: Mapping[str, An
     seq = default_seq(res, spec, options["seq_len"])
     if options["precision"] is not None or options["dtype"] is not None:
         return [to_settings(options, seq_len=seq)]
-    return [to_settings({**options, "dtype": d}, seq_len=seq) for d in Dtype]
+    return [to_settings({**options, "dtype": d}, seq_len=seq) for d in Dtype if d not in _skipped(options)]
+
+
+def _skipped(options: Mapping[str, Any]) -> list[Dtype]:
+    """The dtypes a sweep (no --dtype, no --precision) leaves out: those a bitsandbytes base
+    (--quant) cannot compute in."""
+    if plain(options.get("quant")) in (None, "none") or given(options, ("precision", "dtype")):
+        return []
+    return [d for d in Dtype if DTYPE_TO_RECIPE[d.value] not in QUANT_PRECISIONS]
 
 
 def _estimates(spec: Optional[ModelSpec], settings: list[Settings]) -> list[tuple]:
@@ -160,7 +174,7 @@ def _print(res: Resolved, runs: list[tuple], method: str, one: bool, as_json: bo
         typer.echo(json.dumps(objs[0] if one else objs, indent=2))
         return
     chosen = next((i for i, (st, _) in enumerate(runs) if st.precision == "bf16-amp"), 0)
-    render(console(), res.name, arch, runs, chosen)
+    render(console(120), res.name, arch, runs, chosen)
 
 
 # ---------------------------------------------------------------- --strategy all
@@ -202,13 +216,9 @@ def compat_accelerate(model: str, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    from rich.table import Table
-    t = Table(title=f"Memory Usage for loading `{res.name}` (accelerate estimate-memory)", title_justify="left")
-    for col in ("dtype", "Largest Layer", "Total Size", "Training using Adam"):
-        t.add_column(col)
-    for r in rows:
-        t.add_row(r["dtype"], r["largest_layer_str"], r["total_size_str"], r["training_str"])
-    console().print(t)
+    show(console(), f"Memory Usage for loading `{res.name}` (accelerate estimate-memory)",
+         [(col, "left") for col in ("dtype", "Largest Layer", "Total Size", "Training using Adam")],
+         [[r["dtype"], r["largest_layer_str"], r["total_size_str"], r["training_str"]] for r in rows])
 
 
 def compat_deepspeed(options: Mapping[str, Any]) -> None:
@@ -231,19 +241,16 @@ def compat_deepspeed(options: Mapping[str, Any]) -> None:
         title = (f"DeepSpeed {stage.upper()} model states (estimate_{stage}_model_states_mem_needs_all_cold): "
                  f"{st.nodes} node(s) x {st.gpus} GPU(s), {pc.total / 1e6:,.0f}M params"
                  + (f", {largest / 1e6:,.0f}M largest layer" if stage == "zero3" else ""))
-        out.print(_deepspeed_table(title, [r for r in rows if r["stage"] == stage]))
+        _deepspeed_table(out, title, [r for r in rows if r["stage"] == stage])
     out.print("model states only (no activations, no buffers), as DeepSpeed's estimator counts them; "
               "DeepSpeed prints GiB labelled GB", style="dim")
 
 
-def _deepspeed_table(title: str, rows: list[dict]):
-    from rich.table import Table
-    t = Table(title=title, title_justify="left")
-    for col in ("per CPU", "per GPU", "options"):
-        t.add_column(col, justify="right" if col != "options" else "left")
+def _deepspeed_table(out, title: str, rows: list[dict]) -> None:
+    table = []
     for r in rows:
         opts = f"offload_optimizer={'cpu' if r['offload_optimizer'] else 'none'}"
         if r["stage"] == "zero3":
             opts = f"offload_param={'cpu' if r['offload_param'] else 'none'}, {opts}, zero_init={int(r['zero_init'])}"
-        t.add_row(gib(r["cpu_bytes"]), gib(r["gpu_bytes"]), opts)
-    return t
+        table.append([gib(r["cpu_bytes"]), gib(r["gpu_bytes"]), opts])
+    show(out, title, [("per CPU", "right"), ("per GPU", "right"), ("options", "left", True)], table, key=0)

@@ -1,0 +1,135 @@
+"""The human output reads at a glance in any terminal: at 80 and at 120 columns no table cuts a
+number, a header or a title to `…`, no line runs past the width, and every figure the command's
+JSON gives appears in the text, as the table prints it. The real CLI, in-process."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+
+from planner import cli
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
+GIB = 2**30
+
+
+def plan(monkeypatch, capsys, *args: str, columns: int = 80) -> tuple[int, str, str]:
+    """`plan ARGS` in this process at COLUMNS=`columns`: (status, stdout, stderr)."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for var in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(sys, "argv", ["plan", *args])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    out, err = capsys.readouterr()
+    return e.value.code or 0, ANSI.sub("", out), err
+
+
+def g2(n: float) -> str:
+    return f"{n / GIB:,.2f}"
+
+
+def g1(n: float) -> str:
+    return f"{n / GIB:,.1f}"
+
+
+def estimate_figures(objs: list[dict]) -> list[str]:
+    figures = []
+    for o in objs:
+        c = o["components"]
+        figures += [o["precision"], f"{o['params']:,}", f"{o['trainable_params']:,}"]
+        figures += [g2(c[k]) for k in ("weights", "gradients", "optimizer", "activations", "logits", "other")]
+        figures += [g2(o["peak_bytes"]), g2(o["device_bytes"])]
+        if o["precision"] == "bf16-amp":  # the breakdown by phase is bf16-amp's
+            figures += [g2(v) for v in o["phases"].values()]
+    return figures
+
+
+def strategy_figures(objs: list[dict]) -> list[str]:
+    figures = []
+    for o in objs:
+        c = o["components"]
+        figures += [o["strategy"], o["offload"], g1(c["weights"] + c["gradients"] + c["optimizer"])]
+        figures += [g1(n) for n in (c["activations"] + c["logits"], c["other"], o["device_bytes"], o["cpu_bytes"],
+                                    o["nvme_bytes"]) if n]
+    return figures
+
+
+def recommend_figures(obj: dict) -> list[str]:
+    figures = [obj["gpu"]]
+    for p in obj["plans"]:
+        figures += [p["strategy"], p["offload"], f"{p['micro_batch']} x {p['gradient_accumulation']}",
+                    g1(p["device_bytes"]), f"{p['tokens_per_s']:,.0f}"]
+        figures += [f"{p['cpu_bytes'] / GIB:,.0f}"] if p["cpu_bytes"] else []
+    return figures
+
+
+def gpus_figures(obj: dict) -> list[str]:
+    figures = []
+    for g in obj["catalog"]:
+        figures += [g["name"], g["interconnect"], f"{g['memory_bytes'] / GIB:,.1f}", f"{g['fp16_tflops']:,.0f}",
+                    f"{g['mem_bw_gbs']:,.0f}", f"{g['pcie_gbs']:,.0f}"]
+        figures += [f"{g[k]:,.0f}" for k in ("bf16_tflops", "fp8_tflops", "nvlink_gbs") if g[k]]
+    return figures
+
+
+def accelerate_figures(rows: list[dict]) -> list[str]:
+    return [r[k] for r in rows for k in ("dtype", "largest_layer_str", "total_size_str", "training_str")]
+
+
+def deepspeed_figures(rows: list[dict]) -> list[str]:
+    from planner.report import gib
+    return [gib(r[k]) for r in rows for k in ("cpu_bytes", "gpu_bytes")]
+
+
+L8 = "meta-llama/Meta-Llama-3-8B"
+CASES = {
+    "estimate": ([L8], estimate_figures),
+    "strategy-all": (["meta-llama/Llama-3.1-70B", "--gpus", "8", "--strategy", "all", "--grad-checkpointing"],
+                     strategy_figures),
+    "qlora-bf16": ([L8, "--lora-rank", "16", "--quant", "nf4", "--dtype", "bf16"],
+                   lambda o: estimate_figures([o])),
+    "qlora-readme": (["meta-llama/Llama-3.1-8B", "--lora-rank", "16", "--quant", "nf4"], estimate_figures),
+    "recommend": (["recommend", L8, "--gpu", "RTX-4090", "--global-batch", "64"], recommend_figures),
+    "gpus": (["gpus"], gpus_figures),
+    "accelerate": ([L8, "--compat", "accelerate"], accelerate_figures),
+    "deepspeed": ([L8, "--compat", "deepspeed", "--gpus", "8"], deepspeed_figures),
+}
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_figure_whole_within_the_width(monkeypatch, capsys, case, columns):
+    args, figures = CASES[case]
+    if args[0] not in ("recommend", "gpus"):
+        args = ["estimate", *args]
+    code, out, _ = plan(monkeypatch, capsys, *args, "--json", columns=columns)
+    assert code == 0
+    expected = figures(json.loads(out))
+    code, text, _ = plan(monkeypatch, capsys, *args, columns=columns)
+    assert code == 0
+    assert "…" not in text
+    long = [line for line in text.splitlines() if len(line) > columns]
+    assert not long, long
+    missing = [f for f in expected if f not in text]
+    assert not missing, f"{missing} not in\n{text}"
+
+
+def test_qlora_sweep_skips_the_precisions_nf4_cannot_use(monkeypatch, capsys):
+    code, out, err = plan(monkeypatch, capsys, "estimate", "meta-llama/Llama-3.1-8B", "--lora-rank", "16",
+                          "--quant", "nf4", "--json")
+    assert code == 0
+    assert [o["precision"] for o in json.loads(out)] == ["fp32", "fp16-amp", "bf16-amp"]
+    notes = [line for line in err.splitlines() if "skipping" in line]
+    assert len(notes) == 1 and "fp8-te" in notes[0]
+
+
+def test_wide_layout_at_120_narrow_at_80(monkeypatch, capsys):
+    _, wide, _ = plan(monkeypatch, capsys, "estimate", L8, columns=120)
+    _, narrow, _ = plan(monkeypatch, capsys, "estimate", L8, columns=80)
+    assert re.search(r"│ bf16-amp +│ +29\.92 │", wide)  # a row for each precision
+    assert re.search(r"│ weights GiB +│ +29\.92 │", narrow)  # a column for each precision
