@@ -133,3 +133,77 @@ def test_wide_layout_at_120_narrow_at_80(monkeypatch, capsys):
     _, narrow, _ = plan(monkeypatch, capsys, "estimate", L8, columns=80)
     assert re.search(r"│ bf16-amp +│ +29\.92 │", wide)  # a row for each precision
     assert re.search(r"│ weights GiB +│ +29\.92 │", narrow)  # a column for each precision
+
+
+# ---------------------------------------------------------------- CLI habits
+
+COMMANDS = ("estimate", "simulate", "recommend", "emit-config", "train", "gpus", "validate")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_h_is_help_on_every_command(monkeypatch, capsys, command):
+    code, short, _ = plan(monkeypatch, capsys, command, "-h", columns=120)
+    assert code == 0 and "Usage: plan " + command in short
+    _, long, _ = plan(monkeypatch, capsys, command, "--help", columns=120)
+    assert short == long
+
+
+def test_h_is_help_of_plan_itself(monkeypatch, capsys):
+    code, out, _ = plan(monkeypatch, capsys, "-h", columns=120)
+    assert code == 0 and "Usage: plan" in out and "--version" in out
+
+
+def test_version_prints_the_distribution_version(monkeypatch, capsys):
+    from importlib import metadata
+    code, out, _ = plan(monkeypatch, capsys, "--version")
+    assert code == 0
+    try:
+        expected = metadata.version("plan-memory")
+    except metadata.PackageNotFoundError:
+        expected = re.search(r'^version = "(.+)"', open("pyproject.toml").read(), re.M).group(1)
+    assert out.strip() == f"plan {expected}"
+
+
+def test_version_falls_back_to_pyproject(monkeypatch):
+    from importlib import metadata
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(metadata, "version", missing)
+    from pathlib import Path
+    text = (Path(cli.__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert cli.version() == re.search(r'^version = "(.+)"', text, re.M).group(1)
+
+
+def test_dtype_and_a_precision_of_another_dtype_is_one_line_status_2(monkeypatch, capsys):
+    code, out, err = plan(monkeypatch, capsys, "estimate", L8, "--dtype", "fp16", "--precision", "bf16-pure")
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2 and out == "" and len(lines) == 1
+    assert "--dtype fp16" in lines[0] and "--precision bf16-pure" in lines[0]
+
+
+def test_dtype_and_its_own_recipe_agree(monkeypatch, capsys):
+    code, out, _ = plan(monkeypatch, capsys, "estimate", L8, "--dtype", "bf16", "--precision", "bf16-pure", "--json")
+    assert code == 0 and json.loads(out)["precision"] == "bf16-pure"
+    code, out, _ = plan(monkeypatch, capsys, "estimate", L8, "--dtype", "fp16", "--precision", "fp16-amp", "--json")
+    assert code == 0 and json.loads(out)["precision"] == "fp16-amp"
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("estimate", ("--grad-checkpointing", "--exact", "--json")),
+    ("recommend", ("--json",)),
+    ("emit-config", ("--grad-checkpointing", "--from-recommendation", "--force")),
+    ("train", ("--strict",)),
+])
+def test_boolean_flags_read_as_flags_in_help(monkeypatch, capsys, command, flags):
+    _, out, _ = plan(monkeypatch, capsys, command, "--help", columns=200)
+    for flag in flags:
+        line = next(x for x in out.splitlines() if re.search(rf"{flag}\b", x))
+        assert "<bool>" not in line and "BOOLEAN" not in line, line
+
+
+def test_emit_config_refuses_a_dtype_and_another_dtypes_precision(monkeypatch, capsys, tmp_path):
+    code, _, err = plan(monkeypatch, capsys, "emit-config", L8, "--out", str(tmp_path / "out"), "--dtype", "bf16",
+                        "--precision", "fp16-amp")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--precision fp16-amp" in err
+    assert not (tmp_path / "out").exists()

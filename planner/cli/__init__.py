@@ -4,7 +4,7 @@ never a traceback: the commands' own checks (`common.fail`) and click's usage er
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -49,7 +49,34 @@ class OneLineErrors(TyperGroup):
 
 
 app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Training-memory planner: will it fit, and on what?")
+
+
+def version() -> str:
+    """The installed distribution's version, else pyproject.toml's (a checkout run in place)."""
+    from importlib import metadata
+    try:
+        return metadata.version("plan-memory")
+    except metadata.PackageNotFoundError:
+        import re
+        from pathlib import Path
+        text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+        found = re.search(r'^version\s*=\s*"([^"]+)"', text, re.M)
+        return found.group(1) if found else "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"plan {version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def root(show_version: Annotated[bool, typer.Option(
+        "--version", metavar="", is_eager=True, callback=_print_version, help="print the version and exit")] = False,
+         ) -> None:
+    """Training-memory planner: will it fit, and on what?"""
 app.command("estimate")(estimate.estimate_cmd)
 app.command("simulate")(estimate.simulate_cmd)
 app.command("recommend")(recommend.recommend_cmd)

@@ -39,6 +39,7 @@ from .options import (
     QuantOpt,
     SeqLen,
     StrategyOpt,
+    check_dtype,
     flag,
     given,
     plain,
@@ -50,7 +51,7 @@ EXPLICIT = ("dtype", "precision", "batch_size", "grad_accum", "lora_rank", "lora
 """The options of an explicit plan. Beside --gpu, recommend chooses these: one given would be dropped."""
 
 FromRecommendation = Annotated[bool, typer.Option(
-    "--from-recommendation", help="write the best plan of plan recommend (needs --gpu)")]
+    "--from-recommendation", metavar="", help="write the best plan of plan recommend (needs --gpu)")]
 GradAccum = Annotated[Optional[int], typer.Option("--grad-accum", help="gradient accumulation steps (default 1)")]
 MainProcessIp = Annotated[Optional[str], typer.Option(
     "--main-process-ip", help="multi-node: address of machine rank 0")]
@@ -70,6 +71,7 @@ def emit_config_cmd(ctx: typer.Context, model: Model, out: Out, gpu: Gpu = None,
                     machine_rank: MachineRank = 0, force: Force = False) -> None:
     """Write a plan as accelerate.yaml (+ deepspeed.json for ZeRO), recipe.yaml and PLAN.md."""
     from ..emit import write_files
+    check_dtype(ctx.params)
     res, spec = formula_spec(model, "plan emit-config")
     check_plan_source(ctx.params)
     try:

@@ -42,6 +42,7 @@ from .options import (
     SimSeconds,
     StrategyOrAll,
     StrategyOrAllOpt,
+    check_dtype,
     given,
     plain,
     to_settings,
@@ -55,7 +56,7 @@ class CompatTable(Choice):
 
 Compat = Annotated[Optional[CompatTable], typer.Option(
     "--compat", help="print accelerate's estimate-memory table, or DeepSpeed's ZeRO estimator tables")]
-Exact = Annotated[bool, typer.Option("--exact", help="measure with the simulator instead of the formulas")]
+Exact = Annotated[bool, typer.Option("--exact", metavar="", help="measure with the simulator instead of the formulas")]
 
 
 def estimate_cmd(ctx: typer.Context, model: Model, dtype: DtypeOpt = None, precision: PrecisionOpt = None,
@@ -67,6 +68,7 @@ def estimate_cmd(ctx: typer.Context, model: Model, dtype: DtypeOpt = None, preci
                  exact: Exact = False, sim_seconds: SimSeconds = 120.0, sim_memory: SimMemory = 8.0,
                  as_json: Json = False) -> None:
     """Training memory per GPU, per dtype, per component and per phase."""
+    check_dtype(ctx.params)
     if compat == CompatTable.DEEPSPEED:
         return compat_deepspeed(ctx.params)
     if compat == CompatTable.ACCELERATE:
@@ -84,6 +86,7 @@ def simulate_cmd(ctx: typer.Context, model: Model, dtype: DtypeOpt = None, preci
     """Run the real training step under fake tensors and report the measured peak.
 
     bf16-amp unless --dtype/--precision say otherwise; every estimate option applies."""
+    check_dtype(ctx.params)
     one = {"precision": Precision.BF16_AMP} if dtype is None and precision is None else {}
     run({**ctx.params, **one}, exact=True)
 

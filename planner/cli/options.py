@@ -31,6 +31,15 @@ from ..contract import (
 )
 from ..recommend import Request
 
+try:
+    from typer._click import exceptions as cx  # typer 0.2x carries its own click
+except ImportError:
+    from click import exceptions as cx
+
+# the precision recipes that compute in each --dtype: --precision must be one of them when both are given
+DTYPE_PRECISIONS = {"fp32": ("fp32",), "fp16": ("fp16-amp",), "bf16": ("bf16-amp", "bf16-pure"),
+                    "fp8": ("fp8-te", "msamp-o1", "msamp-o2", "msamp-o3")}
+
 _DEFAULT = {f.name: f.default for f in fields(Settings)}
 _SEARCH = {f.name: f.default for f in fields(Request)}
 
@@ -61,7 +70,8 @@ LoraTargets = Annotated[Optional[str], typer.Option(
     "--lora-targets", help=f"all-linear or comma-separated module names (default {_DEFAULT['lora_targets']})")]
 QuantOpt = Annotated[Optional[Quant], typer.Option(
     "--quant", help=f"frozen base of a LoRA run (default {_DEFAULT['quant']})")]
-GradCheckpointing = Annotated[Optional[bool], typer.Option("--grad-checkpointing", help="recompute activations")]
+GradCheckpointing = Annotated[Optional[bool], typer.Option(
+    "--grad-checkpointing", metavar="", help="recompute activations")]
 AttnOpt = Annotated[Optional[Attention], typer.Option(
     "--attn", help=f"attention kernel; flash counts as sdpa (default {_DEFAULT['attn']})")]
 Gpus = Annotated[Optional[int], typer.Option(
@@ -97,13 +107,13 @@ HostRam = Annotated[Optional[float], typer.Option(
 
 # ---------------------------------------------------------------- files and output
 
-Json = Annotated[bool, typer.Option("--json", help="print JSON (the contract) instead of tables")]
+Json = Annotated[bool, typer.Option("--json", metavar="", help="print JSON (the contract) instead of tables")]
 SimSeconds = Annotated[float, typer.Option(
     "--sim-seconds", help="the simulator's time budget for one step (architectures without a formula, --exact)")]
 SimMemory = Annotated[float, typer.Option("--sim-memory", help="the simulator's memory budget, GiB")]
 Out = Annotated[str, typer.Option(
     "--out", help="directory for the plan's files: accelerate.yaml (+ deepspeed.json for ZeRO), recipe.yaml, PLAN.md")]
-Force = Annotated[bool, typer.Option("--force", help="replace files that already exist in --out")]
+Force = Annotated[bool, typer.Option("--force", metavar="", help="replace files that already exist in --out")]
 Data = Annotated[Optional[str], typer.Option("--data", help="training data for the recipe (JSONL, JSON, CSV, Parquet)")]
 DataFormatOpt = Annotated[DataFormat, typer.Option("--data-format", help="how the data's records read")]
 
@@ -127,6 +137,15 @@ def to_settings(options: Mapping[str, Any], **overrides: Any) -> Settings:
     if "precision" not in kw and options.get("dtype") is not None:
         kw["precision"] = DTYPE_TO_RECIPE[plain(options["dtype"])]
     return Settings(**{**kw, **overrides})
+
+
+def check_dtype(options: Mapping[str, Any]) -> None:
+    """The command line's --dtype and --precision, both given, must agree: the recipe computes in
+    the dtype (`--dtype fp16 --precision bf16-pure` is refused, a usage error: one line, status 2)."""
+    dtype, precision = plain(options.get("dtype")), plain(options.get("precision"))
+    if dtype is not None and precision is not None and precision not in DTYPE_PRECISIONS[dtype]:
+        raise cx.UsageError(f"--dtype {dtype} computes in {dtype}, --precision {precision} does not: "
+                            f"give one of them, or a {dtype} recipe ({', '.join(DTYPE_PRECISIONS[dtype])})")
 
 
 def to_request(options: Mapping[str, Any], **overrides: Any) -> Request:

@@ -23,7 +23,8 @@ MaxSteps = Annotated[Optional[int], typer.Option(
     "--max-steps", help="with --auto: stop after this many optimizer steps")]
 NumProcesses = Annotated[Optional[int], typer.Option(
     "--num-processes", help="processes to launch (DDP, or the recipe's FSDP)")]
-Strict = Annotated[bool, typer.Option("--strict", help="exit 1 when the measured peak is outside --tolerance")]
+Strict = Annotated[bool, typer.Option(
+    "--strict", metavar="", help="exit 1 when the measured peak is outside --tolerance")]
 Tolerance = Annotated[float, typer.Option("--tolerance", help="percent, for --strict")]
 
 
