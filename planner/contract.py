@@ -8,6 +8,7 @@ values), so a Settings is what JSON and the recipe hold.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -229,9 +230,9 @@ def check_options(st: Settings) -> Settings:
             raise PlanError(f"{{{name}}} must be at least 1, got {getattr(st, name)}", name)
     if st.lora_rank < 0:
         raise PlanError(f"{{lora_rank}} must be 0 (full fine-tune) or positive, got {st.lora_rank}", "lora_rank")
-    if st.lora_alpha is not None and st.lora_alpha <= 0:
+    if st.lora_alpha is not None and not (0 < st.lora_alpha < math.inf):
         raise PlanError(f"{{lora_alpha}} must be positive, got {st.lora_alpha:g}", "lora_alpha")
-    if st.lora_dropout < 0 or st.lora_dropout >= 1:
+    if not 0 <= st.lora_dropout < 1:
         raise PlanError(f"{{lora_dropout}} must be in [0, 1), got {st.lora_dropout}", "lora_dropout")
     if st.quant != "none" and not st.lora:
         raise PlanError(f"{{quant}} {st.quant} freezes the base weights: add {{lora_rank}} (QLoRA) to train adapters",

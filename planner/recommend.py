@@ -94,6 +94,8 @@ def check_request(req: Request) -> None:
     for name in ("gpus", "nodes", "seq_len", "samples"):
         if getattr(req, name) < 1:
             raise PlanError(f"{{{name}}} must be at least 1, got {getattr(req, name)}", name)
+    if req.host_ram_bytes is not None and req.host_ram_bytes < 0:
+        raise PlanError(f"{{host_ram}} must be at least 0, got {req.host_ram_bytes / 2**30:g} GiB", "host_ram")
     if req.global_batch is not None:
         if req.global_batch < 1:
             raise PlanError(f"{{global_batch}} must be at least 1, got {req.global_batch}", "global_batch")

@@ -131,6 +131,12 @@ CASES = [
     ("recommend-margin-out-of-range", ["recommend", "{w}/config.json", "--gpu", "a100-80gb", "--margin", "1.5"],
      "--margin"),
     ("recommend-unknown-model", ["recommend", "no-such-org/no-such-model", "--gpu", "a100-80gb"], "unknown model"),
+    ("recommend-host-ram-nan", ["recommend", "{w}/config.json", "--gpu", "a100-80gb", "--host-ram", "nan"],
+     "--host-ram"),
+    ("recommend-host-ram-negative", ["recommend", "{w}/config.json", "--gpu", "a100-80gb", "--host-ram", "-5"],
+     "--host-ram"),
+    ("lora-alpha-infinite", ["estimate", "{w}/config.json", "--lora-rank", "8", "--lora-alpha", "inf"],
+     "--lora-alpha"),
     # plan emit-config
     ("emit-out-is-a-file", ["emit-config", "{w}/config.json", "--gpu", "a100-80gb", "--out", "{w}/a-file"], "a-file"),
     ("emit-out-under-a-file", ["emit-config", "{w}/config.json", "--gpu", "a100-80gb", "--out", "{w}/a-file/plan"],

@@ -50,6 +50,14 @@ MethodOrAuto = Choice("MethodOrAuto", {"AUTO": "auto", **{m.name: m.value for m 
 
 # ---------------------------------------------------------------- the model and the run's shape
 
+def finite(value: Optional[float]) -> Optional[float]:
+    """A float option's value must be a number: nan and inf are refused as any bad value is."""
+    import math
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 Model = Annotated[str, typer.Argument(help="Hub id, directory with config.json, config.json or .gguf")]
 DtypeOpt = Annotated[Optional[Dtype], typer.Option(
     "--dtype", help="compute dtype; fp16/bf16 = mixed precision (default: a row for each, bf16 where one plan is "
@@ -63,9 +71,11 @@ OptimizerOpt = Annotated[Optional[Optimizer], typer.Option(
     "--optimizer", help=f"(default {_DEFAULT['optimizer']})")]
 LoraRank = Annotated[Optional[int], typer.Option(
     "--lora-rank", help=f"LoRA rank; 0 = full fine-tune (default {_DEFAULT['lora_rank']})")]
-LoraAlpha = Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA alpha (default 2 x rank)")]
+LoraAlpha = Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA alpha (default 2 x rank)",
+    callback=finite)]
 LoraDropout = Annotated[Optional[float], typer.Option(
-    "--lora-dropout", help=f"(default {_DEFAULT['lora_dropout']})")]
+    "--lora-dropout", help=f"(default {_DEFAULT['lora_dropout']})",
+    callback=finite)]
 LoraTargets = Annotated[Optional[str], typer.Option(
     "--lora-targets", help=f"all-linear or comma-separated module names (default {_DEFAULT['lora_targets']})")]
 QuantOpt = Annotated[Optional[Quant], typer.Option(
@@ -96,21 +106,26 @@ GlobalBatch = Annotated[Optional[int], typer.Option(
 MethodOpt = Annotated[Optional[MethodOrAuto], typer.Option(
     "--method", help=f"what trains; auto: full if it fits, else LoRA, else QLoRA (default {_SEARCH['method']})")]
 Margin = Annotated[Optional[float], typer.Option(
-    "--margin", help=f"fraction of GPU memory kept free (default {_SEARCH['margin']})")]
+    "--margin", help=f"fraction of GPU memory kept free (default {_SEARCH['margin']})",
+    callback=finite)]
 Mfu = Annotated[Optional[float], typer.Option(
-    "--mfu", help=f"model-FLOPs utilisation assumed for the step-time model (default {_SEARCH['mfu']:g})")]
+    "--mfu", help=f"model-FLOPs utilisation assumed for the step-time model (default {_SEARCH['mfu']:g})",
+    callback=finite)]
 Samples = Annotated[Optional[int], typer.Option(
     "--samples", help=f"sequences per epoch, for the time per epoch (default {_SEARCH['samples']})")]
 HostRam = Annotated[Optional[float], typer.Option(
     "--host-ram", help="GiB of host RAM per node for offload (default: this machine's with --gpu auto, else not "
-    "limited)")]
+    "limited)",
+    callback=finite)]
 
 # ---------------------------------------------------------------- files and output
 
 Json = Annotated[bool, typer.Option("--json", metavar="", help="print JSON (the contract) instead of tables")]
 SimSeconds = Annotated[float, typer.Option(
-    "--sim-seconds", help="the simulator's time budget for one step (architectures without a formula, --exact)")]
-SimMemory = Annotated[float, typer.Option("--sim-memory", help="the simulator's memory budget, GiB")]
+    "--sim-seconds", help="the simulator's time budget for one step (architectures without a formula, --exact)",
+    callback=finite)]
+SimMemory = Annotated[float, typer.Option("--sim-memory", help="the simulator's memory budget, GiB",
+    callback=finite)]
 Out = Annotated[str, typer.Option(
     "--out", help="directory for the plan's files: accelerate.yaml (+ deepspeed.json for ZeRO), recipe.yaml, PLAN.md")]
 Force = Annotated[bool, typer.Option("--force", metavar="", help="replace files that already exist in --out")]
