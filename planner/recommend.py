@@ -185,7 +185,12 @@ def candidates(spec: ModelSpec, req: Request, methods: tuple = METHODS) -> list[
                 if not largest:
                     continue
                 micro, accum = _micro_and_accum(largest, req)
-                st = replace(st, batch_size=micro)
+                if accum > 1:  # gradients stay alive through the micro-steps: search again with them
+                    largest = largest_micro(spec, replace(st, accumulation=2), req)
+                    if not largest:
+                        continue
+                    micro, accum = _micro_and_accum(largest, req)
+                st = replace(st, batch_size=micro, accumulation=accum)
                 plans.append(Plan(settings=st, method=method, accumulation=accum, estimate=fits(spec, st, req),
                                   time=step_time(spec, st, req.gpu, accum, req.mfu), largest_micro=largest,
                                   samples=req.samples))

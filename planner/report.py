@@ -179,7 +179,7 @@ def render_strategies(console, name: str, arch: str, rows: list, skipped: list) 
              + (f", LoRA r={st0.lora_rank}" if st0.lora else "")
              + (", checkpointing" if st0.grad_checkpointing else ""))
     cols = [(c, "left" if c in ("strategy", "offload", "fits\n(GiB)") else "right")
-            for c in ("strategy", "offload", "states", "activ.", "buffers", "device", "host\n/node", "NVMe\n/node",
+            for c in ("strategy", "offload", "states", "activ.", "buffers", "device", "host/node", "NVMe/node",
                       "fits\n(GiB)")]
 
     def g(n: float) -> str:

@@ -62,3 +62,23 @@ def test_distributed_suite_every_strategy_within_5_percent_per_rank(validation_r
             assert len(r["ranks"].split(";")) == 2, c.name
     off = {c.name: r["error_pct"] for c, r in dist if abs(r["error_pct"]) > 5}
     assert not off, off
+
+
+@pytest.mark.parametrize("arch, precision", [("llama", "bf16-amp"), ("gpt2", "fp32")])
+def test_gradient_accumulation_is_measured_as_the_formula_counts_it(arch, precision):
+    """With accumulation the simulator runs two micro-steps before the optimizer step, so the
+    second forward and backward run with every gradient alive; the formula counts the same
+    (measured 2026-11-29: +0.14% and -0.01%). With checkpointing the forward at the loss is
+    under-counted (llama bf16-amp: -6.5% with accumulation 4), not yet found: not asserted here."""
+    from planner.contract import Settings
+    from planner.estimate import estimate
+    from planner.measure.builder import measured_config
+    from planner.measure.simulate import measure
+    from planner.measure.validate import SMALL
+    from planner.spec import ModelSpec
+    st = Settings(precision=precision, batch_size=2, seq_len=256, kernels="cpu", accumulation=4)
+    measured = measure(SMALL[arch], st, fake=True).peak_bytes
+    one = measure(SMALL[arch], Settings(precision=precision, batch_size=2, seq_len=256, kernels="cpu"), fake=True)
+    assert measured > one.peak_bytes  # the gradients alive through the micro-steps show in the measurement
+    predicted = estimate(ModelSpec.from_config(measured_config(SMALL[arch])), st).peak_bytes
+    assert abs(predicted - measured) / measured < 0.01

@@ -4,7 +4,7 @@ and PLAN.md; recommend's best plan for `--gpu`, or the plan the estimate options
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Optional
 
 import typer
@@ -120,6 +120,7 @@ def explicit(options: Mapping[str, Any], res: Resolved, spec: ModelSpec) -> Chos
     accum = options["grad_accum"] if options["grad_accum"] is not None else 1
     if accum < 1:
         raise PlanError(f"{{grad_accum}} must be at least 1, got {accum}", "grad_accum")
+    st = replace(st, accumulation=accum)  # with accumulation every gradient lives through the micro-steps
     return ChosenPlan(st, accum, estimate(spec, st))
 
 

@@ -164,19 +164,21 @@ def unpacked_sequences():
 
 
 
-def train_step(model, opt, batch: dict, amp, snap=lambda phase: None, engine=None) -> None:
-    """One training step as the estimate models it, calling `snap(phase)` at the end of the
-    forward, the backward and the optimizer step. `engine`: a DeepSpeed engine, whose `backward`
-    and `step` (the optimizer step and gradient release) replace the plain calls."""
-    with amp:
-        loss = model(**batch).loss
-    snap("forward")
-    if engine is not None:
-        engine.backward(loss)
-    else:
-        loss.backward()
-    del loss
-    snap("backward")
+def train_step(model, opt, batch: dict, amp, snap=lambda phase: None, engine=None, micro_steps: int = 1) -> None:
+    """One training step as the estimate models it, calling `snap(phase)` at the end of each
+    forward, each backward and the optimizer step. `micro_steps` > 1: gradient accumulation, the
+    later micro-steps run with every gradient alive. `engine`: a DeepSpeed engine, whose
+    `backward` and `step` (the optimizer step and gradient release) replace the plain calls."""
+    for _ in range(micro_steps):
+        with amp:
+            loss = model(**batch).loss
+        snap("forward")
+        if engine is not None:
+            engine.backward(loss)
+        else:
+            loss.backward()
+        del loss
+        snap("backward")
     if engine is not None:
         engine.step()
     else:

@@ -129,13 +129,14 @@ def _measure(cfg: dict, st: Settings, fake: bool, weights: str | None = None) ->
         labels = torch.zeros(st.batch_size, dtype=torch.long) if is_encoder(config) else ids
 
         batch = dict(input_ids=ids, labels=labels)
-        train_step(model, opt, batch, amp)
+        micro = 2 if st.accumulation > 1 else 1  # from the second micro-step on, the memory repeats
+        train_step(model, opt, batch, amp, micro_steps=micro)
         tracker = Tracker()
         tracker.track_external(model, opt, ids, labels)
-        record = PhaseRecorder(tracker)
+        record = PhaseRecorder(tracker, reset_modules_after=("backward",) if micro > 1 else ())
         with tracker:
             s0 = tracker.get_tracker_snapshot("current")
-            train_step(model, opt, batch, amp, record)
+            train_step(model, opt, batch, amp, record, micro_steps=micro)
         phases, cats = record.phases, record.categories
         d0 = next(iter(s0)) if s0 else None
         phases["model"] = (sum(v for k, v in s0[d0].items() if getattr(k, "value", None) in ("Parameter", "Buffer"))
