@@ -115,6 +115,9 @@ class Kernels(Choice):
     CPU = "cpu"
 
 
+COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "other")
+"""The memory components of an estimate and of a measurement (shared/CONTRACT.md), in the order
+tables show them."""
 FSDP_VERSIONS = (1, 2)
 STRATEGIES = Strategy.values()
 FSDP = tuple(s for s in STRATEGIES if s.startswith("fsdp"))
@@ -188,10 +191,6 @@ class Settings:
     @property
     def lora(self) -> bool:
         return self.lora_rank > 0
-
-    @property
-    def world(self) -> int:
-        return self.gpus * self.nodes
 
 
 def world_size(st: Settings) -> int:

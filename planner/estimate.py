@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .contract import PlanError, Settings, check_options
+from .contract import COMPONENTS, PlanError, Settings, check_options
 from .distributed import sharded_phases
 from .memory import (
     CUBLAS_WORKSPACE_BYTES,
@@ -69,7 +69,7 @@ def estimate(spec: ModelSpec, st: Settings) -> Estimate:
     phases = {k: int(sum(v.values())) for k, v in phase_comp.items()}
     phases["backward"] = max(phases["backward"], int(end_bw))
     peak_phase = max(phases, key=phases.get)
-    comps = {k: 0 for k in ("weights", "gradients", "optimizer", "activations", "logits", "other")}
+    comps = {k: 0 for k in COMPONENTS}
     for k, v in phase_comp[peak_phase].items():
         comps[k] += int(v)
     if st.kernels == "cuda":

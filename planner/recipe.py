@@ -142,8 +142,9 @@ class _NoAliasLoader(yaml.SafeLoader):
 def load(path: str) -> Recipe:
     """Read and validate a recipe; every problem is one RecipeError line naming the key."""
     try:
-        if Path(path).stat().st_size > MAX_RECIPE_BYTES:
-            raise RecipeError(f"{path}: {Path(path).stat().st_size:,} bytes is not a recipe (at most 1 MiB)")
+        size = Path(path).stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {size:,} bytes is not a recipe (at most {MAX_RECIPE_BYTES // 2**20} MiB)")
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
     except FileNotFoundError:

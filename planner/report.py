@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .contract import Settings
+from .contract import COMPONENTS, Settings
 from .estimate import Estimate
 
 
@@ -144,7 +144,7 @@ def render(console, name: str, arch: str, rows: list[tuple[Settings, Estimate]],
                       num(est.device_bytes)])
     show(console, title, cols, table, ["bold" if i == chosen and len(rows) > 1 else None for i in range(len(rows))])
 
-    comps = ("weights", "gradients", "optimizer", "activations", "logits", "other")
+    comps = COMPONENTS
     peak_phase = max(est0.phases, key=est0.phases.get)
     table = []
     for ph in ("model", "forward", "backward", "optimizer_step"):

@@ -47,8 +47,9 @@ MAX_CONFIG_BYTES = 16 * 2**20
 
 def _read_json(path: Path) -> dict:
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ResolveError(f"{path}: {path.stat().st_size:,} bytes is not a model config (at most "
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ResolveError(f"{path}: {size:,} bytes is not a model config (at most "
                                f"{MAX_CONFIG_BYTES // 2**20} MiB)")
         with open(path, encoding="utf-8") as f:
             data = json.load(f)

@@ -71,11 +71,9 @@ OptimizerOpt = Annotated[Optional[Optimizer], typer.Option(
     "--optimizer", help=f"(default {_DEFAULT['optimizer']})")]
 LoraRank = Annotated[Optional[int], typer.Option(
     "--lora-rank", help=f"LoRA rank; 0 = full fine-tune (default {_DEFAULT['lora_rank']})")]
-LoraAlpha = Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA alpha (default 2 x rank)",
-    callback=finite)]
+LoraAlpha = Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA alpha (default 2 x rank)")]
 LoraDropout = Annotated[Optional[float], typer.Option(
-    "--lora-dropout", help=f"(default {_DEFAULT['lora_dropout']})",
-    callback=finite)]
+    "--lora-dropout", help=f"(default {_DEFAULT['lora_dropout']})")]
 LoraTargets = Annotated[Optional[str], typer.Option(
     "--lora-targets", help=f"all-linear or comma-separated module names (default {_DEFAULT['lora_targets']})")]
 QuantOpt = Annotated[Optional[Quant], typer.Option(
@@ -106,11 +104,9 @@ GlobalBatch = Annotated[Optional[int], typer.Option(
 MethodOpt = Annotated[Optional[MethodOrAuto], typer.Option(
     "--method", help=f"what trains; auto: full if it fits, else LoRA, else QLoRA (default {_SEARCH['method']})")]
 Margin = Annotated[Optional[float], typer.Option(
-    "--margin", help=f"fraction of GPU memory kept free (default {_SEARCH['margin']})",
-    callback=finite)]
+    "--margin", help=f"fraction of GPU memory kept free (default {_SEARCH['margin']})")]
 Mfu = Annotated[Optional[float], typer.Option(
-    "--mfu", help=f"model-FLOPs utilisation assumed for the step-time model (default {_SEARCH['mfu']:g})",
-    callback=finite)]
+    "--mfu", help=f"model-FLOPs utilisation assumed for the step-time model (default {_SEARCH['mfu']:g})")]
 Samples = Annotated[Optional[int], typer.Option(
     "--samples", help=f"sequences per epoch, for the time per epoch (default {_SEARCH['samples']})")]
 HostRam = Annotated[Optional[float], typer.Option(

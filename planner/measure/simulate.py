@@ -58,9 +58,8 @@ def check_budget(cfg: dict, st: Settings, budget: Budget) -> None:
     memory (from the layer count, SIM_SECONDS_PER_LAYER...) over the budget, or a tensor over
     SIM_MAX_ELEMENTS (the widest product of two sizes, or the tokens times the vocabulary)."""
     layers = _size(cfg, _LAYER_KEYS)
-    lora = st.lora_rank > 0
-    seconds = layers * (SIM_SECONDS_PER_LAYER_LORA if lora else SIM_SECONDS_PER_LAYER)
-    memory = SIM_BASE_BYTES + layers * (SIM_BYTES_PER_LAYER_LORA if lora else SIM_BYTES_PER_LAYER)
+    seconds = layers * (SIM_SECONDS_PER_LAYER_LORA if st.lora else SIM_SECONDS_PER_LAYER)
+    memory = SIM_BASE_BYTES + layers * (SIM_BYTES_PER_LAYER_LORA if st.lora else SIM_BYTES_PER_LAYER)
     if seconds > budget.seconds:
         raise PlanError(f"the simulator would take about {seconds:,.0f} s for {layers:,} layers, over its budget of "
                         f"{budget.seconds:g} s (raise it with {{sim_seconds}})", "sim_seconds")

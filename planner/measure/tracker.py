@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from torch.distributed._tools.mem_tracker import MemTracker
 
-COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "other")
-"""The contract's memory components (shared/CONTRACT.md), in the order tables show them."""
+from ..contract import COMPONENTS
 
 # MemTracker's reference types -> the contract's components (logits are activations to it)
 _CATEGORY = {"Parameter": "weights", "Buffer": "weights", "Gradient": "gradients", "Optstate": "optimizer",
@@ -58,11 +57,6 @@ def components(snapshot: dict) -> dict:
         if k != "Total":
             out[_CATEGORY.get(getattr(k, "value", str(k)), "other")] += int(v)
     return out
-
-
-def live_bytes(tracker: MemTracker) -> int:
-    """Live tensor bytes now, over every tracked device."""
-    return int(sum(v["Total"] for v in tracker.get_tracker_snapshot("current").values()))
 
 
 class PhaseRecorder:
