@@ -67,23 +67,15 @@ class Meter:
                 torch.cuda.reset_peak_memory_stats()
             yield snap
             return
-        from planner.measure.tracker import Tracker, components, phase_peak
+        from planner.measure.tracker import PhaseRecorder, Tracker
         tracker = Tracker()
         tracker.track_external(model, optimizer)
         with tracker:
-            dev = None
             cur = tracker.get_tracker_snapshot("current")
             self.step_start = int(sum(v["Total"] for v in cur.values()))
-
-            def snap(phase):
-                nonlocal dev
-                dev, s = phase_peak(tracker, dev)
-                if s["Total"] >= self.phases.get(phase, 0):
-                    self.phases[phase] = int(s["Total"])
-                    self.categories[phase] = components(s)
-                if phase == "backward":  # MemTracker refuses a module's second call in one window
-                    tracker.reset_mod_stats()
-            yield snap
+            # micro-steps call a module's forward again: MemTracker's module state is reset after each backward
+            yield PhaseRecorder(tracker, reset_modules_after=("backward",), phases=self.phases,
+                                categories=self.categories)
 
     def discard(self) -> None:
         """Forget a step window that did not finish (an out-of-memory error; the step is retried)."""

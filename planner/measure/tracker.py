@@ -64,14 +64,16 @@ class PhaseRecorder:
     (the largest where a phase repeats, as micro-steps do) and its components.
 
     `reset_modules_after`: phases after which MemTracker's per-module state is cleared (it
-    refuses a module's second forward in one window, which gradient accumulation makes)."""
+    refuses a module's second forward in one window, which gradient accumulation makes).
+    `phases`, `categories`: dicts to record into, where the caller keeps them across windows."""
 
-    def __init__(self, tracker: MemTracker, reset_modules_after: tuple[str, ...] = ()):
+    def __init__(self, tracker: MemTracker, reset_modules_after: tuple[str, ...] = (),
+                 phases: dict | None = None, categories: dict | None = None):
         self.tracker = tracker
         self.reset_modules_after = reset_modules_after
         self.dev = None
-        self.phases: dict[str, int] = {}
-        self.categories: dict[str, dict] = {}
+        self.phases: dict[str, int] = {} if phases is None else phases
+        self.categories: dict[str, dict] = {} if categories is None else categories
 
     def __call__(self, phase: str) -> None:
         self.dev, s = phase_peak(self.tracker, self.dev)
