@@ -43,7 +43,35 @@ CASES = [
 ]
 
 
-def _build(cfg: dict, st: Settings):
+MODEL_CACHE = "/dev/shm/plan-gpu-models"
+"""Random-weight checkpoints saved once per model for the NF4 loads (memory-backed where /dev/shm
+exists: an 8B bf16 checkpoint is 16 GB, and each QLoRA case loads it again)."""
+
+TRACE_ACTIONS = ("alloc", "free_requested", "free_completed", "segment_alloc", "segment_free", "segment_map",
+                 "segment_unmap", "snapshot", "oom")
+"""The caching allocator's trace events (`torch.cuda.memory._snapshot()["device_traces"]`), coded
+as their index here in the committed traces."""
+
+
+def _checkpoint(model_id: str, cfg: dict) -> str:
+    import os
+
+    import torch
+    from transformers import AutoConfig
+    root = MODEL_CACHE if os.path.isdir(os.path.dirname(MODEL_CACHE)) else tempfile.gettempdir()
+    path = os.path.join(root, model_id.replace("/", "--"))
+    if not os.path.exists(os.path.join(path, "config.json")):
+        c = dict(cfg)
+        config = AutoConfig.for_model(c.pop("model_type"), **c)
+        with torch.device("cuda"):
+            model = model_class(config).from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(path)
+        del model
+        torch.cuda.empty_cache()
+    return path
+
+
+def build(model_id: str, cfg: dict, st: Settings):
     """The model on the GPU as the settings say; NF4 bases go through from_pretrained with a
     BitsAndBytesConfig and PEFT's `prepare_model_for_kbit_training`, the QLoRA recipe."""
     import torch
@@ -56,13 +84,10 @@ def _build(cfg: dict, st: Settings):
     c = dict(cfg)
     config = AutoConfig.for_model(c.pop("model_type"), **c)
     config.use_cache = False
-    cls = model_class(config)
-    with tempfile.TemporaryDirectory() as tmp:  # random weights saved, then loaded quantised
-        with torch.device("cuda"):
-            cls.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp)
-        torch.cuda.empty_cache()
-        model = cls.from_pretrained(tmp, quantization_config=nf4_config(torch.bfloat16), dtype=torch.bfloat16,
-                                    device_map={"": 0}, attn_implementation="sdpa")
+    path = _checkpoint(model_id, cfg)
+    model = model_class(config).from_pretrained(path, quantization_config=nf4_config(torch.bfloat16),
+                                                dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa")
+    model.config.use_cache = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=st.grad_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, lora_config(st))
@@ -75,21 +100,81 @@ def case_name(model_id: str, st: Settings) -> str:
                      "ckpt" if st.grad_checkpointing else "nockpt", f"b{st.batch_size}s{st.seq_len}", st.optimizer])
 
 
-def measure_case(model_id: str, settings: dict) -> dict:
-    """One case in this process: predicted against measured, as a row."""
+def amp_context(st: Settings):
+    """Autocast as the recipe runs on CUDA: fp16 for fp16-amp, bf16 for the other autocast recipes."""
+    import torch
+    if not RECIPES[st.precision].autocast:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.float16 if st.precision.startswith("fp16") else torch.bfloat16)
+
+
+def allocator() -> str:
+    import os
+    return "expandable" if "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") else "default"
+
+
+def release() -> None:
+    """Back to an empty caching allocator between cases in one process: what a fresh process
+    starts with, less the CUDA context and loaded kernels (measured separately)."""
+    import gc
+
+    import torch
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def outside_allocator() -> int:
+    """NVML's figure for this process less what the caching allocator holds, now (the CUDA
+    context, loaded kernels, cuBLAS handles): 0 where NVML cannot see the process."""
+    import torch
+
+    from ..gpus import NvmlSampler
+    torch.cuda.synchronize()
+    s = NvmlSampler()
+    return s.sample() - torch.cuda.memory_reserved() if s.method == "process" else 0
+
+
+def _trace_arrays(events: list) -> dict:
+    """The allocator's events as compact arrays, and for each alloc the code that asked for it
+    (the innermost frames outside torch), so that a peak can be attributed offline."""
+    import numpy as np
+    sites, site_ids = {}, []
+    for e in events:
+        frames = [f"{f['filename'].rsplit('site-packages/', 1)[-1]}:{f['line']}:{f['name']}"
+                  for f in e.get("frames", []) if "/torch/" not in f["filename"]][:4]
+        site_ids.append(sites.setdefault(" < ".join(frames), len(sites)) if e["action"] == "alloc" else -1)
+    return {"action": np.array([TRACE_ACTIONS.index(e["action"]) for e in events], dtype=np.uint8),
+            "addr": np.array([e["addr"] for e in events], dtype=np.uint64),
+            "size": np.array([e["size"] for e in events], dtype=np.int64),
+            "stream": np.array([e.get("stream", 0) for e in events], dtype=np.int64),
+            "site": np.array(site_ids, dtype=np.int32), "sites": np.array(list(sites), dtype=str)}
+
+
+def measure_case(model_id: str, settings: dict, trace: bool = False) -> tuple[dict, dict | None]:
+    """One case in this process, from an empty allocator: predicted against measured, as a row,
+    and the allocator's trace from the model's first allocation to the end of the measured step."""
     import torch
 
     from ..gpus import NvmlSampler
     from ..resolve import catalog
 
-    sampler = NvmlSampler().start()  # before CUDA is initialised: the baseline is the idle device
     cfg = catalog()[model_id]["config"]
     st = Settings(**settings)
+    if st.quant != "none":
+        _checkpoint(model_id, cfg)  # saved once, outside the measurement
+    release()
+    sampler = NvmlSampler().start()
     est = estimate(ModelSpec.from_config(cfg), st)
     torch.manual_seed(0)
-    model, config = _build(cfg, st)
+    if trace:
+        torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="python",
+                                                 max_entries=4_000_000, clear_history=True)
+    model, config = build(model_id, cfg, st)
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], st.optimizer)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if RECIPES[st.precision].autocast else contextlib.nullcontext()
+    amp = amp_context(st)
     ids = torch.randint(0, config.vocab_size, (st.batch_size, st.seq_len), device="cuda")
     labels = torch.zeros(st.batch_size, dtype=torch.long, device="cuda") if is_encoder(config) else ids
     batch = dict(input_ids=ids, labels=labels)
@@ -108,35 +193,93 @@ def measure_case(model_id: str, settings: dict) -> dict:
     start = torch.cuda.memory_allocated()
     train_step(model, opt, batch, amp, snap)
     nvml = sampler.stop()
+    events = None
+    if trace:
+        events = _trace_arrays(torch.cuda.memory._snapshot()["device_traces"][0])
+        torch.cuda.memory._record_memory_history(enabled=None)
+    outside = outside_allocator()
     peak = max(phases.values())
-    gpu = torch.cuda.get_device_name(0)
-    return {"case": case_name(model_id, st),
-            "gpu": gpu, "torch": torch.__version__, "predicted_peak": est.peak_bytes, "allocated_peak": peak,
-            "peak_error_pct": round(100 * (est.peak_bytes - peak) / peak, 2),
-            "predicted_device": est.device_bytes, "nvml": nvml, "nvml_method": sampler.method,
-            "device_error_pct": round(100 * (est.device_bytes - nvml) / nvml, 2),
-            "reserved_peak": reserved, "start_allocated": start,
-            "predicted_phases": json.dumps(est.phases), "measured_phases": json.dumps(phases)}
+    row = {"case": case_name(model_id, st), "allocator": allocator(),
+           "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+           "predicted_peak": est.peak_bytes, "allocated_peak": peak,
+           "peak_error_pct": round(100 * (est.peak_bytes - peak) / peak, 2),
+           "predicted_device": est.device_bytes, "nvml": nvml, "nvml_method": sampler.method,
+           "device_error_pct": round(100 * (est.device_bytes - nvml) / nvml, 2),
+           "reserved_peak": reserved, "outside_allocator": outside, "start_allocated": start,
+           "predicted_phases": json.dumps(est.phases), "measured_phases": json.dumps(phases)}
+    del model, opt, batch, ids, labels
+    return row, events
 
 
-def run(out_csv: str, cases=CASES, echo=print) -> list[dict]:
-    rows = []
-    for model_id, settings in cases:
-        proc = subprocess.run([sys.executable, "-m", "planner.measure.gpu", "--case", json.dumps([model_id, settings])],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            echo(f"FAILED {model_id} {settings}: {proc.stderr.strip().splitlines()[-1:]}")
+def write_csv(path: str, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def run(out_csv: str, cases=CASES, echo=print, traces: str | None = None) -> list[dict]:
+    """Every case in this process (the allocator emptied between them), the CSV rewritten after
+    each so that a run cut short keeps what it measured; `traces`: an .npz of every case's trace."""
+    import numpy as np
+    rows, arrays = [], {}
+    for i, (model_id, settings) in enumerate(cases):
+        try:
+            row, events = measure_case(model_id, settings, trace=traces is not None)
+        except Exception as e:  # noqa: BLE001 - one case's failure is reported, the others still run
+            echo(f"FAILED {model_id} {settings}: {type(e).__name__}: {str(e)[:300]}")
             continue
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        echo(f"{row['case']}: peak {row['peak_error_pct']:+.2f}%  device {row['device_error_pct']:+.2f}%  "
-             f"reserved/allocated {row['reserved_peak'] / row['allocated_peak']:.3f}  "
-             f"nvml-reserved {(row['nvml'] - row['reserved_peak']) / 2**20:,.0f} MiB")
+        echo(f"{row['case']} [{row['allocator']}]: peak {row['peak_error_pct']:+.2f}%  "
+             f"device {row['device_error_pct']:+.2f}%  reserved/allocated "
+             f"{row['reserved_peak'] / row['allocated_peak']:.3f}  outside {row['outside_allocator'] / 2**20:,.0f} MiB",
+             flush=True)
         rows.append(row)
-        with open(out_csv, "w", newline="") as f:  # after every case: a run cut short keeps what it measured
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(out_csv, rows)
+        if events is not None:
+            arrays.update({f"{i}.{k}": v for k, v in events.items()})
+            arrays[f"{i}.case"] = np.array(row["case"])
+            np.savez_compressed(traces, **arrays)
     return rows
+
+
+def environment() -> dict:
+    """The GPU as NVML and torch see it, and the memory outside the caching allocator once CUDA,
+    cuBLAS and a matmul are initialised."""
+    import torch
+
+    from ..gpus import NvmlSampler
+    sampler = NvmlSampler()
+    nv = sampler._nvml
+    total = int(nv.nvmlDeviceGetMemoryInfo(sampler.handle).total)
+    a = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
+    (a @ a).sum().item()
+    return {"gpu": torch.cuda.get_device_name(0), "nvml_total_bytes": total, "nvml_total_mib": total // 2**20,
+            "torch_total_bytes": torch.cuda.get_device_properties(0).total_memory,
+            "driver": nv.nvmlSystemGetDriverVersion(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "outside_allocator_after_init": outside_allocator(), "nvml_method": sampler.method}
+
+
+def suite(out_dir: str, echo=print) -> None:
+    """The whole GPU suite, one process per allocator setting: the environment, every case with its
+    allocator trace (expandable segments, as `plan train` runs, then the default allocator), then
+    the fit tests (planner.measure.fit). Writes into `out_dir`; rerunnable."""
+    import os
+    import time
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.time()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def cases(name: str, conf: str) -> None:
+        echo(f"== cases, allocator {name} ({time.time() - t0:.0f} s)", flush=True)
+        subprocess.run([sys.executable, "-m", "planner.measure.gpu", "--cases", out_dir, name],
+                       env={**env, "PYTORCH_CUDA_ALLOC_CONF": conf})
+
+    cases("expandable", "expandable_segments:True")  # as `plan train` runs: first, it matters most
+    echo(f"== fit tests ({time.time() - t0:.0f} s)", flush=True)
+    subprocess.run([sys.executable, "-m", "planner.measure.fit", out_dir],
+                   env={**env, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+    cases("default", "")
+    echo(f"== done in {time.time() - t0:.0f} s", flush=True)
 
 
 def rescore(csv_path: str, echo=print) -> None:
@@ -156,9 +299,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--rescore"]:
         rescore(argv[1])
         return 0
-    if argv[:1] == ["--case"]:
-        model_id, settings = json.loads(argv[1])
-        print(json.dumps(measure_case(model_id, settings)))
+    if argv[:1] == ["suite"]:
+        suite(argv[1])
+        return 0
+    if argv[:1] == ["--cases"]:  # one allocator setting's cases, in this process (the suite's step)
+        import os
+        out, name = argv[1], argv[2]
+        with open(os.path.join(out, "env.json" if name == "expandable" else f"env_{name}.json"), "w") as f:
+            json.dump(environment(), f, indent=1)
+        suffix = "_expandable" if name == "expandable" else ""
+        run(os.path.join(out, f"validation_gpu{suffix}.csv"), traces=os.path.join(out, f"traces_{name}.npz"))
         return 0
     run(argv[0] if argv else "tables/validation_gpu.csv")
     return 0
