@@ -473,7 +473,7 @@ def _model_level(c: _Ctx) -> float:
             acc.add(h, 2)
         elif c.full:
             y.keep()
-        elif c.amp and c.st.quant == "none":
+        elif c.amp:  # the frozen head in fp32 (also a QLoRA base's: prepare_model_for_kbit_training upcasts it)
             acc.per_layer += 2 * s.vocab * h
     return acc.per_token + acc.per_layer / max(c.st.tokens, 1)
 
