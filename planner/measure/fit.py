@@ -2,12 +2,13 @@
 
 A large GPU plays a smaller one: `torch.cuda.set_per_process_memory_fraction` caps the caching
 allocator at the smaller card's memory as NVML reports it (the catalog's `memory_mib`) less the
-memory this process holds outside the allocator (CUDA context, kernels, cuBLAS handles; measured
-here). For each scenario the recommended plan's micro-batch runs `STEPS` optimizer steps under
-the cap; then the next micro-batch up, and up again while it fits (at most `LADDER` more), so the
-row says the largest micro-batch that really runs, the ground truth a later planner can be
-scored against offline. A plan that runs out of memory is tried one micro-batch down until one
-runs. `python -m planner.measure.fit OUT_DIR` writes `OUT_DIR/fit.csv`.
+memory a process holds outside the allocator (CUDA context, kernels, cuBLAS handles: the
+planner's `CUDA_CONTEXT_BYTES`, measured on the GPU). For each scenario the recommended plan's
+micro-batch runs `STEPS` optimizer steps under the cap; then the next micro-batch up, and up
+again while it fits (at most `LADDER` more), so the row says the largest micro-batch that really
+runs, the ground truth a later planner can be scored against offline. A plan that runs out of
+memory is tried one micro-batch down until one runs. Each scenario runs in a process of its own.
+`python -m planner.measure.fit OUT_DIR` writes `OUT_DIR/fit.csv`.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def run_scenario(model_id: str, gpu_name: str, method: str, optimizer: str, outs
     from ..resolve import catalog
     from ..spec import ModelSpec
     from .builder import make_optimizer
-    from .gpu import build
+    from .gpu import build, outside_allocator
 
     gpu = lookup(gpu_name)
     cfg = catalog()[model_id]["config"]
@@ -104,6 +105,7 @@ def run_scenario(model_id: str, gpu_name: str, method: str, optimizer: str, outs
             tries[m] = attempt(model, opt, replace(st, batch_size=m), config, config.vocab_size)
             m -= 1
     torch.cuda.set_per_process_memory_fraction(1.0)
+    outside = outside_allocator() or outside  # NVML's figure where it sees this process
     predicted = {m: estimate(spec, replace(st, batch_size=m)).device_bytes for m in tries}
     largest_ok = max((m for m, t in tries.items() if t["ok"]), default=0)
     nxt = tries.get(micro + 1)
@@ -111,7 +113,8 @@ def run_scenario(model_id: str, gpu_name: str, method: str, optimizer: str, outs
             "method": method, "optimizer": optimizer, "plan_source": source,
             "precision": st.precision, "lora_rank": st.lora_rank, "quant": st.quant,
             "grad_checkpointing": st.grad_checkpointing, "micro_batch": micro, "accumulation": st.accumulation,
-            "seq_len": st.seq_len, "margin": req.margin, "predicted_device": predicted[micro],
+            "seq_len": st.seq_len, "margin": req.margin, "outside_allocator": outside,
+            "predicted_device": predicted[micro],
             "plan_ok": tries[micro]["ok"], "plan_device": tries[micro]["reserved_peak"] + outside,
             "next_ok": None if nxt is None else nxt["ok"],
             "next_device": None if nxt is None else nxt["reserved_peak"] + outside,
@@ -120,27 +123,33 @@ def run_scenario(model_id: str, gpu_name: str, method: str, optimizer: str, outs
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
+    """`OUT_DIR`: every scenario, each in a process of its own (a fresh caching allocator), into
+    OUT_DIR/fit.csv. `--scenario I`: scenario I in this process, as a JSON line."""
+    import subprocess
 
-    from .gpu import outside_allocator, write_csv
+    from .gpu import write_csv
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--scenario"]:
+        import torch
+
+        from ..memory import CUDA_CONTEXT_BYTES
+        torch.zeros(1, device="cuda")
+        total = torch.cuda.get_device_properties(0).total_memory
+        row = run_scenario(*SCENARIOS[int(argv[1])], outside=CUDA_CONTEXT_BYTES, total=total)
+        print(json.dumps(row))
+        return 0
     out = argv[0] if argv else "tables"
-    torch.zeros(1, device="cuda")
-    a = torch.randn(256, 256, device="cuda")
-    (a @ a).sum().item()
-    outside = outside_allocator()
-    total = torch.cuda.get_device_properties(0).total_memory
     rows = []
-    for scenario in SCENARIOS:
-        try:
-            row = run_scenario(*scenario, outside=outside, total=total)
-        except Exception as e:  # noqa: BLE001 - reported; the other scenarios still run
-            print(f"FAILED {scenario}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            torch.cuda.set_per_process_memory_fraction(1.0)
+    for i, scenario in enumerate(SCENARIOS):
+        proc = subprocess.run([sys.executable, "-m", "planner.measure.fit", "--scenario", str(i)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"FAILED {scenario}: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
             continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{row['model']} on {row['gpu_played']} ({row['method']}): micro {row['micro_batch']} "
               f"{'ran' if row['plan_ok'] else 'OUT OF MEMORY'} at {row['plan_device'] / 2**30:.2f} GiB "
-              f"(predicted {row['predicted_device'] / 2**30:.2f}, cap {row['cap_bytes'] / 2**30:.2f}); "
+              f"(predicted {row['predicted_device'] / 2**30:.2f}, card {row['gpu_memory_bytes'] / 2**30:.2f}); "
               f"next up {row['next_ok']}; largest that runs {row['largest_ok']}", flush=True)
         rows.append(row)
         write_csv(os.path.join(out, "fit.csv"), rows)

@@ -219,26 +219,34 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 
 def run(out_csv: str, cases=CASES, echo=print, traces: str | None = None) -> list[dict]:
-    """Every case in this process (the allocator emptied between them), the CSV rewritten after
-    each so that a run cut short keeps what it measured; `traces`: an .npz of every case's trace."""
+    """Every case in a process of its own (a fresh caching allocator, as a training run starts
+    with: in one process, blocks a case leaves behind, such as cuBLAS workspaces, shift the next
+    case's layout), the CSV rewritten after each so that a run cut short keeps what it measured;
+    `traces`: an .npz of every case's allocator trace."""
+    import os
+
     import numpy as np
     rows, arrays = [], {}
-    for i, (model_id, settings) in enumerate(cases):
-        try:
-            row, events = measure_case(model_id, settings, trace=traces is not None)
-        except Exception as e:  # noqa: BLE001 - one case's failure is reported, the others still run
-            echo(f"FAILED {model_id} {settings}: {type(e).__name__}: {str(e)[:300]}")
-            continue
-        echo(f"{row['case']} [{row['allocator']}]: peak {row['peak_error_pct']:+.2f}%  "
-             f"device {row['device_error_pct']:+.2f}%  reserved/allocated "
-             f"{row['reserved_peak'] / row['allocated_peak']:.3f}  outside {row['outside_allocator'] / 2**20:,.0f} MiB",
-             flush=True)
-        rows.append(row)
-        write_csv(out_csv, rows)
-        if events is not None:
-            arrays.update({f"{i}.{k}": v for k, v in events.items()})
-            arrays[f"{i}.case"] = np.array(row["case"])
-            np.savez_compressed(traces, **arrays)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (model_id, settings) in enumerate(cases):
+            npz = os.path.join(tmp, f"{i}.npz") if traces else ""
+            argv = [sys.executable, "-m", "planner.measure.gpu", "--case", json.dumps([model_id, settings]), npz]
+            proc = subprocess.run(argv, capture_output=True, text=True)
+            if proc.returncode != 0:
+                echo(f"FAILED {model_id} {settings}: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            echo(f"{row['case']} [{row['allocator']}]: peak {row['peak_error_pct']:+.2f}%  "
+                 f"device {row['device_error_pct']:+.2f}%  reserved/allocated "
+                 f"{row['reserved_peak'] / row['allocated_peak']:.3f}  "
+                 f"outside {row['outside_allocator'] / 2**20:,.0f} MiB", flush=True)
+            rows.append(row)
+            write_csv(out_csv, rows)
+            if npz:
+                with np.load(npz) as z:
+                    arrays.update({f"{i}.{k}": z[k] for k in z.files})
+                arrays[f"{i}.case"] = np.array(row["case"])
+                np.savez_compressed(traces, **arrays)
     return rows
 
 
@@ -309,6 +317,14 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(environment(), f, indent=1)
         suffix = "_expandable" if name == "expandable" else ""
         run(os.path.join(out, f"validation_gpu{suffix}.csv"), traces=os.path.join(out, f"traces_{name}.npz"))
+        return 0
+    if argv[:1] == ["--case"]:  # one case in this process, as a JSON line; its trace to the .npz named
+        import numpy as np
+        model_id, settings = json.loads(argv[1])
+        row, events = measure_case(model_id, settings, trace=bool(argv[2:3] and argv[2]))
+        if events is not None:
+            np.savez_compressed(argv[2], **events)
+        print(json.dumps(row))
         return 0
     run(argv[0] if argv else "tables/validation_gpu.csv")
     return 0

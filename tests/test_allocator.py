@@ -1,0 +1,102 @@
+"""The caching-allocator model (planner/allocator.py): its rules on small sequences whose answer
+is worked out by hand from c10/cuda/CUDACachingAllocator.cpp, and its replay of the allocator
+traces recorded on a GPU (tables/gpu/) against the reserved peak torch reported there."""
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from planner.allocator import LARGE_BUFFER, SMALL_BUFFER, Allocator, allocation_size, replay, round_size
+
+MiB = 2**20
+GPU = Path(__file__).resolve().parent.parent / "tables" / "gpu"
+
+
+def test_round_size_and_segment_sizes():
+    assert round_size(1) == 512 and round_size(512) == 512 and round_size(513) == 1024
+    assert allocation_size(8) == SMALL_BUFFER
+    assert allocation_size(MiB) == SMALL_BUFFER
+    assert allocation_size(MiB + 512) == LARGE_BUFFER
+    assert allocation_size(30 * MiB + 1) == 32 * MiB
+
+
+def test_small_and_large_pools_map_their_own_pages():
+    a = Allocator(expandable=True)
+    a.malloc("s", 100)
+    assert a.reserved == SMALL_BUFFER
+    a.malloc("l", 3 * MiB)
+    assert a.reserved == SMALL_BUFFER + LARGE_BUFFER
+    a.malloc("l2", 16 * MiB)  # the rest of the first large page is 17 MiB: it fits there
+    assert a.reserved == SMALL_BUFFER + LARGE_BUFFER
+
+
+def test_a_freed_hole_is_reused_by_a_request_that_fits_and_not_by_one_that_does_not():
+    a = Allocator(expandable=True)
+    for k in "abc":
+        a.malloc(k, 100 * MiB)
+    assert a.reserved == 300 * MiB
+    a.free("b")
+    a.malloc("d", 60 * MiB)           # best fit: the 100 MiB hole
+    assert a.reserved == 300 * MiB
+    a.malloc("e", 50 * MiB)           # the hole has 40 MiB left: the end grows by 60 MiB (3 pages)
+    assert a.reserved == 360 * MiB
+    assert a.peak_allocated == 310 * MiB
+
+
+def test_a_free_block_at_the_end_is_extended_rather_than_left_behind():
+    a = Allocator(expandable=True)
+    a.malloc("a", 100 * MiB)
+    a.malloc("b", 100 * MiB)
+    a.free("b")
+    a.malloc("c", 150 * MiB)  # the free 100 MiB at the end plus 60 MiB mapped: 260 reserved
+    assert a.reserved == 260 * MiB
+
+
+def test_freed_neighbours_merge():
+    a = Allocator(expandable=True)
+    for k in "abc":
+        a.malloc(k, 100 * MiB)
+    a.free("a")
+    a.free("b")
+    a.malloc("d", 200 * MiB)  # fits the merged 200 MiB
+    assert a.reserved == 300 * MiB
+
+
+def test_without_expandable_segments_blocks_do_not_merge_across_segments():
+    a = Allocator(expandable=False)
+    a.malloc("a", 100 * MiB)
+    a.malloc("b", 100 * MiB)
+    a.free("a")
+    a.free("b")
+    a.malloc("c", 200 * MiB)  # two free 100 MiB segments, neither fits: a third
+    assert a.reserved == 400 * MiB
+    a.malloc("d", 5 * MiB)    # best fit among free blocks: a freed 100 MiB segment, split
+    assert a.reserved == 400 * MiB
+    b = Allocator(expandable=False)
+    b.malloc("d", 5 * MiB)    # a mid-size request gets a 20 MiB segment; its rest serves the next
+    b.malloc("e", 5 * MiB)
+    assert b.reserved == 20 * MiB
+
+
+def _gpu_runs():
+    runs = []
+    for name, expandable in (("expandable", True), ("default", False)):
+        traces, rows = GPU / f"traces_{name}.npz", GPU / f"validation_gpu{'_expandable' if expandable else ''}.csv"
+        if traces.exists() and rows.exists():
+            runs.append((traces, rows, expandable))
+    return runs
+
+
+@pytest.mark.parametrize("traces,rows,expandable", _gpu_runs(), ids=lambda v: getattr(v, "name", str(v)))
+def test_replaying_gpu_traces_gives_the_reserved_peak_torch_reported(traces, rows, expandable):
+    np = pytest.importorskip("numpy")
+    from planner.measure.replay import gpu_events
+    reported = {r["case"]: int(r["reserved_peak"]) for r in csv.DictReader(open(rows))}
+    z = np.load(traces)
+    errors = {}
+    for i in sorted({k.split(".")[0] for k in z.files}, key=int):
+        case = str(z[f"{i}.case"])
+        got = replay(gpu_events(z, i), expandable).peak_reserved
+        errors[case] = 100 * (got - reported[case]) / reported[case]
+    assert errors and all(abs(e) <= 1.0 for e in errors.values()), errors
