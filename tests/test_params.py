@@ -4,10 +4,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from planner.resolve import catalog
-from planner.spec import ModelSpec, count_params
+from planner.spec import FAMILIES, ModelSpec, count_params
+
+# the entries of model types with hand-written formulas (the others, qwen3, gpt_oss, ..., have none
+# yet: tests/test_catalog.py checks their recorded counts against transformers and the published figures)
+FORMULA_IDS = sorted(k for k, e in catalog().items() if e["config"]["model_type"] in FAMILIES)
 
 
-@pytest.mark.parametrize("model_id", sorted(catalog()))
+@pytest.mark.parametrize("model_id", FORMULA_IDS)
 def test_catalog_param_count_matches_meta_model(model_id):
     cfg = dict(catalog()[model_id]["config"])
     spec = ModelSpec.from_config(cfg)
