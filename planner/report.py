@@ -277,3 +277,34 @@ def render_gpus(console, cat: list, found: list, note: str) -> None:
              [("index", "right"), ("name", "left"), ("memory GiB", "right"), ("catalog entry", "left")], local)
     else:
         console.print(f"This machine: {note}. Name a GPU with --gpu instead of auto.")
+
+
+def params_short(n: int) -> str:
+    """A parameter count as the model cards write it: `8.19B`, `596M`."""
+    return f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:,.0f}M"
+
+
+def render_models(console, rows: list[dict], total: int, query: str) -> None:
+    """`plan models`: id, model_type and parameters per entry; the source column where the
+    terminal is wide enough for it, else the one rule every entry's source follows (and any
+    entry that does not)."""
+    from .resolve import hub_source
+    title = (f"Model catalog (tables/models.json): {total} configs" if not query
+             else f"Model catalog (tables/models.json): {len(rows)} of {total} configs match '{query}'")
+    cols = [("id", "left"), ("model_type", "left"), ("params", "right")]
+    table = [[r["id"], r["model_type"], params_short(r["params"])] for r in rows]
+    wide = _grid(cols + [("source", "left")], [t + [r["source"]] for t, r in zip(table, rows, strict=True)],
+                 [None] * len(rows))
+    if _measure(console, wide) <= console.width:
+        if title:
+            from rich.text import Text
+            console.print(Text(title, style="italic"), overflow="fold")
+        console.print(wide)
+    else:
+        show(console, title, cols, table)
+        console.print("source: https://huggingface.co/<id>/blob/main/config.json", style="dim")
+        for r in rows:
+            if r["source"] != hub_source(r["id"]):
+                console.print(f"source of {r['id']}: {r['source']}", style="dim")
+    console.print("params: of the model plan trains (of a multimodal repo, its text model).", style="dim")
+    console.print("--json adds each entry's aliases and its published parameter figure.", style="dim")

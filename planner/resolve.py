@@ -34,11 +34,86 @@ def catalog() -> dict:
 
 
 def _catalog_index() -> dict:
+    """Every id and alias, lower-cased -> its catalog id."""
     idx = {}
     for key, entry in catalog().items():
         for name in [key, *entry.get("aliases", [])]:
             idx[name.lower()] = key
     return idx
+
+
+def _bare(name: str) -> str:
+    """A repo id without its org, lower-cased: `meta-llama/Meta-Llama-3-8B` -> `meta-llama-3-8b`."""
+    return name.rsplit("/", 1)[-1].lower()
+
+
+def catalog_lookup(model: str) -> str | None:
+    """The catalog id `model` names: an id or alias in any case, or one without its org
+    (`Meta-Llama-3-8B`). A bare name that two orgs' entries carry is refused in one line."""
+    idx = _catalog_index()
+    key = idx.get(model.lower())
+    if key is not None or "/" in model:
+        return key
+    bare = model.lower()
+    keys = sorted({key for name, key in idx.items() if _bare(name) == bare}, key=str.lower)
+    if len(keys) > 1:
+        raise ResolveError(f"'{model}' names {len(keys)} catalog entries: {', '.join(keys)}; pass the full id")
+    return keys[0] if keys else None
+
+
+def _tokens(name: str) -> set:
+    import re
+    return set(re.findall(r"[a-z]+|\d+(?:\.\d+)?", name.lower()))
+
+
+def _similarity(query: str, name: str) -> float:
+    """How alike two repo names read: the characters of the names without their orgs
+    (difflib's ratio) and the words and numbers they share, plus a little for the same org."""
+    ratio = difflib.SequenceMatcher(None, _bare(query), _bare(name)).ratio()
+    q, n = _tokens(_bare(query)), _tokens(_bare(name))
+    shared = len(q & n) / len(q | n) if q | n else 0.0
+    same_org = "/" in query and "/" in name and query.split("/")[0].lower() == name.split("/")[0].lower()
+    return 0.5 * ratio + 0.4 * shared + 0.1 * same_org
+
+
+def suggestions(model: str, n: int = 3, cutoff: float = 0.3) -> list[str]:
+    """Up to `n` catalog ids whose id or alias reads most like `model`, best first, each once."""
+    best: dict[str, float] = {}
+    for key, entry in catalog().items():
+        best[key] = max(_similarity(model, name) for name in [key, *entry.get("aliases", [])])
+    ranked = sorted((k for k in best if best[k] >= cutoff), key=lambda k: (-best[k], k.lower()))
+    return ranked[:n]
+
+
+def hub_source(model_id: str) -> str:
+    """Where a catalog entry's config.json is published, unless the entry says otherwise."""
+    return f"https://huggingface.co/{model_id}/blob/main/config.json"
+
+
+def _natural(name: str) -> list:
+    """Sort key that reads numbers as numbers: Qwen3-4B before Qwen3-14B."""
+    import re
+    return [(0, float(part), "") if part[0].isdigit() else (1, 0.0, part)
+            for part in re.findall(r"\d+(?:\.\d+)?|[^\d]+", name.lower())]
+
+
+def catalog_entries(query: str = "") -> list[dict]:
+    """The catalog as rows for `plan models`, sorted by id: id, model_type, params (the exact
+    count of the model plan trains, from tables/models.json), source, aliases and the published
+    figure where the entry records one. `query` keeps the entries whose id, aliases or model_type
+    contain each of its words, in any case; numbers in ids sort as numbers."""
+    words = query.lower().split()
+    rows = []
+    for key, entry in sorted(catalog().items(), key=lambda kv: _natural(kv[0])):
+        mt = entry["config"].get("model_type", "")
+        text = " ".join([key, *entry.get("aliases", []), mt]).lower()
+        if all(w in text for w in words):
+            row = {"id": key, "model_type": mt, "params": entry.get("params"), "source": entry["source"],
+                   "aliases": list(entry.get("aliases", []))}
+            if "published" in entry:
+                row["published"] = {k: v for k, v in entry["published"].items() if k != "vision_config"}
+            rows.append(row)
+    return rows
 
 
 MAX_CONFIG_BYTES = 16 * 2**20
@@ -99,15 +174,11 @@ def _resolve(model: str) -> Resolved:
         found = finder(model)
         if found is not None:
             return found
-    key = _catalog_index().get(model.lower())
+    key = catalog_lookup(model)
     if key is not None:
         return Resolved(key, dict(catalog()[key]["config"]), "catalog")
-    close = difflib.get_close_matches(model.lower(), list(_catalog_index()), n=3, cutoff=0.4)
-    if not close:
-        tail = model.split("/")[-1].lower()
-        close = [k for k in _catalog_index() if tail[:5] and tail[:5] in k][:3]
-    names = ", ".join(_catalog_index()[c] for c in close) if close else "none"
-    raise ResolveError(f"unknown model '{model}' (not local, not cached, Hub unreachable or offline); "
+    names = ", ".join(suggestions(model)) or "none"
+    raise ResolveError(f"unknown model '{model[:200]}' (not local, not cached, Hub unreachable or offline); "
                        f"closest catalog entries: {names}; or pass a directory or config.json path")
 
 

@@ -86,6 +86,11 @@ def deepspeed_figures(rows: list[dict]) -> list[str]:
     return [gib(r[k]) for r in rows for k in ("cpu_bytes", "gpu_bytes")]
 
 
+def models_figures(rows: list[dict]) -> list[str]:
+    from planner.report import params_short
+    return [f for r in rows for f in (r["id"], r["model_type"], params_short(r["params"]))]
+
+
 L8 = "meta-llama/Meta-Llama-3-8B"
 CASES = {
     "estimate": ([L8], estimate_figures),
@@ -96,6 +101,8 @@ CASES = {
     "qlora-readme": (["meta-llama/Llama-3.1-8B", "--lora-rank", "16", "--quant", "nf4"], estimate_figures),
     "recommend": (["recommend", L8, "--gpu", "RTX-4090", "--global-batch", "64"], recommend_figures),
     "gpus": (["gpus"], gpus_figures),
+    "models": (["models"], models_figures),
+    "models-query": (["models", "deepseek"], models_figures),
     "accelerate": ([L8, "--compat", "accelerate"], accelerate_figures),
     "deepspeed": ([L8, "--compat", "deepspeed", "--gpus", "8"], deepspeed_figures),
 }
@@ -105,7 +112,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_figure_whole_within_the_width(monkeypatch, capsys, case, columns):
     args, figures = CASES[case]
-    if args[0] not in ("recommend", "gpus"):
+    if args[0] not in ("recommend", "gpus", "models"):
         args = ["estimate", *args]
     code, out, _ = plan(monkeypatch, capsys, *args, "--json", columns=columns)
     assert code == 0
@@ -137,7 +144,7 @@ def test_wide_layout_at_120_narrow_at_80(monkeypatch, capsys):
 
 # ---------------------------------------------------------------- CLI habits
 
-COMMANDS = ("estimate", "simulate", "recommend", "emit-config", "train", "gpus", "validate")
+COMMANDS = ("estimate", "simulate", "recommend", "emit-config", "train", "gpus", "models", "validate")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from . import emit_config, estimate, gpus, recommend, train, validate
+from . import emit_config, estimate, gpus, models, recommend, train, validate
 
 try:
     from typer._click import exceptions as cx  # typer 0.2x carries its own click
@@ -83,6 +83,7 @@ app.command("recommend")(recommend.recommend_cmd)
 app.command("emit-config")(emit_config.emit_config_cmd)
 app.command("train")(train.train_cmd)
 app.command("gpus")(gpus.gpus_cmd)
+app.command("models")(models.models_cmd)
 app.command("validate")(validate.validate_cmd)
 
 
