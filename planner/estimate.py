@@ -15,6 +15,7 @@ from .contract import COMPONENTS, PlanError, Settings, check_options
 from .distributed import sharded_phases
 from .memory import (
     CUBLAS_WORKSPACE_BYTES,
+    allocator_slack,
     device_bytes,
     eager_attention,
     lora_targets,
@@ -82,6 +83,6 @@ def estimate(spec: ModelSpec, st: Settings) -> Estimate:
     if eager_attention(spec, st) and st.attn != "eager":
         notes.append(f"{spec.model_type} attention soft-capping needs eager attention (or --attn flash)")
     return Estimate(params=pc.total, trainable_params=trainable_params(spec, pc, st), peak_bytes=peak,
-                    device_bytes=device_bytes(peak, st.grad_checkpointing), components=comps, phases=phases,
+                    device_bytes=device_bytes(phases, allocator_slack(spec, pc, st)), components=comps, phases=phases,
                     phase_components=phase_comp, cpu_bytes=int(cpu), nvme_bytes=int(nvme), notes=notes,
                     param_counts=pc)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .contract import PlanError, Settings
+from .contract import PlanError, Settings, shard_size
 from .precision import BNB_MIN_8BIT_SIZE, BNB_OPT_BLOCK, RECIPES, quantized_weight_bytes
 from .spec import ModelSpec, ParamCount, count_params
 
@@ -564,26 +564,59 @@ def activation_bytes(spec: ModelSpec, st: Settings) -> Activations:
 
 # ---------------------------------------------------------------- overheads
 
-CUDA_CONTEXT_BYTES = 758 * 2**20
+CUDA_CONTEXT_BYTES = 764 * 2**20
+"""What NVML counts for a training process beyond the caching allocator's reservation: the CUDA
+context, loaded kernels, cuBLAS handles. Measured as NVML's per-process figure minus
+`torch.cuda.memory_reserved()` after each case: 758-764 MiB on an H200 (torch 2.11.0+cu130,
+driver 580.159.04, 2026-11-29, tables/gpu/validation_gpu_expandable.csv, outside_allocator
+column) and 742-758 MiB on an H100 80GB HBM3 (2026-11-23)."""
 CUBLAS_WORKSPACE_BYTES = 64 * 2**20
-ALLOCATOR_RESERVE = 0.07
-ALLOCATOR_RESERVE_CHECKPOINTING = 0.18
+
+# Fragmentation of the caching allocator with expandable segments, fitted as an upper envelope to
+# the reserved peak of 68 allocation sequences replayed through planner/allocator.py (the
+# simulator's steps of Llama-3.2-1B, Qwen2.5-0.5B, SmolLM2, TinyLlama and GPT-2: full, LoRA and
+# checkpointing, 1k-16k tokens; `python -m planner.measure.replay --grid`), the model itself checked
+# against the H200's traces to 0.5% (tests/test_allocator.py).
+SLACK_LOGITS = 1.15
+"""Per byte of the 16-bit logits, where the loss upcasts them (`logits.float()` in transformers'
+ForCausalLMLoss): the 16-bit logits are freed once the fp32 copy exists, and their hole is too
+small for the backward's fp32 vocabulary-wide blocks (replays: 1.03-1.48x the 16-bit logits,
+plus about 0.1 GiB; none where the logits are fp32 already, GPT-2 in fp32: 0.16 GiB)."""
+SLACK_BASE = 100 * 2**20
+SLACK_CHECKPOINTED_GRADS = 1.0
+"""Per byte of the blocks' gradients, full fine-tuning with checkpointing: each block's gradients
+are allocated between its recomputed activations and pin the holes they leave (replays:
+0.64-1.15x the gradients, over the logits' share)."""
+SLACK_NF4_HEAD = 0.6
+"""QLoRA: per byte of autocast's bf16 copy of the fp32 head, alive from the forward's end into
+backward (the two H200 QLoRA traces: 1.22 GiB of slack on Llama-3-8B where the logits' share is
+0.66 GiB; on Llama-3.2-1B the term over-counts by 0.3 GiB, 1.7% of the step)."""
 
 
-def device_bytes(peak: int, grad_checkpointing: bool = False) -> int:
-    """Per-process GPU memory as NVML reports it, from the live-tensor peak.
+def allocator_slack(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
+    """Bytes the caching allocator (`expandable_segments:True`, as `plan train` runs) holds beyond
+    the live tensors at the forward's or backward's peak: free blocks too small or too scattered
+    for the next requests. See SLACK_* for the terms and their evidence; the optimizer step adds
+    none (its states and temporaries reuse the activations' freed space)."""
+    if spec.is_encoder:  # no vocabulary-wide loss (bert on the H200: 1.3% over the peak)
+        return SLACK_BASE
+    rc = RECIPES[st.precision]
+    e = 4 if st.quant != "none" and not rc.autocast else rc.compute  # the logits' dtype, as logits_bytes has it
+    slack = SLACK_BASE + (SLACK_LOGITS * st.tokens * spec.vocab * e if e < 4 else 0)
+    if not st.lora and st.grad_checkpointing:
+        slack += SLACK_CHECKPOINTED_GRADS * rc.grad * pc.largest_layer * spec.layers / shard_size(st)
+    if st.quant != "none" and rc.autocast:
+        slack += SLACK_NF4_HEAD * 2 * spec.vocab * spec.hidden
+    return slack
 
-    Measured on an H100 80GB HBM3 (torch 2.11.0+cu130, driver 580, 2026-11-23; `python -m
-    planner.measure.gpu`, tables/validation_gpu*.csv):
-    - CUDA context and kernels outside the caching allocator: NVML's per-process figure minus
-      `max_memory_reserved` was 758 MiB in 11 of 12 cases (742 MiB for GPT-2).
-    - Caching-allocator reserve over `max_memory_allocated`: with `expandable_segments:True`
-      (what `plan train` sets) at most 7% without gradient checkpointing (1.001-1.073) and 18%
-      with it (1.103-1.181: each block's recompute allocates and frees a layer of activations
-      of varying sizes). The default allocator reserved up to 11% and 28%.
-    """
-    reserve = ALLOCATOR_RESERVE_CHECKPOINTING if grad_checkpointing else ALLOCATOR_RESERVE
-    return int(peak * (1 + reserve) + CUDA_CONTEXT_BYTES)
+
+def device_bytes(phases: dict, slack: float) -> int:
+    """Per-process GPU memory as NVML reports it: the caching allocator's high-water mark plus the
+    CUDA context (CUDA_CONTEXT_BYTES). The allocator never returns memory during training, so its
+    high-water mark is the largest of each phase's live bytes, the forward's and backward's with
+    the allocator's slack on top (`allocator_slack`)."""
+    activation_peak = max(phases.get("forward", 0), phases.get("backward", 0))
+    return int(max(max(phases.values()), activation_peak + slack) + CUDA_CONTEXT_BYTES)
 
 
 # ---------------------------------------------------------------- the estimate

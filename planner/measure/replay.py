@@ -1,10 +1,10 @@
 """Reserved memory without a GPU: the simulator's step as an allocation sequence, replayed through
 the caching-allocator model (planner/allocator.py).
 
-`simulated_trace` runs what `planner.measure.gpu` runs on the GPU (the model, a warm-up step that
-creates the optimizer state, a measured step) on fake CPU tensors, and records every storage
-MemTracker sees come and go, in order. The cuBLAS workspaces a CUDA process allocates from the
-caching allocator at its first matmul are added there (two of 32 MiB on Hopper, H200 traces).
+`simulated_trace` is the simulator's run (planner/measure/simulate.py: the model, a warm-up step
+that creates the optimizer state, a measured step, on fake CPU tensors, as `planner.measure.gpu`
+runs them on the GPU) as every storage MemTracker saw come and go, in order, with the cuBLAS
+workspaces a CUDA process takes from the caching allocator at its first matmul.
 
 `python -m planner.measure.replay TRACES.npz CSV` checks both halves against a GPU run of the
 suite: each GPU trace replayed through the model against the reserved peak torch reported, and
@@ -13,72 +13,19 @@ each case's simulated trace replayed against it too.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import sys
 
 from ..allocator import Allocator, replay
 from ..contract import Settings
-from ..precision import RECIPES
-from .builder import build_model, is_encoder, make_optimizer, train_step, unpacked_sequences
-from .tracker import Tracker
-
-CUBLAS_WORKSPACES = (32 * 2**20, 32 * 2**20)
-"""What the H200 traces show cuBLAS/cuBLASLt taking from the caching allocator at the first
-matmul of a process (torch 2.11, CUDA 13): two blocks of 32 MiB, kept to the end."""
+from .simulate import measure
 
 
-class TraceTracker(Tracker):
-    """MemTracker that also writes down each storage's arrival and departure, in order."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[tuple[bool, int, int]] = []
-
-    def _update_snap(self, u_type, winfo, old_mem_consumed=None, old_reftype=None) -> None:
-        name = getattr(u_type, "name", str(u_type))
-        if name == "ADD" and winfo.mem_consumed > 0:
-            self.events.append((True, id(winfo), winfo.mem_consumed))
-        elif name == "DEL" and winfo.mem_consumed > 0:
-            self.events.append((False, id(winfo), 0))
-        elif name == "SIZE":
-            self.events.append((False, id(winfo), 0))
-            self.events.append((True, id(winfo), winfo.mem_consumed))
-        super()._update_snap(u_type, winfo, old_mem_consumed=old_mem_consumed, old_reftype=old_reftype)
-
-
-def simulated_trace(cfg: dict, st: Settings) -> list[tuple[bool, int, int]]:
+def simulated_trace(cfg: dict, st: Settings) -> list[tuple[bool, object, int]]:
     """The allocation sequence of a model build, a warm-up step and a measured step, on fake
-    tensors: (is_alloc, key, bytes) in order."""
-    with unpacked_sequences():
-        return _trace(cfg, st)
-
-
-def _trace(cfg: dict, st: Settings) -> list:
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    mode = FakeTensorMode()
-    model, config = build_model(cfg, st, mode)
-    rc = RECIPES[st.precision]
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if rc.autocast else contextlib.nullcontext()
-    tracker = TraceTracker()
-    with mode:
-        tracker.track_external(model)
-        ids = torch.randint(0, config.vocab_size, (st.batch_size, st.seq_len))
-        labels = torch.zeros(st.batch_size, dtype=torch.long) if is_encoder(config) else ids
-        tracker.track_external(ids, labels)
-        for i, size in enumerate(CUBLAS_WORKSPACES):
-            tracker.events.append((True, ("cublas", i), size))
-        batch = dict(input_ids=ids, labels=labels)
-        with tracker:
-            opt = make_optimizer([p for p in model.parameters() if p.requires_grad], st.optimizer)
-            micro = 2 if st.accumulation > 1 else 1
-            for _ in range(2):
-                train_step(model, opt, batch, amp, lambda phase: phase == "backward" and tracker.reset_mod_stats(),
-                           micro_steps=micro)
-    return tracker.events
+    tensors (the simulator's run): (is_alloc, key, bytes) in order."""
+    return measure(cfg, st, fake=True, keep_events=True).events
 
 
 def simulated_reserved(cfg: dict, st: Settings, expandable: bool = True) -> Allocator:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from ..contract import PlanError, Settings
 from ..estimate import Estimate, estimate
-from ..memory import device_bytes
+from ..memory import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES
 from ..precision import RECIPES
 from ..spec import ModelSpec, SpecError
 from .builder import build_model, is_encoder, make_optimizer, measured_config, train_step, unpacked_sequences
@@ -102,19 +102,31 @@ class Measurement:
     categories: dict  # phase -> MemTracker's categories at that phase's peak, as contract components
     params: int = 0
     trainable_params: int = 0
+    reserved_bytes: int = 0  # the caching allocator's high-water mark for the run (planner/allocator.py)
+    events: list | None = None  # the allocation sequence replayed for it, when asked for
 
 
-def measure(cfg: dict, st: Settings, fake: bool = True, weights: str | None = None) -> Measurement:
-    """Run warm-up + measured step under MemTracker; return the peak and per-phase peaks."""
+def measure(cfg: dict, st: Settings, fake: bool = True, weights: str | None = None,
+            keep_events: bool = False) -> Measurement:
+    """Run warm-up + measured step under MemTracker; return the peak and per-phase peaks of the
+    measured step, and the caching allocator's reserved peak for the whole run (model, warm-up,
+    step) from its allocation sequence replayed through planner/allocator.py."""
     with unpacked_sequences():
-        return _measure(cfg, st, fake, weights)
+        return _measure(cfg, st, fake, weights, keep_events)
 
 
-def _measure(cfg: dict, st: Settings, fake: bool, weights: str | None = None) -> Measurement:
+CUBLAS_WORKSPACES = (32 * 2**20, 32 * 2**20)
+"""What the H200 traces show cuBLAS/cuBLASLt taking from the caching allocator at a process's
+first matmul (torch 2.11, CUDA 13): two blocks of 32 MiB, kept to the end (CUBLAS_WORKSPACE_BYTES
+in the formulas)."""
+
+
+def _measure(cfg: dict, st: Settings, fake: bool, weights: str | None = None, keep_events: bool = False):
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .tracker import PhaseRecorder, Tracker
+    from ..allocator import replay
+    from .tracker import PhaseRecorder, TraceTracker, phase_peak
     mode = FakeTensorMode() if fake else None
     torch.manual_seed(0)
     model, config = build_model(cfg, st, mode, weights)
@@ -122,19 +134,23 @@ def _measure(cfg: dict, st: Settings, fake: bool, weights: str | None = None) ->
     rc = RECIPES[st.precision]
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if rc.autocast else contextlib.nullcontext()
     with ctx:
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = make_optimizer(trainable, st.optimizer)
+        tracker = TraceTracker()
+        tracker.track_external(model)
         ids = torch.randint(0, config.vocab_size, (st.batch_size, st.seq_len))
         labels = torch.zeros(st.batch_size, dtype=torch.long) if is_encoder(config) else ids
-
+        tracker.track_external(ids, labels)
+        tracker.events += [(True, ("cublas", i), size) for i, size in enumerate(CUBLAS_WORKSPACES)]
         batch = dict(input_ids=ids, labels=labels)
         micro = 2 if st.accumulation > 1 else 1  # from the second micro-step on, the memory repeats
-        train_step(model, opt, batch, amp, micro_steps=micro)
-        tracker = Tracker()
-        tracker.track_external(model, opt, ids, labels)
-        record = PhaseRecorder(tracker, reset_modules_after=("backward",) if micro > 1 else ())
         with tracker:
+            opt = make_optimizer([p for p in model.parameters() if p.requires_grad], st.optimizer)
+            # warm-up: creates the optimizer state; MemTracker refuses a module's second forward
+            # in one window, so its per-module state is cleared after each backward
+            train_step(model, opt, batch, amp, lambda phase: phase == "backward" and tracker.reset_mod_stats(),
+                       micro_steps=micro)
+            phase_peak(tracker)  # the measured step's phases start here
             s0 = tracker.get_tracker_snapshot("current")
+            record = PhaseRecorder(tracker, reset_modules_after=("backward",))
             train_step(model, opt, batch, amp, record, micro_steps=micro)
         phases, cats = record.phases, record.categories
         d0 = next(iter(s0)) if s0 else None
@@ -145,7 +161,9 @@ def _measure(cfg: dict, st: Settings, fake: bool, weights: str | None = None) ->
         n_train = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
     peak = max(phases.values())
     return Measurement(peak_bytes=int(peak), phases={k: int(v) for k, v in phases.items()}, categories=cats,
-                       params=int(n_params), trainable_params=int(n_train))
+                       params=int(n_params), trainable_params=int(n_train),
+                       reserved_bytes=replay(tracker.events).peak_reserved,
+                       events=tracker.events if keep_events else None)
 
 
 def simulated_estimate(cfg: dict, st: Settings, budget: Budget = Budget()) -> Estimate:
@@ -183,6 +201,7 @@ def simulated_estimate(cfg: dict, st: Settings, budget: Budget = Budget()) -> Es
         spec = None
         notes.append("attention dropout off as on CUDA's fused kernels; any dropout masks are counted as CPU keeps "
                      "them (fp32, CUDA: 1 byte per value), so this may be slightly high")
+    delta: dict = {}
     if spec is not None and st.kernels == "cuda":
         cuda, cpu = estimate(spec, replace(st, kernels="cuda")), estimate(spec, replace(st, kernels="cpu"))
         delta = {k: cuda.phases[k] - cpu.phases[k] for k in phases}
@@ -196,6 +215,10 @@ def simulated_estimate(cfg: dict, st: Settings, budget: Budget = Budget()) -> Es
                          f"in the phase it changes most")
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]
+    # NVML's figure: the replayed allocator high-water mark (its trace has the cuBLAS workspaces
+    # already), with the CUDA-kernel corrections beyond them, and the CUDA context
+    cuda_extra = max(max(delta.values(), default=0) - CUBLAS_WORKSPACE_BYTES, 0)
     return Estimate(params=m.params, trainable_params=m.trainable_params, peak_bytes=peak,
-                    device_bytes=device_bytes(peak, st.grad_checkpointing), components=cats[peak_phase], phases=phases,
+                    device_bytes=int(max(peak, m.reserved_bytes + cuda_extra) + CUDA_CONTEXT_BYTES),
+                    components=cats[peak_phase], phases=phases,
                     phase_components=cats, notes=notes)

@@ -38,6 +38,26 @@ class Tracker(MemTracker):
                 self._peak_mem_snap[dev] = dict(snap)
 
 
+class TraceTracker(Tracker):
+    """Tracker that also writes down each storage's arrival and departure, in order: the
+    allocation sequence a caching allocator would see (planner/allocator.py replays it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[bool, object, int]] = []
+
+    def _update_snap(self, u_type, winfo, old_mem_consumed=None, old_reftype=None) -> None:
+        name = getattr(u_type, "name", str(u_type))
+        if name == "ADD" and winfo.mem_consumed > 0:
+            self.events.append((True, id(winfo), winfo.mem_consumed))
+        elif name == "DEL" and winfo.mem_consumed > 0:
+            self.events.append((False, id(winfo), 0))
+        elif name == "SIZE":
+            self.events.append((False, id(winfo), 0))
+            self.events.append((True, id(winfo), winfo.mem_consumed))
+        super()._update_snap(u_type, winfo, old_mem_consumed=old_mem_consumed, old_reftype=old_reftype)
+
+
 def phase_peak(tracker: MemTracker, dev=None) -> tuple:
     """(device, the peak snapshot since the last call) for the tracked device, then restart the
     peak from the live bytes now, so that each phase of a step reports its own peak."""
