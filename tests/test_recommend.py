@@ -56,6 +56,35 @@ def test_catalog_has_the_gpus_the_issue_names_with_sources():
     assert lookup("H100-SXM").memory_bytes == 81559 * 2**20  # as nvidia-smi reports it
 
 
+def test_catalog_memory_is_what_nvml_reports_and_says_where_each_figure_comes_from():
+    """memory_mib is NVML's `memory.total` (MiB): a reading cites where it was seen (an issue
+    `owner/repo#N`, a file `owner/repo path`, or this project's own measurement under tables/);
+    a row without one keeps the datasheet's decimal GB and says that no reading was found.
+    memory_gb stays the marketing figure."""
+    import csv
+    import re
+    cited = re.compile(r"^(nvidia-smi|rocm-smi|NVML|measured here)\b.*"
+                       r"([\w.-]+/[\w.-]+(#\d+| \S+)|tables/\S+)")
+    none_found = re.compile(r"^datasheet \d+ GB \(decimal\); no (citable )?(nvidia-smi|rocm-smi|NVML) "
+                            r"reading found")
+    with open(ROOT / "tables" / "gpus.csv", newline="", encoding="utf-8") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    for name, r in rows.items():
+        src, mib, gb = r["memory_mib_source"], int(r["memory_mib"]), int(r["memory_gb"])
+        decimal_mib = gb * 10**9 // 2**20
+        if none_found.match(src):
+            assert mib == decimal_mib, (name, mib, decimal_mib)
+        else:
+            assert cited.match(src), f"{name}: memory_mib_source cites no nvidia-smi/NVML/rocm-smi reading " \
+                                     f"and does not say none was found: {src!r}"
+            # a reading is above the decimal-GB conversion and at most the binary GiB
+            assert decimal_mib < mib <= gb * 1024, (name, mib, decimal_mib, gb * 1024)
+    # measured on this project's H200 (nvidia-smi 143771 MiB; NVML 150754820096 bytes)
+    assert int(rows["H200"]["memory_mib"]) == 143771 == 150754820096 // 2**20
+    assert lookup("H200").memory_bytes == 143771 * 2**20
+    assert rows["H200"]["memory_gb"] == "141"
+
+
 def test_lookup_forgives_spelling_and_reads_nvml_names():
     assert lookup("rtx 4090").name == lookup("RTX-4090").name == lookup("NVIDIA GeForce RTX 4090").name == "RTX-4090"
     assert lookup("NVIDIA A100-SXM4-80GB").name == "A100-80GB"
