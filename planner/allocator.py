@@ -119,16 +119,15 @@ class Allocator:
         have = tail.size if tail is not None and tail.free else 0
         grow = _up(size - have, pool.page)
         self.reserved += grow
+        self._mapped_end[small] += grow
         if have:
             self._drop_free(pool, tail)
             tail.size += grow
             return tail
-        start = self._mapped_end[small]
-        b = _Block(seg=0, start=start, size=grow, prev=tail)
+        b = _Block(seg=0, start=self._mapped_end[small] - grow, size=grow, prev=tail)
         if tail is not None:
             tail.next = b
         pool.tail = b
-        self._mapped_end[small] = start + grow
         return b
 
     def malloc(self, key, size: int) -> None:

@@ -19,6 +19,7 @@ from .memory import (
     device_bytes,
     eager_attention,
     lora_targets,
+    needed_bytes,
     replicated_phases,
     trainable_params,
 )
@@ -38,6 +39,7 @@ class Estimate:
     nvme_bytes: int = 0
     notes: list = field(default_factory=list)
     param_counts: ParamCount | None = None
+    needed_bytes: int = 0   # the least GPU memory the step runs in (memory.needed_bytes); recommend fits by it
 
 
 def validate(spec: ModelSpec, st: Settings) -> Settings:
@@ -85,4 +87,4 @@ def estimate(spec: ModelSpec, st: Settings) -> Estimate:
     return Estimate(params=pc.total, trainable_params=trainable_params(spec, pc, st), peak_bytes=peak,
                     device_bytes=device_bytes(phases, allocator_slack(spec, pc, st)), components=comps, phases=phases,
                     phase_components=phase_comp, cpu_bytes=int(cpu), nvme_bytes=int(nvme), notes=notes,
-                    param_counts=pc)
+                    param_counts=pc, needed_bytes=needed_bytes(phases))

@@ -2,7 +2,7 @@
 
 The search (pure functions, no I/O): method (full fine-tune, LoRA, QLoRA) x LoRA rank x strategy
 and offload x gradient checkpointing, and for each the largest micro-batch whose predicted
-`device_bytes` fits the GPU less a margin (bisection on the estimate), with the gradient
+`needed_bytes` fits the GPU less a margin (bisection on the estimate), with the gradient
 accumulation that keeps the global batch the user asked for. Plans are ranked by the step-time
 model of planner/speed.py.
 
@@ -20,6 +20,7 @@ from .contract import Method, PlanError, Settings, world_size
 from .distributed import strategy_choices
 from .estimate import Estimate, estimate
 from .gpus import GPU
+from .margin import evidence
 from .spec import ModelSpec
 from .speed import DEFAULT_MFU, StepTime, step_time
 
@@ -38,17 +39,21 @@ class Request:
     seq_len: int = 2048
     global_batch: int | None = None   # None: the largest micro-batch, no accumulation
     method: str = "auto"
-    margin: float = 0.1
+    margin: float | None = None       # None: from the measured device error of each plan's kind (planner/margin.py)
     optimizer: str = "adamw"
     mfu: float = DEFAULT_MFU
     samples: int = 10_000             # sequences in an epoch, for the time per epoch
     host_ram_bytes: int | None = None  # per node; None: not limited
     lora_targets: str = "all-linear"
 
-    @property
-    def budget(self) -> int:
-        """Bytes a plan may use per GPU: the GPU's memory less the margin."""
-        return int(self.gpu.memory_bytes * (1 - self.margin))
+    def margin_for(self, st: Settings) -> float:
+        """The fraction of GPU memory a plan of these settings keeps free: the one asked for, else
+        the evidence's for its kind."""
+        return self.margin if self.margin is not None else evidence(st).margin
+
+    def budget_for(self, st: Settings) -> int:
+        """Bytes a plan of these settings may use per GPU: the GPU's memory less its margin."""
+        return int(self.gpu.memory_bytes * (1 - self.margin_for(st)))
 
     @property
     def world(self) -> int:
@@ -87,7 +92,7 @@ def check_request(req: Request) -> None:
     """Requests that no plan can satisfy, whatever the model: one line each."""
     if req.method not in ("auto",) + METHODS:
         raise PlanError(f"unknown {{method}} '{req.method}'; choose auto, full, lora or qlora", "method")
-    if not 0 <= req.margin < 1:
+    if req.margin is not None and not 0 <= req.margin < 1:
         raise PlanError(f"{{margin}} must be in [0, 1), got {req.margin}", "margin")
     if not 0 < req.mfu <= 1:
         raise PlanError(f"{{mfu}} must be in (0, 1], got {req.mfu}", "mfu")
@@ -110,7 +115,7 @@ def fits(spec: ModelSpec, st: Settings, req: Request) -> Estimate | None:
         est = estimate(spec, st)
     except PlanError:
         return None
-    if est.device_bytes > req.budget:
+    if est.needed_bytes > req.budget_for(st):
         return None
     if req.host_ram_bytes is not None and est.cpu_bytes > req.host_ram_bytes:
         return None
@@ -227,7 +232,7 @@ def smallest_need(spec: ModelSpec, req: Request) -> tuple[int, Settings | None]:
         for strategy, offload in _strategies(base):
             st = replace(base, strategy=strategy, offload=offload, grad_checkpointing=True, batch_size=1)
             try:
-                need = estimate(spec, st).device_bytes
+                need = estimate(spec, st).needed_bytes
             except PlanError:
                 continue
             if best is None or need < best:
@@ -301,12 +306,14 @@ def explain(p: Plan, plans: list[Plan], req: Request) -> list[str]:
         lines.append("one GPU, no sharding needed")
     else:
         lines.append(_STRATEGY_WHY[st.strategy] + (f", offloading {_OFFLOAD_WHAT[st.offload]}" if p.offload else ""))
-    fill = f"{p.estimate.device_bytes / gib:,.1f} of {req.budget / gib:,.1f} GiB usable"
+    fill = (f"needs {p.estimate.needed_bytes / gib:,.1f} of {req.budget_for(st) / gib:,.1f} GiB usable; "
+            f"NVML shows up to {p.estimate.device_bytes / gib:,.1f} where memory is plentiful")
     if req.global_batch is None:
         lines.append(f"micro-batch {st.batch_size}: the largest that fits ({fill})")
     else:
         lines.append(f"micro-batch {st.batch_size} x {p.accumulation} accumulation x {req.world} GPU(s) = global batch "
                      f"{p.global_batch} ({fill}; largest fitting micro-batch {p.largest_micro})")
+    lines.append(evidence(st).line() if req.margin is None else f"{req.margin:.0%} kept free (--margin)")
     twin = [q for q in plans if q is not p and q.method == p.method and q.settings.strategy == st.strategy
             and q.settings.offload == st.offload and q.settings.grad_checkpointing != st.grad_checkpointing]
     if twin and p.tokens_per_s > 0 and twin[0].tokens_per_s > 0:  # a GPU without speed figures ranks by memory

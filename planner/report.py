@@ -17,6 +17,7 @@ def to_json(name: str, arch: str, st: Settings, est: Estimate, method: str = "an
         "phases": {k: int(est.phases[k]) for k in ("model", "forward", "backward", "optimizer_step")},
         "cpu_bytes": int(est.cpu_bytes), "nvme_bytes": int(est.nvme_bytes),
         "method": method,
+        "needed_bytes": int(est.needed_bytes),  # after the contract's keys: the least GPU memory the step runs in
     }
 
 
@@ -211,6 +212,7 @@ def plan_json(p) -> dict:
             "largest_micro_batch": p.largest_micro, "seq_len": st.seq_len,
             "grad_checkpointing": st.grad_checkpointing, "gpus": st.gpus, "nodes": st.nodes,
             "device_bytes": int(p.estimate.device_bytes), "peak_bytes": int(p.estimate.peak_bytes),
+            "needed_bytes": int(p.estimate.needed_bytes),
             "cpu_bytes": int(p.estimate.cpu_bytes), "nvme_bytes": int(p.estimate.nvme_bytes),
             "step_seconds": t.total, "tokens_per_s": p.tokens_per_s, "epoch_seconds": p.epoch_s,
             "time": {"compute": t.compute, "launch": t.launch, "dequant": t.dequant, "comm": t.comm,
@@ -231,9 +233,10 @@ def _duration(s: float) -> str:
 def render_plans(console, name: str, req, plans: list, n_fit: int) -> None:
     g = req.gpu
     title = (f"Plans for {name} on {req.nodes} node(s) x {req.gpus} {g.name} "
-             f"({g.memory_bytes / 2**30:,.1f} GiB, {req.budget / 2**30:,.1f} GiB usable "
-             f"at margin {req.margin:g}), "
-             f"{req.seq_len} tokens per sequence"
+             f"({g.memory_bytes / 2**30:,.1f} GiB, "
+             + (f"{req.margin:.0%} kept free), " if req.margin is not None else
+                "margin from each plan's measured device error), ")
+             + f"{req.seq_len} tokens per sequence"
              + (f", global batch {req.global_batch}" if req.global_batch else ""))
     cols = [(c, "left" if c in ("method", "strategy", "offload") else "right")
             for c in ("#", "method", "strategy", "offload", "micro\nx accum", "ckpt", "GiB\n/GPU", "host\nGiB",
@@ -243,7 +246,7 @@ def render_plans(console, name: str, req, plans: list, n_fit: int) -> None:
         st = p.settings
         method = p.method if p.method == "full" else f"{p.method} r{st.lora_rank}"
         table.append([str(i), method, st.strategy, st.offload, f"{st.batch_size} x {p.accumulation}",
-                      "yes" if st.grad_checkpointing else "no", f"{p.estimate.device_bytes / 2**30:,.1f}",
+                      "yes" if st.grad_checkpointing else "no", f"{p.estimate.needed_bytes / 2**30:,.1f}",
                       f"{p.estimate.cpu_bytes / 2**30:,.0f}" if p.estimate.cpu_bytes else "-",
                       f"{p.tokens_per_s:,.0f}", _duration(p.time.total), _duration(p.epoch_s)])
     show(console, title, cols, table, ["bold" if i == 0 else None for i in range(len(plans))])
@@ -253,7 +256,8 @@ def render_plans(console, name: str, req, plans: list, n_fit: int) -> None:
                   f"at an assumed MFU of {req.mfu:.0%} (--mfu), kernel launches, collectives over "
                   f"{g.link_gbs:,.0f} GB/s per GPU" + (" and a 50 GB/s-per-GPU network" if req.nodes > 1 else "")
                   + f", offload over PCIe ({g.pcie_gbs:,.0f} GB/s); epoch = {req.samples:,} sequences (--samples). "
-                  "Memory per GPU is plan estimate's device figure.", style="dim")
+                  "GiB/GPU is what the step needs to run (its peak, the allocator's unreturnable pages, the CUDA "
+                  "context); NVML shows more where memory is plentiful (plan estimate's device figure).", style="dim")
 
 
 def render_gpus(console, cat: list, found: list, note: str) -> None:

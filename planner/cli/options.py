@@ -104,7 +104,8 @@ GlobalBatch = Annotated[Optional[int], typer.Option(
 MethodOpt = Annotated[Optional[MethodOrAuto], typer.Option(
     "--method", help=f"what trains; auto: full if it fits, else LoRA, else QLoRA (default {_SEARCH['method']})")]
 Margin = Annotated[Optional[float], typer.Option(
-    "--margin", help=f"fraction of GPU memory kept free (default {_SEARCH['margin']})")]
+    "--margin", help="fraction of GPU memory kept free (default: the measured device error of the plan's "
+    "kind, 3-10%)")]
 Mfu = Annotated[Optional[float], typer.Option(
     "--mfu", help=f"model-FLOPs utilisation assumed for the step-time model (default {_SEARCH['mfu']:g})")]
 Samples = Annotated[Optional[int], typer.Option(

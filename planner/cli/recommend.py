@@ -50,7 +50,8 @@ def recommend_cmd(ctx: typer.Context, model: Model, gpu: Gpu, gpus: Gpus = None,
     source_note(res)
     if as_json:
         typer.echo(json.dumps({"model": res.name, "gpu": g.name, "gpus": req.gpus, "nodes": req.nodes,
-                               "memory_bytes": g.memory_bytes, "budget_bytes": req.budget, "mfu": req.mfu,
+                               "memory_bytes": g.memory_bytes, "budget_bytes": req.budget_for(plans[0].settings),
+                               "mfu": req.mfu,
                                "plans": [plan_json(p) for p in plans[:top]]}, indent=2))
         return
     render_plans(console(120), res.name, req, plans[:top], len(plans))
@@ -60,7 +61,8 @@ def nothing_fits(spec: ModelSpec, req: Request, g: GPU) -> str:
     """What the smallest plan needs, and the single changes that would make one fit."""
     need, st = smallest_need(spec, req)
     hints = nearest_fits(spec, req)
-    return (f"nothing fits {req.world} x {g.name} ({req.budget / 2**30:,.1f} GiB usable per GPU at margin "
-            f"{req.margin:g}): the smallest plan needs {need / 2**30:,.1f} GiB"
+    usable = req.budget_for(st) if st is not None else g.memory_bytes
+    return (f"nothing fits {req.world} x {g.name} ({usable / 2**30:,.1f} GiB usable per GPU, "
+            f"{1 - usable / g.memory_bytes:.0%} kept free): the smallest plan needs {need / 2**30:,.1f} GiB"
             + (f" ({st.strategy}, offload {st.offload})" if st else "")
             + ("; it would fit with " + ", or ".join(hints) if hints else "; no single change makes it fit"))

@@ -28,7 +28,7 @@ SCENARIOS = [  # (model, the GPU played, method, optimizer): the issue's six, on
 ]
 SEQ_LEN = 2048
 STEPS = 3
-LADDER = 2
+LADDER = 3
 
 
 def runnable(plan) -> bool:

@@ -40,6 +40,10 @@ CASES = [
                                         grad_checkpointing=True)),
     ("meta-llama/Meta-Llama-3-8B", dict(precision="bf16-amp", batch_size=1, seq_len=2048, lora_rank=16, quant="nf4",
                                         grad_checkpointing=True)),
+    ("HuggingFaceTB/SmolLM2-1.7B", dict(precision="bf16-amp", batch_size=4, seq_len=2048, grad_checkpointing=True,
+                                        optimizer="adamw-8bit")),
+    ("meta-llama/Llama-3.2-3B", dict(precision="bf16-pure", batch_size=8, seq_len=2048, lora_rank=16,
+                                     grad_checkpointing=True)),
 ]
 
 

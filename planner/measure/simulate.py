@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from ..contract import PlanError, Settings
 from ..estimate import Estimate, estimate
-from ..memory import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES
+from ..memory import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, needed_bytes
 from ..precision import RECIPES
 from ..spec import ModelSpec, SpecError
 from .builder import build_model, is_encoder, make_optimizer, measured_config, train_step, unpacked_sequences
@@ -221,4 +221,4 @@ def simulated_estimate(cfg: dict, st: Settings, budget: Budget = Budget()) -> Es
     return Estimate(params=m.params, trainable_params=m.trainable_params, peak_bytes=peak,
                     device_bytes=int(max(peak, m.reserved_bytes + cuda_extra) + CUDA_CONTEXT_BYTES),
                     components=cats[peak_phase], phases=phases,
-                    phase_components=cats, notes=notes)
+                    phase_components=cats, notes=notes, needed_bytes=needed_bytes(phases))

@@ -281,9 +281,9 @@ def recommend_scenario(model: str, method: str, seq_len: int, mib: int, global_b
             "strategy": st.strategy, "offload": st.offload, "lora_rank": st.lora_rank,
             "grad_checkpointing": st.grad_checkpointing, "recommended_micro": rec, "accumulation": best.accumulation,
             "true_largest_micro": true_largest, "ratio": round(rec / true_largest, 3) if true_largest else None,
-            "capacity_bytes": gpu.memory_bytes, "budget_bytes": req.budget,
+            "capacity_bytes": gpu.memory_bytes, "budget_bytes": req.budget_for(best.settings),
             "predicted_device_bytes": best.estimate.device_bytes, "measured_device_bytes": rec_device,
-            "fits_gpu": rec_device <= gpu.memory_bytes, "within_budget": rec_device <= req.budget}
+            "fits_gpu": rec_device <= gpu.memory_bytes, "within_budget": rec_device <= req.budget_for(best.settings)}
 
 
 def run_recommend(out_dir: str = "tables", echo=print) -> list[dict]:
