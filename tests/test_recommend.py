@@ -165,7 +165,7 @@ def test_llama3_on_a_4090_is_lora_or_qlora_with_checkpointing_and_keeps_the_glob
     assert best.settings.lora_rank in (16, 32) and best.settings.lora_alpha == 2 * best.settings.lora_rank
     assert best.settings.batch_size * best.accumulation == 64
     for p in plans:
-        assert p.estimate.device_bytes <= req.budget
+        assert p.estimate.needed_bytes <= req.budget_for(p.settings)
         assert p.global_batch == 64
         assert estimate(spec_of(LLAMA3), p.settings).device_bytes == p.estimate.device_bytes
     offloads = [p.offload for p in plans]
@@ -181,7 +181,7 @@ def test_multi_gpu_70b_shards():
     req = Request(gpu=lookup("H100-SXM"), gpus=8, seq_len=4096, global_batch=64)
     best = recommend(spec_of("meta-llama/Llama-3.1-70B"), req)[0]
     assert best.settings.strategy in ("fsdp", "zero3") and best.global_batch == 64
-    assert best.estimate.device_bytes <= req.budget
+    assert best.estimate.needed_bytes <= req.budget_for(best.settings)
 
 
 def test_recommend_cli_json_and_table():
@@ -190,7 +190,7 @@ def test_recommend_cli_json_and_table():
     d = json.loads(out)
     assert d["gpu"] == "RTX-4090" and d["plans"] and d["budget_bytes"] < d["memory_bytes"]
     p = d["plans"][0]
-    assert p["micro_batch"] * p["gradient_accumulation"] == 64 and p["device_bytes"] <= d["budget_bytes"]
+    assert p["micro_batch"] * p["gradient_accumulation"] == 64 and p["needed_bytes"] <= d["budget_bytes"]
     assert p["tokens_per_s"] > 0 and p["epoch_seconds"] > 0 and p["why"]
     code, out, _ = run("recommend", LLAMA3, "--gpu", "RTX-4090", "--global-batch", "64")
     assert code == 0 and "MFU of 40%" in out and "tokens/s" in out

@@ -113,7 +113,7 @@ def run_scenario(model_id: str, gpu_name: str, method: str, optimizer: str, outs
             "method": method, "optimizer": optimizer, "plan_source": source,
             "precision": st.precision, "lora_rank": st.lora_rank, "quant": st.quant,
             "grad_checkpointing": st.grad_checkpointing, "micro_batch": micro, "accumulation": st.accumulation,
-            "seq_len": st.seq_len, "margin": req.margin, "outside_allocator": outside,
+            "seq_len": st.seq_len, "margin": req.margin_for(st), "outside_allocator": outside,
             "predicted_device": predicted[micro],
             "plan_ok": tries[micro]["ok"], "plan_device": tries[micro]["reserved_peak"] + outside,
             "next_ok": None if nxt is None else nxt["ok"],
