@@ -60,6 +60,27 @@ class Optimizer(Choice):
     LION = "lion"
 
 
+class Loss(Choice):
+    """The loss over the output head, each modelled from what its library keeps
+    (planner/memory.py: loss_bytes): transformers' cross-entropy over the whole logits; Liger
+    Kernel's fused linear cross-entropy (logits one chunk of rows at a time, Triton); Apple's Cut
+    Cross-Entropy (no logits, a log-sum-exp per row, Triton); torchtune's CEWithChunkedOutputLoss
+    (the head and the fp32 upcast per chunk of positions, plain torch; `loss_chunks` chunks)."""
+    STANDARD = "standard"
+    LIGER_FLCE = "liger-flce"
+    CCE = "cce"
+    CHUNKED = "chunked"
+
+
+FUSED_LOSSES = ("liger-flce", "cce")
+"""Losses whose kernel multiplies the head itself and never builds the logits: Triton, CUDA only."""
+UNMEASURED_FUSED = "unmeasured on CPU: needs CUDA (Triton kernel)"
+"""What the estimate says of a fused loss: its formula is read from the library's source, and
+its kernel cannot run on this CPU-only machine."""
+LOSS_CHUNKS = 8
+"""torchtune's default `num_output_chunks` (CEWithChunkedOutputLoss)."""
+
+
 class Quant(Choice):
     """The stored base of a LoRA run: unquantised, bitsandbytes LLM.int8 or NF4 (QLoRA)."""
     NONE = "none"
@@ -183,6 +204,9 @@ class Settings:
     # Whose kernels and autocast op lists to model: "cuda" (the target) or "cpu" (the machine the
     # simulator measures on). They differ for attention with dropout and for a few autocast ops.
     kernels: str = "cuda"
+    # the loss over the output head (Loss), and the chunks of the chunked one
+    loss: str = "standard"
+    loss_chunks: int = LOSS_CHUNKS
 
     @property
     def tokens(self) -> int:
@@ -209,7 +233,7 @@ def shard_size(st: Settings) -> int:
 
 
 _CHOICES = {"precision": Precision, "optimizer": Optimizer, "quant": Quant, "attn": Attention,
-            "strategy": Strategy, "offload": Offload, "kernels": Kernels}
+            "strategy": Strategy, "offload": Offload, "kernels": Kernels, "loss": Loss}
 
 
 def _check_choice(st: Settings, name: str) -> None:
@@ -224,7 +248,7 @@ def check_options(st: Settings) -> Settings:
     """Reject options that are impossible for any model, with one clear line."""
     for name in _CHOICES:
         _check_choice(st, name)
-    for name in ("batch_size", "seq_len", "gpus", "nodes", "accumulation"):
+    for name in ("batch_size", "seq_len", "gpus", "nodes", "accumulation", "loss_chunks"):
         if getattr(st, name) < 1:
             raise PlanError(f"{{{name}}} must be at least 1, got {getattr(st, name)}", name)
     if st.lora_rank < 0:
