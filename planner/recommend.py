@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from .contract import Method, PlanError, Settings, world_size
+from .contract import LOSS_CHUNKS, Method, PlanError, Settings, world_size
 from .distributed import strategy_choices
 from .estimate import Estimate, estimate
 from .gpus import GPU
@@ -45,6 +45,8 @@ class Request:
     samples: int = 10_000             # sequences in an epoch, for the time per epoch
     host_ram_bytes: int | None = None  # per node; None: not limited
     lora_targets: str = "all-linear"
+    loss: str = "standard"
+    loss_chunks: int = LOSS_CHUNKS
 
     def margin_for(self, st: Settings) -> float:
         """The fraction of GPU memory a plan of these settings keeps free: the one asked for, else
@@ -96,7 +98,7 @@ def check_request(req: Request) -> None:
         raise PlanError(f"{{margin}} must be in [0, 1), got {req.margin}", "margin")
     if not 0 < req.mfu <= 1:
         raise PlanError(f"{{mfu}} must be in (0, 1], got {req.mfu}", "mfu")
-    for name in ("gpus", "nodes", "seq_len", "samples"):
+    for name in ("gpus", "nodes", "seq_len", "samples", "loss_chunks"):
         if getattr(req, name) < 1:
             raise PlanError(f"{{{name}}} must be at least 1, got {getattr(req, name)}", name)
     if req.host_ram_bytes is not None and req.host_ram_bytes < 0:
@@ -161,7 +163,8 @@ def _method_settings(method: str, rank: int, req: Request, gpu: GPU) -> Settings
         precision = "bf16-pure"
     lora = dict(lora_rank=rank, lora_alpha=2.0 * rank, lora_targets=req.lora_targets) if method != "full" else {}
     return Settings(precision=precision, optimizer=req.optimizer, seq_len=req.seq_len, gpus=req.gpus,
-                    nodes=req.nodes, quant="nf4" if method == "qlora" else "none", **lora)
+                    nodes=req.nodes, quant="nf4" if method == "qlora" else "none", loss=req.loss,
+                    loss_chunks=req.loss_chunks, **lora)
 
 
 def _strategies(base: Settings) -> list[tuple[str, str]]:

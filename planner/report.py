@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .contract import COMPONENTS, Settings
+from .contract import COMPONENTS, FUSED_LOSSES, UNMEASURED_FUSED, Settings
 from .estimate import Estimate
 
 
@@ -18,7 +18,22 @@ def to_json(name: str, arch: str, st: Settings, est: Estimate, method: str = "an
         "cpu_bytes": int(est.cpu_bytes), "nvme_bytes": int(est.nvme_bytes),
         "method": method,
         "needed_bytes": int(est.needed_bytes),  # after the contract's keys: the least GPU memory the step runs in
+        **loss_json(st),
     }
+
+
+def loss_json(st: Settings) -> dict:
+    """The loss option echoed (keys beside the contract's): the loss, its chunks where chunked,
+    and whether its formula is measured here."""
+    return {"loss": st.loss, "loss_chunks": st.loss_chunks if st.loss == "chunked" else None,
+            "loss_validation": UNMEASURED_FUSED if st.loss in FUSED_LOSSES else "measured"}
+
+
+def loss_label(st: Settings) -> str:
+    """`, loss chunked (8 chunks)` for a table's title; empty for the standard loss."""
+    if st.loss == "standard":
+        return ""
+    return f", loss {st.loss}" + (f" ({st.loss_chunks} chunks)" if st.loss == "chunked" else "")
 
 
 def gib(n: float) -> str:
@@ -130,6 +145,7 @@ def render(console, name: str, arch: str, rows: list[tuple[Settings, Estimate]],
              + (f", LoRA r={st0.lora_rank}" if st0.lora else "")
              + (f", {st0.quant} base" if st0.quant != "none" else "")
              + (", grad checkpointing" if st0.grad_checkpointing else "")
+             + loss_label(st0)
              + (f"; {st0.strategy}" + (f" (FSDP{st0.fsdp_version})" if st0.strategy.startswith("fsdp") else "")
                 + (f", offload {st0.offload}" if st0.offload != "none" else "")
                 + f" over {st0.nodes} node(s) x {st0.gpus} GPU(s)"
@@ -211,6 +227,7 @@ def plan_json(p) -> dict:
             "micro_batch": st.batch_size, "gradient_accumulation": p.accumulation, "global_batch": p.global_batch,
             "largest_micro_batch": p.largest_micro, "seq_len": st.seq_len,
             "grad_checkpointing": st.grad_checkpointing, "gpus": st.gpus, "nodes": st.nodes,
+            "optimizer": st.optimizer, **loss_json(st),
             "device_bytes": int(p.estimate.device_bytes), "peak_bytes": int(p.estimate.peak_bytes),
             "needed_bytes": int(p.estimate.needed_bytes),
             "cpu_bytes": int(p.estimate.cpu_bytes), "nvme_bytes": int(p.estimate.nvme_bytes),

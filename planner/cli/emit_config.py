@@ -28,6 +28,8 @@ from .options import (
     LoraAlpha,
     LoraRank,
     LoraTargets,
+    LossChunks,
+    LossOpt,
     Margin,
     MethodOpt,
     Model,
@@ -66,7 +68,8 @@ def emit_config_cmd(ctx: typer.Context, model: Model, out: Out, gpu: Gpu = None,
                     batch_size: BatchSize = None, grad_accum: GradAccum = None, optimizer: OptimizerOpt = None,
                     lora_rank: LoraRank = None, lora_alpha: LoraAlpha = None, lora_targets: LoraTargets = None,
                     quant: QuantOpt = None, grad_checkpointing: GradCheckpointing = None, strategy: StrategyOpt = None,
-                    offload: OffloadOpt = None, data: Data = None, data_format: DataFormatOpt = DataFormat.ALPACA,
+                    offload: OffloadOpt = None, loss: LossOpt = None, loss_chunks: LossChunks = None,
+                    data: Data = None, data_format: DataFormatOpt = DataFormat.ALPACA,
                     main_process_ip: MainProcessIp = None, main_process_port: MainProcessPort = 29500,
                     machine_rank: MachineRank = 0, force: Force = False) -> None:
     """Write a plan as accelerate.yaml (+ deepspeed.json for ZeRO), recipe.yaml and PLAN.md."""

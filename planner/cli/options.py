@@ -21,6 +21,7 @@ from ..contract import (
     Choice,
     DataFormat,
     Dtype,
+    Loss,
     Method,
     Offload,
     Optimizer,
@@ -91,6 +92,11 @@ StrategyOrAllOpt = Annotated[Optional[StrategyOrAll], typer.Option(
     "--strategy", help=f"data parallelism, or all: compare them side by side (default {_DEFAULT['strategy']})")]
 OffloadOpt = Annotated[Optional[Offload], typer.Option(
     "--offload", help=f"what a sharded strategy keeps off the GPU (default {_DEFAULT['offload']})")]
+LossOpt = Annotated[Optional[Loss], typer.Option(
+    "--loss", help="the loss over the output head: transformers' cross-entropy, Liger's fused linear cross-entropy, "
+    f"Cut Cross-Entropy, or torchtune's chunked one (default {_DEFAULT['loss']})")]
+LossChunks = Annotated[Optional[int], typer.Option(
+    "--loss-chunks", help=f"chunks of --loss chunked (default {_DEFAULT['loss_chunks']})")]
 FsdpVersion = Annotated[Optional[int], typer.Option(
     "--fsdp-version", help=f"FSDP 1 or 2, accelerate's fsdp_version (default {_DEFAULT['fsdp_version']})")]
 
