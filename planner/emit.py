@@ -17,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .contract import FSDP, ZERO, PlanError, Settings, shard_size, world_size
+from .contract import FSDP, ZERO, PlanError, Settings, optimizer_name, shard_size, world_size
 from .distributed import zero_stage
 from .estimate import Estimate
 from .precision import RECIPES
@@ -124,7 +124,7 @@ def recipe_dict(model: str, st: Settings, accumulation: int, est: Estimate, gpu:
                  lora_target_modules="all-linear" if st.lora_targets == "all-linear"
                  else [t.strip() for t in st.lora_targets.split(",") if t.strip()])
     d.update(sequence_len=st.seq_len, micro_batch_size=st.batch_size, gradient_accumulation_steps=accumulation,
-             optimizer=st.optimizer, learning_rate=2e-4 if adapter else 2e-5,
+             optimizer=optimizer_name(st.optimizer, st.optimizer_paged), learning_rate=2e-4 if adapter else 2e-5,
              bf16=half and "fp16" not in st.precision, fp16=half and "fp16" in st.precision,
              gradient_checkpointing=st.grad_checkpointing, **recipe_loss_keys(st),
              plan={"strategy": st.strategy, "offload": st.offload, "gpus": st.gpus, "nodes": st.nodes, "gpu": gpu,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .contract import COMPONENTS, FUSED_LOSSES, UNMEASURED_FUSED, PlanError, Settings, check_options
+from .contract import COMPONENTS, FUSED_LOSSES, PAGED_NOTE, UNMEASURED_FUSED, PlanError, Settings, check_options
 from .distributed import sharded_phases
 from .memory import (
     CUBLAS_WORKSPACE_BYTES,
@@ -99,6 +99,8 @@ def estimate(spec: ModelSpec, st: Settings) -> Estimate:
     peak = int(phases[peak_phase])
     comps["other"] += peak - sum(comps.values())
     notes += loss_notes(spec, st)
+    if st.optimizer_paged:
+        notes.append(PAGED_NOTE)
     if eager_attention(spec, st) and st.attn != "eager":
         notes.append(f"{spec.model_type} attention soft-capping needs eager attention (or --attn flash)")
     return Estimate(params=pc.total, trainable_params=trainable_params(spec, pc, st), peak_bytes=peak,

@@ -115,14 +115,13 @@ def optimizer_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> floa
         # bitsandbytes' Lion (a 32-bit Optimizer1State) keeps one fp32 `state1` per parameter,
         # whatever the parameter's dtype (bitsandbytes/optim/optimizer.py:681, 0.50)
         return 4 * n
-    if st.optimizer == "adamw-8bit":
-        total = 0.0
-        for elems, count in _trainable_tensors(spec, pc, st):
-            if elems < BNB_MIN_8BIT_SIZE:
-                total += count * 2 * 4 * elems
-            else:
-                total += count * 2 * (elems + 4 * -(-elems // BNB_OPT_BLOCK))
-        return total
+    if st.optimizer in ("adamw-8bit", "lion-8bit"):
+        return bnb_8bit_state_bytes(spec, pc, st, states=2 if st.optimizer == "adamw-8bit" else 1)
+    if st.optimizer == "adamw-32bit":
+        # bitsandbytes' 32-bit AdamW (Optimizer2State, optim_bits=32): two fp32 states whatever
+        # the parameter dtype (bitsandbytes/optim/optimizer.py, `get_state_buffer(p,
+        # dtype=torch.float32)`; measured on CPU, bitsandbytes 0.50)
+        return 8 * n
     if st.optimizer == "adafactor":
         total = 0.0
         if st.lora:
@@ -137,6 +136,19 @@ def optimizer_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> floa
             total += emb_mats * (spec.vocab + spec.hidden) + rest
         return total * p
     raise PlanError(f"unknown {{optimizer}} '{st.optimizer}'", "optimizer")
+
+
+def bnb_8bit_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings, states: int) -> float:
+    """bitsandbytes' 8-bit optimizers (AdamW8bit: two states, Lion8bit: one): per state a uint8
+    value and an fp32 absmax per block of 256 values; tensors under 4096 elements keep fp32 states
+    (`min_8bit_size`). The paged variants allocate the same buffers in unified memory."""
+    total = 0.0
+    for elems, count in _trainable_tensors(spec, pc, st):
+        if elems < BNB_MIN_8BIT_SIZE:
+            total += count * states * 4 * elems
+        else:
+            total += count * states * (elems + 4 * -(-elems // BNB_OPT_BLOCK))
+    return total
 
 
 def optimizer_step_temp_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:

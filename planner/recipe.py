@@ -14,7 +14,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .contract import LOSS_CHUNKS, DataFormat, Offload, Optimizer, Precision, Settings, Strategy
+from .contract import LOSS_CHUNKS, DataFormat, Offload, OptimizerName, Precision, Settings, Strategy, optimizer_choice
 
 LOSS_KEYS = {"liger-flce": "liger_fused_linear_cross_entropy", "cce": "cut_cross_entropy",
              "chunked": "chunked_cross_entropy"}
@@ -78,7 +78,7 @@ class Recipe(_Strict):
     gradient_accumulation_steps: int = Field(1, ge=1)
     num_epochs: float = Field(1, gt=0)
     max_steps: Optional[int] = Field(None, ge=1)
-    optimizer: Optimizer = "adamw"
+    optimizer: OptimizerName = "adamw"  # the contract's names or HF Trainer's / Axolotl's (paged_adamw_8bit, ...)
     learning_rate: float = Field(2e-4, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
@@ -226,7 +226,8 @@ def settings(recipe: Recipe, world: int | None = None, batch: int | None = None,
     else:
         gpus, nodes, strategy = world, 1, p.strategy if world > 1 else "ddp"
     targets = recipe.lora_target_modules
-    return Settings(precision=precision(recipe), optimizer=recipe.optimizer,
+    optimizer, paged = optimizer_choice(recipe.optimizer)
+    return Settings(precision=precision(recipe), optimizer=optimizer, optimizer_paged=paged,
                     batch_size=batch or recipe.micro_batch_size,
                     seq_len=seq or recipe.sequence_len, lora_rank=recipe.lora_r if recipe.adapter else 0,
                     lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,

@@ -211,17 +211,21 @@ def make_optimizer(params, name: str, lr: float | None = None, weight_decay: flo
     """The optimizer the estimate counts for `name`, as torch / transformers / bitsandbytes build it.
     `params`: tensors or param groups. `lr` None: a small default (the simulator's steps)."""
     import torch
+
+    from ..contract import BNB_OPTIMIZERS, optimizer_choice
+    name, paged = optimizer_choice(name)
     kw = dict(lr=lr if lr is not None else 1e-4, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, foreach=True, **kw)
     if name == "adamw-fused":
         return torch.optim.AdamW(params, fused=True, **kw)
-    if name in ("adamw-8bit", "lion"):
+    if name in BNB_OPTIMIZERS:
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise ValueError(f"optimizer {name} needs bitsandbytes (pip install bitsandbytes)") from None
-        return bnb.optim.AdamW8bit(params, **kw) if name == "adamw-8bit" else bnb.optim.Lion(params, **kw)
+        cls = {"adamw-8bit": "AdamW8bit", "adamw-32bit": "AdamW32bit", "lion": "Lion", "lion-8bit": "Lion8bit"}[name]
+        return getattr(bnb.optim, ("Paged" if paged else "") + cls)(params, **kw)
     if name == "sgd":
         return torch.optim.SGD(params, foreach=True, **{**kw, "lr": lr if lr is not None else 1e-3})
     if name == "sgd-momentum":

@@ -179,8 +179,8 @@ def simulated_estimate(cfg: dict, st: Settings, budget: Budget = Budget()) -> Es
     if st.quant != "none":
         raise PlanError(f"{{quant}} {st.quant}: the simulator cannot run bitsandbytes kernels on CPU; "
                         "drop --exact for the formula", "quant")
-    if st.optimizer == "adamw-8bit":
-        raise PlanError("{optimizer} adamw-8bit: bitsandbytes' 8-bit step reads its values, which fake tensors "
+    if st.optimizer in ("adamw-8bit", "lion-8bit"):
+        raise PlanError(f"{{optimizer}} {st.optimizer}: bitsandbytes' 8-bit step reads its values, which fake tensors "
                         "do not have; drop --exact for the formula (measured on real tensors: tables/validation.csv)",
                         "optimizer")
     if st.loss in FUSED_LOSSES:

