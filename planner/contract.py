@@ -80,7 +80,8 @@ allocated in CUDA unified memory, which the driver moves to host RAM only under 
 so the GPU holds the same state as the unpaged optimizer."""
 
 OptimizerName = Choice("OptimizerName", {**{m.name: m.value for m in Optimizer},
-                                         **{f"USERS_{k.upper()}": k for k in OPTIMIZER_NAMES if k not in Optimizer.values()}})
+                                         **{f"USERS_{k.upper()}": k for k in OPTIMIZER_NAMES
+                                            if k not in Optimizer.values()}})
 """Every name `--optimizer` and the recipe's `optimizer` accept: the contract's and users' names."""
 
 PAGED_NOTE = ("paged optimizer (bitsandbytes): the GPU holds the same state; paging moves it to host RAM only under "
