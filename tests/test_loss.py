@@ -127,3 +127,24 @@ def test_emitted_recipe_turns_the_loss_on(tmp_path):
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "p" / "recipe.yaml").read_text()
     assert "cut_cross_entropy: true" in text
+
+
+def test_a_missing_loss_library_is_one_line_naming_what_to_install(monkeypatch):
+    import sys
+
+    from planner.measure.builder import LossLibraryMissing, _fused_loss, torchtune_chunked_loss
+    monkeypatch.setitem(sys.modules, "torchtune", None)
+    with pytest.raises(LossLibraryMissing, match=r"pip install torchtune"):
+        torchtune_chunked_loss()
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", None)
+    with pytest.raises(LossLibraryMissing, match=r"needs cut-cross-entropy \(pip install cut-cross-entropy\)"):
+        _fused_loss(Settings(loss="cce"))
+
+
+def test_liger_without_triton_says_where_it_runs():
+    import importlib.util
+    if importlib.util.find_spec("liger_kernel") is None or importlib.util.find_spec("triton") is not None:
+        pytest.skip("needs liger-kernel installed without Triton (this CPU machine)")
+    from planner.measure.builder import LossLibraryMissing, _fused_loss
+    with pytest.raises(LossLibraryMissing, match="needs Triton on a CUDA GPU"):
+        _fused_loss(Settings(loss="liger-flce"))

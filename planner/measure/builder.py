@@ -120,9 +120,10 @@ def _fused_loss(st: Settings):
         from cut_cross_entropy import linear_cross_entropy
         return linear_cross_entropy
     except ImportError as e:
-        missing = "triton (a CUDA GPU)" if "triton" in str(e) else what
-        raise LossLibraryMissing(f"loss {st.loss} needs {what} and Triton on a CUDA GPU; not importable here "
-                                 f"({missing} missing: pip install {what})") from None
+        if "triton" in str(e):
+            raise LossLibraryMissing(f"loss {st.loss} needs Triton on a CUDA GPU (pip install {what} triton, where "
+                                     "there is one)") from None
+        raise LossLibraryMissing(f"loss {st.loss} needs {what} (pip install {what})") from None
 
 
 def install_loss(model, st: Settings) -> None:
