@@ -644,6 +644,18 @@ def chunked_ce_bytes(spec: ModelSpec, st: Settings) -> Logits:
     return Logits(saved=saved, forward=fwd, backward=bwd, grad=e * chunk)
 
 
+def loss_logit_elems(spec: ModelSpec, st: Settings) -> int:
+    """The 16-bit logits the loss upcasts at once, whose freed hole SLACK_LOGITS counts: all of them
+    for transformers' loss and for the chunked one (every chunk's 16-bit logits are alive while
+    each is upcast; its allocator slack is not measured), one chunk of rows for Liger, none for
+    Cut Cross-Entropy (no logits)."""
+    if st.loss == "cce":
+        return 0
+    if st.loss == "liger-flce":
+        return liger_flce_chunk_rows(spec, st) * spec.vocab
+    return st.tokens * spec.vocab
+
+
 def loss_bytes(spec: ModelSpec, st: Settings) -> Logits:
     """The logits and loss term for `st.loss` (contract.Loss); an encoder's task head has none."""
     if spec.is_encoder or st.loss == "standard":
@@ -745,7 +757,7 @@ def allocator_slack(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
         return SLACK_BASE
     rc = RECIPES[st.precision]
     e = 4 if st.quant != "none" and not rc.autocast else rc.compute  # the logits' dtype, as logits_bytes has it
-    slack = SLACK_BASE + (SLACK_LOGITS * st.tokens * spec.vocab * e if e < 4 else 0)
+    slack = SLACK_BASE + (SLACK_LOGITS * loss_logit_elems(spec, st) * e if e < 4 else 0)
     if not st.lora and st.grad_checkpointing:
         slack += SLACK_CHECKPOINTED_GRADS * rc.grad * pc.largest_layer * spec.layers / shard_size(st)
     if st.quant != "none" and rc.autocast:
