@@ -77,7 +77,7 @@ class Plan:
     samples: int
     notes: list = field(default_factory=list)
     techniques: tuple = ()   # the TECHNIQUES this plan uses beyond what was asked for
-    saved: dict = field(default_factory=dict)  # technique -> device bytes it saves on this plan
+    saved: dict = field(default_factory=dict)  # technique -> needed bytes it saves on this plan
 
     @property
     def global_batch(self) -> int:
@@ -254,15 +254,16 @@ def _candidates(spec: ModelSpec, req: Request, method: str, techniques: tuple[st
             plans.append(Plan(settings=st, method=method, accumulation=accum, estimate=est,
                               time=step_time(spec, st, req.gpu, accum, req.mfu), largest_micro=largest,
                               samples=req.samples, techniques=techniques,
-                              saved={t: _saved(spec, st, t, req) - est.device_bytes for t in techniques}))
+                              saved={t: _saved(spec, st, t, req) - est.needed_bytes for t in techniques}))
     return plans
 
 
 def _saved(spec: ModelSpec, st: Settings, technique: str, req: Request) -> int:
-    """The device bytes of `st` without `technique` (the optimizer and loss asked for instead)."""
+    """The bytes `st` needs (`needed_bytes`, what a plan is fitted by) without `technique`: the
+    optimizer and loss asked for instead."""
     base = _method_settings("full", 0, req, req.gpu)
     undo = {k: getattr(base, k) for k in TECHNIQUES[technique]}
-    return estimate(spec, replace(st, **undo)).device_bytes
+    return estimate(spec, replace(st, **undo)).needed_bytes
 
 
 def rank_plans(plans: list[Plan], req: Request) -> list[Plan]:

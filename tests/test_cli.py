@@ -14,7 +14,8 @@ def test_json_contract_single_dtype():
     obj = json.loads(r.stdout)
     # the contract's keys in its order, then the options echoed (the optimizer's paging, the loss) and notes
     assert list(obj)[:len(CONTRACT_KEYS)] == CONTRACT_KEYS
-    assert list(obj)[len(CONTRACT_KEYS):] == ["optimizer_paged", "loss", "loss_chunks", "loss_validation", "notes"]
+    assert list(obj)[len(CONTRACT_KEYS):] == ["needed_bytes", "optimizer_paged", "loss", "loss_chunks",
+                                              "loss_validation", "notes"]
     assert set(obj["components"]) == {"weights", "gradients", "optimizer", "activations", "logits", "other"}
     assert set(obj["phases"]) == {"model", "forward", "backward", "optimizer_step"}
     assert obj["precision"] == "bf16-amp" and obj["method"] == "analytic"
