@@ -54,10 +54,72 @@ class Optimizer(Choice):
     ADAMW = "adamw"
     ADAMW_FUSED = "adamw-fused"
     ADAMW_8BIT = "adamw-8bit"
+    ADAMW_32BIT = "adamw-32bit"
     SGD = "sgd"
     SGD_MOMENTUM = "sgd-momentum"
     ADAFACTOR = "adafactor"
     LION = "lion"
+    LION_8BIT = "lion-8bit"
+
+
+BNB_OPTIMIZERS = ("adamw-8bit", "adamw-32bit", "lion", "lion-8bit")
+"""The bitsandbytes optimizers, the ones with paged variants."""
+
+OPTIMIZER_NAMES = {
+    "adamw_torch": ("adamw", False), "adamw_torch_fused": ("adamw-fused", False),
+    "adamw_bnb_8bit": ("adamw-8bit", False), "adamw_8bit": ("adamw-8bit", False),
+    "paged_adamw_8bit": ("adamw-8bit", True), "paged_adamw_32bit": ("adamw-32bit", True),
+    "lion_8bit": ("lion-8bit", False), "lion_32bit": ("lion", False),
+    "paged_lion_8bit": ("lion-8bit", True), "paged_lion_32bit": ("lion", True),
+    "adafactor": ("adafactor", False), "sgd": ("sgd", False),
+}
+"""The names users type (HF Trainer's `optim`, Axolotl's `optimizer`) -> (the Optimizer the
+formulas count, paged). The one place they are mapped: the CLI, the recipe and the builder
+read it through `optimizer_choice`. `paged_*` are bitsandbytes' paged optimizers: the state is
+allocated in CUDA unified memory, which the driver moves to host RAM only under memory pressure,
+so the GPU holds the same state as the unpaged optimizer."""
+
+OptimizerName = Choice("OptimizerName", {**{m.name: m.value for m in Optimizer},
+                                         **{f"USERS_{k.upper()}": k for k in OPTIMIZER_NAMES
+                                            if k not in Optimizer.values()}})
+"""Every name `--optimizer` and the recipe's `optimizer` accept: the contract's and users' names."""
+
+PAGED_NOTE = ("paged optimizer (bitsandbytes): the GPU holds the same state; paging moves it to host RAM only under "
+              "memory pressure, so it is counted on the GPU")
+
+
+def optimizer_name(optimizer: str, paged: bool) -> str:
+    """The name a recipe writes for an optimizer: the contract's, or the paged variant's users' name."""
+    if not paged:
+        return optimizer
+    return next(k for k, v in OPTIMIZER_NAMES.items() if v == (optimizer, True))
+
+
+def optimizer_choice(name: str) -> tuple[str, bool]:
+    """(the Optimizer value, paged) for any name users type; an unknown name is returned as it is
+    (the option checks refuse it with the list)."""
+    return OPTIMIZER_NAMES.get(name, (name, False))
+
+
+class Loss(Choice):
+    """The loss over the output head, each modelled from what its library keeps
+    (planner/memory.py: loss_bytes): transformers' cross-entropy over the whole logits; Liger
+    Kernel's fused linear cross-entropy (logits one chunk of rows at a time, Triton); Apple's Cut
+    Cross-Entropy (no logits, a log-sum-exp per row, Triton); torchtune's CEWithChunkedOutputLoss
+    (the head and the fp32 upcast per chunk of positions, plain torch; `loss_chunks` chunks)."""
+    STANDARD = "standard"
+    LIGER_FLCE = "liger-flce"
+    CCE = "cce"
+    CHUNKED = "chunked"
+
+
+FUSED_LOSSES = ("liger-flce", "cce")
+"""Losses whose kernel multiplies the head itself and never builds the logits: Triton, CUDA only."""
+UNMEASURED_FUSED = "unmeasured on CPU: needs CUDA (Triton kernel)"
+"""What the estimate says of a fused loss: its formula is read from the library's source, and
+its kernel cannot run on this CPU-only machine."""
+LOSS_CHUNKS = 8
+"""torchtune's default `num_output_chunks` (CEWithChunkedOutputLoss)."""
 
 
 class Quant(Choice):
@@ -183,6 +245,11 @@ class Settings:
     # Whose kernels and autocast op lists to model: "cuda" (the target) or "cpu" (the machine the
     # simulator measures on). They differ for attention with dropout and for a few autocast ops.
     kernels: str = "cuda"
+    # a bitsandbytes optimizer's paged variant (OPTIMIZER_NAMES): the same state on the GPU
+    optimizer_paged: bool = False
+    # the loss over the output head (Loss), and the chunks of the chunked one
+    loss: str = "standard"
+    loss_chunks: int = LOSS_CHUNKS
 
     @property
     def tokens(self) -> int:
@@ -209,7 +276,7 @@ def shard_size(st: Settings) -> int:
 
 
 _CHOICES = {"precision": Precision, "optimizer": Optimizer, "quant": Quant, "attn": Attention,
-            "strategy": Strategy, "offload": Offload, "kernels": Kernels}
+            "strategy": Strategy, "offload": Offload, "kernels": Kernels, "loss": Loss}
 
 
 def _check_choice(st: Settings, name: str) -> None:
@@ -224,9 +291,12 @@ def check_options(st: Settings) -> Settings:
     """Reject options that are impossible for any model, with one clear line."""
     for name in _CHOICES:
         _check_choice(st, name)
-    for name in ("batch_size", "seq_len", "gpus", "nodes", "accumulation"):
+    for name in ("batch_size", "seq_len", "gpus", "nodes", "accumulation", "loss_chunks"):
         if getattr(st, name) < 1:
             raise PlanError(f"{{{name}}} must be at least 1, got {getattr(st, name)}", name)
+    if st.optimizer_paged and st.optimizer not in BNB_OPTIMIZERS:
+        raise PlanError(f"{{optimizer}} {st.optimizer} has no paged variant (bitsandbytes' do: "
+                        f"{', '.join(BNB_OPTIMIZERS)})", "optimizer")
     if st.lora_rank < 0:
         raise PlanError(f"{{lora_rank}} must be 0 (full fine-tune) or positive, got {st.lora_rank}", "lora_rank")
     if st.lora_alpha is not None and not (0 < st.lora_alpha < math.inf):

@@ -17,11 +17,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from .contract import FSDP, ZERO, PlanError, Settings, shard_size, world_size
+from .contract import FSDP, ZERO, PlanError, Settings, optimizer_name, shard_size, world_size
 from .distributed import zero_stage
 from .estimate import Estimate
 from .precision import RECIPES
-from .recipe import from_dict
+from .recipe import from_dict, recipe_loss_keys
 
 FILES = ("accelerate.yaml", "deepspeed.json", "recipe.yaml", "PLAN.md")
 
@@ -124,9 +124,9 @@ def recipe_dict(model: str, st: Settings, accumulation: int, est: Estimate, gpu:
                  lora_target_modules="all-linear" if st.lora_targets == "all-linear"
                  else [t.strip() for t in st.lora_targets.split(",") if t.strip()])
     d.update(sequence_len=st.seq_len, micro_batch_size=st.batch_size, gradient_accumulation_steps=accumulation,
-             optimizer=st.optimizer, learning_rate=2e-4 if adapter else 2e-5,
+             optimizer=optimizer_name(st.optimizer, st.optimizer_paged), learning_rate=2e-4 if adapter else 2e-5,
              bf16=half and "fp16" not in st.precision, fp16=half and "fp16" in st.precision,
-             gradient_checkpointing=st.grad_checkpointing,
+             gradient_checkpointing=st.grad_checkpointing, **recipe_loss_keys(st),
              plan={"strategy": st.strategy, "offload": st.offload, "gpus": st.gpus, "nodes": st.nodes, "gpu": gpu,
                    "precision": st.precision,
                    "expected": {"peak_bytes": int(est.peak_bytes), "device_bytes": int(est.device_bytes),
@@ -146,7 +146,9 @@ def plan_md(model: str, st: Settings, accumulation: int, est: Estimate, files: l
     lines = [f"# Plan: {model}", "",
              f"- **Hardware**: {st.nodes} node(s) x {st.gpus} GPU(s)" + (f" ({gpu})" if gpu else ""),
              f"- **Method**: {method}, {st.precision}, {st.optimizer}"
-             + (", gradient checkpointing" if st.grad_checkpointing else ""),
+             + (", gradient checkpointing" if st.grad_checkpointing else "")
+             + (f", loss {st.loss}" + (f" ({st.loss_chunks} chunks)" if st.loss == "chunked" else "")
+                if st.loss != "standard" else ""),
              f"- **Strategy**: {st.strategy}" + (f", offload {st.offload}" if st.offload != "none" else ""),
              f"- **Batch**: micro-batch {st.batch_size} x accumulation {accumulation} x {world} GPU(s) = "
              f"{st.batch_size * accumulation * world} sequences of {st.seq_len} tokens per optimizer step",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .contract import COMPONENTS, PlanError, Settings, check_options
+from .contract import COMPONENTS, FUSED_LOSSES, PAGED_NOTE, UNMEASURED_FUSED, PlanError, Settings, check_options
 from .distributed import sharded_phases
 from .memory import (
     CUBLAS_WORKSPACE_BYTES,
@@ -48,6 +48,9 @@ def validate(spec: ModelSpec, st: Settings) -> Settings:
     if st.seq_len > spec.max_positions:
         raise PlanError(f"{{seq_len}} {st.seq_len} exceeds the model's maximum of {spec.max_positions} positions",
                         "seq_len")
+    if st.loss != "standard" and spec.is_encoder:
+        raise PlanError(f"{{loss}} {st.loss} replaces a causal LM's output head and loss; {spec.model_type} trains a "
+                        "classification head here: use {loss} standard", "loss")
     if st.lora:
         targets = lora_targets(spec, st)
         if not targets:
@@ -57,6 +60,19 @@ def validate(spec: ModelSpec, st: Settings) -> Settings:
         if st.lora_rank > spec.hidden:
             raise PlanError(f"{{lora_rank}} {st.lora_rank} exceeds the hidden size ({spec.hidden})", "lora_rank")
     return st
+
+
+def loss_notes(spec: ModelSpec, st: Settings) -> list[str]:
+    """What the estimate says of a loss other than the standard one: where its bytes come from and
+    whether they are measured."""
+    if st.loss == "chunked":
+        return [f"loss chunked: torchtune's CEWithChunkedOutputLoss, {st.loss_chunks} chunks, the head per chunk, "
+                "run eagerly (measured on CPU: tables/validation.csv)"]
+    if st.loss in FUSED_LOSSES:
+        lib = "Liger Kernel's fused linear cross-entropy" if st.loss == "liger-flce" else "Cut Cross-Entropy"
+        return [f"loss {st.loss}: {lib}, modelled from the library's source (no B x S x vocab logits); "
+                f"{UNMEASURED_FUSED}"]
+    return []
 
 
 def estimate(spec: ModelSpec, st: Settings) -> Estimate:
@@ -82,6 +98,9 @@ def estimate(spec: ModelSpec, st: Settings) -> Estimate:
         comps["other"] += CUBLAS_WORKSPACE_BYTES
     peak = int(phases[peak_phase])
     comps["other"] += peak - sum(comps.values())
+    notes += loss_notes(spec, st)
+    if st.optimizer_paged:
+        notes.append(PAGED_NOTE)
     if eager_attention(spec, st) and st.attn != "eager":
         notes.append(f"{spec.model_type} attention soft-capping needs eager attention (or --attn flash)")
     return Estimate(params=pc.total, trainable_params=trainable_params(spec, pc, st), peak_bytes=peak,

@@ -51,7 +51,8 @@ def kind(st: Settings) -> str:
     method = "QLoRA" if st.quant != "none" else "LoRA" if st.lora else "full fine-tuning"
     where = "" if world_size(st) == 1 and st.strategy == "ddp" and st.offload == "none" else \
         f" ({st.strategy}, offload {st.offload}, {world_size(st)} GPUs)"
-    return f"{method} {'with' if st.grad_checkpointing else 'without'} checkpointing{where}"
+    loss = "" if st.loss == "standard" else f", loss {st.loss}"  # tables/gpu measured transformers' loss only
+    return f"{method} {'with' if st.grad_checkpointing else 'without'} checkpointing{loss}{where}"
 
 
 _CASE = re.compile(r"^(?P<model>.+)/(?P<precision>[^/]+)/(?P<method>full|lora\d+)/(?P<quant>[^/]+)/"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .contract import PlanError, Settings, shard_size
+from .contract import FUSED_LOSSES, PlanError, Settings, shard_size
 from .precision import BNB_MIN_8BIT_SIZE, BNB_OPT_BLOCK, RECIPES, quantized_weight_bytes
 from .spec import ModelSpec, ParamCount, count_params
 
@@ -115,14 +115,13 @@ def optimizer_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> floa
         # bitsandbytes' Lion (a 32-bit Optimizer1State) keeps one fp32 `state1` per parameter,
         # whatever the parameter's dtype (bitsandbytes/optim/optimizer.py:681, 0.50)
         return 4 * n
-    if st.optimizer == "adamw-8bit":
-        total = 0.0
-        for elems, count in _trainable_tensors(spec, pc, st):
-            if elems < BNB_MIN_8BIT_SIZE:
-                total += count * 2 * 4 * elems
-            else:
-                total += count * 2 * (elems + 4 * -(-elems // BNB_OPT_BLOCK))
-        return total
+    if st.optimizer in ("adamw-8bit", "lion-8bit"):
+        return bnb_8bit_state_bytes(spec, pc, st, states=2 if st.optimizer == "adamw-8bit" else 1)
+    if st.optimizer == "adamw-32bit":
+        # bitsandbytes' 32-bit AdamW (Optimizer2State, optim_bits=32): two fp32 states whatever
+        # the parameter dtype (bitsandbytes/optim/optimizer.py, `get_state_buffer(p,
+        # dtype=torch.float32)`; measured on CPU, bitsandbytes 0.50)
+        return 8 * n
     if st.optimizer == "adafactor":
         total = 0.0
         if st.lora:
@@ -137,6 +136,19 @@ def optimizer_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> floa
             total += emb_mats * (spec.vocab + spec.hidden) + rest
         return total * p
     raise PlanError(f"unknown {{optimizer}} '{st.optimizer}'", "optimizer")
+
+
+def bnb_8bit_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings, states: int) -> float:
+    """bitsandbytes' 8-bit optimizers (AdamW8bit: two states, Lion8bit: one): per state a uint8
+    value and an fp32 absmax per block of 256 values; tensors under 4096 elements keep fp32 states
+    (`min_8bit_size`). The paged variants allocate the same buffers in unified memory."""
+    total = 0.0
+    for elems, count in _trainable_tensors(spec, pc, st):
+        if elems < BNB_MIN_8BIT_SIZE:
+            total += count * states * 4 * elems
+        else:
+            total += count * states * (elems + 4 * -(-elems // BNB_OPT_BLOCK))
+    return total
 
 
 def optimizer_step_temp_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
@@ -467,7 +479,9 @@ def _model_level(c: _Ctx) -> float:
     else:
         acc.add(2 * s.head_dim, c.stream)  # cos and sin
     y = _norm(c, acc, acc.new(h, c.stream))
-    if c.full or s.family != "bert":
+    if c.st.loss in FUSED_LOSSES:
+        _fused_head_inputs(c, acc, y)
+    elif c.full or s.family != "bert":
         if c.full and c.amp:
             acc.per_layer += 2 * s.vocab * h  # autocast's bf16 copy of the head weight
             acc.add(h, 2)
@@ -506,6 +520,147 @@ def logits_bytes(spec: ModelSpec, st: Settings) -> Logits:
     fwd = saved + e * tv + (4 * tv if e != 4 else 0)
     bwd = saved + 8 * tv
     return Logits(saved=saved, forward=fwd, backward=bwd, grad=e * tv)
+
+
+def _fused_head_inputs(c: _Ctx, acc: _Saved, y: _T) -> None:
+    """What a fused loss keeps of the head's inputs (the head weight and the final norm's output),
+    in place of the nn.Linear head's saved input.
+
+    Liger's `LigerFusedLinearCrossEntropyFunction` saves only the gradients it computed in the
+    forward (see `liger_flce_bytes`), not its input; under autocast the bf16 copy of an fp32
+    head weight its chunk matmuls make is cached by autocast for the forward. Cut Cross-Entropy
+    saves `e` (the hidden states) and `c` (the weight) for its backward (cut_cross_entropy/cce.py:78,
+    `ctx.save_for_backward(e, c, lse, ...)`); its kernels take 16-bit `e` only (cce_backward.py:
+    "Backwards requires embeddings to be bf16 or fp16"), so under autocast the caller's casts of
+    both are what it keeps.
+    """
+    h, v = c.spec.hidden, c.spec.vocab
+    if c.st.loss == "cce":
+        if c.amp:
+            acc.add(h, 2)
+            acc.per_layer += 2 * v * h
+        else:
+            y.keep()
+    elif c.amp and c.full:
+        acc.per_layer += 2 * v * h
+
+
+def _loss_dtypes(spec: ModelSpec, st: Settings) -> tuple[int, int]:
+    """(bytes of a logit as the head's matmul returns it, bytes of the head's input)."""
+    rc = RECIPES[st.precision]
+    e = 4 if st.quant != "none" and not rc.autocast else rc.compute
+    return e, _ctx(spec, st).stream
+
+
+def liger_flce_chunk_rows(spec: ModelSpec, st: Settings) -> int:
+    """Rows (tokens) of logits Liger's fused linear cross-entropy materialises at a time: the
+    tokens split so that a chunk's logits are about as large as the input (`inc_factor =
+    cdiv(V, H)`, `chunk_size = next_power_of_2(cdiv(BT, inc_factor))`, at most BT;
+    liger_kernel/ops/fused_linear_cross_entropy.py:103-105, liger-kernel 0.8.5)."""
+    bt = st.tokens
+    inc = -(-spec.vocab // spec.hidden)
+    rows = -(-bt // inc)
+    return min(1 << (rows - 1).bit_length(), bt)
+
+
+def liger_flce_bytes(spec: ModelSpec, st: Settings) -> Logits:
+    """Liger Kernel's fused linear cross-entropy (`LigerFusedLinearCrossEntropyFunction`,
+    liger_kernel/ops/fused_linear_cross_entropy.py, liger-kernel 0.8.5).
+
+    The forward computes the gradients too: it allocates `grad_input = zeros_like(_input)` (line
+    108) and, when the head trains, `grad_weight = zeros_like(weight)` (line 116, the weight's
+    dtype), plus an fp32 `loss_1d` per token (line 125); then for each chunk of
+    `liger_flce_chunk_rows` tokens it builds the chunk's logits in the matmul's dtype (line 168),
+    the Triton kernel overwrites them with their gradient in place (line 247), and
+    `grad_logits_chunk @ weight` fills the chunk's rows of grad_input (line 312). Only
+    grad_input and grad_weight are kept for backward (returned as they are for a loss of grad
+    1.0). No B x S x vocab tensor exists.
+    """
+    e, x = _loss_dtypes(spec, st)
+    rows = liger_flce_chunk_rows(spec, st)
+    h, v = spec.hidden, spec.vocab
+    grad_input = st.tokens * h * x
+    grad_weight = v * h * RECIPES[st.precision].weight if _ctx(spec, st).full else 0
+    saved = grad_input + grad_weight
+    fwd = saved + 4 * st.tokens + rows * v * e + rows * h * e
+    return Logits(saved=saved, forward=fwd, backward=saved, grad=0)
+
+
+def cce_bytes(spec: ModelSpec, st: Settings) -> Logits:
+    """Apple's Cut Cross-Entropy (`LinearCrossEntropyFunction`, cut_cross_entropy/cce.py,
+    cut-cross-entropy 25.1.1).
+
+    The forward never builds the logits: its kernel keeps an fp32 log-sum-exp per row
+    (cce_lse_forward.py:168), the int32 indices of the rows with a label (utils.py:38,
+    `_build_flat_valids`; shifting drops the last position, so they always exist), and, with
+    the default `filter_eps="auto"`, an fp32 average logit per vocabulary entry
+    (cce_lse_forward.py:176); the indexed dot adds an fp32 value per row (indexed_dot.py:101).
+    The backward allocates `de = zeros_like(e)` and, when the head trains, `dc =
+    zeros_like(c, dtype=e.dtype)` (cce_backward.py:272-276), both 16-bit; under autocast the
+    casts of e and c made before the call turn them into fp32 gradients. The hidden states and
+    the weight it saves are counted with the model level (`_fused_head_inputs`).
+    """
+    _, x = _loss_dtypes(spec, st)
+    c = _ctx(spec, st)
+    h, v, t = spec.hidden, spec.vocab, st.tokens
+    saved = 4 * t + 4 * t + 4 * v
+    bwd = saved + 2 * t * h + (2 * v * h if c.full else 0)
+    if c.amp:
+        bwd += 4 * t * h + (4 * v * h if c.full else 0)
+    return Logits(saved=saved, forward=saved + 4 * t, backward=bwd, grad=0)
+
+
+def chunked_ce_bytes(spec: ModelSpec, st: Settings) -> Logits:
+    """torchtune's `CEWithChunkedOutputLoss` (torchtune/modules/loss/ce_chunked_output_loss.py,
+    torchtune 0.6.1) with its chunked head (`TransformerDecoder.chunked_output`: the output
+    projection per chunk of positions), run eagerly as the trainer and the simulator run it.
+
+    Each chunk's logits come out of the head in the matmul's dtype and all of them are alive
+    until the loss is summed (the list of chunks, line 74). `compute_cross_entropy` (line 41)
+    upcasts one chunk at a time (`logits.float()`), and `cross_entropy`'s log-softmax keeps its
+    fp32 output for backward: in eager mode every chunk's, so the kept bytes equal the standard
+    loss's; what chunking removes is the fp32 copy of the whole logits in the forward and, in
+    the backward, the dense fp32 gradients, which exist for one chunk at a time. (Compiled, as
+    torchtune recommends, `compute_cross_entropy` keeps other tensors: not modelled.)
+    """
+    e, _ = _loss_dtypes(spec, st)
+    c = _ctx(spec, st)
+    tv = st.tokens * spec.vocab
+    per_row = -(-st.seq_len // min(st.loss_chunks, st.seq_len))
+    chunks = -(-st.seq_len // per_row)
+    chunk = st.batch_size * per_row * spec.vocab
+    saved = 4 * tv + (e * tv if spec.final_softcap else 0)
+    if c.amp and not c.full and st.quant == "none":
+        # a frozen fp32 head is cast by autocast at every call, uncached, and each chunk's matmul
+        # keeps its copy for the input's gradient: one copy more per chunk than the standard head
+        saved += (chunks - 1) * 2 * spec.vocab * spec.hidden
+    fwd = saved + e * tv + (4 * chunk if e != 4 else 0)
+    bwd = saved + 8 * chunk
+    if c.full:
+        # the head (its autocast copy under autocast) is used once per chunk: autograd sums its
+        # weight gradients in a buffer, so from the second chunk's backward on a head-sized sum and
+        # that chunk's addend coexist, while one chunk's log-softmax has been freed
+        bwd += max(0, 2 * c.compute * spec.vocab * spec.hidden - 4 * chunk)
+    return Logits(saved=saved, forward=fwd, backward=bwd, grad=e * chunk)
+
+
+def loss_logit_elems(spec: ModelSpec, st: Settings) -> int:
+    """The 16-bit logits the loss upcasts at once, whose freed hole SLACK_LOGITS counts: all of them
+    for transformers' loss and for the chunked one (every chunk's 16-bit logits are alive while
+    each is upcast; its allocator slack is not measured), one chunk of rows for Liger, none for
+    Cut Cross-Entropy (no logits)."""
+    if st.loss == "cce":
+        return 0
+    if st.loss == "liger-flce":
+        return liger_flce_chunk_rows(spec, st) * spec.vocab
+    return st.tokens * spec.vocab
+
+
+def loss_bytes(spec: ModelSpec, st: Settings) -> Logits:
+    """The logits and loss term for `st.loss` (contract.Loss); an encoder's task head has none."""
+    if spec.is_encoder or st.loss == "standard":
+        return logits_bytes(spec, st)
+    return {"liger-flce": liger_flce_bytes, "cce": cce_bytes, "chunked": chunked_ce_bytes}[st.loss](spec, st)
 
 
 @dataclass(frozen=True)
@@ -608,7 +763,7 @@ def allocator_slack(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
         return SLACK_BASE
     rc = RECIPES[st.precision]
     e = 4 if st.quant != "none" and not rc.autocast else rc.compute  # the logits' dtype, as logits_bytes has it
-    slack = SLACK_BASE + (SLACK_LOGITS * st.tokens * spec.vocab * e if e < 4 else 0)
+    slack = SLACK_BASE + (SLACK_LOGITS * loss_logit_elems(spec, st) * e if e < 4 else 0)
     if not st.lora and st.grad_checkpointing:
         slack += SLACK_CHECKPOINTED_GRADS * rc.grad * pc.largest_layer * spec.layers / shard_size(st)
     if st.quant != "none" and rc.autocast:
@@ -662,7 +817,7 @@ def step_parts(spec: ModelSpec, pc: ParamCount, st: Settings) -> StepParts:
     return StepParts(
         weights=weight_bytes(spec, pc, st) + pc.buffers_bytes, grads=grad_bytes(spec, pc, st),
         optimizer=optimizer_state_bytes(spec, pc, st), opt_temp=optimizer_step_temp_bytes(spec, pc, st),
-        act=activation_bytes(spec, st), logits=logits_bytes(spec, st),
+        act=activation_bytes(spec, st), logits=loss_bytes(spec, st),
         head_grad=0 if spec.is_encoder or not c.full else rc.grad * spec.vocab * spec.hidden,
         block_wgrad=rc.grad * pc.largest_layer if c.full and st.grad_checkpointing else 0)
 

@@ -14,7 +14,12 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .contract import DataFormat, Offload, Optimizer, Precision, Settings, Strategy
+from .contract import LOSS_CHUNKS, DataFormat, Offload, OptimizerName, Precision, Settings, Strategy, optimizer_choice
+
+LOSS_KEYS = {"liger-flce": "liger_fused_linear_cross_entropy", "cce": "cut_cross_entropy",
+             "chunked": "chunked_cross_entropy"}
+"""Axolotl's recipe key for each loss other than the standard one (contract.Loss; Axolotl turns
+the first two on with its Liger and Cut Cross-Entropy plugins)."""
 
 
 class RecipeError(ValueError):
@@ -73,7 +78,7 @@ class Recipe(_Strict):
     gradient_accumulation_steps: int = Field(1, ge=1)
     num_epochs: float = Field(1, gt=0)
     max_steps: Optional[int] = Field(None, ge=1)
-    optimizer: Optimizer = "adamw"
+    optimizer: OptimizerName = "adamw"  # the contract's names or HF Trainer's / Axolotl's (paged_adamw_8bit, ...)
     learning_rate: float = Field(2e-4, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
@@ -82,6 +87,11 @@ class Recipe(_Strict):
     bf16: bool = True
     fp16: bool = False
     gradient_checkpointing: bool = False
+    # the loss over the output head, under Axolotl's keys (at most one true; none: transformers' own)
+    liger_fused_linear_cross_entropy: bool = False
+    cut_cross_entropy: bool = False
+    chunked_cross_entropy: bool = False
+    chunked_cross_entropy_num_chunks: int = Field(LOSS_CHUNKS, ge=1)
     seed: int = 42
     output_dir: str = "./out"
     save_steps: Optional[int] = Field(None, ge=1)
@@ -101,6 +111,9 @@ class Recipe(_Strict):
             raise ValueError("adapter: qlora needs load_in_4bit: true")
         if self.load_in_4bit and self.adapter != "qlora":
             raise ValueError("load_in_4bit: true trains adapters only: set adapter: qlora")
+        on = [k for k in LOSS_KEYS.values() if getattr(self, k)]
+        if len(on) > 1:
+            raise ValueError(f"{' and '.join(on)} are both true: choose one loss")
         return self
 
 
@@ -167,7 +180,24 @@ RECIPE_NAMES = {"precision": "plan.precision", "optimizer": "optimizer", "batch_
                 "lora_dropout": "lora_dropout", "lora_targets": "lora_target_modules", "quant": "adapter",
                 "grad_checkpointing": "gradient_checkpointing", "gpus": "plan.gpus", "nodes": "plan.nodes",
                 "strategy": "plan.strategy", "offload": "plan.offload",
-                "accumulation": "gradient_accumulation_steps", "num_processes": "--num-processes"}
+                "accumulation": "gradient_accumulation_steps", "num_processes": "--num-processes",
+                "loss": "liger_fused_linear_cross_entropy/cut_cross_entropy/chunked_cross_entropy",
+                "loss_chunks": "chunked_cross_entropy_num_chunks"}
+
+
+def loss(recipe: Recipe) -> str:
+    """The loss the recipe turns on (contract.Loss), `standard` when none."""
+    return next((name for name, key in LOSS_KEYS.items() if getattr(recipe, key)), "standard")
+
+
+def recipe_loss_keys(st: Settings) -> dict:
+    """The recipe keys for `st.loss`: the one key turned on, and the chunks of the chunked loss."""
+    if st.loss == "standard":
+        return {}
+    keys = {LOSS_KEYS[st.loss]: True}
+    if st.loss == "chunked":
+        keys["chunked_cross_entropy_num_chunks"] = st.loss_chunks
+    return keys
 
 
 def precision(recipe: Recipe) -> str:
@@ -196,7 +226,8 @@ def settings(recipe: Recipe, world: int | None = None, batch: int | None = None,
     else:
         gpus, nodes, strategy = world, 1, p.strategy if world > 1 else "ddp"
     targets = recipe.lora_target_modules
-    return Settings(precision=precision(recipe), optimizer=recipe.optimizer,
+    optimizer, paged = optimizer_choice(recipe.optimizer)
+    return Settings(precision=precision(recipe), optimizer=optimizer, optimizer_paged=paged,
                     batch_size=batch or recipe.micro_batch_size,
                     seq_len=seq or recipe.sequence_len, lora_rank=recipe.lora_r if recipe.adapter else 0,
                     lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
@@ -204,7 +235,8 @@ def settings(recipe: Recipe, world: int | None = None, batch: int | None = None,
                     quant="nf4" if recipe.adapter == "qlora" else "none",
                     grad_checkpointing=recipe.gradient_checkpointing,
                     gpus=gpus, nodes=nodes, strategy=strategy, offload=p.offload if strategy != "ddp" else "none",
-                    accumulation=recipe.gradient_accumulation_steps, kernels=kernels)
+                    accumulation=recipe.gradient_accumulation_steps, kernels=kernels, loss=loss(recipe),
+                    loss_chunks=recipe.chunked_cross_entropy_num_chunks)
 
 
 def source(recipe: Recipe) -> dict:

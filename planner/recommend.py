@@ -8,7 +8,10 @@ model of planner/speed.py.
 
 Preference, most important first: a plan without offload before one with it (offload is the last
 resort: slow, and it needs host RAM); with `--method auto`, full fine-tuning before LoRA before
-QLoRA (the closer to full training, the better the model, when it fits); then tokens per second.
+QLoRA (the closer to full training, the better the model, when it fits); then the plan with the
+optimizer and loss asked for before one with a memory technique that keeps quality and speed
+(8-bit optimizer state, a fused loss: `TECHNIQUES`), searched when a method does not fit without
+offload, or always with `--optimizer auto`; then tokens per second.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from .contract import Method, PlanError, Settings, world_size
+from .contract import LOSS_CHUNKS, PAGED_NOTE, UNMEASURED_FUSED, Method, Optimizer, PlanError, Settings, world_size
 from .distributed import strategy_choices
 from .estimate import Estimate, estimate
 from .gpus import GPU
@@ -40,11 +43,14 @@ class Request:
     global_batch: int | None = None   # None: the largest micro-batch, no accumulation
     method: str = "auto"
     margin: float | None = None       # None: from the measured device error of each plan's kind (planner/margin.py)
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"           # or "auto": adamw, or 8-bit state where that fits better
+    optimizer_paged: bool = False
     mfu: float = DEFAULT_MFU
     samples: int = 10_000             # sequences in an epoch, for the time per epoch
     host_ram_bytes: int | None = None  # per node; None: not limited
     lora_targets: str = "all-linear"
+    loss: str = "standard"
+    loss_chunks: int = LOSS_CHUNKS
 
     def margin_for(self, st: Settings) -> float:
         """The fraction of GPU memory a plan of these settings keeps free: the one asked for, else
@@ -70,6 +76,8 @@ class Plan:
     largest_micro: int
     samples: int
     notes: list = field(default_factory=list)
+    techniques: tuple = ()   # the TECHNIQUES this plan uses beyond what was asked for
+    saved: dict = field(default_factory=dict)  # technique -> needed bytes it saves on this plan
 
     @property
     def global_batch(self) -> int:
@@ -90,13 +98,16 @@ class Plan:
 
 def check_request(req: Request) -> None:
     """Requests that no plan can satisfy, whatever the model: one line each."""
+    if req.optimizer != "auto" and req.optimizer not in Optimizer.values():
+        raise PlanError(f"unknown {{optimizer}} '{req.optimizer}'; choose auto or one of "
+                        f"{', '.join(Optimizer.values())}", "optimizer")
     if req.method not in ("auto",) + METHODS:
         raise PlanError(f"unknown {{method}} '{req.method}'; choose auto, full, lora or qlora", "method")
     if req.margin is not None and not 0 <= req.margin < 1:
         raise PlanError(f"{{margin}} must be in [0, 1), got {req.margin}", "margin")
     if not 0 < req.mfu <= 1:
         raise PlanError(f"{{mfu}} must be in (0, 1], got {req.mfu}", "mfu")
-    for name in ("gpus", "nodes", "seq_len", "samples"):
+    for name in ("gpus", "nodes", "seq_len", "samples", "loss_chunks"):
         if getattr(req, name) < 1:
             raise PlanError(f"{{{name}}} must be at least 1, got {getattr(req, name)}", name)
     if req.host_ram_bytes is not None and req.host_ram_bytes < 0:
@@ -160,8 +171,39 @@ def _method_settings(method: str, rank: int, req: Request, gpu: GPU) -> Settings
     if method == "lora":
         precision = "bf16-pure"
     lora = dict(lora_rank=rank, lora_alpha=2.0 * rank, lora_targets=req.lora_targets) if method != "full" else {}
-    return Settings(precision=precision, optimizer=req.optimizer, seq_len=req.seq_len, gpus=req.gpus,
-                    nodes=req.nodes, quant="nf4" if method == "qlora" else "none", **lora)
+    optimizer = "adamw" if req.optimizer == "auto" else req.optimizer
+    return Settings(precision=precision, optimizer=optimizer, optimizer_paged=req.optimizer_paged, seq_len=req.seq_len,
+                    gpus=req.gpus, nodes=req.nodes, quant="nf4" if method == "qlora" else "none", loss=req.loss,
+                    loss_chunks=req.loss_chunks, **lora)
+
+
+TECHNIQUES = {
+    "8-bit optimizer state": {"optimizer": "adamw-8bit", "optimizer_paged": False},
+    "fused linear cross-entropy": {"loss": "liger-flce"},
+}
+"""Memory techniques that keep quality and speed, tried before QLoRA and offload: bitsandbytes'
+AdamW8bit (for an AdamW request) and Liger Kernel's fused linear cross-entropy (for the standard
+loss), each as the settings it changes."""
+
+TECHNIQUE_WHY = {
+    "8-bit optimizer state": "bitsandbytes AdamW8bit: uint8 moments with a per-block absmax",
+    "fused linear cross-entropy": f"Liger Kernel: no B x S x vocab logits ({UNMEASURED_FUSED})",
+}
+
+
+def technique_sets(req: Request) -> list[tuple[str, ...]]:
+    """The combinations of TECHNIQUES a request can use, fewest first: 8-bit state only for an
+    AdamW request (or auto), a fused loss only when the standard loss was asked for."""
+    adamw = req.optimizer in ("auto", "adamw", "adamw-fused")
+    usable = [t for t in TECHNIQUES if (t != "8-bit optimizer state" or adamw)
+              and (t != "fused linear cross-entropy" or req.loss == "standard")]
+    return [(t,) for t in usable] + ([tuple(usable)] if len(usable) > 1 else [])
+
+
+def with_techniques(st: Settings, techniques: tuple[str, ...]) -> Settings:
+    for t in techniques:
+        st = replace(st, **TECHNIQUES[t])
+    return st
 
 
 def _strategies(base: Settings) -> list[tuple[str, str]]:
@@ -175,31 +217,53 @@ def _strategies(base: Settings) -> list[tuple[str, str]]:
 
 def candidates(spec: ModelSpec, req: Request, methods: tuple = METHODS) -> list[Plan]:
     """Every plan that fits: for each method, strategy and offload, and checkpointing, the
-    highest LoRA rank that fits and the largest micro-batch, with its step time."""
+    highest LoRA rank that fits and the largest micro-batch, with its step time. A method that
+    fits only with offload (or not at all), or any method under `--optimizer auto`, is searched
+    again with each set of TECHNIQUES."""
     plans = []
     for method in methods:
-        ranks = (0,) if method == "full" else LORA_RANKS
-        for strategy, offload in _strategies(_method_settings(method, ranks[0], req, req.gpu)):
-            for ckpt in (False, True):
-                for rank in ranks:
-                    st = replace(_method_settings(method, rank, req, req.gpu), strategy=strategy, offload=offload,
-                                 grad_checkpointing=ckpt)
-                    largest = largest_micro(spec, st, req)
-                    if largest:
-                        break
+        plain = _candidates(spec, req, method, ())
+        plans += plain
+        if req.optimizer == "auto" or all(p.offload for p in plain):
+            for techniques in technique_sets(req):
+                plans += _candidates(spec, req, method, techniques)
+    return plans
+
+
+def _candidates(spec: ModelSpec, req: Request, method: str, techniques: tuple[str, ...]) -> list[Plan]:
+    plans = []
+    ranks = (0,) if method == "full" else LORA_RANKS
+    for strategy, offload in _strategies(_method_settings(method, ranks[0], req, req.gpu)):
+        for ckpt in (False, True):
+            for rank in ranks:
+                st = replace(with_techniques(_method_settings(method, rank, req, req.gpu), techniques),
+                             strategy=strategy, offload=offload, grad_checkpointing=ckpt)
+                largest = largest_micro(spec, st, req)
+                if largest:
+                    break
+            if not largest:
+                continue
+            micro, accum = _micro_and_accum(largest, req)
+            if accum > 1:  # gradients stay alive through the micro-steps: search again with them
+                largest = largest_micro(spec, replace(st, accumulation=2), req)
                 if not largest:
                     continue
                 micro, accum = _micro_and_accum(largest, req)
-                if accum > 1:  # gradients stay alive through the micro-steps: search again with them
-                    largest = largest_micro(spec, replace(st, accumulation=2), req)
-                    if not largest:
-                        continue
-                    micro, accum = _micro_and_accum(largest, req)
-                st = replace(st, batch_size=micro, accumulation=accum)
-                plans.append(Plan(settings=st, method=method, accumulation=accum, estimate=fits(spec, st, req),
-                                  time=step_time(spec, st, req.gpu, accum, req.mfu), largest_micro=largest,
-                                  samples=req.samples))
+            st = replace(st, batch_size=micro, accumulation=accum)
+            est = fits(spec, st, req)
+            plans.append(Plan(settings=st, method=method, accumulation=accum, estimate=est,
+                              time=step_time(spec, st, req.gpu, accum, req.mfu), largest_micro=largest,
+                              samples=req.samples, techniques=techniques,
+                              saved={t: _saved(spec, st, t, req) - est.needed_bytes for t in techniques}))
     return plans
+
+
+def _saved(spec: ModelSpec, st: Settings, technique: str, req: Request) -> int:
+    """The bytes `st` needs (`needed_bytes`, what a plan is fitted by) without `technique`: the
+    optimizer and loss asked for instead."""
+    base = _method_settings("full", 0, req, req.gpu)
+    undo = {k: getattr(base, k) for k in TECHNIQUES[technique]}
+    return estimate(spec, replace(st, **undo)).needed_bytes
 
 
 def rank_plans(plans: list[Plan], req: Request) -> list[Plan]:
@@ -208,7 +272,7 @@ def rank_plans(plans: list[Plan], req: Request) -> list[Plan]:
     then the larger micro-batch."""
     def key(p: Plan):
         pref = METHODS.index(p.method) if req.method == "auto" and not p.offload else 0
-        return (p.offload, pref, -p.tokens_per_s, -p.settings.batch_size)
+        return (p.offload, pref, len(p.techniques), -p.tokens_per_s, -p.settings.batch_size)
     return sorted(plans, key=key)
 
 
@@ -227,8 +291,10 @@ def smallest_need(spec: ModelSpec, req: Request) -> tuple[int, Settings | None]:
     checkpointing, the lowest rank), and that plan: what the GPU would have to hold."""
     methods = METHODS if req.method == "auto" else (req.method,)
     best, best_st = None, None
+    sets = technique_sets(req)
     for method in methods:
         base = _method_settings(method, LORA_RANKS[-1] if method != "full" else 0, req, req.gpu)
+        base = with_techniques(base, sets[-1] if sets else ())
         for strategy, offload in _strategies(base):
             st = replace(base, strategy=strategy, offload=offload, grad_checkpointing=True, batch_size=1)
             try:
@@ -302,6 +368,12 @@ def explain(p: Plan, plans: list[Plan], req: Request) -> list[str]:
         lines.append(f"{'QLoRA (NF4 base)' if p.method == 'qlora' else 'LoRA'} r={st.lora_rank}, "
                      f"alpha={st.lora_alpha:g} on {st.lora_targets}"
                      + ("" if st.lora_rank == LORA_RANKS[0] else ": the highest rank that fits"))
+    for t in p.techniques:
+        lines.append(f"{t} ({TECHNIQUE_WHY[t]}): saves {p.saved.get(t, 0) / gib:,.1f} GiB per GPU"
+                     + (" against the optimizer asked for" if t == "8-bit optimizer state" else
+                        " against the standard loss"))
+    if st.optimizer_paged:
+        lines.append(PAGED_NOTE)
     if req.world == 1 and st.strategy == "ddp":
         lines.append("one GPU, no sharding needed")
     else:

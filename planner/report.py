@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .contract import COMPONENTS, Settings
+from .contract import COMPONENTS, FUSED_LOSSES, UNMEASURED_FUSED, Settings
 from .estimate import Estimate
 
 
@@ -18,7 +18,24 @@ def to_json(name: str, arch: str, st: Settings, est: Estimate, method: str = "an
         "cpu_bytes": int(est.cpu_bytes), "nvme_bytes": int(est.nvme_bytes),
         "method": method,
         "needed_bytes": int(est.needed_bytes),  # after the contract's keys: the least GPU memory the step runs in
+        "optimizer_paged": st.optimizer_paged,
+        **loss_json(st),
+        "notes": list(est.notes),
     }
+
+
+def loss_json(st: Settings) -> dict:
+    """The loss option echoed (keys beside the contract's): the loss, its chunks where chunked,
+    and whether its formula is measured here."""
+    return {"loss": st.loss, "loss_chunks": st.loss_chunks if st.loss == "chunked" else None,
+            "loss_validation": UNMEASURED_FUSED if st.loss in FUSED_LOSSES else "measured"}
+
+
+def loss_label(st: Settings) -> str:
+    """`, loss chunked (8 chunks)` for a table's title; empty for the standard loss."""
+    if st.loss == "standard":
+        return ""
+    return f", loss {st.loss}" + (f" ({st.loss_chunks} chunks)" if st.loss == "chunked" else "")
 
 
 def gib(n: float) -> str:
@@ -130,6 +147,7 @@ def render(console, name: str, arch: str, rows: list[tuple[Settings, Estimate]],
              + (f", LoRA r={st0.lora_rank}" if st0.lora else "")
              + (f", {st0.quant} base" if st0.quant != "none" else "")
              + (", grad checkpointing" if st0.grad_checkpointing else "")
+             + loss_label(st0)
              + (f"; {st0.strategy}" + (f" (FSDP{st0.fsdp_version})" if st0.strategy.startswith("fsdp") else "")
                 + (f", offload {st0.offload}" if st0.offload != "none" else "")
                 + f" over {st0.nodes} node(s) x {st0.gpus} GPU(s)"
@@ -203,6 +221,10 @@ def render_strategies(console, name: str, arch: str, rows: list, skipped: list) 
         console.print(f"not offered: {line}", style="dim")
 
 
+TECHNIQUE_TAG = {"8-bit optimizer state": "8bit", "fused linear cross-entropy": "flce"}
+"""A plan's memory techniques (planner/recommend.py: TECHNIQUES) in the plans table's method column."""
+
+
 def plan_json(p) -> dict:
     """One recommended plan: its settings, the estimate (contract object) and the step-time model."""
     st, t = p.settings, p.time
@@ -211,6 +233,8 @@ def plan_json(p) -> dict:
             "micro_batch": st.batch_size, "gradient_accumulation": p.accumulation, "global_batch": p.global_batch,
             "largest_micro_batch": p.largest_micro, "seq_len": st.seq_len,
             "grad_checkpointing": st.grad_checkpointing, "gpus": st.gpus, "nodes": st.nodes,
+            "optimizer": st.optimizer, "optimizer_paged": st.optimizer_paged, "techniques": list(p.techniques),
+            **loss_json(st),
             "device_bytes": int(p.estimate.device_bytes), "peak_bytes": int(p.estimate.peak_bytes),
             "needed_bytes": int(p.estimate.needed_bytes),
             "cpu_bytes": int(p.estimate.cpu_bytes), "nvme_bytes": int(p.estimate.nvme_bytes),
@@ -244,7 +268,8 @@ def render_plans(console, name: str, req, plans: list, n_fit: int) -> None:
     table = []
     for i, p in enumerate(plans, 1):
         st = p.settings
-        method = p.method if p.method == "full" else f"{p.method} r{st.lora_rank}"
+        method = (p.method if p.method == "full" else f"{p.method} r{st.lora_rank}") + \
+            "".join(f" +{TECHNIQUE_TAG[t]}" for t in p.techniques)
         table.append([str(i), method, st.strategy, st.offload, f"{st.batch_size} x {p.accumulation}",
                       "yes" if st.grad_checkpointing else "no", f"{p.estimate.needed_bytes / 2**30:,.1f}",
                       f"{p.estimate.cpu_bytes / 2**30:,.0f}" if p.estimate.cpu_bytes else "-",

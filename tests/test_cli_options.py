@@ -18,7 +18,19 @@ from typer.testing import CliRunner
 from planner import cli
 from planner.cli import estimate as estimate_module
 from planner.cli.options import flag, given, to_request, to_settings
-from planner.contract import Attention, Dtype, Offload, Optimizer, PlanError, Precision, Quant, Settings, Strategy
+from planner.contract import (
+    Attention,
+    Dtype,
+    Loss,
+    Offload,
+    Optimizer,
+    OptimizerName,
+    PlanError,
+    Precision,
+    Quant,
+    Settings,
+    Strategy,
+)
 from planner.gpus import lookup
 
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -73,7 +85,9 @@ def test_choice_options_are_the_contracts_enums():
         param = next(p for p in command(cmd).params if p.name == name)
         return [str(c) for c in param.type_descriptor.choices]
     assert choices("estimate", "precision") == list(Precision.values())
-    assert choices("estimate", "optimizer") == list(Optimizer.values())
+    assert choices("estimate", "optimizer") == list(OptimizerName.values())  # ours, then HF Trainer's / Axolotl's
+    assert choices("recommend", "optimizer") == ["auto", *OptimizerName.values()]
+    assert choices("estimate", "loss") == list(Loss.values())
     assert choices("estimate", "strategy") == [*Strategy.values(), "all"]
     assert choices("emit-config", "strategy") == list(Strategy.values())
     assert choices("recommend", "method") == ["auto", "full", "lora", "qlora"]
@@ -83,7 +97,7 @@ def test_an_optimizer_outside_the_contract_is_one_line_status_2(config):
     """The command line refuses an optimizer outside the Enum as any value outside a choice,
     before planning anything (every listed one builds: tests/test_structure.py)."""
     line = one_line_status_2(plan("estimate", config, "--optimizer", "adamq"), "--optimizer", "adamq")
-    assert line == f"error: unknown --optimizer 'adamq'; choose one of {', '.join(Optimizer.values())}"
+    assert line == f"error: unknown --optimizer 'adamq'; choose one of {', '.join(OptimizerName.values())}"
 
 
 def test_all_is_a_strategy_of_estimate_only(config, tmp_path):

@@ -89,7 +89,7 @@ def test_every_list_of_choices_is_the_contracts():
     from planner.precision import RECIPES
     from planner.recipe import Dataset, PlanSection, Recipe
     assert tuple(RECIPES) == Precision.values()
-    assert Recipe.model_fields["optimizer"].annotation is Optimizer
+    assert Recipe.model_fields["optimizer"].annotation is contract.OptimizerName
     assert PlanSection.model_fields["strategy"].annotation is Strategy
     assert PlanSection.model_fields["precision"].annotation is Precision
     assert Dataset.model_fields["type"].annotation is contract.DataFormat

@@ -150,6 +150,23 @@ def test_two_processes_ddp_and_fsdp2_train_the_same_steps(tiny, tmp_path):
 
 @pytest.mark.slow
 @needs_smollm2
+def test_chunked_cross_entropy_trains_the_same_loss_and_is_measured(tiny, tmp_path):
+    """torchtune's chunked loss (Axolotl's key) through the trainer: the same first loss as
+    transformers' cross-entropy, and the run's memory within the tolerance of its prediction."""
+    first = {}
+    for name, kw in (("standard", {}), ("chunked", {"chunked_cross_entropy": True,
+                                                    "chunked_cross_entropy_num_chunks": 4})):
+        out = tmp_path / name
+        r = run_plan("train", recipe(tiny, out, max_steps=2, **kw), "--strict")
+        assert r.returncode == 0, r.stderr[-2000:]
+        first[name] = metrics(out)[0]["loss"]
+        rep = json.loads((out / "run_report.json").read_text())
+        assert abs(rep["total_error_pct"]) <= 10
+    assert first["chunked"] == pytest.approx(first["standard"], rel=1e-4)
+
+
+@pytest.mark.slow
+@needs_smollm2
 def test_strict_fails_a_run_outside_the_tolerance(tiny, tmp_path):
     r = run_plan("train", recipe(tiny, tmp_path / "strict", max_steps=2), "--strict", "--tolerance", "0.0001")
     assert r.returncode == 1 and "OUTSIDE the tolerance" in r.stderr
@@ -161,6 +178,8 @@ def test_strict_fails_a_run_outside_the_tolerance(tiny, tmp_path):
     ({"micro_batch_size": 0}, "micro_batch_size"),
     pytest.param({"datasets": [{"path": "/nonexistent.jsonl"}]}, "no such dataset file", marks=pytest.mark.slow),
     pytest.param({"adapter": "qlora", "load_in_4bit": True}, "qlora needs a CUDA GPU", marks=pytest.mark.slow),
+    pytest.param({"liger_fused_linear_cross_entropy": True}, "runs on a CUDA GPU", marks=pytest.mark.slow),
+    pytest.param({"cut_cross_entropy": True, "chunked_cross_entropy": True}, "choose one loss"),
     pytest.param({"base_model": "/nonexistent-model-dir"}, "cannot load", marks=pytest.mark.slow),
 ])
 def test_bad_recipes_exit_2_with_one_line(tiny, tmp_path, change, message):

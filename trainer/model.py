@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import re
 
-from planner.measure.builder import lora_config, nf4_config
-from planner.recipe import ModelError, Recipe, precision, settings, source
+from planner.contract import FUSED_LOSSES
+from planner.measure.builder import LOSS_LIBRARY, lora_config, nf4_config
+from planner.recipe import LOSS_KEYS, ModelError, Recipe, precision, settings, source
 
 
 def load_tokenizer(recipe: Recipe):
@@ -36,6 +37,7 @@ def load_model(recipe: Recipe, num_labels: int | None = None, cuda: bool = False
     qlora = recipe.adapter == "qlora"
     if qlora and not cuda:
         raise ModelError("adapter: qlora needs a CUDA GPU (bitsandbytes NF4 kernels); on CPU use adapter: lora")
+    _check_loss(recipe, num_labels is not None, cuda)
     model = _from_pretrained(recipe, num_labels, qlora)
     model.config.use_cache = False
     model = _checkpointing(model, recipe, qlora)
@@ -43,8 +45,35 @@ def load_model(recipe: Recipe, num_labels: int | None = None, cuda: bool = False
         model = _with_adapter(model, recipe, num_labels is not None)
     if recipe.unfrozen_parameters:
         _unfreeze_only(model, recipe.unfrozen_parameters)
+    _with_loss(model, recipe)
     model.train()
     return model
+
+
+def _check_loss(recipe: Recipe, classify: bool, cuda: bool) -> None:
+    """Before loading anything: a loss the run cannot use, as one line naming the key."""
+    st = settings(recipe)
+    if st.loss == "standard":
+        return
+    key = LOSS_KEYS[st.loss]
+    if classify:
+        raise ModelError(f"{key}: a classification run has no language-model head for this loss")
+    if st.loss in FUSED_LOSSES and not cuda:
+        raise ModelError(f"{key}: {LOSS_LIBRARY[st.loss]}'s loss is a Triton kernel that runs on a CUDA GPU; on CPU "
+                         "use chunked_cross_entropy: true")
+
+
+def _with_loss(model, recipe: Recipe) -> None:
+    """The recipe's loss over the head, through its library (planner.measure.builder.install_loss,
+    what the simulator measures); a missing library is one line naming what to pip install."""
+    st = settings(recipe)
+    if st.loss == "standard":
+        return
+    from planner.measure.builder import install_loss
+    try:
+        install_loss(model, st)
+    except ValueError as e:
+        raise ModelError(f"{LOSS_KEYS[st.loss]}: {e}") from None
 
 
 def _from_pretrained(recipe: Recipe, num_labels: int | None, qlora: bool):

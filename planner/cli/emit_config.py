@@ -28,12 +28,14 @@ from .options import (
     LoraAlpha,
     LoraRank,
     LoraTargets,
+    LossChunks,
+    LossOpt,
     Margin,
     MethodOpt,
     Model,
     Nodes,
     OffloadOpt,
-    OptimizerOpt,
+    OptimizerOrAutoOpt,
     Out,
     PrecisionOpt,
     QuantOpt,
@@ -63,10 +65,11 @@ def emit_config_cmd(ctx: typer.Context, model: Model, out: Out, gpu: Gpu = None,
                     from_recommendation: FromRecommendation = False, gpus: Gpus = None, nodes: Nodes = None,
                     global_batch: GlobalBatch = None, seq_len: SeqLen = None, method: MethodOpt = None,
                     margin: Margin = None, dtype: DtypeOpt = None, precision: PrecisionOpt = None,
-                    batch_size: BatchSize = None, grad_accum: GradAccum = None, optimizer: OptimizerOpt = None,
+                    batch_size: BatchSize = None, grad_accum: GradAccum = None, optimizer: OptimizerOrAutoOpt = None,
                     lora_rank: LoraRank = None, lora_alpha: LoraAlpha = None, lora_targets: LoraTargets = None,
                     quant: QuantOpt = None, grad_checkpointing: GradCheckpointing = None, strategy: StrategyOpt = None,
-                    offload: OffloadOpt = None, data: Data = None, data_format: DataFormatOpt = DataFormat.ALPACA,
+                    offload: OffloadOpt = None, loss: LossOpt = None, loss_chunks: LossChunks = None,
+                    data: Data = None, data_format: DataFormatOpt = DataFormat.ALPACA,
                     main_process_ip: MainProcessIp = None, main_process_port: MainProcessPort = 29500,
                     machine_rank: MachineRank = 0, force: Force = False) -> None:
     """Write a plan as accelerate.yaml (+ deepspeed.json for ZeRO), recipe.yaml and PLAN.md."""
@@ -116,6 +119,9 @@ def recommended(model: str, options: Mapping[str, Any], res: Resolved, spec: Mod
 
 def explicit(options: Mapping[str, Any], res: Resolved, spec: ModelSpec) -> ChosenPlan:
     """The plan the estimate options describe (bf16 mixed precision unless they say otherwise)."""
+    if plain(options.get("optimizer")) == "auto":
+        raise PlanError("{optimizer} auto lets plan recommend choose the optimizer: give --gpu, or name one",
+                        "optimizer")
     st = to_settings(options, seq_len=default_seq(res, spec, options["seq_len"]))
     accum = options["grad_accum"] if options["grad_accum"] is not None else 1
     if accum < 1:

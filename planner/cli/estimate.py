@@ -31,6 +31,8 @@ from .options import (
     LoraDropout,
     LoraRank,
     LoraTargets,
+    LossChunks,
+    LossOpt,
     Model,
     Nodes,
     OffloadOpt,
@@ -64,7 +66,8 @@ def estimate_cmd(ctx: typer.Context, model: Model, dtype: DtypeOpt = None, preci
                  lora_rank: LoraRank = None, lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None,
                  lora_targets: LoraTargets = None, quant: QuantOpt = None, grad_checkpointing: GradCheckpointing = None,
                  attn: AttnOpt = None, gpus: Gpus = None, nodes: Nodes = None, strategy: StrategyOrAllOpt = None,
-                 offload: OffloadOpt = None, fsdp_version: FsdpVersion = None, compat: Compat = None,
+                 offload: OffloadOpt = None, fsdp_version: FsdpVersion = None, loss: LossOpt = None,
+                 loss_chunks: LossChunks = None, compat: Compat = None,
                  exact: Exact = False, sim_seconds: SimSeconds = 120.0, sim_memory: SimMemory = 8.0,
                  as_json: Json = False) -> None:
     """Training memory per GPU, per dtype, per component and per phase."""
@@ -81,7 +84,8 @@ def simulate_cmd(ctx: typer.Context, model: Model, dtype: DtypeOpt = None, preci
                  lora_rank: LoraRank = None, lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None,
                  lora_targets: LoraTargets = None, quant: QuantOpt = None, grad_checkpointing: GradCheckpointing = None,
                  attn: AttnOpt = None, gpus: Gpus = None, nodes: Nodes = None, strategy: StrategyOrAllOpt = None,
-                 offload: OffloadOpt = None, fsdp_version: FsdpVersion = None, sim_seconds: SimSeconds = 120.0,
+                 offload: OffloadOpt = None, fsdp_version: FsdpVersion = None, loss: LossOpt = None,
+                 loss_chunks: LossChunks = None, sim_seconds: SimSeconds = 120.0,
                  sim_memory: SimMemory = 8.0, as_json: Json = False) -> None:
     """Run the real training step under fake tensors and report the measured peak.
 

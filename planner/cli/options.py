@@ -21,13 +21,15 @@ from ..contract import (
     Choice,
     DataFormat,
     Dtype,
+    Loss,
     Method,
     Offload,
-    Optimizer,
+    OptimizerName,
     Precision,
     Quant,
     Settings,
     Strategy,
+    optimizer_choice,
 )
 from ..recommend import Request
 
@@ -67,8 +69,14 @@ BatchSize = Annotated[Optional[int], typer.Option(
     "--batch-size", help=f"micro-batch per GPU (default {_DEFAULT['batch_size']})")]
 SeqLen = Annotated[Optional[int], typer.Option(
     "--seq-len", help="tokens per sample (default 2048, capped at the model's maximum)")]
-OptimizerOpt = Annotated[Optional[Optimizer], typer.Option(
-    "--optimizer", help=f"(default {_DEFAULT['optimizer']})")]
+OptimizerOpt = Annotated[Optional[OptimizerName], typer.Option(
+    "--optimizer", help=f"ours or HF Trainer's / Axolotl's names; paged_* are bitsandbytes' paged ones (default "
+    f"{_DEFAULT['optimizer']})")]
+# --optimizer of plan recommend also takes auto: the plan search may use 8-bit optimizer state
+OptimizerOrAuto = Choice("OptimizerOrAuto", {"AUTO": "auto", **{m.name: m.value for m in OptimizerName}})
+OptimizerOrAutoOpt = Annotated[Optional[OptimizerOrAuto], typer.Option(
+    "--optimizer", help="ours or HF Trainer's / Axolotl's names, or auto: adamw, or 8-bit state where only that fits "
+    f"without QLoRA or offload (default {_SEARCH['optimizer']})")]
 LoraRank = Annotated[Optional[int], typer.Option(
     "--lora-rank", help=f"LoRA rank; 0 = full fine-tune (default {_DEFAULT['lora_rank']})")]
 LoraAlpha = Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA alpha (default 2 x rank)")]
@@ -91,6 +99,11 @@ StrategyOrAllOpt = Annotated[Optional[StrategyOrAll], typer.Option(
     "--strategy", help=f"data parallelism, or all: compare them side by side (default {_DEFAULT['strategy']})")]
 OffloadOpt = Annotated[Optional[Offload], typer.Option(
     "--offload", help=f"what a sharded strategy keeps off the GPU (default {_DEFAULT['offload']})")]
+LossOpt = Annotated[Optional[Loss], typer.Option(
+    "--loss", help="the loss over the output head: transformers' cross-entropy, Liger's fused linear cross-entropy, "
+    f"Cut Cross-Entropy, or torchtune's chunked one (default {_DEFAULT['loss']})")]
+LossChunks = Annotated[Optional[int], typer.Option(
+    "--loss-chunks", help=f"chunks of --loss chunked (default {_DEFAULT['loss_chunks']})")]
 FsdpVersion = Annotated[Optional[int], typer.Option(
     "--fsdp-version", help=f"FSDP 1 or 2, accelerate's fsdp_version (default {_DEFAULT['fsdp_version']})")]
 
@@ -146,6 +159,8 @@ def to_settings(options: Mapping[str, Any], **overrides: Any) -> Settings:
     its plain value; `--dtype` stands for its precision recipe unless `--precision` is given;
     `overrides` (Settings fields) win. Options left out keep Settings' defaults."""
     kw = _given_fields(options, _DEFAULT)
+    if "optimizer" in kw:  # users' names (paged_adamw_8bit, ...) as the contract's optimizer and paging
+        kw["optimizer"], kw["optimizer_paged"] = optimizer_choice(kw["optimizer"])
     if "precision" not in kw and options.get("dtype") is not None:
         kw["precision"] = DTYPE_TO_RECIPE[plain(options["dtype"])]
     return Settings(**{**kw, **overrides})
@@ -163,7 +178,10 @@ def check_dtype(options: Mapping[str, Any]) -> None:
 def to_request(options: Mapping[str, Any], **overrides: Any) -> Request:
     """The plan search the options describe, as `to_settings` for a recommend Request: the options
     named like its fields and given, then `overrides`; the rest keep Request's defaults."""
-    return Request(**{**_given_fields(options, _SEARCH), **overrides})
+    kw = _given_fields(options, _SEARCH)
+    if "optimizer" in kw:
+        kw["optimizer"], kw["optimizer_paged"] = optimizer_choice(kw["optimizer"])
+    return Request(**{**kw, **overrides})
 
 
 def given(options: Mapping[str, Any], names: Iterable[str]) -> list[str]:

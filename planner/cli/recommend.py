@@ -20,12 +20,14 @@ from .options import (
     Gpus,
     HostRam,
     Json,
+    LossChunks,
+    LossOpt,
     Margin,
     MethodOpt,
     Mfu,
     Model,
     Nodes,
-    OptimizerOpt,
+    OptimizerOrAutoOpt,
     Samples,
     SeqLen,
 )
@@ -35,8 +37,9 @@ Top = Annotated[int, typer.Option("--top", help="how many plans to show")]
 
 def recommend_cmd(ctx: typer.Context, model: Model, gpu: Gpu, gpus: Gpus = None, nodes: Nodes = None,
                   global_batch: GlobalBatch = None, seq_len: SeqLen = None, method: MethodOpt = None,
-                  margin: Margin = None, optimizer: OptimizerOpt = None, mfu: Mfu = None, samples: Samples = None,
-                  host_ram: HostRam = None, top: Top = 5, as_json: Json = False) -> None:
+                  margin: Margin = None, optimizer: OptimizerOrAutoOpt = None, mfu: Mfu = None, samples: Samples = None,
+                  host_ram: HostRam = None, loss: LossOpt = None, loss_chunks: LossChunks = None, top: Top = 5,
+                  as_json: Json = False) -> None:
     """The fastest plan that fits: method, LoRA rank, strategy, offload, micro-batch, accumulation, checkpointing."""
     res, spec = formula_spec(model, "plan recommend")
     g = find_gpu(gpu)

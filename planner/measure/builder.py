@@ -73,9 +73,100 @@ def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = N
                     if "lora_" not in n:
                         p.requires_grad_(False)
         model.train()
+    if st.loss != "standard":
+        install_loss(model, st)
     if fake_mode is not None:
         fakeify(model, fake_mode)
     return model, config
+
+
+class LossLibraryMissing(ValueError):
+    """The loss the settings ask for needs a library (or a GPU) this machine does not have."""
+
+
+LOSS_LIBRARY = {"liger-flce": "liger-kernel", "cce": "cut-cross-entropy", "chunked": "torchtune"}
+
+
+def torchtune_chunked_loss():
+    """torchtune's CEWithChunkedOutputLoss class. torchtune's package `__init__` refuses to import
+    without torchao (and torchtune 0.6 fails with torchao 0.18); the loss module itself imports
+    only torch, so it is loaded from the installed torchtune's file when the package will not
+    import."""
+    try:
+        from torchtune.modules.loss import CEWithChunkedOutputLoss
+        return CEWithChunkedOutputLoss
+    except ImportError:
+        pass
+    import importlib.util
+    import os
+    spec = importlib.util.find_spec("torchtune")
+    if spec is None or not spec.submodule_search_locations:
+        raise LossLibraryMissing("loss chunked needs torchtune's CEWithChunkedOutputLoss (pip install torchtune)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "modules", "loss", "ce_chunked_output_loss.py")
+    mod_spec = importlib.util.spec_from_file_location("_torchtune_ce_chunked_output_loss", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module.CEWithChunkedOutputLoss
+
+
+def _fused_loss(st: Settings):
+    """The fused loss function of liger-kernel or cut-cross-entropy, or one line naming what to
+    install (both are Triton kernels: they need Triton and a CUDA GPU)."""
+    what = LOSS_LIBRARY[st.loss]
+    try:
+        if st.loss == "liger-flce":
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+            return LigerFusedLinearCrossEntropyLoss(reduction="sum")
+        from cut_cross_entropy import linear_cross_entropy
+        return linear_cross_entropy
+    except ImportError as e:
+        if "triton" in str(e):
+            raise LossLibraryMissing(f"loss {st.loss} needs Triton on a CUDA GPU (pip install {what} triton, where "
+                                     "there is one)") from None
+        raise LossLibraryMissing(f"loss {st.loss} needs {what} (pip install {what})") from None
+
+
+def install_loss(model, st: Settings) -> None:
+    """Replace the causal LM's forward (the instance's, under PEFT and any wrapper) with one that
+    runs the decoder, then `st.loss` over the head through its library's public API:
+    torchtune's CEWithChunkedOutputLoss over the head applied per chunk of positions (torchtune's
+    `chunked_output`), Liger's LigerFusedLinearCrossEntropyLoss, or cut-cross-entropy's
+    `linear_cross_entropy`. Labels are shifted as transformers' ForCausalLMLoss shifts them, and
+    the loss is the sum over labelled tokens divided by `num_items_in_batch` (or their count)."""
+    import types
+
+    import torch
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = m.base_model, m.get_output_embeddings()
+    softcap = getattr(m.config, "final_logit_softcapping", None)
+    if st.loss == "chunked":
+        chunked = torchtune_chunked_loss()(num_output_chunks=st.loss_chunks)
+    else:
+        fused = _fused_loss(st)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kw):
+        kw.pop("logits_to_keep", None)
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+        shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        items = (shifted != -100).sum() if num_items_in_batch is None else num_items_in_batch
+        if st.loss == "chunked":
+            logits = [head(x) for x in hidden.chunk(st.loss_chunks, dim=1)]
+            if softcap:
+                logits = [torch.tanh(x / softcap) * softcap for x in logits]
+            loss = chunked(logits, shifted) * (shifted != -100).sum() / items
+        elif st.loss == "liger-flce":
+            loss = fused(head.weight, hidden.reshape(-1, hidden.size(-1)), shifted.reshape(-1), head.bias) / items
+        else:
+            e, c = hidden, head.weight
+            if torch.is_autocast_enabled(e.device.type):  # CCE's kernels take 16-bit inputs
+                dtype = torch.get_autocast_dtype(e.device.type)
+                e, c = e.to(dtype), c.to(dtype)
+            loss = fused(e, c, labels, shift=True, reduction="sum", softcap=softcap) / items
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    m.forward = types.MethodType(forward, m)
 
 
 def is_encoder(config) -> bool:
@@ -121,17 +212,21 @@ def make_optimizer(params, name: str, lr: float | None = None, weight_decay: flo
     """The optimizer the estimate counts for `name`, as torch / transformers / bitsandbytes build it.
     `params`: tensors or param groups. `lr` None: a small default (the simulator's steps)."""
     import torch
+
+    from ..contract import BNB_OPTIMIZERS, optimizer_choice
+    name, paged = optimizer_choice(name)
     kw = dict(lr=lr if lr is not None else 1e-4, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, foreach=True, **kw)
     if name == "adamw-fused":
         return torch.optim.AdamW(params, fused=True, **kw)
-    if name in ("adamw-8bit", "lion"):
+    if name in BNB_OPTIMIZERS:
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise ValueError(f"optimizer {name} needs bitsandbytes (pip install bitsandbytes)") from None
-        return bnb.optim.AdamW8bit(params, **kw) if name == "adamw-8bit" else bnb.optim.Lion(params, **kw)
+        cls = {"adamw-8bit": "AdamW8bit", "adamw-32bit": "AdamW32bit", "lion": "Lion", "lion-8bit": "Lion8bit"}[name]
+        return getattr(bnb.optim, ("Paged" if paged else "") + cls)(params, **kw)
     if name == "sgd":
         return torch.optim.SGD(params, foreach=True, **{**kw, "lr": lr if lr is not None else 1e-3})
     if name == "sgd-momentum":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, replace
 
-from ..contract import PlanError, Settings
+from ..contract import FUSED_LOSSES, UNMEASURED_FUSED, PlanError, Settings
 from ..estimate import Estimate, estimate
 from ..memory import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, needed_bytes
 from ..precision import RECIPES
@@ -179,10 +179,12 @@ def simulated_estimate(cfg: dict, st: Settings, budget: Budget = Budget()) -> Es
     if st.quant != "none":
         raise PlanError(f"{{quant}} {st.quant}: the simulator cannot run bitsandbytes kernels on CPU; "
                         "drop --exact for the formula", "quant")
-    if st.optimizer == "adamw-8bit":
-        raise PlanError("{optimizer} adamw-8bit: bitsandbytes' 8-bit step reads its values, which fake tensors "
+    if st.optimizer in ("adamw-8bit", "lion-8bit"):
+        raise PlanError(f"{{optimizer}} {st.optimizer}: bitsandbytes' 8-bit step reads its values, which fake tensors "
                         "do not have; drop --exact for the formula (measured on real tensors: tables/validation.csv)",
                         "optimizer")
+    if st.loss in FUSED_LOSSES:
+        raise PlanError(f"{{loss}} {st.loss}: {UNMEASURED_FUSED}; drop --exact for the formula", "loss")
     check_budget(cfg, st, budget)
     try:
         with _wall_clock(budget.seconds):

