@@ -93,7 +93,7 @@ def estimate(spec: ModelSpec, st: Settings) -> Estimate:
         comps[k] += int(v)
     if st.kernels == "cuda":
         # cuBLAS/cuBLASLt workspaces come from the caching allocator on first use and stay:
-        # max_memory_allocated counts them (64 MiB on the H100, tables/validation_gpu.csv)
+        # max_memory_allocated counts them (64 MiB on the H100 and H200, tables/gpu/traces_expandable.npz)
         phases = {k: v + (CUBLAS_WORKSPACE_BYTES if k != "model" else 0) for k, v in phases.items()}
         comps["other"] += CUBLAS_WORKSPACE_BYTES
     peak = int(phases[peak_phase])

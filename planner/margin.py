@@ -63,7 +63,7 @@ def _lora(rank: int) -> dict:
     return {"lora_rank": rank, "lora_alpha": 2.0 * rank} if rank else {}
 
 
-def _suite_case(name: str) -> tuple[str, Settings]:
+def suite_case(name: str) -> tuple[str, Settings]:
     """A case name of planner.measure.gpu (model/precision/lora16|full/quant/ckpt/b4s2048/optimizer)."""
     m = _CASE.match(name)
     rank = int(m["method"][4:]) if m["method"] != "full" else 0
@@ -82,7 +82,7 @@ def measurements(root: Path = EVIDENCE) -> list[tuple[str, Settings, int, str, s
     if path.exists():
         for r in csv.DictReader(open(path, newline="")):
             outside = int(r.get("outside_allocator") or CUDA_CONTEXT_BYTES)
-            out.append((*_suite_case(r["case"]), int(r["allocated_peak"]) + outside, "needs", r["gpu"]))
+            out.append((*suite_case(r["case"]), int(r["allocated_peak"]) + outside, "needs", r["gpu"]))
     path = root / "fit.csv"
     if path.exists():
         for r in csv.DictReader(open(path, newline="")):

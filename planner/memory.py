@@ -756,7 +756,7 @@ backward (the two H200 QLoRA traces: 1.22 GiB of slack on Llama-3-8B where the l
 
 def allocator_slack(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
     """Bytes the caching allocator (`expandable_segments:True`, as `plan train` runs) holds beyond
-    the live tensors at the forward's or backward's peak: free blocks too small or too scattered
+    the live tensors at the backward's peak: free blocks too small or too scattered
     for the next requests. See SLACK_* for the terms and their evidence; the optimizer step adds
     none (its states and temporaries reuse the activations' freed space)."""
     if spec.is_encoder:  # no vocabulary-wide loss (bert on the H200: 1.3% over the peak)

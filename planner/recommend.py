@@ -24,6 +24,7 @@ from .distributed import strategy_choices
 from .estimate import Estimate, estimate
 from .gpus import GPU
 from .margin import evidence
+from .memory import CUDA_CONTEXT_BYTES
 from .spec import ModelSpec
 from .speed import DEFAULT_MFU, StepTime, step_time
 
@@ -32,6 +33,13 @@ LORA_RANKS = (32, 16, 8)
 """The field's defaults are rank 16-32 with alpha = 2 x rank on all linear layers (QLoRA paper,
 torchtune's and Unsloth's configs); the highest that fits is taken, 8 when memory is short."""
 MAX_MICRO = 1024
+ADDRESS_SPACE = 9 / 8
+"""The caching allocator's expandable segments reserve virtual addresses for 9/8 of the GPU's
+memory (ExpandableSegment in c10/cuda/CUDACachingAllocator.cpp: `max_handles_ =
+numSegments(prop.totalGlobalMem + prop.totalGlobalMem / 8)`). A plan runs in `needed_bytes` by
+returning free pages under pressure, but its blocks' high-water mark must still fit those
+addresses: a plan whose allocator high-water mark (device_bytes less the CUDA context) exceeds
+them is refused."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,8 @@ def fits(spec: ModelSpec, st: Settings, req: Request) -> Estimate | None:
     except PlanError:
         return None
     if est.needed_bytes > req.budget_for(st):
+        return None
+    if est.device_bytes - CUDA_CONTEXT_BYTES > ADDRESS_SPACE * req.gpu.memory_bytes:
         return None
     if req.host_ram_bytes is not None and est.cpu_bytes > req.host_ram_bytes:
         return None

@@ -208,15 +208,16 @@ def render_strategies(console, name: str, arch: str, rows: list, skipped: list) 
     table = []
     for st, est in rows:
         c = est.components
-        fits = [str(size) for size in FIT_SIZES if est.device_bytes <= size * 2**30]
+        fits = [str(size) for size in FIT_SIZES if est.needed_bytes <= size * 2**30]
         table.append([st.strategy, st.offload, g(c["weights"] + c["gradients"] + c["optimizer"]),
                       g(c["activations"] + c["logits"]), g(c["other"]), g(est.device_bytes), g(est.cpu_bytes),
                       g(est.nvme_bytes), f"[green]{' '.join(fits)}[/]" if fits else "[red]none[/]"])
     show(console, title, cols, table, ["bold" if est.device_bytes == best else None for _, est in rows], key=2)
     console.print(f"Per GPU at each strategy's peak phase ({world} GPUs in all): states = weights, gradients and "
                   f"optimizer state; buffers = gathered units, reduce-scatter and DDP buckets, optimizer temporaries; "
-                  f"device adds CUDA context and allocator reserve. fits: which of "
-                  f"{', '.join(map(str, FIT_SIZES))} GiB GPUs hold it. Bold: the least GPU memory.", style="dim")
+                  f"device: NVML's figure on a roomy GPU (CUDA context and the allocator's slack). fits: which of "
+                  f"{', '.join(map(str, FIT_SIZES))} GiB GPUs it runs in (peak, unreturnable pages, context). "
+                  f"Bold: the least GPU memory.", style="dim")
     for line in skipped:
         console.print(f"not offered: {line}", style="dim")
 

@@ -22,7 +22,7 @@ def test_llama3_8b_bf16_pure_adamw_matches_the_measured_80_3_gb():
 
 def test_cuda_counts_the_cublas_workspace_the_allocator_holds():
     # measured on an H100: max_memory_allocated includes 64 MiB of cuBLAS workspace from the
-    # first matmul on (tables/validation_gpu.csv); the CPU step has none
+    # first matmul on (tables/gpu/traces_expandable.npz); the CPU step has none
     from planner.memory import CUBLAS_WORKSPACE_BYTES
     s = spec("meta-llama/Meta-Llama-3-8B")
     cuda = estimate(s, Settings(precision="bf16-pure", seq_len=2048))

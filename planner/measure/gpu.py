@@ -306,10 +306,58 @@ def rescore(csv_path: str, echo=print) -> None:
              f"device {100 * (e.device_bytes - nv) / nv:+6.2f}%")
 
 
+def report(root: str, echo=print) -> None:
+    """The README's tables from a suite's output directory, scored against today's estimate: per
+    case the peak and device errors (both allocators), the reserve, and the allocator model's
+    replay of the GPU trace; per fit scenario what ran."""
+    import os
+
+    import numpy as np
+
+    from ..allocator import replay
+    from ..margin import suite_case
+    from ..resolve import catalog
+    from .replay import gpu_events
+
+    def rows(name):
+        path = os.path.join(root, name)
+        return list(csv.DictReader(open(path))) if os.path.exists(path) else []
+
+    default = {r["case"]: r for r in rows("validation_gpu.csv")}
+    z = np.load(os.path.join(root, "traces_expandable.npz"))
+    traces = {str(z[f"{i}.case"]): i for i in {k.split(".")[0] for k in z.files}}
+    echo("| case (batch x seq) | peak | device (NVML) | default allocator | reserved / peak | replay |")
+    echo("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows("validation_gpu_expandable.csv"):
+        model_id, st = suite_case(r["case"])
+        e = estimate(ModelSpec.from_config(catalog()[model_id]["config"]), st)
+        pk, nv, res = int(r["allocated_peak"]), int(r["nvml"]), int(r["reserved_peak"])
+        d = default.get(r["case"])
+        dflt = f"{100 * (e.device_bytes - int(d['nvml'])) / int(d['nvml']):+.1f}%" if d else "-"
+        rp = replay(gpu_events(z, traces[r["case"]])).peak_reserved if r["case"] in traces else None
+        echo(f"| {r['case']} | {100 * (e.peak_bytes - pk) / pk:+.2f}% | {100 * (e.device_bytes - nv) / nv:+.1f}% | "
+             f"{dflt} | {res / pk:.3f} | " + (f"{100 * (rp - res) / res:+.2f}% |" if rp else "- |"))
+    echo("")
+    echo("| model, GPU played (MiB) | plan | ran at | next micro-batch up |")
+    echo("| --- | --- | ---: | --- |")
+    for r in rows("fit.csv"):
+        tries = {int(k): v for k, v in json.loads(r["tries"]).items()}
+        micro, out = int(r["micro_batch"]), int(r["outside_allocator"] or 0)
+        up = tries.get(micro + 1)
+        nxt = "-" if up is None else "out of memory" if not up["ok"] else \
+            f"ran at {(up['reserved_peak'] + out) / 2**30:,.2f} GiB"
+        echo(f"| {r['model']}, {r['gpu_played']} ({int(r['gpu_memory_bytes']) // 2**20:,}) | {r['method']} "
+             f"r{r['lora_rank']}, micro-batch {micro}{', ckpt' if r['grad_checkpointing'] == 'True' else ''} | "
+             f"{(tries[micro]['reserved_peak'] + out) / 2**30:,.2f} GiB | {nxt} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--rescore"]:
         rescore(argv[1])
+        return 0
+    if argv[:1] == ["--report"]:
+        report(argv[1])
         return 0
     if argv[:1] == ["suite"]:
         suite(argv[1])
@@ -330,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             np.savez_compressed(argv[2], **events)
         print(json.dumps(row))
         return 0
-    run(argv[0] if argv else "tables/validation_gpu.csv")
+    run(argv[0] if argv else "tables/gpu/validation_gpu_expandable.csv")
     return 0
 
 

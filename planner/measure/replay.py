@@ -48,10 +48,9 @@ def check(traces: str, rows_csv: str, expandable: bool = True, simulate: bool = 
     trace, and (`simulate`) the replay of the simulator's trace."""
     import numpy as np
 
+    from ..margin import suite_case
     from ..resolve import catalog
-    from .gpu import CASES, case_name
     z = np.load(traces)
-    names = {case_name(m, Settings(**kw)): (m, Settings(**kw)) for m, kw in CASES}
     rows = {r["case"]: r for r in csv.DictReader(open(rows_csv))}
     out = []
     for i in sorted({k.split(".")[0] for k in z.files}, key=int):
@@ -63,7 +62,7 @@ def check(traces: str, rows_csv: str, expandable: bool = True, simulate: bool = 
                "allocated": int(r["allocated_peak"]), "replay_gpu_trace": gpu.peak_reserved,
                "replay_gpu_error_pct": round(100 * (gpu.peak_reserved - measured) / measured, 2)}
         if simulate:
-            model_id, st = names[case]
+            model_id, st = suite_case(case)
             sim = simulated_reserved(catalog()[model_id]["config"], st, expandable)
             row.update(replay_simulated=sim.peak_reserved, simulated_allocated=sim.peak_allocated,
                        replay_simulated_error_pct=round(100 * (sim.peak_reserved - measured) / measured, 2))
