@@ -35,6 +35,10 @@ def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = N
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if st.quant != "none":
+        if fake_mode is not None or meta or weights is not None:
+            raise ValueError("an NF4 base is built from random weights on real tensors only")
+        return nf4_model(cfg, st, device or "cpu")
     cfg = dict(cfg)
     mt = cfg.pop("model_type")
     cfg["use_cache"] = False
@@ -335,6 +339,43 @@ def lora_config(st: Settings, sequence_classification: bool = False):
     targets = "all-linear" if st.lora_targets == "all-linear" else st.lora_targets.split(",")
     return LoraConfig(r=st.lora_rank, lora_alpha=st.lora_alpha or 2 * st.lora_rank, lora_dropout=st.lora_dropout,
                       target_modules=targets, task_type="SEQ_CLS" if sequence_classification else "CAUSAL_LM")
+
+
+def nf4_model(cfg: dict, st: Settings, device: str, checkpoint: str | None = None):
+    """QLoRA as a user sets it up: the model loaded through transformers' bitsandbytes NF4 path
+    (random bf16 weights saved to `checkpoint`, a temporary directory unless given, then loaded
+    quantised onto `device`), PEFT's `prepare_model_for_kbit_training` (fp32 norms, embeddings
+    and head; checkpointing if the settings say so) and the LoRA adapters. bitsandbytes >= 0.45
+    runs NF4 forward and backward on CPU too."""
+    import os
+    import tempfile
+
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoConfig
+
+    c = dict(cfg)
+    config = AutoConfig.for_model(c.pop("model_type"), **c)
+    config.use_cache = False
+    for k in ATTENTION_DROPOUT_KEYS:
+        if hasattr(config, k):
+            setattr(config, k, 0.0)
+    cls = model_class(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = checkpoint or tmp
+        if not os.path.exists(os.path.join(path, "config.json")):
+            with torch.device(device):
+                model = cls.from_config(config, dtype=torch.bfloat16)
+            model.save_pretrained(path)
+            del model
+        model = cls.from_pretrained(path, config=config, quantization_config=nf4_config(torch.bfloat16),
+                                    dtype=torch.bfloat16, device_map={"": 0 if device == "cuda" else device},
+                                    attn_implementation="sdpa")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=st.grad_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, lora_config(st))
+    model.train()
+    return model, config
 
 
 def nf4_config(compute_dtype):

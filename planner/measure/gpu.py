@@ -22,7 +22,7 @@ from ..contract import Settings
 from ..estimate import estimate
 from ..precision import RECIPES
 from ..spec import ModelSpec
-from .builder import build_model, is_encoder, lora_config, make_optimizer, model_class, nf4_config, train_step
+from .builder import build_model, is_encoder, make_optimizer, model_class, nf4_model, train_step
 
 CASES = [
     ("meta-llama/Llama-3.2-1B", dict(precision="bf16-amp", batch_size=4, seq_len=2048)),
@@ -76,27 +76,11 @@ def _checkpoint(model_id: str, cfg: dict) -> str:
 
 
 def build(model_id: str, cfg: dict, st: Settings):
-    """The model on the GPU as the settings say; NF4 bases go through from_pretrained with a
-    BitsAndBytesConfig and PEFT's `prepare_model_for_kbit_training`, the QLoRA recipe."""
-    import torch
-
+    """The model on the GPU as the settings say (builder.build_model); NF4 bases load the random
+    checkpoint saved once per model (`_checkpoint`)."""
     if st.quant == "none":
         return build_model(cfg, st, device="cuda")
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoConfig
-
-    c = dict(cfg)
-    config = AutoConfig.for_model(c.pop("model_type"), **c)
-    config.use_cache = False
-    path = _checkpoint(model_id, cfg)
-    model = model_class(config).from_pretrained(path, quantization_config=nf4_config(torch.bfloat16),
-                                                dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa")
-    model.config.use_cache = False
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=st.grad_checkpointing,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, lora_config(st))
-    model.train()
-    return model, config
+    return nf4_model(cfg, st, "cuda", checkpoint=_checkpoint(model_id, cfg))
 
 
 def case_name(model_id: str, st: Settings) -> str:

