@@ -260,7 +260,7 @@ def render_plans(console, name: str, req, plans: list, n_fit: int) -> None:
     title = (f"Plans for {name} on {req.nodes} node(s) x {req.gpus} {g.name} "
              f"({g.memory_bytes / 2**30:,.1f} GiB, "
              + (f"{req.margin:.0%} kept free), " if req.margin is not None else
-                "margin from each plan's measured device error), ")
+                "margins from GPU measurements), ")
              + f"{req.seq_len} tokens per sequence"
              + (f", global batch {req.global_batch}" if req.global_batch else ""))
     cols = [(c, "left" if c in ("method", "strategy", "offload") else "right")
