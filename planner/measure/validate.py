@@ -285,15 +285,15 @@ RECOMMEND_SCENARIOS = [
     ("bert", "full", 512, 2400, None), ("llama", "full", 512, 2400, 64), ("qwen2", "lora", 1024, 3000, 40),
 ]
 RECOMMEND_MARGIN = 0.03
-"""The margin the scenarios plan with (the default is 0.10): just above the largest device-level
-error of the estimate over these scenarios (bert, +3.1%), so that a plan fits and comes close."""
+"""The margin the scenarios plan with: planner/margin.py's MARGIN_FLOOR, what a plan of a kind
+measured without under-estimates keeps, so that a plan fits and comes close."""
 
 
-def _measured_device(cfg: dict, st: Settings) -> int:
-    """The device bytes of a step whose peak is measured (simulator, corrected to CUDA kernels)."""
-    from ..memory import device_bytes
+def _measured_need(cfg: dict, st: Settings) -> int:
+    """What a step whose peak is measured (simulator, corrected to CUDA kernels) needs to run:
+    `needed_bytes` of its measured phases, the figure recommend fits plans by."""
     from .simulate import simulated_estimate
-    return device_bytes(simulated_estimate(cfg, st).peak_bytes, st.grad_checkpointing)
+    return simulated_estimate(cfg, st).needed_bytes
 
 
 def recommend_scenario(model: str, method: str, seq_len: int, mib: int, global_batch: int | None) -> dict:
@@ -314,10 +314,10 @@ def recommend_scenario(model: str, method: str, seq_len: int, mib: int, global_b
     st = best.settings
 
     def fits(b: int) -> bool:
-        return _measured_device(cfg, replace(st, batch_size=b)) <= gpu.memory_bytes
+        return _measured_need(cfg, replace(st, batch_size=b)) <= gpu.memory_bytes
 
     rec = st.batch_size
-    rec_device = _measured_device(cfg, st)
+    rec_device = _measured_need(cfg, st)
     if rec_device <= gpu.memory_bytes:  # search upwards for the first size that does not fit
         lo, hi = rec, rec + max(1, rec // 8)
         while fits(hi):
@@ -336,7 +336,7 @@ def recommend_scenario(model: str, method: str, seq_len: int, mib: int, global_b
             "grad_checkpointing": st.grad_checkpointing, "recommended_micro": rec, "accumulation": best.accumulation,
             "true_largest_micro": true_largest, "ratio": round(rec / true_largest, 3) if true_largest else None,
             "capacity_bytes": gpu.memory_bytes, "budget_bytes": req.budget_for(best.settings),
-            "predicted_device_bytes": best.estimate.device_bytes, "measured_device_bytes": rec_device,
+            "predicted_needed_bytes": best.estimate.needed_bytes, "measured_needed_bytes": rec_device,
             "fits_gpu": rec_device <= gpu.memory_bytes, "within_budget": rec_device <= req.budget_for(best.settings)}
 
 
