@@ -188,10 +188,11 @@ def test_left_out_options_parse_as_none(monkeypatch, config):
     assert given(seen, set(seen) - {"model", "exact", "as_json", "sim_seconds", "sim_memory"}) == []
 
 
-def test_emit_config_refuses_an_explicit_option_given_at_its_default_beside_gpu(config, tmp_path):
-    """Given is `is not None`: --batch-size 1 is as explicit as --batch-size 64."""
-    r = CliRunner().invoke(cli.app, ["emit-config", config, "--gpu", "a100-80gb", "--batch-size", "1",
-                                     "--grad-checkpointing", "--out", str(tmp_path / "plan")])
+def test_emit_config_refuses_an_explicit_option_given_at_its_default_beside_from_recommendation(config, tmp_path):
+    """Given is `is not None`: --batch-size 1 is as explicit as --batch-size 64. (Beside a plain
+    --gpu, explicit options write the explicit plan for that GPU: tests/test_emit.py.)"""
+    r = CliRunner().invoke(cli.app, ["emit-config", config, "--gpu", "a100-80gb", "--from-recommendation",
+                                     "--batch-size", "1", "--grad-checkpointing", "--out", str(tmp_path / "plan")])
     assert r.exit_code == 2 and r.stdout == ""
     assert r.stderr.startswith("error: --batch-size, --grad-checkpointing: explicit-plan options")
     assert not (tmp_path / "plan").exists()

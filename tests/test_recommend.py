@@ -231,6 +231,8 @@ def test_recommend_scenarios_against_measured_peaks(tmp_path):
 
 # ------------------------------------------------------------------ emit-config
 
+ALPACA_LINE = '{"instruction": "say hi", "input": "", "output": "hi"}\n'
+
 EMIT = [
     ("ddp1", ["--strategy", "ddp"]),
     ("ddp2", ["--strategy", "ddp", "--gpus", "2"]),
@@ -255,15 +257,17 @@ def test_emitted_configs_parse_with_the_launchers_own_loaders(tmp_path, monkeypa
     from accelerate.commands.config.config_args import ClusterConfig
 
     from planner.recipe import load
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text(ALPACA_LINE)
     out = tmp_path / name
-    code, stdout, err = run("emit-config", LLAMA3, "--out", out, "--data", "train.jsonl", *args)
+    code, stdout, err = run("emit-config", LLAMA3, "--out", name, "--data", "train.jsonl", *args)
     assert code == 0, err
     cfg = ClusterConfig.from_yaml_file(str(out / "accelerate.yaml"))
     recipe = load(str(out / "recipe.yaml"))
     world = recipe.plan.gpus * recipe.plan.nodes
     assert cfg.num_processes == world and cfg.num_machines == recipe.plan.nodes
     assert recipe.plan.expected.device_bytes > recipe.plan.expected.peak_bytes > 0
-    assert recipe.datasets[0].path == "train.jsonl"
+    assert recipe.datasets[0].path == "../train.jsonl"  # relative to the plan directory
     st = recipe.plan.strategy
     expected_type = {"ddp": "MULTI_GPU" if world > 1 else "NO"}.get(
         st, "FSDP" if st.startswith("fsdp") else "DEEPSPEED")
@@ -278,7 +282,8 @@ def test_emitted_configs_parse_with_the_launchers_own_loaders(tmp_path, monkeypa
         # DeepSpeedConfig reads the world from the process group: answer as rank 0 of `world`
         monkeypatch.setattr(ds_config.dist, "get_rank", lambda *a, **k: 0)
         ds_path = cfg.deepspeed_config["deepspeed_config_file"]
-        assert Path(ds_path) == (out / "deepspeed.json").resolve()
+        assert ds_path == "deepspeed.json"  # relative: accelerate opens it from the working directory
+        ds_path = out / ds_path
         mpu = SimpleNamespace(get_data_parallel_world_size=lambda: world)
         ds = DeepSpeedConfig(json.loads(Path(ds_path).read_text()), mpu=mpu)
         assert ds.zero_optimization_stage == int(st[-1])
