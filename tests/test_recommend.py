@@ -370,3 +370,48 @@ def test_emitted_ddp_and_fsdp2_configs_launch_two_processes(tmp_path):
         assert r["local_numel"] * 2 == pytest.approx(r["total_numel"], rel=0.01)  # each rank holds half
         assert r["reshard_after_forward"] is False  # grad-op, read from the emitted YAML
         assert len(r["losses"]) == 3 and all(0 < x < 20 for x in r["losses"])
+
+
+# ------------------------------------------------------------------ recommend within the limits users have
+
+def test_host_ram_defaults_to_this_machines(monkeypatch):
+    """70B full fine-tuning on one RTX 4090 needs 1,314 GiB of host RAM: not a plan on a machine
+    with 64 GiB unless --host-ram says the training node has it."""
+    import planner.cli.common as common
+    monkeypatch.setattr(common, "local_host_ram", lambda: 64 * 2**30)
+    code, out, err = run("recommend", "meta-llama/Llama-3.1-70B", "--gpu", "RTX-4090", "--top", "50", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["host_ram_bytes"] == 64 * 2**30
+    assert d["plans"] and all(p["cpu_bytes"] <= 64 * 2**30 for p in d["plans"])
+    code, out, err = run("recommend", "meta-llama/Llama-3.1-70B", "--gpu", "RTX-4090", "--top", "50", "--json",
+                         "--host-ram", "2000")
+    d = json.loads(out)
+    assert d["host_ram_bytes"] == 2000 * 2**30 and max(p["cpu_bytes"] for p in d["plans"]) > 1000 * 2**30
+    code, out, err = run("recommend", "meta-llama/Llama-3.1-70B", "--gpu", "RTX-4090")
+    assert "Host RAM 64 GiB per node: this machine's" in out
+
+
+def test_nvme_needs_are_shown(monkeypatch):
+    import planner.cli.common as common
+    monkeypatch.setattr(common, "local_host_ram", lambda: 2000 * 2**30)
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, err = run("recommend", "meta-llama/Llama-3.1-70B", "--gpu", "RTX-4090", "--top", "50")
+    assert code == 0, err
+    header = [c.strip() for c in next(line for line in out.splitlines() if "┃" in line and "NVMe" in line)
+              .split("┃")]
+    row = [c.strip() for c in next(line for line in out.splitlines() if "│ nvme" in line).split("│")]
+    assert row[header.index("NVMe")] not in ("-", "")  # the NVMe GiB of the NVMe plan
+    code, out, err = run("recommend", "HuggingFaceTB/SmolLM2-135M", "--gpu", "H100-SXM")
+    assert not [line for line in out.splitlines() if "┃" in line and "NVMe" in line]  # no NVMe plan: no column
+
+
+def test_default_global_batch_is_8_per_gpu():
+    code, out, err = run("recommend", LLAMA3, "--gpu", "A100-80GB", "--gpus", "4", "--json")
+    d = json.loads(out)
+    assert d["global_batch"] == 32 and all(p["global_batch"] == 32 for p in d["plans"])
+    code, out, err = run("recommend", "HuggingFaceTB/SmolLM2-135M", "--gpu", "H100-SXM", "--json")
+    d = json.loads(out)
+    assert all(p["micro_batch"] * p["gradient_accumulation"] == 8 for p in d["plans"])
+    code, out, err = run("recommend", "HuggingFaceTB/SmolLM2-135M", "--gpu", "H100-SXM")
+    assert "Global batch 8: the default" in " ".join(out.split())

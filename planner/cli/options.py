@@ -112,8 +112,8 @@ FsdpVersion = Annotated[Optional[int], typer.Option(
 Gpu = Annotated[Optional[str], typer.Option(
     "--gpu", help="a GPU of the catalog (plan gpus), or auto: the local GPUs via NVML")]
 GlobalBatch = Annotated[Optional[int], typer.Option(
-    "--global-batch", help="sequences per optimizer step, kept exactly (default: the largest micro-batch, "
-    "no accumulation)")]
+    "--global-batch", help="sequences per optimizer step, kept exactly (default: 8 per GPU, HF Trainer's "
+    "per_device_train_batch_size)")]
 MethodOpt = Annotated[Optional[MethodOrAuto], typer.Option(
     "--method", help=f"what trains; auto: full if it fits, else LoRA, else QLoRA (default {_SEARCH['method']})")]
 Margin = Annotated[Optional[float], typer.Option(
@@ -124,8 +124,7 @@ Mfu = Annotated[Optional[float], typer.Option(
 Samples = Annotated[Optional[int], typer.Option(
     "--samples", help=f"sequences per epoch, for the time per epoch (default {_SEARCH['samples']})")]
 HostRam = Annotated[Optional[float], typer.Option(
-    "--host-ram", help="GiB of host RAM per node for offload (default: this machine's with --gpu auto, else not "
-    "limited)",
+    "--host-ram", help="GiB of host RAM per node for offload (default: this machine's)",
     callback=finite)]
 
 # ---------------------------------------------------------------- files and output

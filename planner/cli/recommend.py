@@ -54,10 +54,24 @@ def recommend_cmd(ctx: typer.Context, model: Model, gpu: Gpu, gpus: Gpus = None,
     if as_json:
         typer.echo(json.dumps({"model": res.name, "gpu": g.name, "gpus": req.gpus, "nodes": req.nodes,
                                "memory_bytes": g.memory_bytes, "budget_bytes": req.budget_for(plans[0].settings),
-                               "mfu": req.mfu,
+                               "mfu": req.mfu, "global_batch": req.global_batch, "host_ram_bytes": req.host_ram_bytes,
                                "plans": [plan_json(p) for p in plans[:top]]}, indent=2))
         return
-    render_plans(console(120), res.name, req, plans[:top], len(plans))
+    render_plans(console(120), res.name, req, plans[:top], len(plans), defaults_note(ctx.params, req))
+
+
+def defaults_note(options, req: Request) -> list[str]:
+    """The limits recommend chose because the command line did not: the global batch and the
+    host RAM offload may use."""
+    from .common import DEFAULT_PER_GPU_BATCH
+    out = []
+    if options.get("global_batch") is None:
+        out.append(f"Global batch {req.global_batch}: the default, {DEFAULT_PER_GPU_BATCH} sequences per GPU "
+                   "(HF Trainer's per_device_train_batch_size); --global-batch sets another.")
+    if options.get("host_ram") is None and req.host_ram_bytes is not None:
+        out.append(f"Host RAM {req.host_ram_bytes / 2**30:,.0f} GiB per node: this machine's; --host-ram sets the "
+                   "training nodes'.")
+    return out
 
 
 def nothing_fits(spec: ModelSpec, req: Request, g: GPU) -> str:
