@@ -214,3 +214,28 @@ def test_python_m_planner_cli_and_the_console_script_run_main():
     if not scripts:
         pytest.skip("plan-memory is not installed (no console script)")
     assert scripts[0].value == "planner.cli:main" and scripts[0].load() is cli.main
+
+
+def test_dtype_bf16_has_one_meaning_in_estimate_and_recommend():
+    """--dtype bf16 with --lora-rank is LoRA on a bf16 base (bf16-pure), as recommend plans it:
+    the same shape gives the same bytes in both (before, estimate assumed an fp32 base: 60.17
+    GiB against recommend's 36.49 for Llama-3-8B r16). Full fine-tuning and QLoRA keep bf16-amp."""
+    import json
+
+    from planner.contract import Settings
+    from planner.estimate import estimate
+    from planner.gpus import lookup
+    from planner.recommend import Request, _method_settings
+    from planner.resolve import resolve
+    from planner.spec import ModelSpec
+    runner = CliRunner()
+    args = ["estimate", "meta-llama/Meta-Llama-3-8B", "--dtype", "bf16", "--json"]
+    lora = json.loads(runner.invoke(cli.app, [*args, "--lora-rank", "16"]).stdout)
+    assert lora["precision"] == "bf16-pure"
+    st = _method_settings("lora", 16, Request(gpu=lookup("H100-SXM")), lookup("H100-SXM"))
+    spec = ModelSpec.from_config(resolve("meta-llama/Meta-Llama-3-8B").config)
+    assert st.precision == "bf16-pure" and lora["peak_bytes"] == estimate(spec, st).peak_bytes
+    assert json.loads(runner.invoke(cli.app, args).stdout)["precision"] == "bf16-amp"
+    qlora = json.loads(runner.invoke(cli.app, [*args, "--lora-rank", "16", "--quant", "nf4"]).stdout)
+    assert qlora["precision"] == "bf16-amp"
+    assert Settings().precision == "bf16-amp"

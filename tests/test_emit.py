@@ -208,3 +208,11 @@ def test_explicit_options_beside_gpu_write_the_explicit_plan_for_that_gpu():
     acc, rec, _, md = files("x")
     assert rec["micro_batch_size"] == 3 and rec["plan"]["gpu"] == "A100-80GB" and acc["num_processes"] == 2
     assert "(A100-80GB)" in md
+
+
+def test_an_explicit_lora_plan_without_dtype_is_on_a_bf16_base():
+    """No --dtype in an explicit plan means --dtype bf16, whose LoRA is a bf16 base (bf16-pure)."""
+    assert emit(L8, "--lora-rank", "16", "--out", "l")[0] == 0
+    rec = files("l")[1]
+    assert rec["plan"]["precision"] == "bf16-pure" and rec["bf16"] is True
+    assert emit(L8, "--out", "f")[0] == 0 and files("f")[1]["plan"]["precision"] == "bf16-amp"

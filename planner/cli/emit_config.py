@@ -45,6 +45,7 @@ from .options import (
     SeqLen,
     StrategyOpt,
     check_dtype,
+    dtype_precision,
     flag,
     given,
     plain,
@@ -184,6 +185,9 @@ def explicit(options: Mapping[str, Any], res: Resolved, spec: ModelSpec) -> Chos
                             "--dtype fp16 (or --quant nf4 for QLoRA)", "precision")
         if precision is None:
             over["precision"] = "fp16-amp"
+    if precision is None and "precision" not in over:  # --dtype bf16's meaning (LoRA: a bf16 base)
+        over["precision"] = dtype_precision("bf16", lora=bool(options["lora_rank"]), quant=plain(options["quant"])
+                                            or "none")
     st = to_settings(options, **over)
     accum = options["grad_accum"] if options["grad_accum"] is not None else 1
     if accum < 1:
