@@ -415,3 +415,10 @@ def test_default_global_batch_is_8_per_gpu():
     assert all(p["micro_batch"] * p["gradient_accumulation"] == 8 for p in d["plans"])
     code, out, err = run("recommend", "HuggingFaceTB/SmolLM2-135M", "--gpu", "H100-SXM")
     assert "Global batch 8: the default" in " ".join(out.split())
+
+
+def test_nothing_fits_for_want_of_host_ram_says_so():
+    code, out, err = run("recommend", "meta-llama/Llama-3.1-70B", "--gpu", "RTX-4090", "--method", "full",
+                         "--host-ram", "4")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "GiB of host RAM per node, more than the 4 GiB allowed (--host-ram" in err

@@ -76,10 +76,19 @@ def defaults_note(options, req: Request) -> list[str]:
 
 def nothing_fits(spec: ModelSpec, req: Request, g: GPU) -> str:
     """What the smallest plan needs, and the single changes that would make one fit."""
+    from dataclasses import replace
     need, st = smallest_need(spec, req)
-    hints = nearest_fits(spec, req)
+    hints = [h for h in nearest_fits(spec, req) if h != "more host RAM (offload)"]
+    host = ""
+    if req.host_ram_bytes is not None:
+        unlimited = recommend(spec, replace(req, host_ram_bytes=None))
+        if unlimited:  # the GPU would hold a plan: the host RAM its offload needs is what is short
+            cpu = min(p.estimate.cpu_bytes for p in unlimited)
+            host = (f"; with offload a plan fits the GPU but needs {cpu / 2**30:,.0f} GiB of host RAM per node, "
+                    f"more than the {req.host_ram_bytes / 2**30:,.0f} GiB allowed (--host-ram; default this "
+                    "machine's)")
     usable = req.budget_for(st) if st is not None else g.memory_bytes
     return (f"nothing fits {req.world} x {g.name} ({usable / 2**30:,.1f} GiB usable per GPU, "
             f"{1 - usable / g.memory_bytes:.0%} kept free): the smallest plan needs {need / 2**30:,.1f} GiB"
-            + (f" ({st.strategy}, offload {st.offload})" if st else "")
+            + (f" ({st.strategy}, offload {st.offload})" if st else "") + host
             + ("; it would fit with " + ", or ".join(hints) if hints else "; no single change makes it fit"))
