@@ -82,7 +82,10 @@ def emit_config_cmd(ctx: typer.Context, model: Model, out: Out, gpu: Gpu = None,
                     data: Data = None, data_format: DataFormatOpt = DataFormat.ALPACA,
                     main_process_ip: MainProcessIp = None, main_process_port: MainProcessPort = 29500,
                     machine_rank: MachineRank = 0, force: Force = False) -> None:
-    """Write a plan as accelerate.yaml (+ deepspeed.json for ZeRO), recipe.yaml and PLAN.md."""
+    """Write a plan as accelerate.yaml (+ deepspeed.json for ZeRO), recipe.yaml and PLAN.md.
+
+    --gpu alone writes plan recommend's best plan for it; the estimate options (with --gpu or
+    without) write that plan, with a warning when it needs more than the GPU (default H100-SXM)."""
     from ..emit import write_files
     check_dtype(ctx.params)
     check_plan_source(ctx.params)
