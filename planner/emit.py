@@ -28,8 +28,8 @@ FILES = ("accelerate.yaml", "deepspeed.json", "recipe.yaml", "PLAN.md")
 
 def half_dtype(st: Settings, bf16_gpu: bool = True) -> str | None:
     """The 16-bit dtype the plan computes in: "bf16", "fp16", or None (fp32). A bf16 recipe on a
-    GPU without bf16 (T4, V100) computes in fp16: explicit plans on such a GPU are refused
-    before this (`check_gpu_dtype`), recommend plans them in fp16."""
+    GPU without bf16 (T4, V100) computes in fp16 (emit-config refuses an explicit bf16 precision
+    on such a GPU and passes over recommend's bf16 plans there: cli/emit_config.py)."""
     rc = RECIPES[st.precision]
     if rc.compute != 2 and not (st.lora and rc.weight == 2):
         return None
@@ -55,8 +55,6 @@ DS_REASONS = {
     "stage3_gather_16bit_weights_on_model_save": "gathers the whole 16-bit model when it is saved, so "
                                                  "`save_model` writes weights, not shards (accelerate's "
                                                  "`zero3_save_16bit_model`); DeepSpeed's default is false",
-    "pin_memory": "page-locked host buffers for the offloaded tensors: faster copies over PCIe, what the "
-                  "speed model assumes (DeepSpeed's default is false; they count in the host RAM above)",
     "nvme_path": "a placeholder: set it to a directory on the node's local NVMe before launching",
     "zero_allow_untested_optimizer": "accelerate hands DeepSpeed the script's own torch optimizer, which "
                                      "DeepSpeed refuses without it",
