@@ -5,10 +5,15 @@
 - `deepspeed.json` for ZeRO, with accelerate's `auto` values resolved as accelerate resolves them,
   so DeepSpeed's own `DeepSpeedConfig` parses it and the run is the one the estimate modelled;
 - `recipe.yaml` for `plan train` (planner/recipe.py), with the memory the plan expects;
-- `PLAN.md`, a short summary for people.
+- `PLAN.md`, a short summary for people: the plan, why, how to run it, the line a user's own
+  script needs for each decision accelerate has no key for, and DeepSpeed's non-defaults.
 
-Files are written atomically (a temporary file, then a rename) and an existing file is never
-replaced without `force`.
+The files run where they land: every path in them is relative to their directory (the recipe's
+data, `deepspeed_config_file`: accelerate 1.15 hands that value to each process in
+ACCELERATE_DEEPSPEED_CONFIG_FILE, utils/launch.py, and HfDeepSpeedConfig opens it relative to
+the working directory, utils/deepspeed.py), so they are launched from inside it and the
+directory moves as a whole. Files are written atomically (a temporary file, then a rename), with
+the mode a new file gets under the umask, and an existing file is never replaced without `force`.
 """
 
 from __future__ import annotations
