@@ -80,7 +80,8 @@ def deepspeed_config(st: Settings, hidden: int, world: int, accumulation: int = 
     on for ZeRO-3, off for 1-2). It was written `false` for every stage until 2026-11-29,
     copied from the measurement harness of commit 5f81c90, without a reason: the measurement runs
     on CPU, where DeepSpeed has no side streams (`is_synchronized_device`), so the flag changes
-    nothing measured there, and on a GPU turning it off serialises ZeRO-3's collectives with the
+    nothing measured there (the four ZeRO-3 torchrun cases of validate.GLOO: the same peak per
+    rank to the byte, off and on, 2026-11-29), and on a GPU turning it off serialises ZeRO-3's collectives with the
     compute, which the speed model assumes overlapped. Every other setting that is not
     DeepSpeed's default is in DS_REASONS."""
     stage = zero_stage(st)
