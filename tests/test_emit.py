@@ -193,11 +193,15 @@ def test_every_non_default_deepspeed_setting_is_explained(args):
 
 
 def test_explicit_plan_that_does_not_fit_is_written_with_a_warning():
-    """The README's 70B ZeRO-3 optimizer-offload plan needs 88.8 GiB per GPU."""
+    """The README's old 70B ZeRO-3 optimizer-offload plan (no checkpointing) needs more than an
+    H100 (88.8 GiB per GPU when the issue was filed)."""
+    import re
     code, out, err = emit(L70, "--gpus", "8", "--strategy", "zero3", "--offload", "optimizer", "--out", "z3")
     assert code == 0
-    assert "warning: this plan needs 88.8 GiB per GPU; H100-SXM (assumed: no --gpu named) has 79.6 GiB" in err
-    assert "**Warning**: this plan needs 88.8 GiB" in files("z3")[3]
+    m = re.search(r"warning: this plan needs ([\d.,]+) GiB per GPU; H100-SXM \(assumed: no --gpu named\) has "
+                  r"79\.6 GiB", err)
+    assert m and float(m.group(1).replace(",", "")) > 79.6, err
+    assert f"**Warning**: this plan needs {m.group(1)} GiB" in files("z3")[3]
     code, out, err = emit(L70, "--gpu", "A100-40GB", "--gpus", "8", "--strategy", "zero3", "--offload", "optimizer",
                           "--out", "a100")
     assert code == 0 and "--gpu A100-40GB has" in err
