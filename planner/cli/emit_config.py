@@ -198,9 +198,9 @@ def explicit(options: Mapping[str, Any], res: Resolved, spec: ModelSpec) -> Chos
     st = replace(st, accumulation=accum)  # with accumulation every gradient lives through the micro-steps
     est = estimate(spec, st)
     warnings = []
-    if est.device_bytes > g.memory_bytes:
+    if est.needed_bytes > g.memory_bytes:  # what recommend fits plans by
         which = f"--gpu {g.name}" if named else f"{g.name} (assumed: no --gpu named)"
-        warnings.append(f"this plan needs {est.device_bytes / 2**30:,.1f} GiB per GPU; {which} has "
+        warnings.append(f"this plan needs {est.needed_bytes / 2**30:,.1f} GiB per GPU; {which} has "
                         f"{g.memory_bytes / 2**30:,.1f} GiB: it will run out of memory there (plan recommend "
                         "finds a plan that fits)")
     return ChosenPlan(st, accum, est, gpu=g if named else None, warnings=warnings)
