@@ -148,6 +148,10 @@ def accelerate_config(st: Settings, deepspeed_file: str | None = None, machine_r
                             "main_process_ip")
         kw.update(main_process_ip=main_process_ip, main_process_port=main_process_port)
     if st.strategy in ZERO:
+        # the precision is deepspeed.json's: accelerate launch refuses a `mixed_precision` beside a
+        # `deepspeed_config_file` (DeepSpeedPlugin._deepspeed_config_checks raises "the following
+        # accelerate config variables will be ignored"); `accelerate config` writes None there too
+        kw["mixed_precision"] = None
         kw.update(distributed_type="DEEPSPEED",
                   deepspeed_config={"deepspeed_config_file": deepspeed_file, "zero3_init_flag": st.strategy == "zero3",
                                     "deepspeed_multinode_launcher": "standard"})

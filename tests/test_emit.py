@@ -225,3 +225,39 @@ def test_an_explicit_lora_plan_without_dtype_is_on_a_bf16_base():
     rec = files("l")[1]
     assert rec["plan"]["precision"] == "bf16-pure" and rec["bf16"] is True
     assert emit(L8, "--out", "f")[0] == 0 and files("f")[1]["plan"]["precision"] == "bf16-amp"
+
+
+def test_a_deepspeed_accelerate_yaml_leaves_the_precision_to_deepspeed_json():
+    """accelerate launch refuses `mixed_precision` beside `deepspeed_config_file` (the plugin's
+    "config variables will be ignored" error); the dtype is deepspeed.json's."""
+    assert emit(L8, "--strategy", "zero2", "--gpus", "2", "--out", "ds")[0] == 0
+    acc, _, ds, _ = files("ds")
+    assert "mixed_precision" not in acc and ds["bf16"]["enabled"]
+
+
+PROBE = """import os
+from accelerate.utils import DeepSpeedPlugin
+p = DeepSpeedPlugin()
+print("stage", p.deepspeed_config["zero_optimization"]["stage"], os.getcwd())
+"""
+
+
+@pytest.mark.slow
+def test_an_emitted_deepspeed_config_launches_from_its_directory(tmp_path):
+    """accelerate launch --config_file accelerate.yaml, run from the plan directory (moved), reads
+    deepspeed.json through its relative path in each of two processes; from elsewhere it cannot."""
+    import subprocess
+    import sys
+    assert emit(L8, "--strategy", "zero2", "--gpus", "2", "--out", "ds")[0] == 0
+    moved = tmp_path / "elsewhere" / "ds"
+    moved.parent.mkdir()
+    (tmp_path / "ds").rename(moved)
+    (moved / "probe.py").write_text(PROBE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate.yaml", "probe.py"]
+    r = subprocess.run(cmd, cwd=moved, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("stage 2") == 2
+    r = subprocess.run([*cmd[:4], str(moved / "accelerate.yaml"), str(moved / "probe.py")], cwd=tmp_path,
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode != 0  # deepspeed.json is relative to the plan directory
