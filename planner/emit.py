@@ -260,9 +260,11 @@ def own_script_lines(st: Settings, accumulation: int, bf16_gpu: bool = True) -> 
                  f"sequences of at most {st.seq_len} tokens")
     if st.strategy in ZERO:
         lines.append(f"accumulation: {accumulation}, set in deepspeed.json (`gradient_accumulation_steps`)")
+    elif accumulation > 1 and st.strategy in FSDP:
+        lines.append(f"accumulation: {accumulation} micro-steps per optimizer step, each one's gradients "
+                     "reduce-scattered (not accelerate's `accumulate()`: see the note below)")
     elif accumulation > 1:
-        lines.append(f"accumulation: `Accelerator(gradient_accumulation_steps={accumulation})`"
-                     + (" (FSDP: see the note below)" if st.strategy in FSDP else ""))
+        lines.append(f"accumulation: `Accelerator(gradient_accumulation_steps={accumulation})`")
     opt = {"adamw": "torch.optim.AdamW(params, foreach=True)", "adamw-fused": "torch.optim.AdamW(params, fused=True)",
            "adamw-8bit": "bitsandbytes.optim.AdamW8bit(params)", "lion": "bitsandbytes.optim.Lion(params)",
            "sgd": "torch.optim.SGD(params, foreach=True)",
@@ -305,7 +307,8 @@ def plan_md(model: str, st: Settings, accumulation: int, est: Estimate, files: l
               + ". The directory can move (to a cluster) as a whole.", "", "```bash",
               "plan train recipe.yaml            # plans nothing: launches this recipe through accelerate",
               "accelerate launch --config_file accelerate.yaml your_script.py   # or your own script", "```", "",
-              "In your own script (accelerate.yaml has no key for these; `plan train` does them from the recipe):",
+              "In your own script, the plan's decisions that accelerate.yaml does not carry out (`plan train` "
+              "does them all from the recipe):",
               ""] + [f"- {x}" for x in own_script_lines(st, accumulation, bf16_gpu)] + [""]
     if ds is not None:
         lines += ["DeepSpeed settings in `deepspeed.json` that are not DeepSpeed's defaults, and why:", ""]
