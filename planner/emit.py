@@ -173,6 +173,9 @@ def accelerate_config(st: Settings, deepspeed_file: str | None = None, machine_r
 
 ADAPTER_KEYS = ("load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 """Recipe keys that mean something only with an adapter: left out of a full fine-tune's recipe."""
+LOSS_RECIPE_KEYS = ("liger_fused_linear_cross_entropy", "cut_cross_entropy", "chunked_cross_entropy",
+                    "chunked_cross_entropy_num_chunks")
+"""Recipe keys of the losses other than the standard one: only the plan's are written."""
 
 
 def relative_to(path: str, out_dir: str) -> str:
@@ -224,6 +227,10 @@ def recipe_dict(model: str, st: Settings, accumulation: int, est: Estimate, gpu:
             out.pop(k, None)
     if "loss_watchdog_threshold" not in out:
         out.pop("loss_watchdog_patience", None)
+    loss = recipe_loss_keys(st)
+    for k in LOSS_RECIPE_KEYS:  # only the loss the plan uses (none for the standard loss)
+        if k not in loss:
+            out.pop(k, None)
     return out
 
 

@@ -137,6 +137,12 @@ def test_a_full_fine_tune_recipe_has_no_adapter_keys():
     rec = files("full")[1]
     assert not {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit", "adapter"} & set(rec)
     assert "loss_watchdog_patience" not in rec  # no watchdog threshold: its patience does not apply
+    assert not {"liger_fused_linear_cross_entropy", "cut_cross_entropy", "chunked_cross_entropy",
+                "chunked_cross_entropy_num_chunks"} & set(rec)  # the standard loss
+    assert emit(L8, "--loss", "chunked", "--loss-chunks", "4", "--out", "chunked")[0] == 0
+    rec = files("chunked")[1]
+    assert rec["chunked_cross_entropy"] is True and rec["chunked_cross_entropy_num_chunks"] == 4
+    assert "liger_fused_linear_cross_entropy" not in rec
     assert emit(L8, "--lora-rank", "8", "--out", "lora")[0] == 0
     assert files("lora")[1]["lora_r"] == 8
 
