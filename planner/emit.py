@@ -5,16 +5,21 @@
 - `deepspeed.json` for ZeRO, with accelerate's `auto` values resolved as accelerate resolves them,
   so DeepSpeed's own `DeepSpeedConfig` parses it and the run is the one the estimate modelled;
 - `recipe.yaml` for `plan train` (planner/recipe.py), with the memory the plan expects;
-- `PLAN.md`, a short summary for people.
+- `PLAN.md`, a short summary for people: the plan, why, how to run it, the line a user's own
+  script needs for each decision accelerate has no key for, and DeepSpeed's non-defaults.
 
-Files are written atomically (a temporary file, then a rename) and an existing file is never
-replaced without `force`.
+The files run where they land: every path in them is relative to their directory (the recipe's
+data, `deepspeed_config_file`: accelerate 1.15 hands that value to each process in
+ACCELERATE_DEEPSPEED_CONFIG_FILE, utils/launch.py, and HfDeepSpeedConfig opens it relative to
+the working directory, utils/deepspeed.py), so they are launched from inside it and the
+directory moves as a whole. Files are written atomically (a temporary file, then a rename), with
+the mode a new file gets under the umask, and an existing file is never replaced without `force`.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 from .contract import FSDP, ZERO, PlanError, Settings, optimizer_name, shard_size, world_size
@@ -26,6 +31,18 @@ from .recipe import from_dict, recipe_loss_keys
 FILES = ("accelerate.yaml", "deepspeed.json", "recipe.yaml", "PLAN.md")
 
 
+def half_dtype(st: Settings, bf16_gpu: bool = True) -> str | None:
+    """The 16-bit dtype the plan computes in: "bf16", "fp16", or None (fp32). A bf16 recipe on a
+    GPU without bf16 (T4, V100) computes in fp16 (emit-config refuses an explicit bf16 precision
+    on such a GPU and passes over recommend's bf16 plans there: cli/emit_config.py)."""
+    rc = RECIPES[st.precision]
+    if rc.compute != 2 and not (st.lora and rc.weight == 2):
+        return None
+    if st.precision.startswith("fp16") or not bf16_gpu:
+        return "fp16"
+    return "bf16"
+
+
 def mixed_precision(st: Settings, bf16_gpu: bool = True) -> str:
     """accelerate's `mixed_precision`: autocast recipes name their dtype; pure 16-bit weights
     (LoRA on a bf16 base) and fp32 run without autocast ("no")."""
@@ -35,12 +52,40 @@ def mixed_precision(st: Settings, bf16_gpu: bool = True) -> str:
     return "bf16" if rc.compute == 2 and st.precision.startswith("bf16") and bf16_gpu else "fp16"
 
 
-def deepspeed_config(st: Settings, hidden: int, world: int, accumulation: int = 1, clipping: float = 0.0) -> dict:
+DS_REASONS = {
+    "reduce_bucket_size": "accelerate's `auto` value, resolved as accelerate resolves it (accelerator.py "
+                          "`_prepare_deepspeed`: hidden x hidden); DeepSpeed's own default is 5e8",
+    "stage3_prefetch_bucket_size": "accelerate's `auto` value (0.9 x hidden x hidden); DeepSpeed's default is 5e7",
+    "stage3_param_persistence_threshold": "accelerate's `auto` value (10 x hidden); DeepSpeed's default is 1e5",
+    "stage3_gather_16bit_weights_on_model_save": "gathers the whole 16-bit model when it is saved, so "
+                                                 "`save_model` writes weights, not shards (accelerate's "
+                                                 "`zero3_save_16bit_model`); DeepSpeed's default is false",
+    "nvme_path": "a placeholder: set it to a directory on the node's local NVMe before launching",
+    "zero_allow_untested_optimizer": "accelerate hands DeepSpeed the script's own torch optimizer, which "
+                                     "DeepSpeed refuses without it",
+    "steps_per_print": "silences DeepSpeed's own progress lines (its default prints every 10 steps)",
+    "gradient_clipping": "the recipe's `max_grad_norm` (DeepSpeed's default 0 clips nothing)",
+}
+"""Why each setting of deepspeed.json that is not DeepSpeed's default has the value it has
+(PLAN.md lists them). Batch sizes and bf16/fp16 are the plan itself."""
+
+
+def deepspeed_config(st: Settings, hidden: int, world: int, accumulation: int = 1, clipping: float = 0.0,
+                     bf16_gpu: bool = True) -> dict:
     """The DeepSpeed config accelerate hands to `deepspeed.initialize` for a ZeRO stage, with
     the values its `auto` entries resolve to (accelerator.py `_prepare_deepspeed`: reduce bucket
-    h x h, ZeRO-3 prefetch bucket 0.9 h x h, persistence threshold 10 h). `overlap_comm` off:
-    the configuration the estimate was measured against (on, DeepSpeed keeps extra buckets)."""
-    zero = {"stage": zero_stage(st), "overlap_comm": False, "contiguous_gradients": True,
+    h x h, ZeRO-3 prefetch bucket 0.9 h x h, persistence threshold 10 h).
+
+    `overlap_comm` is DeepSpeed's default (deepspeed/runtime/zero/config.py `overlap_comm_valid`:
+    on for ZeRO-3, off for 1-2). It was written `false` for every stage until 2026-11-29,
+    copied from the measurement harness of commit 5f81c90, without a reason: the measurement runs
+    on CPU, where DeepSpeed has no side streams (`is_synchronized_device`), so the flag changes
+    nothing measured there (the four ZeRO-3 torchrun cases of validate.GLOO: the same peak per
+    rank to the byte, off and on, 2026-11-29), and on a GPU turning it off serialises ZeRO-3's collectives with the
+    compute, which the speed model assumes overlapped. Every other setting that is not
+    DeepSpeed's default is in DS_REASONS."""
+    stage = zero_stage(st)
+    zero = {"stage": stage, "overlap_comm": stage == 3, "contiguous_gradients": True,
             "reduce_bucket_size": hidden * hidden}
     if st.strategy == "zero3":
         zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
@@ -55,23 +100,41 @@ def deepspeed_config(st: Settings, hidden: int, world: int, accumulation: int = 
         for k in ("offload_optimizer", "offload_param"):
             if k in zero:
                 zero[k]["nvme_path"] = "/local_nvme"
-    rc = RECIPES[st.precision]
-    half = rc.compute == 2
+    half = half_dtype(st, bf16_gpu) if st.precision.startswith(("bf16", "fp16")) else None
     return {"train_micro_batch_size_per_gpu": st.batch_size, "gradient_accumulation_steps": accumulation,
             "train_batch_size": st.batch_size * accumulation * world, "gradient_clipping": clipping,
-            "bf16": {"enabled": half and st.precision.startswith("bf16")},
-            "fp16": {"enabled": half and st.precision.startswith("fp16")},
+            "bf16": {"enabled": half == "bf16"}, "fp16": {"enabled": half == "fp16"},
             "zero_optimization": zero, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
             "wall_clock_breakdown": False}
 
 
+def ds_non_defaults(cfg: dict) -> list[tuple[str, object]]:
+    """The settings of a deepspeed.json that DeepSpeed would not choose by itself and DS_REASONS
+    explains, as (key, value); the batch sizes and the 16-bit dtype are the plan's own."""
+    zero = cfg.get("zero_optimization", {})
+    items = list(cfg.items()) + list(zero.items())
+    for sub in ("offload_optimizer", "offload_param"):
+        items += list(zero.get(sub, {}).items())
+    out = []
+    for k, v in items:
+        if k in DS_REASONS and (k, v) not in out and not (k == "gradient_clipping" and not v):
+            out.append((k, v))
+    return out
+
+
 def accelerate_config(st: Settings, deepspeed_file: str | None = None, machine_rank: int = 0,
                       main_process_ip: str | None = None, main_process_port: int = 29500, bf16_gpu: bool = True,
-                      big_model: bool = False):
+                      big_model: bool = False, activation_checkpointing: bool | None = None):
     """accelerate's ClusterConfig for the plan: `NO` on one GPU, `MULTI_GPU` for DDP, `FSDP`
     (FSDP2: transformer-block wrapping from the model's `_no_split_modules`, reshard after
-    forward unless grad-op, CPU offload for `--offload all`; hybrid and no-shard as a
-    replicate x shard device mesh through `parallelism_config`), `DEEPSPEED` with the JSON."""
+    forward unless grad-op, CPU offload for `--offload all`, activation checkpointing of each
+    block when the plan checkpoints; hybrid and no-shard as a replicate x shard device mesh
+    through `parallelism_config`), `DEEPSPEED` with the JSON.
+
+    `activation_checkpointing` (default: the plan's) is FSDP's `fsdp_activation_checkpointing`:
+    accelerate wraps each transformer block in torch's non-reentrant checkpoint wrapper, the
+    recompute the estimate counts. `plan train` passes False: its trainer checkpoints through
+    transformers' `gradient_checkpointing_enable` (both at once would recompute twice)."""
     from accelerate.commands.config.config_args import ClusterConfig
 
     world = world_size(st)
@@ -85,6 +148,10 @@ def accelerate_config(st: Settings, deepspeed_file: str | None = None, machine_r
                             "main_process_ip")
         kw.update(main_process_ip=main_process_ip, main_process_port=main_process_port)
     if st.strategy in ZERO:
+        # the precision is deepspeed.json's: accelerate launch refuses a `mixed_precision` beside a
+        # `deepspeed_config_file` (DeepSpeedPlugin._deepspeed_config_checks raises "the following
+        # accelerate config variables will be ignored"); `accelerate config` writes None there too
+        kw["mixed_precision"] = None
         kw.update(distributed_type="DEEPSPEED",
                   deepspeed_config={"deepspeed_config_file": deepspeed_file, "zero3_init_flag": st.strategy == "zero3",
                                     "deepspeed_multinode_launcher": "standard"})
@@ -92,7 +159,8 @@ def accelerate_config(st: Settings, deepspeed_file: str | None = None, machine_r
         fsdp = {"fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                 "fsdp_reshard_after_forward": st.strategy != "fsdp-grad-op", "fsdp_offload_params": st.offload == "all",
                 "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": big_model,
-                "fsdp_activation_checkpointing": False}
+                "fsdp_activation_checkpointing": st.grad_checkpointing if activation_checkpointing is None
+                else activation_checkpointing}
         kw.update(distributed_type="FSDP", fsdp_config=fsdp)
         if st.strategy in ("fsdp-hybrid", "fsdp-no-shard"):
             shard = shard_size(st)
@@ -103,15 +171,34 @@ def accelerate_config(st: Settings, deepspeed_file: str | None = None, machine_r
     return ClusterConfig(**kw)
 
 
+ADAPTER_KEYS = ("load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+"""Recipe keys that mean something only with an adapter: left out of a full fine-tune's recipe."""
+LOSS_RECIPE_KEYS = ("liger_fused_linear_cross_entropy", "cut_cross_entropy", "chunked_cross_entropy",
+                    "chunked_cross_entropy_num_chunks")
+"""Recipe keys of the losses other than the standard one: only the plan's are written."""
+
+
+def relative_to(path: str, out_dir: str) -> str:
+    """`path` as the plan directory `out_dir` reaches it: a relative path (taken from the
+    working directory) rewritten relative to `out_dir`, starting with `./` or `../` so that it
+    never reads as a Hub id; an absolute path as it is."""
+    if os.path.isabs(path):
+        return path
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(out_dir))
+    return rel if rel.startswith("..") else "./" + rel
+
+
 def recipe_dict(model: str, st: Settings, accumulation: int, est: Estimate, gpu: str | None = None,
-                data: str | None = None, data_format: str = "alpaca", gguf_file: str | None = None) -> dict:
-    """The `plan train` recipe for the plan (planner/recipe.py), with its expected memory."""
-    rc = RECIPES[st.precision]
+                data: str | None = None, data_format: str = "alpaca", gguf_file: str | None = None,
+                bf16_gpu: bool = True) -> dict:
+    """The `plan train` recipe for the plan (planner/recipe.py), with its expected memory; only
+    the keys that apply (no LoRA keys in a full fine-tune). Paths are written as given: `render`
+    makes them relative to the plan directory."""
     adapter = None if not st.lora else ("qlora" if st.quant == "nf4" else "lora")
     if st.quant == "int8":
         raise PlanError("plan train runs QLoRA on an NF4 base; an int8 base has no recipe yet (use {quant} nf4)",
                         "quant")
-    half = rc.compute == 2 or (st.lora and rc.weight == 2)
+    half = half_dtype(st, bf16_gpu)
     d = {"base_model": model}
     if gguf_file:
         d["gguf_file"] = gguf_file
@@ -125,7 +212,7 @@ def recipe_dict(model: str, st: Settings, accumulation: int, est: Estimate, gpu:
                  else [t.strip() for t in st.lora_targets.split(",") if t.strip()])
     d.update(sequence_len=st.seq_len, micro_batch_size=st.batch_size, gradient_accumulation_steps=accumulation,
              optimizer=optimizer_name(st.optimizer, st.optimizer_paged), learning_rate=2e-4 if adapter else 2e-5,
-             bf16=half and "fp16" not in st.precision, fp16=half and "fp16" in st.precision,
+             bf16=half == "bf16", fp16=half == "fp16",
              gradient_checkpointing=st.grad_checkpointing, **recipe_loss_keys(st),
              plan={"strategy": st.strategy, "offload": st.offload, "gpus": st.gpus, "nodes": st.nodes, "gpu": gpu,
                    "precision": st.precision,
@@ -134,33 +221,105 @@ def recipe_dict(model: str, st: Settings, accumulation: int, est: Estimate, gpu:
                                 "cpu_bytes": int(est.cpu_bytes)}})
     if gpu is None:
         del d["plan"]["gpu"]
-    return from_dict(d, "emitted recipe").model_dump(mode="json", exclude_none=True)
+    out = from_dict(d, "emitted recipe").model_dump(mode="json", exclude_none=True)
+    if not adapter:
+        for k in ADAPTER_KEYS:
+            out.pop(k, None)
+    if "loss_watchdog_threshold" not in out:
+        out.pop("loss_watchdog_patience", None)
+    loss = recipe_loss_keys(st)
+    for k in LOSS_RECIPE_KEYS:  # only the loss the plan uses (none for the standard loss)
+        if k not in loss:
+            out.pop(k, None)
+    return out
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:,.1f} GiB"
+
+
+def own_script_lines(st: Settings, accumulation: int, bf16_gpu: bool = True) -> list[str]:
+    """What a user's own script must do for the plan where accelerate.yaml has no key: one line
+    each (`plan train` does all of it from the recipe)."""
+    lines = []
+    half = half_dtype(st, bf16_gpu)
+    dt = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}.get(half or "", "torch.float32")
+    if st.quant == "nf4":
+        lines.append("4-bit base: `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
+                     "bnb_4bit_quant_type=\"nf4\", bnb_4bit_use_double_quant=True, "
+                     f"bnb_4bit_compute_dtype={dt}))`")
+    elif st.lora and RECIPES[st.precision].weight == 2:
+        lines.append(f"16-bit base: `from_pretrained(..., dtype={dt})`")
+    if st.lora:
+        targets = '"all-linear"' if st.lora_targets == "all-linear" else \
+            repr([t.strip() for t in st.lora_targets.split(",") if t.strip()])
+        alpha = st.lora_alpha if st.lora_alpha is not None else 2.0 * st.lora_rank
+        lines.append(f"adapters: `model = peft.get_peft_model(model, LoraConfig(r={st.lora_rank}, "
+                     f"lora_alpha={alpha:g}, lora_dropout={st.lora_dropout:g}, target_modules={targets}))`")
+    if st.grad_checkpointing:
+        if st.strategy in FSDP:
+            lines.append("checkpointing: accelerate.yaml sets `fsdp_activation_checkpointing: true` (each block is "
+                         "recomputed); do not also call `gradient_checkpointing_enable`")
+        else:
+            lines.append("checkpointing: `model.gradient_checkpointing_enable("
+                         "gradient_checkpointing_kwargs={\"use_reentrant\": False})`")
+    lines.append(f"micro-batch: `DataLoader(..., batch_size={st.batch_size})`, "
+                 f"sequences of at most {st.seq_len} tokens")
+    if st.strategy in ZERO:
+        lines.append(f"accumulation: {accumulation}, set in deepspeed.json (`gradient_accumulation_steps`)")
+    elif accumulation > 1 and st.strategy in FSDP:
+        lines.append(f"accumulation: {accumulation} micro-steps per optimizer step, each one's gradients "
+                     "reduce-scattered (not accelerate's `accumulate()`: see the note below)")
+    elif accumulation > 1:
+        lines.append(f"accumulation: `Accelerator(gradient_accumulation_steps={accumulation})`")
+    opt = {"adamw": "torch.optim.AdamW(params, foreach=True)", "adamw-fused": "torch.optim.AdamW(params, fused=True)",
+           "adamw-8bit": "bitsandbytes.optim.AdamW8bit(params)", "lion": "bitsandbytes.optim.Lion(params)",
+           "sgd": "torch.optim.SGD(params, foreach=True)",
+           "sgd-momentum": "torch.optim.SGD(params, momentum=0.9, foreach=True)",
+           "adafactor": "transformers.optimization.Adafactor(params, scale_parameter=False, relative_step=False)"}
+    if st.optimizer in opt:
+        lines.append(f"optimizer: `{opt[st.optimizer]}`")
+    return lines
 
 
 def plan_md(model: str, st: Settings, accumulation: int, est: Estimate, files: list[str], why: list[str] | None = None,
-            gpu: str | None = None) -> str:
+            gpu: str | None = None, *, bf16_gpu: bool = True, ds: dict | None = None,
+            warnings: list[str] | None = None) -> str:
     gib = 2**30
     world = world_size(st)
     method = ("full fine-tune" if not st.lora
               else (f"QLoRA r={st.lora_rank}" if st.quant == "nf4" else f"LoRA r={st.lora_rank}"))
-    lines = [f"# Plan: {model}", "",
-             f"- **Hardware**: {st.nodes} node(s) x {st.gpus} GPU(s)" + (f" ({gpu})" if gpu else ""),
-             f"- **Method**: {method}, {st.precision}, {st.optimizer}"
-             + (", gradient checkpointing" if st.grad_checkpointing else "")
-             + (f", loss {st.loss}" + (f" ({st.loss_chunks} chunks)" if st.loss == "chunked" else "")
-                if st.loss != "standard" else ""),
-             f"- **Strategy**: {st.strategy}" + (f", offload {st.offload}" if st.offload != "none" else ""),
-             f"- **Batch**: micro-batch {st.batch_size} x accumulation {accumulation} x {world} GPU(s) = "
-             f"{st.batch_size * accumulation * world} sequences of {st.seq_len} tokens per optimizer step",
-             f"- **Expected memory per GPU**: {est.peak_bytes / gib:,.2f} GiB of tensors at the peak "
-             f"(torch.cuda.max_memory_allocated), {est.device_bytes / gib:,.2f} GiB as NVML sees the process"
-             + (f"; host RAM per node {est.cpu_bytes / gib:,.1f} GiB" if est.cpu_bytes else ""), ""]
+    half = half_dtype(st, bf16_gpu)
+    lines = [f"# Plan: {model}", ""]
+    for w in warnings or []:
+        lines += [f"**Warning**: {w}", ""]
+    lines += [f"- **Hardware**: {st.nodes} node(s) x {st.gpus} GPU(s)" + (f" ({gpu})" if gpu else ""),
+              f"- **Method**: {method}, {st.precision}" + (f" (computing in {half})" if half else "")
+              + f", {st.optimizer}" + (", gradient checkpointing" if st.grad_checkpointing else "")
+              + (f", loss {st.loss}" + (f" ({st.loss_chunks} chunks)" if st.loss == "chunked" else "")
+                 if st.loss != "standard" else ""),
+              f"- **Strategy**: {st.strategy}" + (f", offload {st.offload}" if st.offload != "none" else ""),
+              f"- **Batch**: micro-batch {st.batch_size} x accumulation {accumulation} x {world} GPU(s) = "
+              f"{st.batch_size * accumulation * world} sequences of {st.seq_len} tokens per optimizer step",
+              f"- **Expected memory per GPU**: {est.peak_bytes / gib:,.2f} GiB of tensors at the peak "
+              f"(torch.cuda.max_memory_allocated), {est.device_bytes / gib:,.2f} GiB as NVML sees the process"
+              + (f"; host RAM per node {est.cpu_bytes / gib:,.1f} GiB" if est.cpu_bytes else "")
+              + (f"; NVMe per node {est.nvme_bytes / gib:,.1f} GiB" if est.nvme_bytes else ""), ""]
     if why:
         lines += ["Why:", ""] + [f"- {w}" for w in why] + [""]
     lines += ["Files:", ""] + [f"- `{f}`" for f in files] + ["",
-              "Run it:", "", "```bash",
+              "Run it from this directory: the recipe's paths are relative to it"
+              + (", and so is accelerate.yaml's `deepspeed_config_file` (accelerate passes it to each process, "
+                 "which opens it relative to the working directory)" if "deepspeed.json" in files else "")
+              + ". The directory can move (to a cluster) as a whole.", "", "```bash",
               "plan train recipe.yaml            # plans nothing: launches this recipe through accelerate",
-              "accelerate launch --config_file accelerate.yaml your_script.py   # or your own script", "```", ""]
+              "accelerate launch --config_file accelerate.yaml your_script.py   # or your own script", "```", "",
+              "In your own script, the plan's decisions that accelerate.yaml does not carry out (`plan train` "
+              "does them all from the recipe):",
+              ""] + [f"- {x}" for x in own_script_lines(st, accumulation, bf16_gpu)] + [""]
+    if ds is not None:
+        lines += ["DeepSpeed settings in `deepspeed.json` that are not DeepSpeed's defaults, and why:", ""]
+        lines += [f"- `{k}: {json_value(v)}`: {DS_REASONS[k]}" for k, v in ds_non_defaults(ds)] + [""]
     if st.strategy in FSDP:
         lines += ["FSDP note: the estimate assumes gradients are reduce-scattered on every micro-step "
                   "(what `plan train` does). Wrapping micro-steps in accelerate's `accumulate()` puts FSDP2 in "
@@ -168,10 +327,16 @@ def plan_md(model: str, st: Settings, accumulation: int, est: Estimate, files: l
     return "\n".join(lines)
 
 
+def json_value(v: object) -> str:
+    import json
+    return json.dumps(v)
+
+
 def write_files(out_dir: str, contents: dict[str, str], force: bool = False) -> list[str]:
-    """Write each file atomically into out_dir. Refuse (before writing anything) when one of
-    them exists and `force` is not set; a directory that cannot be created or written is one
-    PlanError line."""
+    """Write each file atomically into out_dir, with the mode a new file gets (0666 less the
+    umask: 0644 under the usual 022), not mkstemp's 0600. Refuse (before writing anything) when
+    one of them exists and `force` is not set; a directory that cannot be created or written is
+    one PlanError line."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise PlanError(f"{{out}} {out_dir}: exists and is not a directory", "out")
@@ -182,7 +347,8 @@ def write_files(out_dir: str, contents: dict[str, str], force: bool = False) -> 
         out.mkdir(parents=True, exist_ok=True)
         written = []
         for name, text in contents.items():
-            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+            tmp = out / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     f.write(text)
@@ -199,23 +365,28 @@ def write_files(out_dir: str, contents: dict[str, str], force: bool = False) -> 
 def render(model: str, st: Settings, accumulation: int, est: Estimate, out_dir: str, hidden: int, *,
            gpu: str | None = None, bf16_gpu: bool = True, why: list[str] | None = None, data: str | None = None,
            data_format: str = "alpaca", machine_rank: int = 0, main_process_ip: str | None = None,
-           main_process_port: int = 29500, clipping: float = 1.0, gguf_file: str | None = None) -> dict[str, str]:
-    """The files' contents, by name."""
+           main_process_port: int = 29500, clipping: float = 1.0, gguf_file: str | None = None,
+           warnings: list[str] | None = None) -> dict[str, str]:
+    """The files' contents, by name. Paths are relative to `out_dir` (the recipe's data as
+    `relative_to` rewrites it, `deepspeed_config_file` as the bare file name), so the directory
+    runs where it lands when launched from inside it."""
     import json
 
     import yaml
 
     files: dict[str, str] = {}
-    ds_path = None
+    ds_path, ds = None, None
     if st.strategy in ZERO:
-        ds_path = str((Path(out_dir) / "deepspeed.json").resolve())
-        files["deepspeed.json"] = json.dumps(deepspeed_config(st, hidden, world_size(st), accumulation, clipping),
-                                             indent=2) + "\n"
+        ds_path = "deepspeed.json"
+        ds = deepspeed_config(st, hidden, world_size(st), accumulation, clipping, bf16_gpu)
+        files["deepspeed.json"] = json.dumps(ds, indent=2) + "\n"
     cfg = accelerate_config(st, ds_path, machine_rank, main_process_ip, main_process_port, bf16_gpu,
                             big_model=est.params >= 10**9)
     files["accelerate.yaml"] = yaml.safe_dump(cfg.to_dict())
-    recipe = recipe_dict(model, st, accumulation, est, gpu, data, data_format, gguf_file)
+    recipe = recipe_dict(model, st, accumulation, est, gpu, relative_to(data, out_dir) if data else None,
+                         data_format, gguf_file, bf16_gpu)
     files["recipe.yaml"] = yaml.safe_dump(recipe, sort_keys=False)
     names = ["accelerate.yaml"] + (["deepspeed.json"] if ds_path else []) + ["recipe.yaml"]
-    files["PLAN.md"] = plan_md(model, st, accumulation, est, names, why, gpu)
+    files["PLAN.md"] = plan_md(model, st, accumulation, est, names, why, gpu, bf16_gpu=bf16_gpu, ds=ds,
+                               warnings=warnings)
     return {n: files[n] for n in FILES if n in files}

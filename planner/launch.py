@@ -100,7 +100,9 @@ def write_config(recipe: Recipe, num_processes: int | None, hidden: int | None =
         files["deepspeed.json"] = json.dumps(deepspeed_config(st, hidden, world_size(st),
                                                               recipe.gradient_accumulation_steps,
                                                               recipe.max_grad_norm), indent=2) + "\n"
-    files["accelerate.yaml"] = yaml.safe_dump(accelerate_config(st, ds).to_dict())
+    # the trainer checkpoints through transformers (recipe.gradient_checkpointing): FSDP's own
+    # activation checkpointing as well would recompute every block twice
+    files["accelerate.yaml"] = yaml.safe_dump(accelerate_config(st, ds, activation_checkpointing=False).to_dict())
     write_files(str(out), files, force=True)
     return out / "accelerate.yaml"
 

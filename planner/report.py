@@ -255,35 +255,44 @@ def _duration(s: float) -> str:
     return f"{s:,.1f} s"
 
 
-def render_plans(console, name: str, req, plans: list, n_fit: int) -> None:
+def render_plans(console, name: str, req, plans: list, n_fit: int, notes: list[str] | None = None) -> None:
+    """recommend's table, its plans' reasons and the model's assumptions; an NVMe column when a
+    plan offloads to NVMe; `notes`: what the command chose for the user (defaults)."""
     g = req.gpu
     title = (f"Plans for {name} on {req.nodes} node(s) x {req.gpus} {g.name} "
              f"({g.memory_bytes / 2**30:,.1f} GiB, "
              + (f"{req.margin:.0%} kept free), " if req.margin is not None else
                 "margins from GPU measurements), ")
              + f"{req.seq_len} tokens per sequence"
-             + (f", global batch {req.global_batch}" if req.global_batch else ""))
-    cols = [(c, "left" if c in ("method", "strategy", "offload") else "right")
-            for c in ("#", "method", "strategy", "offload", "micro\nx accum", "ckpt", "GiB\n/GPU", "host\nGiB",
-                      "tokens/s", "step", "epoch")]
+             + (f", global batch {req.global_batch}" if req.global_batch else "")
+             + (f", host RAM {req.host_ram_bytes / 2**30:,.0f} GiB per node" if req.host_ram_bytes is not None else ""))
+    nvme = any(p.estimate.nvme_bytes for p in plans)
+    names = ["#", "method", "strategy", "offload", "micro\nx accum", "ckpt", "GiB\n/GPU", "host\nGiB"] \
+        + (["NVMe\nGiB"] if nvme else []) + ["tokens/s", "step", "epoch"]
+    cols = [(c, "left" if c in ("method", "strategy", "offload") else "right") for c in names]
     table = []
     for i, p in enumerate(plans, 1):
         st = p.settings
         method = (p.method if p.method == "full" else f"{p.method} r{st.lora_rank}") + \
             "".join(f" +{TECHNIQUE_TAG[t]}" for t in p.techniques)
-        table.append([str(i), method, st.strategy, st.offload, f"{st.batch_size} x {p.accumulation}",
-                      "yes" if st.grad_checkpointing else "no", f"{p.estimate.needed_bytes / 2**30:,.1f}",
-                      f"{p.estimate.cpu_bytes / 2**30:,.0f}" if p.estimate.cpu_bytes else "-",
-                      f"{p.tokens_per_s:,.0f}", _duration(p.time.total), _duration(p.epoch_s)])
+        row = [str(i), method, st.strategy, st.offload, f"{st.batch_size} x {p.accumulation}",
+               "yes" if st.grad_checkpointing else "no", f"{p.estimate.needed_bytes / 2**30:,.1f}",
+               f"{p.estimate.cpu_bytes / 2**30:,.0f}" if p.estimate.cpu_bytes else "-"]
+        if nvme:
+            row.append(f"{p.estimate.nvme_bytes / 2**30:,.0f}" if p.estimate.nvme_bytes else "-")
+        table.append(row + [f"{p.tokens_per_s:,.0f}", _duration(p.time.total), _duration(p.epoch_s)])
     show(console, title, cols, table, ["bold" if i == 0 else None for i in range(len(plans))])
     for i, p in enumerate(plans, 1):
         console.print(f"[bold]{i}.[/] " + "; ".join(p.notes))
+    for n in notes or []:
+        console.print(n, style="dim")
     console.print(f"{n_fit} plans fit. Speed is a model, not a measurement: {g.peak_tflops:,.0f} dense 16-bit TFLOPs "
                   f"at an assumed MFU of {req.mfu:.0%} (--mfu), kernel launches, collectives over "
                   f"{g.link_gbs:,.0f} GB/s per GPU" + (" and a 50 GB/s-per-GPU network" if req.nodes > 1 else "")
                   + f", offload over PCIe ({g.pcie_gbs:,.0f} GB/s); epoch = {req.samples:,} sequences (--samples). "
                   "GiB/GPU is what the step needs to run (its peak, the allocator's unreturnable pages, the CUDA "
-                  "context); NVML shows more where memory is plentiful (plan estimate's device figure).", style="dim")
+                  "context); NVML shows more where memory is plentiful (plan estimate's device figure)"
+                  + ("; host and NVMe GiB are per node." if nvme else "; host GiB is per node."), style="dim")
 
 
 def render_gpus(console, cat: list, found: list, note: str) -> None:

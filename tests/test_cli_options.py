@@ -188,10 +188,11 @@ def test_left_out_options_parse_as_none(monkeypatch, config):
     assert given(seen, set(seen) - {"model", "exact", "as_json", "sim_seconds", "sim_memory"}) == []
 
 
-def test_emit_config_refuses_an_explicit_option_given_at_its_default_beside_gpu(config, tmp_path):
-    """Given is `is not None`: --batch-size 1 is as explicit as --batch-size 64."""
-    r = CliRunner().invoke(cli.app, ["emit-config", config, "--gpu", "a100-80gb", "--batch-size", "1",
-                                     "--grad-checkpointing", "--out", str(tmp_path / "plan")])
+def test_emit_config_refuses_an_explicit_option_given_at_its_default_beside_from_recommendation(config, tmp_path):
+    """Given is `is not None`: --batch-size 1 is as explicit as --batch-size 64. (Beside a plain
+    --gpu, explicit options write the explicit plan for that GPU: tests/test_emit.py.)"""
+    r = CliRunner().invoke(cli.app, ["emit-config", config, "--gpu", "a100-80gb", "--from-recommendation",
+                                     "--batch-size", "1", "--grad-checkpointing", "--out", str(tmp_path / "plan")])
     assert r.exit_code == 2 and r.stdout == ""
     assert r.stderr.startswith("error: --batch-size, --grad-checkpointing: explicit-plan options")
     assert not (tmp_path / "plan").exists()
@@ -213,3 +214,28 @@ def test_python_m_planner_cli_and_the_console_script_run_main():
     if not scripts:
         pytest.skip("plan-memory is not installed (no console script)")
     assert scripts[0].value == "planner.cli:main" and scripts[0].load() is cli.main
+
+
+def test_dtype_bf16_has_one_meaning_in_estimate_and_recommend():
+    """--dtype bf16 with --lora-rank is LoRA on a bf16 base (bf16-pure), as recommend plans it:
+    the same shape gives the same bytes in both (before, estimate assumed an fp32 base: 60.17
+    GiB against recommend's 36.49 for Llama-3-8B r16). Full fine-tuning and QLoRA keep bf16-amp."""
+    import json
+
+    from planner.contract import Settings
+    from planner.estimate import estimate
+    from planner.gpus import lookup
+    from planner.recommend import Request, _method_settings
+    from planner.resolve import resolve
+    from planner.spec import ModelSpec
+    runner = CliRunner()
+    args = ["estimate", "meta-llama/Meta-Llama-3-8B", "--dtype", "bf16", "--json"]
+    lora = json.loads(runner.invoke(cli.app, [*args, "--lora-rank", "16"]).stdout)
+    assert lora["precision"] == "bf16-pure"
+    st = _method_settings("lora", 16, Request(gpu=lookup("H100-SXM")), lookup("H100-SXM"))
+    spec = ModelSpec.from_config(resolve("meta-llama/Meta-Llama-3-8B").config)
+    assert st.precision == "bf16-pure" and lora["peak_bytes"] == estimate(spec, st).peak_bytes
+    assert json.loads(runner.invoke(cli.app, args).stdout)["precision"] == "bf16-amp"
+    qlora = json.loads(runner.invoke(cli.app, [*args, "--lora-rank", "16", "--quant", "nf4"]).stdout)
+    assert qlora["precision"] == "bf16-amp"
+    assert Settings().precision == "bf16-amp"

@@ -98,7 +98,7 @@ def test_chunked_loss_measured_within_5_percent_and_below_the_standard():
 
 
 def test_cli_echoes_the_loss_in_json():
-    shape = ("--dtype", "bf16", "--lora-rank", "16", "--batch-size", "2", "--seq-len", "8192")
+    shape = ("--precision", "bf16-amp", "--lora-rank", "16", "--batch-size", "2", "--seq-len", "8192")
     r = run_plan("estimate", LLAMA3, *shape, "--loss", "chunked", "--loss-chunks", "4", "--json",
                  env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr

@@ -231,6 +231,8 @@ def test_recommend_scenarios_against_measured_peaks(tmp_path):
 
 # ------------------------------------------------------------------ emit-config
 
+ALPACA_LINE = '{"instruction": "say hi", "input": "", "output": "hi"}\n'
+
 EMIT = [
     ("ddp1", ["--strategy", "ddp"]),
     ("ddp2", ["--strategy", "ddp", "--gpus", "2"]),
@@ -255,15 +257,17 @@ def test_emitted_configs_parse_with_the_launchers_own_loaders(tmp_path, monkeypa
     from accelerate.commands.config.config_args import ClusterConfig
 
     from planner.recipe import load
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text(ALPACA_LINE)
     out = tmp_path / name
-    code, stdout, err = run("emit-config", LLAMA3, "--out", out, "--data", "train.jsonl", *args)
+    code, stdout, err = run("emit-config", LLAMA3, "--out", name, "--data", "train.jsonl", *args)
     assert code == 0, err
     cfg = ClusterConfig.from_yaml_file(str(out / "accelerate.yaml"))
     recipe = load(str(out / "recipe.yaml"))
     world = recipe.plan.gpus * recipe.plan.nodes
     assert cfg.num_processes == world and cfg.num_machines == recipe.plan.nodes
     assert recipe.plan.expected.device_bytes > recipe.plan.expected.peak_bytes > 0
-    assert recipe.datasets[0].path == "train.jsonl"
+    assert recipe.datasets[0].path == "../train.jsonl"  # relative to the plan directory
     st = recipe.plan.strategy
     expected_type = {"ddp": "MULTI_GPU" if world > 1 else "NO"}.get(
         st, "FSDP" if st.startswith("fsdp") else "DEEPSPEED")
@@ -278,7 +282,8 @@ def test_emitted_configs_parse_with_the_launchers_own_loaders(tmp_path, monkeypa
         # DeepSpeedConfig reads the world from the process group: answer as rank 0 of `world`
         monkeypatch.setattr(ds_config.dist, "get_rank", lambda *a, **k: 0)
         ds_path = cfg.deepspeed_config["deepspeed_config_file"]
-        assert Path(ds_path) == (out / "deepspeed.json").resolve()
+        assert ds_path == "deepspeed.json"  # relative: accelerate opens it from the working directory
+        ds_path = out / ds_path
         mpu = SimpleNamespace(get_data_parallel_world_size=lambda: world)
         ds = DeepSpeedConfig(json.loads(Path(ds_path).read_text()), mpu=mpu)
         assert ds.zero_optimization_stage == int(st[-1])
@@ -365,3 +370,55 @@ def test_emitted_ddp_and_fsdp2_configs_launch_two_processes(tmp_path):
         assert r["local_numel"] * 2 == pytest.approx(r["total_numel"], rel=0.01)  # each rank holds half
         assert r["reshard_after_forward"] is False  # grad-op, read from the emitted YAML
         assert len(r["losses"]) == 3 and all(0 < x < 20 for x in r["losses"])
+
+
+# ------------------------------------------------------------------ recommend within the limits users have
+
+def test_host_ram_defaults_to_this_machines(monkeypatch):
+    """70B full fine-tuning on one RTX 4090 needs 1,314 GiB of host RAM: not a plan on a machine
+    with 64 GiB unless --host-ram says the training node has it."""
+    import planner.cli.common as common
+    monkeypatch.setattr(common, "local_host_ram", lambda: 64 * 2**30)
+    code, out, err = run("recommend", "meta-llama/Llama-3.1-70B", "--gpu", "RTX-4090", "--top", "50", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["host_ram_bytes"] == 64 * 2**30
+    assert d["plans"] and all(p["cpu_bytes"] <= 64 * 2**30 for p in d["plans"])
+    code, out, err = run("recommend", "meta-llama/Llama-3.1-70B", "--gpu", "RTX-4090", "--top", "50", "--json",
+                         "--host-ram", "2000")
+    d = json.loads(out)
+    assert d["host_ram_bytes"] == 2000 * 2**30 and max(p["cpu_bytes"] for p in d["plans"]) > 64 * 2**30
+    code, out, err = run("recommend", "meta-llama/Llama-3.1-70B", "--gpu", "RTX-4090")
+    assert "Host RAM 64 GiB per node: this machine's" in out
+
+
+def test_nvme_needs_are_shown(monkeypatch):
+    import planner.cli.common as common
+    monkeypatch.setattr(common, "local_host_ram", lambda: 2000 * 2**30)
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, err = run("recommend", "meta-llama/Llama-3.1-70B", "--gpu", "RTX-4090", "--top", "50")
+    assert code == 0, err
+    header = [c.strip() for c in next(line for line in out.splitlines() if "┃" in line and "NVMe" in line)
+              .split("┃")]
+    row = [c.strip() for c in next(line for line in out.splitlines() if "│ nvme" in line).split("│")]
+    assert row[header.index("NVMe")] not in ("-", "")  # the NVMe GiB of the NVMe plan
+    code, out, err = run("recommend", "HuggingFaceTB/SmolLM2-135M", "--gpu", "H100-SXM")
+    assert not [line for line in out.splitlines() if "┃" in line and "NVMe" in line]  # no NVMe plan: no column
+
+
+def test_default_global_batch_is_8_per_gpu():
+    code, out, err = run("recommend", LLAMA3, "--gpu", "A100-80GB", "--gpus", "4", "--json")
+    d = json.loads(out)
+    assert d["global_batch"] == 32 and all(p["global_batch"] == 32 for p in d["plans"])
+    code, out, err = run("recommend", "HuggingFaceTB/SmolLM2-135M", "--gpu", "H100-SXM", "--json")
+    d = json.loads(out)
+    assert all(p["micro_batch"] * p["gradient_accumulation"] == 8 for p in d["plans"])
+    code, out, err = run("recommend", "HuggingFaceTB/SmolLM2-135M", "--gpu", "H100-SXM")
+    assert "Global batch 8: the default" in " ".join(out.split())
+
+
+def test_nothing_fits_for_want_of_host_ram_says_so():
+    code, out, err = run("recommend", "meta-llama/Llama-3.2-3B", "--gpu", "RTX-4090", "--method", "full",
+                         "--host-ram", "4")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "a plan fits the GPU but needs" in err and "GiB of host RAM per node, more than the 4 GiB allowed" in err

@@ -9,7 +9,7 @@ from typing import Any, NoReturn, Optional
 import typer
 
 from ..gpus import GPU, GPUError, local_host_ram, resolve_gpu
-from ..recommend import Plan, Request, recommend
+from ..recommend import Request
 from ..resolve import Resolved, ResolveError, resolve
 from ..spec import ModelSpec, SpecError, UnsupportedArchitecture
 from .options import to_request
@@ -84,24 +84,25 @@ def find_gpu(name: str) -> GPU:
         fail(str(e))
 
 
+DEFAULT_PER_GPU_BATCH = 8
+"""Without --global-batch, the global batch is 8 sequences per GPU: HF Trainer's default
+(`TrainingArguments.per_device_train_batch_size = 8`, no accumulation), what a run gets when it
+says nothing, and the 8 per GPU of Axolotl's example configs (micro-batch 2 x accumulation 4).
+It divides among the GPUs by construction."""
+
+
 def request(options: Mapping[str, Any], res: Resolved, spec: ModelSpec, g: GPU) -> Request:
     """The search request recommend, emit-config and train --auto share: the GPU count `--gpu`
-    found unless --gpus says otherwise, the default sequence length, and host RAM (GiB) from
-    --host-ram, or this machine's with --gpu auto, else not limited."""
+    found unless --gpus says otherwise, the default sequence length, the global batch
+    (--global-batch, else DEFAULT_PER_GPU_BATCH per GPU), and host RAM per node (GiB) from
+    --host-ram, else this machine's: offload plans that need more than a node has are not plans."""
     gpus, host_ram = options.get("gpus"), options.get("host_ram")
-    host = int(host_ram * 2**30) if host_ram is not None else (local_host_ram() if options["gpu"] == "auto" else None)
-    return to_request(options, gpu=g, gpus=gpus if gpus is not None else g.count,
-                      seq_len=default_seq(res, spec, options.get("seq_len")), host_ram_bytes=host)
-
-
-def best_plan(model: str, options: Mapping[str, Any], res: Resolved, spec: ModelSpec, g: GPU) -> Plan:
-    """plan recommend's first plan for the request, or exit 2 saying nothing fits."""
-    req = request(options, res, spec, g)
-    plans = recommend(spec, req)
-    if not plans:
-        fail(f"nothing fits {req.world} x {g.name}: run plan recommend {model} --gpu {options['gpu']} "
-             "to see what would")
-    return plans[0]
+    gpus = gpus if gpus is not None else g.count
+    world = gpus * (options.get("nodes") or 1)
+    batch = options.get("global_batch")
+    host = int(host_ram * 2**30) if host_ram is not None else local_host_ram()
+    return to_request(options, gpu=g, gpus=gpus, seq_len=default_seq(res, spec, options.get("seq_len")),
+                      host_ram_bytes=host, global_batch=batch if batch is not None else DEFAULT_PER_GPU_BATCH * world)
 
 
 def loadable(model: str, res: Resolved) -> tuple[str, Optional[str]]:

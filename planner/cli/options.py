@@ -62,8 +62,8 @@ def finite(value: Optional[float]) -> Optional[float]:
 
 Model = Annotated[str, typer.Argument(help="Hub id, directory with config.json, config.json or .gguf")]
 DtypeOpt = Annotated[Optional[Dtype], typer.Option(
-    "--dtype", help="compute dtype; fp16/bf16 = mixed precision (default: a row for each, bf16 where one plan is "
-    "written)")]
+    "--dtype", help="compute dtype; fp16/bf16 = mixed precision with fp32 weights, bf16 with --lora-rank = a bf16 "
+    "base (bf16-pure) as recommend plans it (default: a row for each, bf16 where one plan is written)")]
 PrecisionOpt = Annotated[Optional[Precision], typer.Option("--precision", help="precision recipe (default: --dtype's)")]
 BatchSize = Annotated[Optional[int], typer.Option(
     "--batch-size", help=f"micro-batch per GPU (default {_DEFAULT['batch_size']})")]
@@ -112,8 +112,8 @@ FsdpVersion = Annotated[Optional[int], typer.Option(
 Gpu = Annotated[Optional[str], typer.Option(
     "--gpu", help="a GPU of the catalog (plan gpus), or auto: the local GPUs via NVML")]
 GlobalBatch = Annotated[Optional[int], typer.Option(
-    "--global-batch", help="sequences per optimizer step, kept exactly (default: the largest micro-batch, "
-    "no accumulation)")]
+    "--global-batch", help="sequences per optimizer step, kept exactly (default: 8 per GPU, HF Trainer's "
+    "per_device_train_batch_size)")]
 MethodOpt = Annotated[Optional[MethodOrAuto], typer.Option(
     "--method", help=f"what trains; auto: full if it fits, else LoRA, else QLoRA (default {_SEARCH['method']})")]
 Margin = Annotated[Optional[float], typer.Option(
@@ -124,8 +124,7 @@ Mfu = Annotated[Optional[float], typer.Option(
 Samples = Annotated[Optional[int], typer.Option(
     "--samples", help=f"sequences per epoch, for the time per epoch (default {_SEARCH['samples']})")]
 HostRam = Annotated[Optional[float], typer.Option(
-    "--host-ram", help="GiB of host RAM per node for offload (default: this machine's with --gpu auto, else not "
-    "limited)",
+    "--host-ram", help="GiB of host RAM per node for offload (default: this machine's)",
     callback=finite)]
 
 # ---------------------------------------------------------------- files and output
@@ -162,8 +161,22 @@ def to_settings(options: Mapping[str, Any], **overrides: Any) -> Settings:
     if "optimizer" in kw:  # users' names (paged_adamw_8bit, ...) as the contract's optimizer and paging
         kw["optimizer"], kw["optimizer_paged"] = optimizer_choice(kw["optimizer"])
     if "precision" not in kw and options.get("dtype") is not None:
-        kw["precision"] = DTYPE_TO_RECIPE[plain(options["dtype"])]
+        kw["precision"] = dtype_precision(plain(options["dtype"]), lora=bool(kw.get("lora_rank")),
+                                          quant=kw.get("quant", _DEFAULT["quant"]))
     return Settings(**{**kw, **overrides})
+
+
+def dtype_precision(dtype: str, lora: bool = False, quant: str = "none") -> str:
+    """The one meaning of `--dtype`, the same in estimate, simulate, emit-config and recommend.
+    bf16 is bf16-amp (fp32 weights, bf16 autocast: accelerate's `mixed_precision="bf16"`, HF
+    Trainer's `bf16=True` on fp32 weights, recommend's full fine-tune), except for LoRA on an
+    unquantised base: bf16-pure there, the base stored in bf16 with fp32 adapters, which is what
+    transformers 5 gives (`from_pretrained` keeps a bf16 checkpoint in bf16, `dtype="auto"`),
+    PEFT keeps (adapters upcast to fp32) and recommend plans. QLoRA keeps its NF4 base with bf16
+    autocast (bf16-amp). The other dtypes are DTYPE_TO_RECIPE's."""
+    if dtype == "bf16" and lora and quant == "none":
+        return "bf16-pure"
+    return DTYPE_TO_RECIPE[dtype]
 
 
 def check_dtype(options: Mapping[str, Any]) -> None:

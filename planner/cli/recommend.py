@@ -54,18 +54,41 @@ def recommend_cmd(ctx: typer.Context, model: Model, gpu: Gpu, gpus: Gpus = None,
     if as_json:
         typer.echo(json.dumps({"model": res.name, "gpu": g.name, "gpus": req.gpus, "nodes": req.nodes,
                                "memory_bytes": g.memory_bytes, "budget_bytes": req.budget_for(plans[0].settings),
-                               "mfu": req.mfu,
+                               "mfu": req.mfu, "global_batch": req.global_batch, "host_ram_bytes": req.host_ram_bytes,
                                "plans": [plan_json(p) for p in plans[:top]]}, indent=2))
         return
-    render_plans(console(120), res.name, req, plans[:top], len(plans))
+    render_plans(console(120), res.name, req, plans[:top], len(plans), defaults_note(ctx.params, req))
+
+
+def defaults_note(options, req: Request) -> list[str]:
+    """The limits recommend chose because the command line did not: the global batch and the
+    host RAM offload may use."""
+    from .common import DEFAULT_PER_GPU_BATCH
+    out = []
+    if options.get("global_batch") is None:
+        out.append(f"Global batch {req.global_batch}: the default, {DEFAULT_PER_GPU_BATCH} sequences per GPU "
+                   "(HF Trainer's per_device_train_batch_size); --global-batch sets another.")
+    if options.get("host_ram") is None and req.host_ram_bytes is not None:
+        out.append(f"Host RAM {req.host_ram_bytes / 2**30:,.0f} GiB per node: this machine's; --host-ram sets the "
+                   "training nodes'.")
+    return out
 
 
 def nothing_fits(spec: ModelSpec, req: Request, g: GPU) -> str:
     """What the smallest plan needs, and the single changes that would make one fit."""
+    from dataclasses import replace
     need, st = smallest_need(spec, req)
-    hints = nearest_fits(spec, req)
+    hints = [h for h in nearest_fits(spec, req) if h != "more host RAM (offload)"]
+    host = ""
+    if req.host_ram_bytes is not None:
+        unlimited = recommend(spec, replace(req, host_ram_bytes=None))
+        if unlimited:  # the GPU would hold a plan: the host RAM its offload needs is what is short
+            cpu = min(p.estimate.cpu_bytes for p in unlimited)
+            host = (f"; with offload a plan fits the GPU but needs {cpu / 2**30:,.0f} GiB of host RAM per node, "
+                    f"more than the {req.host_ram_bytes / 2**30:,.0f} GiB allowed (--host-ram; default this "
+                    "machine's)")
     usable = req.budget_for(st) if st is not None else g.memory_bytes
     return (f"nothing fits {req.world} x {g.name} ({usable / 2**30:,.1f} GiB usable per GPU, "
             f"{1 - usable / g.memory_bytes:.0%} kept free): the smallest plan needs {need / 2**30:,.1f} GiB"
-            + (f" ({st.strategy}, offload {st.offload})" if st else "")
+            + (f" ({st.strategy}, offload {st.offload})" if st else "") + host
             + ("; it would fit with " + ", or ".join(hints) if hints else "; no single change makes it fit"))
