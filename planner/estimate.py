@@ -40,25 +40,31 @@ class Estimate:
     notes: list = field(default_factory=list)
     param_counts: ParamCount | None = None
     needed_bytes: int = 0   # the least GPU memory the step runs in (memory.needed_bytes); recommend fits by it
+    route: str = "formula"  # what gave the figure: formula, derived (planner/measure/derived.py) or simulated
 
 
 def validate(spec: ModelSpec, st: Settings) -> Settings:
-    """Reject impossible options with one clear line, those that depend on the model included."""
+    """Reject impossible options with one clear line, those that depend on the model included:
+    the sequence against the model's maximum, the LoRA rank against the hidden size (PEFT accepts
+    a rank above a small layer's width, a MoE router's, but not above the model's), the targets
+    against the block's linears. A spec standing in for a model without a formula
+    (`extra['derived']`, planner/measure/derived.py) checks its targets against the real module."""
     check_options(st)
+    derived = spec.extra.get("derived")
     if st.seq_len > spec.max_positions:
         raise PlanError(f"{{seq_len}} {st.seq_len} exceeds the model's maximum of {spec.max_positions} positions",
                         "seq_len")
     if st.loss != "standard" and spec.is_encoder:
         raise PlanError(f"{{loss}} {st.loss} replaces a causal LM's output head and loss; {spec.model_type} trains a "
                         "classification head here: use {loss} standard", "loss")
-    if st.lora:
-        targets = lora_targets(spec, st)
-        if not targets:
-            raise PlanError(f"{{lora_targets}} '{st.lora_targets}' matches no linear layer of {spec.model_type}",
-                            "lora_targets")
-        # PEFT accepts a rank above a small layer's width (a MoE router's), but not above the model's
-        if st.lora_rank > spec.hidden:
-            raise PlanError(f"{{lora_rank}} {st.lora_rank} exceeds the hidden size ({spec.hidden})", "lora_rank")
+    if derived is not None:
+        derived.check(st)
+    elif st.lora and not lora_targets(spec, st):
+        raise PlanError(f"{{lora_targets}} '{st.lora_targets}' matches no linear layer of {spec.model_type}",
+                        "lora_targets")
+    # PEFT accepts a rank above a small layer's width (a MoE router's), but not above the model's
+    if st.lora and st.lora_rank > spec.hidden:
+        raise PlanError(f"{{lora_rank}} {st.lora_rank} exceeds the hidden size ({spec.hidden})", "lora_rank")
     return st
 
 
@@ -76,8 +82,15 @@ def loss_notes(spec: ModelSpec, st: Settings) -> list[str]:
 
 
 def estimate(spec: ModelSpec, st: Settings) -> Estimate:
-    """Peak bytes per phase and per component for one GPU (per rank, under a strategy)."""
+    """Peak bytes per phase and per component for one GPU (per rank, under a strategy): from the
+    formulas, or, for a model_type without them, from the coefficients the derived route measured
+    on the transformers module (`spec.extra['derived']`, planner/measure/derived.py)."""
     st = validate(spec, st)
+    if spec.extra.get("derived") is not None:  # the phases measured; the allocator from the spec's widths
+        est = spec.extra["derived"].estimate(st)
+        est.device_bytes = device_bytes(est.phases, allocator_slack(spec, count_params(spec), st))
+        est.needed_bytes = needed_bytes(est.phases)
+        return est
     pc = count_params(spec)
     notes: list = []
     cpu = nvme = 0

@@ -5,9 +5,14 @@ from __future__ import annotations
 from .contract import COMPONENTS, FUSED_LOSSES, UNMEASURED_FUSED, Settings
 from .estimate import Estimate
 
+ROUTE_METHOD = {"formula": "analytic", "derived": "derived", "simulated": "simulated"}
+"""The route that gave a figure -> the contract's `method` (shared/CONTRACT.md)."""
 
-def to_json(name: str, arch: str, st: Settings, est: Estimate, method: str = "analytic") -> dict:
-    """The contract's object (shared/CONTRACT.md), keys in its order."""
+
+def to_json(name: str, arch: str, st: Settings, est: Estimate, method: str | None = None) -> dict:
+    """The contract's object (shared/CONTRACT.md), keys in its order, then `route`: formula,
+    derived or simulated (`method` as the contract spells it: analytic, derived, simulated)."""
+    route = "simulated" if method == "simulated" else est.route
     return {
         "model": name, "architecture": arch,
         "params": int(est.params), "trainable_params": int(est.trainable_params),
@@ -16,8 +21,9 @@ def to_json(name: str, arch: str, st: Settings, est: Estimate, method: str = "an
         "components": {k: int(v) for k, v in est.components.items()},
         "phases": {k: int(est.phases[k]) for k in ("model", "forward", "backward", "optimizer_step")},
         "cpu_bytes": int(est.cpu_bytes), "nvme_bytes": int(est.nvme_bytes),
-        "method": method,
-        "needed_bytes": int(est.needed_bytes),  # after the contract's keys: the least GPU memory the step runs in
+        "method": ROUTE_METHOD[route],
+        "route": route,  # after the contract's keys: formula, derived or simulated
+        "needed_bytes": int(est.needed_bytes),  # the least GPU memory the step runs in
         "optimizer_paged": st.optimizer_paged,
         **loss_json(st),
         "notes": list(est.notes),
@@ -140,7 +146,8 @@ def render(console, name: str, arch: str, rows: list[tuple[Settings, Estimate]],
             counts.append(["buffers", gib(v)])
         else:
             counts.append([k.replace("_", " "), f"{v:,}"])
-    show(console, f"{name} ({arch}): {est0.params:,} parameters, {est0.trainable_params:,} trainable",
+    show(console, f"{name} ({arch}): {est0.params:,} parameters, {est0.trainable_params:,} trainable; "
+                  f"route: {est0.route}",
          [("part", "left"), ("parameters", "right")], counts)
 
     title = (f"Training memory per GPU, GiB: batch {st0.batch_size} x {st0.seq_len} tokens, {st0.optimizer}"
@@ -242,7 +249,7 @@ def plan_json(p) -> dict:
             "step_seconds": t.total, "tokens_per_s": p.tokens_per_s, "epoch_seconds": p.epoch_s,
             "time": {"compute": t.compute, "launch": t.launch, "dequant": t.dequant, "comm": t.comm,
                      "offload_fetch": t.offload_fetch, "exposed": t.exposed, "optimizer": t.optimizer},
-            "why": p.notes}
+            "why": p.notes, "route": p.estimate.route}
 
 
 def _duration(s: float) -> str:
@@ -292,7 +299,11 @@ def render_plans(console, name: str, req, plans: list, n_fit: int, notes: list[s
                   + f", offload over PCIe ({g.pcie_gbs:,.0f} GB/s); epoch = {req.samples:,} sequences (--samples). "
                   "GiB/GPU is what the step needs to run (its peak, the allocator's unreturnable pages, the CUDA "
                   "context); NVML shows more where memory is plentiful (plan estimate's device figure)"
-                  + ("; host and NVMe GiB are per node." if nvme else "; host GiB is per node."), style="dim")
+                  + ("; host and NVMe GiB are per node." if nvme else "; host GiB is per node.")
+                  + (f" Route: {plans[0].estimate.route}." if plans else ""), style="dim")
+    if plans and plans[0].estimate.route == "derived":
+        console.print("route derived: no formula for this model_type; memory from coefficients measured on the "
+                      "transformers module (one GPU and DDP only, no QLoRA)", style="dim")
 
 
 def render_gpus(console, cat: list, found: list, note: str) -> None:

@@ -92,7 +92,7 @@ CASES = [
     ("unsupported-architecture", ["estimate", "{w}/unsupported.json"], "no-such-architecture"),
     ("gguf-not-gguf", ["estimate", "{w}/fake.gguf"], "fake.gguf"),
     ("gguf-metadata-count-past-the-file", ["estimate", "{w}/huge-count.gguf"], "past the end"),
-    ("config-ten-million-layers-no-formula", ["estimate", "{w}/ten-million-layers.json"], "--sim-seconds"),
+    ("config-ten-million-layers-no-formula", ["estimate", "{w}/ten-million-layers.json", "--exact"], "--sim-seconds"),
     ("config-model-type-a-list", ["estimate", "{w}/model-type-a-list.json"], "model_type"),
     ("config-over-16-mib", ["estimate", "{w}/huge.json"], "not a model config"),
     ("model-name-too-long", ["estimate", "x" * 300], "cannot read"),

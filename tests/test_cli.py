@@ -12,9 +12,10 @@ def test_json_contract_single_dtype():
     r = run_plan("estimate", "meta-llama/Meta-Llama-3-8B", "--dtype", "bf16", "--json")
     assert r.returncode == 0, r.stderr
     obj = json.loads(r.stdout)
-    # the contract's keys in its order, then the options echoed (the optimizer's paging, the loss) and notes
+    # the contract's keys in its order, then the route, the options echoed (the optimizer's paging, the loss)
+    # and notes
     assert list(obj)[:len(CONTRACT_KEYS)] == CONTRACT_KEYS
-    assert list(obj)[len(CONTRACT_KEYS):] == ["needed_bytes", "optimizer_paged", "loss", "loss_chunks",
+    assert list(obj)[len(CONTRACT_KEYS):] == ["route", "needed_bytes", "optimizer_paged", "loss", "loss_chunks",
                                               "loss_validation", "notes"]
     assert set(obj["components"]) == {"weights", "gradients", "optimizer", "activations", "logits", "other"}
     assert set(obj["phases"]) == {"model", "forward", "backward", "optimizer_step"}
@@ -92,16 +93,17 @@ OPT = {"model_type": "opt", "vocab_size": 5000, "hidden_size": 128, "ffn_dim": 5
 
 
 @pytest.mark.slow
-def test_architecture_without_formula_is_simulated(tmp_path):
-    """OPT has no hand-written formula: estimate measures it on fake tensors and says so; the
-    parameter count is the meta-built transformers model's."""
+def test_architecture_without_formula_is_derived(tmp_path):
+    """OPT has no hand-written formula: estimate derives its coefficients from the module on fake
+    tensors and says so; the parameter count is the meta-built transformers model's."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     (tmp_path / "config.json").write_text(json.dumps(OPT))
-    r = run_plan("estimate", str(tmp_path), "--dtype", "bf16", "--seq-len", "128", "--json")
+    r = run_plan("estimate", str(tmp_path), "--dtype", "bf16", "--seq-len", "128", "--json",
+                 env={"XDG_CACHE_HOME": str(tmp_path / "xdg")})
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["method"] == "simulated" and out["architecture"] == "opt"
+    assert out["method"] == out["route"] == "derived" and out["architecture"] == "opt"
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(AutoConfig.for_model(**OPT))
     assert out["params"] == sum(p.numel() for p in m.parameters())

@@ -44,13 +44,27 @@ def buildable(res: Resolved) -> None:
         fail(f"{res.name}: unknown model_type '{mt}': neither plan's formulas nor transformers know it")
 
 
-def formula_spec(model: str, what: str) -> tuple[Resolved, ModelSpec]:
-    """`model_spec` for a command that needs the formulas (`what` names it)."""
-    res, spec = model_spec(model)
-    if spec is None:
+def derived_spec(res: Resolved) -> ModelSpec:
+    """The spec of a model_type without a formula: its widths for the option checks and the step
+    time, and the derived route for the memory (planner/measure/derived.py), which checks that
+    transformers can build it (skipped once the cache holds its coefficients: an estimate then
+    needs neither torch nor transformers)."""
+    from ..contract import PlanError
+    from ..measure.derived import proxy_spec
+    try:
+        spec = proxy_spec(res.config)
+    except PlanError as e:
+        fail(f"{res.name}: {e}")
+    if not spec.extra["derived"].derived_before():
         buildable(res)
-        fail(no_formula(model, res, f"{what} needs the formulas"))
-    return res, spec
+    return spec
+
+
+def plan_spec(model: str) -> tuple[Resolved, ModelSpec]:
+    """`model_spec` for a command that plans (recommend, emit-config, train --auto): the formulas'
+    spec, or the derived route's for a model_type without them."""
+    res, spec = model_spec(model)
+    return res, spec if spec is not None else derived_spec(res)
 
 
 def no_formula(name: str, res: Resolved, what_needs: str) -> str:

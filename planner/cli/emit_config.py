@@ -17,7 +17,7 @@ from ..estimate import Estimate, estimate
 from ..gpus import GPU
 from ..resolve import Resolved
 from ..spec import ModelSpec
-from .common import default_seq, fail, find_gpu, formula_spec, loadable, request
+from .common import default_seq, fail, find_gpu, loadable, plan_spec, request
 from .options import (
     BatchSize,
     Data,
@@ -91,7 +91,7 @@ def emit_config_cmd(ctx: typer.Context, model: Model, out: Out, gpu: Gpu = None,
     check_plan_source(ctx.params)
     if data is not None:
         check_data(data, plain(data_format))
-    res, spec = formula_spec(model, "plan emit-config")
+    res, spec = plan_spec(model)
     try:
         plan = recommended(model, ctx.params, res, spec) if from_recommend(ctx.params) \
             else explicit(ctx.params, res, spec)

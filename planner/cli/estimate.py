@@ -14,11 +14,11 @@ import typer
 from ..compat import accelerate_table, deepspeed_table, ds_largest_module_params
 from ..contract import DTYPE_TO_RECIPE, QUANT_PRECISIONS, Choice, Dtype, PlanError, Precision, Settings, check_options
 from ..distributed import strategy_choices
-from ..estimate import estimate
+from ..estimate import estimate, validate
 from ..report import gib, render, render_strategies, show, to_json
 from ..resolve import Resolved
 from ..spec import ModelSpec, count_params
-from .common import buildable, console, default_seq, fail, model_spec, no_formula, source_note
+from .common import buildable, console, default_seq, derived_spec, fail, model_spec, no_formula, source_note
 from .options import (
     AttnOpt,
     BatchSize,
@@ -98,15 +98,21 @@ def simulate_cmd(ctx: typer.Context, model: Model, dtype: DtypeOpt = None, preci
 def run(options: Mapping[str, Any], exact: bool) -> None:
     """Estimate (or, `exact`, measure) each precision the options ask for, and print them."""
     res, spec = model_spec(options["model"])
+    formula = spec is not None
+    if not formula:
+        spec = derived_spec(res)
+        if not exact and not options["as_json"]:
+            typer.echo(f"note: no formula for model_type '{res.config.get('model_type', '?')}': derived from the "
+                       "transformers module on fake tensors (measured once per settings class, then cached)", err=True)
     if options["strategy"] == StrategyOrAll.ALL:
         return compare_strategies(res, spec, options)
-    runs = _estimates(spec, _settings(res, spec, options))
+    runs = _estimates(spec, _settings(res, spec, options), measure_only=exact and not formula)
     if _skipped(options):
         quant = plain(options["quant"])
         typer.echo(f"note: --quant {quant}: skipping {', '.join(DTYPE_TO_RECIPE[d.value] for d in _skipped(options))}, "
                    f"which a bitsandbytes {quant} base cannot compute in", err=True)
-    method = "analytic"
-    if exact or spec is None:
+    method = None
+    if exact:
         runs, method = _measured(res, runs, options), "simulated"
     source_note(res)
     one = options["precision"] is not None or options["dtype"] is not None
@@ -129,11 +135,11 @@ def _skipped(options: Mapping[str, Any]) -> list[Dtype]:
     return [d for d in Dtype if DTYPE_TO_RECIPE[d.value] not in QUANT_PRECISIONS]
 
 
-def _estimates(spec: Optional[ModelSpec], settings: list[Settings]) -> list[tuple]:
-    """(settings, estimate) each; without a formula there is no estimate, only the options to
-    check before simulating."""
+def _estimates(spec: ModelSpec, settings: list[Settings], measure_only: bool = False) -> list[tuple]:
+    """(settings, estimate) each; `measure_only` (the simulator's route for a model without a
+    formula): no estimate, only the options checked against the model before simulating."""
     try:
-        return [(check_options(st), estimate(spec, st) if spec else None) for st in settings]
+        return [(validate(spec, st), None) if measure_only else (st, estimate(spec, st)) for st in settings]
     except PlanError as e:
         fail(str(e))
 
@@ -157,6 +163,7 @@ def _measured(res: Resolved, runs: list[tuple], options: Mapping[str, Any]) -> l
     for st, est in runs:
         sim = _simulated(res, st, budget)
         sim.param_counts = est.param_counts if est else None
+        sim.route = "simulated"
         sims.append((st, sim))
     return sims
 
@@ -172,7 +179,7 @@ def _simulated(res: Resolved, st: Settings, budget):
         fail(f"simulation of {res.name} ({st.precision}, {st.optimizer}) failed: {msg}", 1)
 
 
-def _print(res: Resolved, runs: list[tuple], method: str, one: bool, as_json: bool) -> None:
+def _print(res: Resolved, runs: list[tuple], method: Optional[str], one: bool, as_json: bool) -> None:
     """JSON (one object for one precision asked for, else a list) or the tables, bf16-amp's
     breakdown shown."""
     arch = res.config.get("model_type", "?")
@@ -189,8 +196,6 @@ def _print(res: Resolved, runs: list[tuple], method: str, one: bool, as_json: bo
 def compare_strategies(res: Resolved, spec: Optional[ModelSpec], options: Mapping[str, Any]) -> None:
     """`--strategy all`: one precision (bf16 mixed precision unless given), every strategy and
     offload the engines offer, side by side."""
-    if spec is None:
-        fail(no_formula(res.name, res, "--strategy all needs the formulas"))
     base = to_settings(options, seq_len=default_seq(res, spec, options["seq_len"]), strategy="ddp", offload="none")
     try:
         estimate(spec, base)  # the options every strategy shares: fail on them once, not per strategy

@@ -13,7 +13,7 @@ from ..gpus import GPU
 from ..recommend import Request, nearest_fits, recommend, smallest_need
 from ..report import plan_json, render_plans
 from ..spec import ModelSpec
-from .common import console, fail, find_gpu, formula_spec, request, source_note
+from .common import console, fail, find_gpu, plan_spec, request, source_note
 from .options import (
     GlobalBatch,
     Gpu,
@@ -41,7 +41,7 @@ def recommend_cmd(ctx: typer.Context, model: Model, gpu: Gpu, gpus: Gpus = None,
                   host_ram: HostRam = None, loss: LossOpt = None, loss_chunks: LossChunks = None, top: Top = 5,
                   as_json: Json = False) -> None:
     """The fastest plan that fits: method, LoRA rank, strategy, offload, micro-batch, accumulation, checkpointing."""
-    res, spec = formula_spec(model, "plan recommend")
+    res, spec = plan_spec(model)
     g = find_gpu(gpu)
     req = request(ctx.params, res, spec, g)
     try:

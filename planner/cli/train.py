@@ -12,7 +12,7 @@ import typer
 
 from ..contract import DataFormat, PlanError
 from ..data import DataError, check_records, read_records
-from .common import fail, formula_spec
+from .common import fail, plan_spec
 from .emit_config import plan_files, recommended
 from .options import Data, DataFormatOpt, Force, GlobalBatch, Gpu, Gpus, MethodOpt, Out, SeqLen, plain
 
@@ -60,7 +60,7 @@ def auto_recipe(options: Mapping[str, Any]) -> str:
         check_records(read_records(data)[0], fmt, data)
     except DataError as e:
         fail(str(e))
-    res, spec = formula_spec(model, "plan train --auto")
+    res, spec = plan_spec(model)
     plan = recommended(model, options, res, spec)
     contents = plan_files(model, res, spec, plan, out, data=str(Path(data).resolve()), data_format=fmt)
     contents["recipe.yaml"] = _runs_in(contents["recipe.yaml"], out, options["max_steps"])

@@ -56,7 +56,7 @@ def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = N
             setattr(config, k, 0.0)
     rc = RECIPES[st.precision]
     dtype = torch.bfloat16 if rc.weight == 2 else torch.float32
-    attn = "eager" if st.attn == "eager" or getattr(config, "attn_logit_softcapping", None) else "sdpa"
+    attn = attention_kernel(config, st)
     cls = model_class(config)
     # Under fake tensors the model is built on the meta device (PEFT's adapter moves cannot swap
     # fake parameters) and each tensor is then turned into a fake CPU tensor of the same shape.
@@ -173,6 +173,18 @@ def install_loss(model, st: Settings) -> None:
     m.forward = types.MethodType(forward, m)
 
 
+def attention_kernel(config, st: Settings) -> str:
+    """The attention implementation a run uses: SDPA, unless --attn eager, soft-capped attention
+    (SDPA cannot cap), or a class transformers gives no SDPA path (gpt_oss: `_supports_sdpa`
+    False, its sinks need eager or a hub kernel)."""
+    if st.attn == "eager" or getattr(config, "attn_logit_softcapping", None):
+        return "eager"
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, ""), None)
+    return "eager" if cls is not None and getattr(cls, "_supports_sdpa", True) is False else "sdpa"
+
+
 def is_encoder(config) -> bool:
     """BERT-style encoders (token-type embeddings) train with a task head: sequence classification,
     the head the estimator assumes. transformers' causal-LM head for them needs is_decoder."""
@@ -261,6 +273,32 @@ def unpacked_sequences():
         mu.find_packed_sequence_indices = orig
 
 
+
+
+@contextlib.contextmanager
+def grouped_mm_any_dtype():
+    """MoE experts in every precision. transformers (5.x, integrations/moe.py) runs experts
+    through `torch.nn.functional.grouped_mm`, whose CPU and meta kernels take bf16 only: an fp32
+    or bf16-amp step (fp32 expert weights) stops with "Expected inputs of BF16 type". Here any
+    other dtype takes transformers' own `grouped_mm_fallback` op (registered with a fake kernel),
+    which keeps the same tensors: the (tokens x out) output, and the input and the weight for
+    backward. torch's fake-tensor logger, which prints the refused kernel's traceback before
+    the error is raised, is quietened meanwhile."""
+    import logging
+
+    import torch
+    import transformers.integrations.moe as moe
+
+    orig = moe._can_use_grouped_mm
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    moe._can_use_grouped_mm = lambda input, weight, offs: weight.dtype == torch.bfloat16 and orig(input, weight, offs)
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        moe._can_use_grouped_mm = orig
+        log.setLevel(level)
 
 
 def train_step(model, opt, batch: dict, amp, snap=lambda phase: None, engine=None, micro_steps: int = 1) -> None:

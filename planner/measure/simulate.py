@@ -18,7 +18,15 @@ from ..estimate import Estimate, estimate
 from ..memory import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, needed_bytes
 from ..precision import RECIPES
 from ..spec import ModelSpec, SpecError
-from .builder import build_model, is_encoder, make_optimizer, measured_config, train_step, unpacked_sequences
+from .builder import (
+    build_model,
+    grouped_mm_any_dtype,
+    is_encoder,
+    make_optimizer,
+    measured_config,
+    train_step,
+    unpacked_sequences,
+)
 
 
 @dataclass(frozen=True)
@@ -111,7 +119,7 @@ def measure(cfg: dict, st: Settings, fake: bool = True, weights: str | None = No
     """Run warm-up + measured step under MemTracker; return the peak and per-phase peaks of the
     measured step, and the caching allocator's reserved peak for the whole run (model, warm-up,
     step) from its allocation sequence replayed through planner/allocator.py."""
-    with unpacked_sequences():
+    with unpacked_sequences(), grouped_mm_any_dtype():
         return _measure(cfg, st, fake, weights, keep_events)
 
 

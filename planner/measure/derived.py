@@ -1,0 +1,468 @@
+"""The derived route: an exact estimate for a model_type without a hand-written formula, from
+coefficients measured on the real transformers module.
+
+The simulator (planner/measure/simulate.py, fake tensors, MemTracker) runs the model reduced to
+1 and 2 layers at full width, at a few token counts, once per *settings class* (precision,
+optimizer, LoRA rank/dropout/targets, checkpointing, attention). Each phase peak is then a
+function of the layer count L and the batch b x sequence s:
+
+    bytes = (u0 + v0 L) + b s (u1 + v1 L) [+ b s^2 (u2 + v2 L), eager attention only]
+
+A phase's peak sits either where the constants dominate (inside the last block's backward, with
+the head's weight gradient) or where the tokens do (at the loss, over the logits): the maximum
+of two such lines. Each line is solved exactly from its own points: two short sequences at batch
+1 for the first, two large batches for the second (and a shorter sequence with eager attention). Gradient
+accumulation and DDP's buckets are added from the measured gradient bytes. Layers of different
+kinds (a MoE model's dense first layers, Gemma 3's sliding and full attention layers) are
+measured from a base with one layer of each kind plus one more layer of each kind, and summed
+by their counts.
+
+The coefficients are cached on disk, keyed by the config, the settings class and the library
+versions (`cache_dir()`), so that a second call (and `plan recommend`'s bisection) is fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..contract import COMPONENTS, PlanError, Settings
+from ..estimate import Estimate
+from ..memory import CUBLAS_WORKSPACE_BYTES
+from ..spec import ModelSpec, SpecError
+
+VERSION = 3
+SHORT_SEQS = (64, 128)  # batch 1: the line where the constants dominate
+LONG_BATCHES = (16, 32)  # at LONG_SEQ: the line where the tokens dominate
+LONG_SEQ = 512
+PHASES = ("model", "forward", "backward", "optimizer_step")
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def cache_dir() -> Path:
+    """Where derived coefficients live: $XDG_CACHE_HOME/plan/derived (~/.cache/plan/derived)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "plan" / "derived"
+
+
+SAME_BYTES = {"fp16-amp": "bf16-amp", "fp8-te": "bf16-amp"}
+"""Recipes measured as another: fp16 autocast and Transformer Engine FP8 keep what bf16 autocast
+keeps (fp32 weights, gradients and AdamW states, 16-bit activations: planner/precision.py), and
+the CPU simulator runs both as bf16 autocast."""
+
+
+def settings_class(st: Settings) -> Settings:
+    """The settings that change the coefficients; batch, sequence, accumulation, GPUs and the
+    LoRA alpha do not (they are applied from the fit, or change no tensor)."""
+    return Settings(precision=SAME_BYTES.get(st.precision, st.precision), optimizer=st.optimizer,
+                    lora_rank=st.lora_rank, lora_dropout=st.lora_dropout,
+                    lora_targets=st.lora_targets if st.lora else "all-linear",
+                    grad_checkpointing=st.grad_checkpointing, attn="eager" if st.attn == "eager" else "sdpa",
+                    kernels="cpu")
+
+
+def layer_count(cfg: dict) -> int:
+    """The config's number of transformer blocks."""
+    for k in _LAYER_KEYS:
+        if isinstance(cfg.get(k), int):
+            return cfg[k]
+    raise PlanError(f"the config has no layer count ({', '.join(_LAYER_KEYS)})")
+
+
+def layer_kinds(cfg: dict) -> tuple[list[str], dict, object]:
+    """The kinds of block whose memory differs, in the model's layer order: (each layer's kind,
+    {kind: count}, a function turning a list of kinds into config overrides). MoE models with
+    dense layers (DeepSeek-V3's `first_k_dense_replace`, Qwen-MoE's `mlp_only_layers` and
+    `decoder_sparse_step`, Llama 4's `moe_layers`); attention layer types (`layer_types`: Gemma
+    3's sliding and full layers, gpt-oss's: each type builds its own mask, and the CPU kernels keep
+    different tensors for a masked and a causal layer). One kind for every other model."""
+    n = layer_count(cfg)
+    mt = cfg.get("model_type")
+    if mt in ("deepseek_v3", "deepseek_v2") and cfg.get("first_k_dense_replace"):
+        k = min(n, int(cfg["first_k_dense_replace"]))
+        kinds = ["dense"] * k + ["moe"] * (n - k)
+
+        def to(lst):  # dense layers come first, whatever the list's order
+            return {"first_k_dense_replace": lst.count("dense")}
+    elif mt in ("qwen3_moe", "qwen2_moe"):
+        only, step = set(cfg.get("mlp_only_layers") or ()), int(cfg.get("decoder_sparse_step") or 1)
+        kinds = ["dense" if i in only or (i + 1) % step else "moe" for i in range(n)]
+
+        def to(lst):
+            return {"mlp_only_layers": [i for i, t in enumerate(lst) if t == "dense"], "decoder_sparse_step": 1}
+    elif mt == "llama4_text":
+        step = int(cfg.get("interleave_moe_layer_step") or 1)
+        moe = cfg.get("moe_layers")
+        moe = set(range(step - 1, n, step) if moe is None else moe)
+        kinds = ["moe" if i in moe else "dense" for i in range(n)]
+
+        def to(lst):
+            return {"moe_layers": [i for i, t in enumerate(lst) if t == "moe"], "interleave_moe_layer_step": 1}
+    else:
+        types = cfg.get("layer_types") or _config_attr(cfg, "layer_types")
+        kinds = [str(t) for t in types] if isinstance(types, list) and len(types) == n else ["layer"] * n
+
+        def to(lst):
+            return {"layer_types": list(lst)} if lst[0] != "layer" else {}
+    counts = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
+    if len(counts) == 1:
+        return kinds, counts, lambda lst: {}
+    return kinds, counts, to
+
+
+def layer_plans(cfg: dict) -> tuple[list[str], dict]:
+    """The reduced models the derivation measures, as lists of layer kinds: a base with one layer
+    of each kind, the model's last layer's kind last (the block whose recompute and gradients
+    can make the backward peak), and the base with one more layer of each kind in front.
+    {kind: plan} for the latter. One kind: [k] and [k, k]."""
+    kinds, counts, _ = layer_kinds(cfg)
+    last = kinds[-1]
+    base = [k for k in counts if k != last] + [last]
+    return base, {k: [k] + base for k in counts}
+
+
+def _config_attr(cfg: dict, name: str):
+    """An attribute of the transformers config class built from `cfg` (Gemma 3 derives its
+    `layer_types` from `sliding_window_pattern`), None where it cannot be built."""
+    from transformers import AutoConfig
+    try:
+        c = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
+    except Exception:  # noqa: BLE001 (any config transformers refuses: the derivation says why)
+        return None
+    return getattr(c, name, None)
+
+
+def reduced(cfg: dict, layers: int, overrides: dict) -> dict:
+    """The config cut to `layers` blocks at full width: the layer count, and every per-layer list
+    (layer_types, no_rope_layers, ...) cut to its first `layers` entries."""
+    n = layer_count(cfg)
+    out = {k: (v[:layers] if isinstance(v, list) and len(v) == n and k not in ("architectures",) else v)
+           for k, v in cfg.items()}
+    for k in _LAYER_KEYS:
+        if k in out:
+            out[k] = layers
+    out.update(overrides)
+    if "layer_types" in overrides:
+        out["layer_types"] = overrides["layer_types"][:layers]
+    return out
+
+
+def eager(cfg: dict, st: Settings) -> bool:
+    """Whether the step runs eager attention (a seq x seq score matrix per head)."""
+    from transformers import AutoConfig
+
+    from .builder import attention_kernel
+    c = {k: v for k, v in cfg.items() if k != "model_type"}
+    return attention_kernel(AutoConfig.for_model(cfg["model_type"], **c), st) == "eager"
+
+
+# ---------------------------------------------------------------- the fit
+
+@dataclass
+class Line:
+    """Per quantity (each phase's total and its components): `u[j] + v[j] * L` is the
+    coefficient of feature j, the features being 1, b*s and (eager) b*s^2."""
+    u: dict
+    v: dict
+
+    def at(self, layers: float, batch: int, seq: int) -> dict:
+        feats = (1.0, batch * seq, batch * seq * seq)
+        return {q: sum((self.u[q][j] + self.v[q][j] * layers) * feats[j] for j in range(len(self.u[q])))
+                for q in self.u}
+
+
+@dataclass
+class Fit:
+    """The derived coefficients of one settings class: the lines (constants-dominated and
+    tokens-dominated) whose maximum is each phase's peak, and the parameter counts as `a + b L`."""
+    lines: list
+    params: tuple
+    trainable: tuple
+    layers: int
+    notes: list
+
+    def to_json(self) -> dict:
+        return {"lines": [[ln.u, ln.v] for ln in self.lines], "params": self.params, "trainable": self.trainable,
+                "layers": self.layers, "notes": self.notes}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Fit":
+        return cls(lines=[Line(*ln) for ln in d["lines"]], params=tuple(d["params"]),
+                   trainable=tuple(d["trainable"]), layers=d["layers"], notes=list(d["notes"]))
+
+
+def _quantities(m) -> dict:
+    """A measurement as flat quantities: each phase's total and its components."""
+    out = {}
+    for ph in PHASES:
+        out[ph] = float(m.phases[ph])
+        comps = m.categories.get(ph, {})
+        for c in COMPONENTS:
+            out[f"{ph}.{c}"] = float(comps.get(c, 0))
+    return out
+
+
+def _solve(points: list[tuple[int, int]], values: list[dict], n_feat: int) -> dict:
+    """Exact coefficients of features (1, b*s, b*s^2)[:n_feat] through the points, per quantity."""
+    import numpy as np
+    a = np.array([[1.0, b * s, b * s * s][:n_feat] for b, s in points])
+    out = {}
+    for q in values[0]:
+        out[q] = [float(x) for x in np.linalg.solve(a, np.array([v[q] for v in values]))]
+    return out
+
+
+def derive(cfg: dict, st: Settings) -> Fit:
+    """Measure the settings class `st` on the reduced models of `layer_plans` (1 and 2 layers for
+    a model of one kind), at the short and long token points, and fit the two lines (see the
+    module docstring).
+    transformers' and torch's warnings (deprecations, a reduced config's) are kept off stderr."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _derive(cfg, st)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _derive(cfg: dict, st: Settings) -> Fit:
+    from .simulate import measure
+
+    n = layer_count(cfg)
+    maxpos = cfg.get("max_position_embeddings") or cfg.get("n_positions") or LONG_SEQ
+    short = [(1, min(s, maxpos)) for s in SHORT_SEQS]
+    if short[0] == short[1]:
+        short[0] = (1, max(1, short[1][1] // 2))
+    s_long = min(LONG_SEQ, maxpos)
+    long = [(b, s_long) for b in LONG_BATCHES]
+    is_eager = eager(cfg, st)
+    if is_eager:  # a third point for the b x s^2 term, where the sequence is long
+        long.append((LONG_BATCHES[0], s_long // 2))
+    kinds, counts, to = layer_kinds(cfg)
+    base, plus = layer_plans(cfg)
+    coef, counted = {}, {}  # plan -> {line: coefficients}, plan -> (params, trainable)
+    for plan in [base, *plus.values()]:
+        c = reduced(cfg, len(plan), to(plan))
+        coef[tuple(plan)] = {}
+        for name, pts in (("short", short), ("long", long)):
+            vals = []
+            for b, s in pts:
+                try:
+                    m = measure(c, replace(st, batch_size=b, seq_len=s, kernels="cpu"), fake=True)
+                except PlanError:
+                    raise
+                except Exception as e:  # transformers or torch refusing this config: one line
+                    first = (str(e).strip().splitlines() or [""])[0][:300]
+                    raise PlanError(f"the derived route cannot run {cfg.get('model_type')} on fake tensors "
+                                    f"({type(e).__name__}: {first})") from None
+                vals.append(_quantities(m))
+                counted[tuple(plan)] = (m.params, m.trainable_params)
+            coef[tuple(plan)][name] = _solve(pts, vals, len(pts))
+    b0 = tuple(base)
+    # per layer of kind k: (base + k) - base; the rest: base less one layer of each kind
+    per = {k: {name: {q: [x - y for x, y in zip(coef[tuple(p)][name][q], coef[b0][name][q], strict=True)]
+                      for q in coef[b0][name]} for name in ("short", "long")} for k, p in plus.items()}
+    lines = []
+    for name in ("short", "long"):
+        u = {q: [coef[b0][name][q][j] - sum(per[k][name][q][j] for k in counts) for j in range(len(v0))]
+             for q, v0 in coef[b0][name].items()}
+        v = {q: [sum(counts[k] * per[k][name][q][j] for k in counts) / n for j in range(len(v0))]
+             for q, v0 in coef[b0][name].items()}
+        lines.append(Line(u, v))
+    pc = {}
+    for i in (0, 1):
+        each = {k: counted[tuple(p)][i] - counted[b0][i] for k, p in plus.items()}
+        pc[i] = (counted[b0][i] - sum(each.values()), sum(counts[k] * each[k] for k in counts) / n)
+    notes = ["derived: coefficients measured on the transformers module (1 and 2 layers at full width, fake "
+             "tensors, CPU kernels) and scaled to the layer count"]
+    if is_eager:
+        notes.append("eager attention: a seq x seq score matrix per head (fitted as a b x s^2 term)")
+    if len(counts) > 1:
+        notes.append("layer kinds measured separately: " + ", ".join(f"{c} {k}" for k, c in counts.items()))
+    return Fit(lines=lines, params=pc[0], trainable=pc[1], layers=n, notes=notes)
+
+
+# ---------------------------------------------------------------- the route
+
+def buildable(cfg: dict) -> None:
+    """A model_type transformers knows, else one line."""
+    from transformers import CONFIG_MAPPING
+    mt = cfg.get("model_type")
+    if mt not in CONFIG_MAPPING:
+        raise PlanError(f"unknown model_type '{mt}': neither plan's formulas nor transformers know it")
+
+
+class Derived:
+    """The derived route for one config: fits per settings class, from memory, the disk cache,
+    or a derivation; `estimate(st)` is then arithmetic."""
+
+    def __init__(self, cfg: dict, names: frozenset | None = None):
+        self.cfg = cfg
+        self._fits: dict = {}
+        self._names = names
+
+    def key(self, cls: Settings | None = None) -> str:
+        """The cache file's name: the model_type, a hash of the config and the versions that
+        measure it, and a hash of the settings class (without one: the config's prefix)."""
+        from importlib.metadata import version
+
+        def h(x) -> str:
+            return hashlib.sha256(json.dumps(x, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        model = h([VERSION, self.cfg, *(version(p) for p in ("torch", "transformers", "peft"))])
+        return f"{self.cfg.get('model_type', 'model')}-{model}" + (f"-{h(cls.__dict__)}" if cls is not None else "")
+
+    def derived_before(self) -> bool:
+        """Whether the cache holds coefficients of this config (any settings class)."""
+        return any(cache_dir().glob(f"{self.key()}-*.json"))
+
+    def fit(self, st: Settings) -> Fit:
+        """The settings class's coefficients: memory, then disk, then `derive` (and save)."""
+        cls = settings_class(st)
+        k = self.key(cls)
+        if k in self._fits:
+            f = self._fits[k]
+            if isinstance(f, PlanError):
+                raise f
+            return f
+        path = cache_dir() / f"{k}.json"
+        try:
+            f = Fit.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            try:
+                buildable(self.cfg)
+                f = derive(self.cfg, cls)
+            except PlanError as e:
+                self._fits[k] = e
+                raise
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(f.to_json()))
+                tmp.replace(path)
+            except OSError:
+                pass  # a read-only cache: derive again next time
+        self._fits[k] = f
+        return f
+
+    def linear_names(self) -> frozenset:
+        """The last name components of the block linears (PEFT's target names), read from the
+        model built with one layer on the meta device."""
+        if self._names is None:
+            import torch
+
+            from .builder import build_model
+            with torch.device("meta"):
+                model, _ = build_model(reduced(self.cfg, 1, {}), Settings(precision="bf16-pure"), meta=True)
+            names = set()
+            for name, mod in model.named_modules():
+                if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head"):
+                    names.add(name.split(".")[-1])
+                for pname, p in mod.named_parameters(recurse=False):
+                    if p.dim() == 3:  # MoE experts stored as 3-D parameters
+                        names.add(pname)
+            self._names = frozenset(names)
+        return self._names
+
+    def check(self, st: Settings) -> None:
+        """What the derived route cannot measure, refused in one line each."""
+        if st.quant != "none":
+            raise PlanError(f"{{quant}} {st.quant}: model_type '{self.cfg.get('model_type')}' has no formula and "
+                            "bitsandbytes kernels cannot run on fake tensors; use --quant none", "quant")
+        if st.loss != "standard":
+            raise PlanError(f"{{loss}} {st.loss}: model_type '{self.cfg.get('model_type')}' has no formula, and the "
+                            "derived route measures transformers' own loss; use {loss} standard", "loss")
+        if st.precision.startswith("msamp"):
+            raise PlanError(f"{{precision}} {st.precision}: MS-AMP's FP8 gradients and states need a formula, which "
+                            f"model_type '{self.cfg.get('model_type')}' does not have; use bf16-amp or bf16-pure",
+                            "precision")
+        if st.optimizer == "adamw-8bit":
+            raise PlanError("{optimizer} adamw-8bit: its step reads values, which the fake tensors the derived route "
+                            "measures on do not have; use adamw", "optimizer")
+        if st.strategy != "ddp" or st.offload != "none":
+            raise PlanError(f"{{strategy}} {st.strategy} --offload {st.offload}: model_type "
+                            f"'{self.cfg.get('model_type')}' has no formula, and the derived route covers one GPU "
+                            "and DDP only", "strategy")
+        if st.lora and st.lora_targets != "all-linear":
+            wanted = {t.strip().split(".")[-1] for t in st.lora_targets.split(",") if t.strip()}
+            if not wanted & self.linear_names():
+                raise PlanError(f"{{lora_targets}} '{st.lora_targets}' matches no linear layer of "
+                                f"{self.cfg.get('model_type')} (its block linears: "
+                                f"{', '.join(sorted(self.linear_names()))})", "lora_targets")
+
+    def estimate(self, st: Settings) -> Estimate:
+        """Phases for `st` from its class's fit: the largest of the lines per phase, then
+        gradient accumulation (every gradient alive in forward and backward) and DDP buckets."""
+        self.check(st)
+        f = self.fit(st)
+        at = [ln.at(f.layers, st.batch_size, st.seq_len) for ln in f.lines]
+        grads = max(a["optimizer_step.gradients"] for a in at)
+        phases, comps = {}, {}
+        for ph in PHASES:
+            src = max(at, key=lambda a: a[ph])
+            phases[ph] = src[ph]
+            comps[ph] = {c: src[f"{ph}.{c}"] for c in COMPONENTS}
+        if st.accumulation > 1:
+            for ph in ("forward", "backward"):
+                add = grads - comps[ph]["gradients"]
+                phases[ph] += add
+                comps[ph]["gradients"] += add
+        if st.kernels == "cuda":  # as estimate() adds it: allocator memory from the first matmul on
+            for ph in PHASES[1:]:
+                phases[ph] += CUBLAS_WORKSPACE_BYTES
+                comps[ph]["other"] += CUBLAS_WORKSPACE_BYTES
+        notes = list(f.notes)
+        if st.gpus * st.nodes > 1:
+            notes.append("DDP gradient buckets: one extra copy of the gradients, in every phase")
+            for ph in PHASES:
+                phases[ph] += grads
+                comps[ph]["other"] += grads
+        phases = {k: int(round(v)) for k, v in phases.items()}
+        comps = {ph: {c: int(round(v)) for c, v in d.items()} for ph, d in comps.items()}
+        peak_phase = max(phases, key=phases.get)
+        peak = phases[peak_phase]
+        train = int(round(f.trainable[0] + f.trainable[1] * f.layers))
+        # the model's parameters as the formulas count them: PEFT's adapters are not the model's
+        total = int(round(f.params[0] + f.params[1] * f.layers)) - (train if st.lora else 0)
+        # device_bytes and needed_bytes: estimate() adds the allocator's figures from the spec's widths
+        return Estimate(params=total, trainable_params=train, peak_bytes=peak, device_bytes=0,
+                        components=comps[peak_phase], phases=phases, phase_components=comps, notes=notes,
+                        route="derived")
+
+
+def proxy_spec(cfg: dict, derived: Derived | None = None) -> ModelSpec:
+    """A ModelSpec that stands in for a model_type without a formula: its widths, depth and
+    maximum positions read from the config as a llama (or, with experts, mixtral) block, for the
+    option checks and the step-time model; `extra['derived']` carries the derived route, which
+    `estimate()` then uses for the memory."""
+    g = cfg.get
+    if not isinstance(g("model_type"), str):
+        raise PlanError(f"'model_type' must be a string, got {g('model_type')!r}")
+    experts = g("num_local_experts") or g("num_experts") or g("n_routed_experts") or 0
+    hidden = g("hidden_size") or g("n_embd") or g("d_model")
+    heads = g("num_attention_heads") or g("n_head") or g("num_heads")
+    norm = {
+        "model_type": "mixtral" if experts else "llama", "vocab_size": g("vocab_size"), "hidden_size": hidden,
+        "num_hidden_layers": layer_count(cfg), "num_attention_heads": heads,
+        "num_key_value_heads": g("num_key_value_heads") or heads,
+        "head_dim": g("head_dim") if isinstance(g("head_dim"), int) else None,
+        "intermediate_size": (g("moe_intermediate_size") if experts else None) or g("intermediate_size")
+        or g("n_inner") or g("ffn_dim") or 4 * (hidden or 0),
+        "max_position_embeddings": g("max_position_embeddings") or g("n_positions") or 2048,
+        "tie_word_embeddings": g("tie_word_embeddings", False),
+        "num_local_experts": experts, "num_experts_per_tok": g("num_experts_per_tok") or 0,
+    }
+    try:
+        spec = ModelSpec.from_config(norm)
+    except SpecError as e:
+        buildable(cfg)
+        raise PlanError(f"model_type '{cfg.get('model_type')}': the config's widths cannot be read ({e})") from None
+    return replace(spec, model_type=str(cfg.get("model_type")),
+                   extra={**spec.extra, "derived": derived if derived is not None else Derived(cfg)})
