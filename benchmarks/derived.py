@@ -3,13 +3,15 @@ with the full-model simulator, its linearity in the layer count, and its speed.
 
 1. Families with a formula (llama, qwen2): derived against formula, a few settings (target 1%).
 2. Families without one (qwen3, gemma3_text, olmo2): derived against the simulator's full step
-   on fake tensors at DEPTH layers (full width; target 2%).
+   on fake tensors at full width and full depth, or DEPTH layers (target 2%).
 3. Linearity: the fit from 1 and 2 layers against a measured 3-layer step.
 4. Speed, in a fresh cache: the first derivation of Qwen3-32B (plan estimate --dtype bf16, a
    subprocess), the same estimate once derived, plan recommend once derived (target 30 s,
-   1 s, 2 s); and the full simulator at DEPTH layers in the same run, for the ratio.
+   1 s, 2 s); and the full simulator at full depth (estimate --exact) in the same run, for the
+   ratio.
 
-Usage: HF_HUB_OFFLINE=1 python benchmarks/derived.py [DEPTH] [speed]   (default 8; `speed`: part 4 only)
+Usage: HF_HUB_OFFLINE=1 python benchmarks/derived.py [DEPTH] [speed]   (DEPTH: 0 for each model's own, the
+default; `speed`: part 4 only)
 """
 import os
 import subprocess
@@ -25,7 +27,7 @@ from planner.measure.simulate import measure
 from planner.resolve import resolve
 from planner.spec import ModelSpec
 
-DEPTH = int(sys.argv[1]) if len(sys.argv) > 1 else 8
+DEPTH = int(sys.argv[1]) if len(sys.argv) > 1 else 0
 SPEED_ONLY = "speed" in sys.argv[2:]
 SETTINGS = {
     "bf16-amp full": Settings(precision="bf16-amp", seq_len=2048),
@@ -50,14 +52,16 @@ def against_formula(name: str) -> None:
 
 
 def against_simulator(name: str) -> None:
-    cfg = reduced(resolve(name).config, DEPTH, {})
+    cfg = resolve(name).config
+    cfg = reduced(cfg, DEPTH, {}) if DEPTH else cfg
+    depth = DEPTH or cfg["num_hidden_layers"]
     spec = proxy_spec(cfg)
     for label, st in SETTINGS.items():
         d = estimate(spec, replace(st, kernels="cpu"))
         t = time.perf_counter()
         m = measure(cfg, replace(st, kernels="cpu"))
         sim_s = time.perf_counter() - t
-        print(f"| {name} ({cfg['model_type']}, {DEPTH} layers) | {label} | simulator ({sim_s:.0f} s) | "
+        print(f"| {name} ({cfg['model_type']}, {depth} layers) | {label} | simulator ({sim_s:.0f} s) | "
               f"{m.peak_bytes / 2**30:,.2f} | {d.peak_bytes / 2**30:,.2f} | {err(d.peak_bytes, m.peak_bytes)} | "
               + " ".join(err(d.phases[k], m.phases[k]) for k in ("forward", "backward", "optimizer_step")) + " |")
 
@@ -88,13 +92,11 @@ def speed(name: str = "Qwen/Qwen3-32B") -> None:
     rec = [*plan, "recommend", name, "--gpu", "H200", "--json"]
     rec_first = timed(rec, env)
     rec_again = min(timed(rec, env) for _ in range(3))
-    cfg = reduced(resolve(name).config, DEPTH, {})
-    t = time.perf_counter()
-    measure(cfg, Settings(precision="bf16-amp", seq_len=2048, kernels="cpu"))
-    sim = time.perf_counter() - t
-    print(f"speed, {name} (subprocess wall, fresh cache): first derivation {first:.1f} s; estimate once derived "
-          f"{again:.2f} s; recommend (1 x H200) deriving its classes {rec_first:.1f} s, once derived "
-          f"{rec_again:.2f} s; full simulator at {DEPTH} of 64 layers, one step, {sim:.1f} s")
+    exact = timed(plan + ["estimate", name, "--dtype", "bf16", "--exact", "--json"], env)
+    print(f"speed, {name} (subprocess wall, fresh cache): first derivation (estimate --dtype bf16) {first:.1f} s; "
+          f"estimate once derived {again:.2f} s; recommend (1 x H200) deriving its classes {rec_first:.1f} s, once "
+          f"derived {rec_again:.2f} s; the full simulator (estimate --exact, all 64 layers, one step) {exact:.1f} s: "
+          f"the estimate once derived is {exact / again:,.0f}x faster, the first derivation {exact / first:.1f}x")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ The simulator (planner/measure/simulate.py, fake tensors, MemTracker) runs the m
 optimizer, LoRA rank/dropout/targets, checkpointing, attention). Each phase peak is then a
 function of the layer count L and the batch b x sequence s:
 
-    bytes = (u0 + v0 L) + b s (u1 + v1 L) [+ b s^2 (u2 + v2 L), eager attention only]
+    bytes = (u0 + v0 L) + b s (u1 + v1 L) [+ b s^2 (u2 + v2 L): eager attention, sliding windows]
 
 A phase's peak sits either where the constants dominate (inside the last block's backward, with
 the head's weight gradient) or where the tokens do (at the loss, over the logits): the maximum
@@ -34,7 +34,7 @@ from ..estimate import Estimate
 from ..memory import CUBLAS_WORKSPACE_BYTES
 from ..spec import ModelSpec, SpecError
 
-VERSION = 3
+VERSION = 5
 SHORT_SEQS = (64, 128)  # batch 1: the line where the constants dominate
 LONG_BATCHES = (16, 32)  # at LONG_SEQ: the line where the tokens dominate
 LONG_SEQ = 512
@@ -58,7 +58,7 @@ def settings_class(st: Settings) -> Settings:
     """The settings that change the coefficients; batch, sequence, accumulation, GPUs and the
     LoRA alpha do not (they are applied from the fit, or change no tensor)."""
     return Settings(precision=SAME_BYTES.get(st.precision, st.precision), optimizer=st.optimizer,
-                    lora_rank=st.lora_rank, lora_dropout=st.lora_dropout,
+                    lora_rank=st.lora_rank, lora_dropout=st.lora_dropout if st.lora else 0.0,
                     lora_targets=st.lora_targets if st.lora else "all-linear",
                     grad_checkpointing=st.grad_checkpointing, attn="eager" if st.attn == "eager" else "sdpa",
                     kernels="cpu")
@@ -164,7 +164,8 @@ def eager(cfg: dict, st: Settings) -> bool:
 @dataclass
 class Line:
     """Per quantity (each phase's total and its components): `u[j] + v[j] * L` is the
-    coefficient of feature j, the features being 1, b*s and (eager) b*s^2."""
+    coefficient of feature j, the features being 1, b*s and (eager attention, sliding windows)
+    b*s^2."""
     u: dict
     v: dict
 
@@ -229,6 +230,12 @@ def derive(cfg: dict, st: Settings) -> Fit:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return _derive(cfg, st)
+    except PlanError:
+        raise
+    except Exception as e:  # transformers or torch refusing this config: one line, not a traceback
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise PlanError(f"the derived route cannot run {cfg.get('model_type')} on fake tensors "
+                        f"({type(e).__name__}: {first})") from None
     finally:
         hf_logging.set_verbosity(level)
 
@@ -244,9 +251,15 @@ def _derive(cfg: dict, st: Settings) -> Fit:
     s_long = min(LONG_SEQ, maxpos)
     long = [(b, s_long) for b in LONG_BATCHES]
     is_eager = eager(cfg, st)
-    if is_eager:  # a third point for the b x s^2 term, where the sequence is long
-        long.append((LONG_BATCHES[0], s_long // 2))
     kinds, counts, to = layer_kinds(cfg)
+    # eager attention keeps seq x seq scores; sliding-window layers a seq x seq mask under SDPA
+    sliding = any("sliding" in k for k in counts)
+    if is_eager or sliding:  # a third point for the b x s^2 term, where the sequence is long
+        window = _config_attr(cfg, "sliding_window") if sliding else None
+        if isinstance(window, int) and window > 0:  # past the window, where a sliding mask starts to cut
+            s_long = min(maxpos, max(s_long, 2 * window))
+            long = [(b, s_long) for b in LONG_BATCHES]
+        long.append((LONG_BATCHES[0], s_long // 2))
     base, plus = layer_plans(cfg)
     coef, counted = {}, {}  # plan -> {line: coefficients}, plan -> (params, trainable)
     for plan in [base, *plus.values()]:
@@ -255,14 +268,7 @@ def _derive(cfg: dict, st: Settings) -> Fit:
         for name, pts in (("short", short), ("long", long)):
             vals = []
             for b, s in pts:
-                try:
-                    m = measure(c, replace(st, batch_size=b, seq_len=s, kernels="cpu"), fake=True)
-                except PlanError:
-                    raise
-                except Exception as e:  # transformers or torch refusing this config: one line
-                    first = (str(e).strip().splitlines() or [""])[0][:300]
-                    raise PlanError(f"the derived route cannot run {cfg.get('model_type')} on fake tensors "
-                                    f"({type(e).__name__}: {first})") from None
+                m = measure(c, replace(st, batch_size=b, seq_len=s, kernels="cpu"), fake=True)
                 vals.append(_quantities(m))
                 counted[tuple(plan)] = (m.params, m.trainable_params)
             coef[tuple(plan)][name] = _solve(pts, vals, len(pts))
@@ -283,8 +289,9 @@ def _derive(cfg: dict, st: Settings) -> Fit:
         pc[i] = (counted[b0][i] - sum(each.values()), sum(counts[k] * each[k] for k in counts) / n)
     notes = ["derived: coefficients measured on the transformers module (1 and 2 layers at full width, fake "
              "tensors, CPU kernels) and scaled to the layer count"]
-    if is_eager:
-        notes.append("eager attention: a seq x seq score matrix per head (fitted as a b x s^2 term)")
+    if is_eager or sliding:
+        notes.append(("eager attention's seq x seq scores" if is_eager else "sliding-window layers' seq x seq masks")
+                     + " fitted as a batch x seq^2 term")
     if len(counts) > 1:
         notes.append("layer kinds measured separately: " + ", ".join(f"{c} {k}" for k, c in counts.items()))
     return Fit(lines=lines, params=pc[0], trainable=pc[1], layers=n, notes=notes)
