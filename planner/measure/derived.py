@@ -6,12 +6,14 @@ The simulator (planner/measure/simulate.py, fake tensors, MemTracker) runs the m
 optimizer, LoRA rank/dropout/targets, checkpointing, attention). Each phase peak is then a
 function of the layer count L and the batch b x sequence s:
 
-    bytes = (u0 + v0 L) + b s (u1 + v1 L) [+ b s^2 (u2 + v2 L): eager attention, sliding windows]
+    bytes = (u0 + v0 L) + b s (u1 + v1 L) [+ b s^2 (u2 + v2 L): tokens-dominated line only]
 
-A phase's peak sits either where the constants dominate (inside the last block's backward, with
-the head's weight gradient) or where the tokens do (at the loss, over the logits): the maximum
-of two such lines. Each line is solved exactly from its own points: two short sequences at batch
-1 for the first, two large batches for the second (and a shorter sequence with eager attention). Gradient
+A phase's peak sits where the constants dominate (inside the last block's backward, with the
+head's weight gradient), where the tokens do (at the loss, over the logits), or between (inside
+a MoE layer): the maximum of three such lines. Each line is solved exactly from its own points:
+two short sequences at batch 1, batch 1 and 2 at 1024 tokens, two large batches and a shorter
+sequence (the seq^2 term: eager attention's scores, sliding-window masks, CPU attention kernels
+that keep seq x seq weights). Gradient
 accumulation and DDP's buckets are added from the measured gradient bytes. Layers of different
 kinds (a MoE model's dense first layers, Gemma 3's sliding and full attention layers) are
 measured from a base with one layer of each kind plus one more layer of each kind, and summed
@@ -34,8 +36,10 @@ from ..estimate import Estimate
 from ..memory import CUBLAS_WORKSPACE_BYTES
 from ..spec import ModelSpec, SpecError
 
-VERSION = 5
+VERSION = 7
 SHORT_SEQS = (64, 128)  # batch 1: the line where the constants dominate
+MID_BATCHES = (1, 2)  # at MID_SEQ: between them (a MoE layer's peak, DeepSeek-V3's at 2048 tokens)
+MID_SEQ = 1024
 LONG_BATCHES = (16, 32)  # at LONG_SEQ: the line where the tokens dominate
 LONG_SEQ = 512
 PHASES = ("model", "forward", "backward", "optimizer_step")
@@ -164,8 +168,7 @@ def eager(cfg: dict, st: Settings) -> bool:
 @dataclass
 class Line:
     """Per quantity (each phase's total and its components): `u[j] + v[j] * L` is the
-    coefficient of feature j, the features being 1, b*s and (eager attention, sliding windows)
-    b*s^2."""
+    coefficient of feature j, the features being 1, b*s and (the tokens-dominated line) b*s^2."""
     u: dict
     v: dict
 
@@ -248,24 +251,25 @@ def _derive(cfg: dict, st: Settings) -> Fit:
     short = [(1, min(s, maxpos)) for s in SHORT_SEQS]
     if short[0] == short[1]:
         short[0] = (1, max(1, short[1][1] // 2))
+    mid = [(b, min(MID_SEQ, maxpos)) for b in MID_BATCHES]
     s_long = min(LONG_SEQ, maxpos)
     long = [(b, s_long) for b in LONG_BATCHES]
     is_eager = eager(cfg, st)
     kinds, counts, to = layer_kinds(cfg)
-    # eager attention keeps seq x seq scores; sliding-window layers a seq x seq mask under SDPA
+    # a third long point for a b x s^2 term: eager attention's scores, sliding-window masks under
+    # SDPA, and CPU attention kernels that keep seq x seq weights (MLA's unequal head sizes)
     sliding = any("sliding" in k for k in counts)
-    if is_eager or sliding:  # a third point for the b x s^2 term, where the sequence is long
-        window = _config_attr(cfg, "sliding_window") if sliding else None
-        if isinstance(window, int) and window > 0:  # past the window, where a sliding mask starts to cut
-            s_long = min(maxpos, max(s_long, 2 * window))
-            long = [(b, s_long) for b in LONG_BATCHES]
-        long.append((LONG_BATCHES[0], s_long // 2))
+    window = _config_attr(cfg, "sliding_window") if sliding else None
+    if isinstance(window, int) and window > 0:  # past the window, where a sliding mask starts to cut
+        s_long = min(maxpos, max(s_long, 2 * window))
+        long = [(b, s_long) for b in LONG_BATCHES]
+    long.append((LONG_BATCHES[0], s_long // 2))
     base, plus = layer_plans(cfg)
     coef, counted = {}, {}  # plan -> {line: coefficients}, plan -> (params, trainable)
     for plan in [base, *plus.values()]:
         c = reduced(cfg, len(plan), to(plan))
         coef[tuple(plan)] = {}
-        for name, pts in (("short", short), ("long", long)):
+        for name, pts in (("short", short), ("mid", mid), ("long", long)):
             vals = []
             for b, s in pts:
                 m = measure(c, replace(st, batch_size=b, seq_len=s, kernels="cpu"), fake=True)
@@ -275,9 +279,9 @@ def _derive(cfg: dict, st: Settings) -> Fit:
     b0 = tuple(base)
     # per layer of kind k: (base + k) - base; the rest: base less one layer of each kind
     per = {k: {name: {q: [x - y for x, y in zip(coef[tuple(p)][name][q], coef[b0][name][q], strict=True)]
-                      for q in coef[b0][name]} for name in ("short", "long")} for k, p in plus.items()}
+                      for q in coef[b0][name]} for name in ("short", "mid", "long")} for k, p in plus.items()}
     lines = []
-    for name in ("short", "long"):
+    for name in ("short", "mid", "long"):
         u = {q: [coef[b0][name][q][j] - sum(per[k][name][q][j] for k in counts) for j in range(len(v0))]
              for q, v0 in coef[b0][name].items()}
         v = {q: [sum(counts[k] * per[k][name][q][j] for k in counts) / n for j in range(len(v0))]
@@ -289,9 +293,8 @@ def _derive(cfg: dict, st: Settings) -> Fit:
         pc[i] = (counted[b0][i] - sum(each.values()), sum(counts[k] * each[k] for k in counts) / n)
     notes = ["derived: coefficients measured on the transformers module (1 and 2 layers at full width, fake "
              "tensors, CPU kernels) and scaled to the layer count"]
-    if is_eager or sliding:
-        notes.append(("eager attention's seq x seq scores" if is_eager else "sliding-window layers' seq x seq masks")
-                     + " fitted as a batch x seq^2 term")
+    if is_eager:
+        notes.append("eager attention: its seq x seq scores fitted as a batch x seq^2 term")
     if len(counts) > 1:
         notes.append("layer kinds measured separately: " + ", ".join(f"{c} {k}" for k, c in counts.items()))
     return Fit(lines=lines, params=pc[0], trainable=pc[1], layers=n, notes=notes)
