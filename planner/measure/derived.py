@@ -36,12 +36,13 @@ from ..estimate import Estimate
 from ..memory import CUBLAS_WORKSPACE_BYTES
 from ..spec import ModelSpec, SpecError
 
-VERSION = 7
+VERSION = 8
 SHORT_SEQS = (64, 128)  # batch 1: the line where the constants dominate
 MID_BATCHES = (1, 2)  # at MID_SEQ: between them (a MoE layer's peak, DeepSeek-V3's at 2048 tokens)
 MID_SEQ = 1024
 LONG_BATCHES = (16, 32)  # at LONG_SEQ: the line where the tokens dominate
 LONG_SEQ = 512
+S2_TOLERANCE = 1e-4  # a b*s^2 term is fitted where the line in b*s misses by more than this
 PHASES = ("model", "forward", "backward", "optimizer_step")
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
@@ -209,13 +210,20 @@ def _quantities(m) -> dict:
     return out
 
 
-def _solve(points: list[tuple[int, int]], values: list[dict], n_feat: int) -> dict:
-    """Exact coefficients of features (1, b*s, b*s^2)[:n_feat] through the points, per quantity."""
+def _solve(points: list[tuple[int, int]], values: list[dict]) -> dict:
+    """Exact coefficients of the features (1, b*s, b*s^2) through the points, per quantity. Two
+    points: the line in b*s. Three (the third a shorter sequence): the b*s^2 term only where the
+    line through the first two misses the third by more than S2_TOLERANCE of it, so that no
+    spurious curvature is extrapolated to long sequences."""
     import numpy as np
-    a = np.array([[1.0, b * s, b * s * s][:n_feat] for b, s in points])
+    a = np.array([[1.0, b * s, b * s * s] for b, s in points])
     out = {}
     for q in values[0]:
-        out[q] = [float(x) for x in np.linalg.solve(a, np.array([v[q] for v in values]))]
+        y = np.array([v[q] for v in values])
+        c = [float(x) for x in np.linalg.solve(a[:2, :2], y[:2])] + [0.0]
+        if len(points) == 3 and abs(c[0] + c[1] * a[2, 1] - y[2]) > S2_TOLERANCE * abs(y[2]):
+            c = [float(x) for x in np.linalg.solve(a, y)]
+        out[q] = c
     return out
 
 
@@ -275,7 +283,7 @@ def _derive(cfg: dict, st: Settings) -> Fit:
                 m = measure(c, replace(st, batch_size=b, seq_len=s, kernels="cpu"), fake=True)
                 vals.append(_quantities(m))
                 counted[tuple(plan)] = (m.params, m.trainable_params)
-            coef[tuple(plan)][name] = _solve(pts, vals, len(pts))
+            coef[tuple(plan)][name] = _solve(pts, vals)
     b0 = tuple(base)
     # per layer of kind k: (base + k) - base; the rest: base less one layer of each kind
     per = {k: {name: {q: [x - y for x, y in zip(coef[tuple(p)][name][q], coef[b0][name][q], strict=True)]
