@@ -250,6 +250,9 @@ class Settings:
     # the loss over the output head (Loss), and the chunks of the chunked one
     loss: str = "standard"
     loss_chunks: int = LOSS_CHUNKS
+    # partial freezing (Axolotl's `unfrozen_parameters`): regexes searched in parameter names;
+    # only matching parameters train, every other one is frozen. Empty: no freezing.
+    unfrozen_parameters: tuple[str, ...] = ()
 
     @property
     def tokens(self) -> int:
@@ -308,8 +311,28 @@ def check_options(st: Settings) -> Settings:
                         "quant")
     if st.quant != "none" and st.precision not in QUANT_PRECISIONS:
         raise PlanError(f"{{quant}} {st.quant} cannot be combined with {{precision}} {st.precision}", "quant")
+    check_unfrozen(st)
     check_strategy(st)
     return st
+
+
+def check_unfrozen(st: Settings) -> None:
+    """`unfrozen_parameters`: regular expressions that compile, on one GPU or DDP (the sharded
+    engines' formulas count every parameter as trainable), and not combined with LoRA (PEFT's
+    `modules_to_save` copies are not modelled)."""
+    import re
+    for pat in st.unfrozen_parameters:
+        try:
+            re.compile(pat)
+        except re.error as e:
+            raise PlanError(f"{{unfrozen_parameters}} '{pat}' is not a regular expression ({e})",
+                            "unfrozen_parameters") from None
+    if st.unfrozen_parameters and st.strategy != "ddp":
+        raise PlanError(f"{{unfrozen_parameters}} under {{strategy}} {st.strategy} is not modelled: one GPU or DDP",
+                        "unfrozen_parameters")
+    if st.unfrozen_parameters and st.lora:
+        raise PlanError("{unfrozen_parameters} with {lora_rank} (PEFT's modules_to_save) is not modelled: "
+                        "freeze with one or the other", "unfrozen_parameters")
 
 
 def check_strategy(st: Settings) -> None:

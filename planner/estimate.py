@@ -18,6 +18,7 @@ from .memory import (
     allocator_slack,
     device_bytes,
     eager_attention,
+    freezing,
     lora_targets,
     needed_bytes,
     replicated_phases,
@@ -81,6 +82,16 @@ def loss_notes(spec: ModelSpec, st: Settings) -> list[str]:
     return []
 
 
+def freezing_notes(spec: ModelSpec, st: Settings) -> list[str]:
+    """What the estimate says of partial freezing: what trains, and where backward stops."""
+    fz = freezing(spec, st)
+    if fz is None:
+        return []
+    where = {-1: "the embeddings", spec.layers: "the final norm and head"}.get(fz.lowest, f"block {fz.lowest}")
+    return [f"unfrozen_parameters: {fz.trainable:,} of {count_params(spec).total:,} parameters train; backward stops "
+            f"at {where}, below which nothing is kept"]
+
+
 def estimate(spec: ModelSpec, st: Settings) -> Estimate:
     """Peak bytes per phase and per component for one GPU (per rank, under a strategy): from the
     formulas, or, for a model_type without them, from the coefficients the derived route measured
@@ -111,7 +122,7 @@ def estimate(spec: ModelSpec, st: Settings) -> Estimate:
         comps["other"] += CUBLAS_WORKSPACE_BYTES
     peak = int(phases[peak_phase])
     comps["other"] += peak - sum(comps.values())
-    notes += loss_notes(spec, st)
+    notes += loss_notes(spec, st) + freezing_notes(spec, st)
     if st.optimizer_paged:
         notes.append(PAGED_NOTE)
     if eager_attention(spec, st) and st.attn != "eager":

@@ -14,11 +14,13 @@ against torch's MemTracker on whole steps (tests/test_accuracy.py, tables/accura
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import re
+from dataclasses import dataclass, replace
 
 from .contract import FUSED_LOSSES, PlanError, Settings, shard_size
 from .precision import BNB_MIN_8BIT_SIZE, BNB_OPT_BLOCK, RECIPES, quantized_weight_bytes
-from .spec import ModelSpec, ParamCount, count_params
+from .spec import ModelSpec, ParamCount, count_params, named_params
 
 # ---------------------------------------------------------------- model states
 
@@ -49,8 +51,9 @@ def weight_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
     """
     rc = RECIPES[st.precision]
     adapters = 4 * lora_params(spec, st)
-    if st.quant == "none":
-        return pc.total * rc.weight + adapters + pc.total * rc.master
+    if st.quant == "none":  # master copies (MS-AMP); with freezing, of the trainable parameters only
+        master = trainable_params(spec, pc, st) if st.unfrozen_parameters else pc.total
+        return pc.total * rc.weight + adapters + master * rc.master
     qbytes, qparams = 0.0, 0
     for _, i, o, n in pc.linear_shapes:
         qbytes += n * quantized_weight_bytes(i * o, st.quant, o)
@@ -60,7 +63,56 @@ def weight_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
     return qbytes + 4 * (pc.total - qparams) + adapters
 
 
+@dataclass(frozen=True)
+class Freezing:
+    """What trains under `unfrozen_parameters` (Axolotl's key: parameters whose names match one of
+    the regexes train, every other one is frozen). `lowest`: where backward stops, the lowest
+    trainable place (-1 the embeddings, a block index, `layers` the final norm or the head)."""
+    trainable: int
+    shapes: tuple        # the shapes of the trainable tensors
+    lowest: int
+    blocks: frozenset    # the blocks with a trainable parameter
+    final_norm: bool     # the final norm trains
+    head: bool           # the output head (a tied head: the embedding; an encoder: pooler or classifier) trains
+    embeddings: bool
+    names: frozenset = frozenset()  # (name, block) of the blocks' trainable parameters
+
+    def block_trains(self, block: int) -> frozenset:
+        """The trainable modules of one block, by their last name (`gate_proj`, `input_layernorm`)."""
+        return frozenset(n.rsplit(".", 2)[-2] for n, b in self.names if b == block)
+
+
+_HEAD = re.compile(r"^(lm_head\.|classifier\.|bert\.pooler\.)")
+
+
+def freezing(spec: ModelSpec, st: Settings) -> Freezing | None:
+    """The trainable parameters `st.unfrozen_parameters` select, by the names transformers gives
+    them (spec.named_params; `re.search` as Axolotl and the builder match them); None without
+    freezing. A pattern set matching nothing is refused."""
+    if not st.unfrozen_parameters:
+        return None
+    names = named_params(spec)
+    if names is None:
+        raise PlanError(f"{{unfrozen_parameters}}: the parameter names of {spec.model_type} with experts are not "
+                        "modelled", "unfrozen_parameters")
+    pats = [re.compile(p) for p in st.unfrozen_parameters]
+    train = [(n, shape, b) for n, shape, b in names if any(p.search(n) for p in pats)]
+    if not train:
+        raise PlanError(f"{{unfrozen_parameters}} {' '.join(st.unfrozen_parameters)} matches no parameter of "
+                        f"{spec.model_type} (names like {names[1][0]})", "unfrozen_parameters")
+    top = spec.layers
+    emb = any(b == -1 for _, _, b in train)
+    head = any(b == top and _HEAD.search(n) for n, _, b in train) or (spec.tied and not spec.is_encoder and emb)
+    return Freezing(trainable=sum(math.prod(s) for _, s, _ in train), shapes=tuple(s for _, s, _ in train),
+                    lowest=min(b for _, _, b in train), blocks=frozenset(b for _, _, b in train if 0 <= b < top),
+                    final_norm=any(b == top and not _HEAD.search(n) for n, _, b in train), head=head, embeddings=emb,
+                    names=frozenset((n, b) for n, _, b in train if 0 <= b < top))
+
+
 def trainable_params(spec: ModelSpec, pc: ParamCount, st: Settings) -> int:
+    fz = freezing(spec, st)
+    if fz is not None:
+        return fz.trainable
     return lora_params(spec, st) if st.lora else pc.total
 
 
@@ -68,11 +120,14 @@ def grad_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
     """One gradient per trainable parameter, in the parameter's dtype (fp32 for LoRA adapters)."""
     if st.lora:
         return 4 * trainable_params(spec, pc, st)
-    return RECIPES[st.precision].grad * pc.total
+    return RECIPES[st.precision].grad * trainable_params(spec, pc, st)
 
 
 def _trainable_tensors(spec: ModelSpec, pc: ParamCount, st: Settings) -> list[tuple[int, int]]:
     """(elements, count) of the trainable tensors, for optimizers whose state depends on shape."""
+    fz = freezing(spec, st)
+    if fz is not None:
+        return [(math.prod(s), 1) for s in fz.shapes]
     if st.lora:
         r = st.lora_rank
         return [(r * i, n * spec.layers) for _, i, o, n in lora_targets(spec, st)] + \
@@ -124,7 +179,10 @@ def optimizer_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> floa
         return 8 * n
     if st.optimizer == "adafactor":
         total = 0.0
-        if st.lora:
+        fz = freezing(spec, st)
+        if fz is not None:  # a factored second moment (rows + columns) for matrices, a full one otherwise
+            total = sum(s[0] + s[1] if len(s) == 2 else math.prod(s) for s in fz.shapes)
+        elif st.lora:
             for _, i, o, nn_ in lora_targets(spec, st):
                 total += nn_ * spec.layers * ((st.lora_rank + i) + (o + st.lora_rank))
         else:
@@ -177,6 +235,7 @@ class _Saved:
         self.per_token = 0.0
         self.per_layer = 0.0  # bytes independent of tokens (autocast weight copies)
         self.input: _T | None = None  # the block's input, when counting a block
+        self.mlp_mark: tuple[float, float] | None = None  # (per_token, per_layer) where a block's MLP side starts
 
     def new(self, elems: float, nbytes: float) -> "_T":
         return _T(self, elems, nbytes)
@@ -208,6 +267,12 @@ class _Ctx:
     lora: frozenset     # names of LoRA-wrapped linears
     full: bool          # every weight trainable
     adapter: int = 4    # bytes of a LoRA adapter weight as the matmul sees it
+    trains: frozenset | None = None  # partial freezing: the block's trainable modules by last name (None: `full`)
+
+
+def _trains(c: _Ctx, name: str | None) -> bool:
+    """Whether a module's weight trains: every one when `full`, unless partial freezing names them."""
+    return c.full and (c.trains is None or name is None or name in c.trains)
 
 
 def _ctx(spec: ModelSpec, st: Settings) -> _Ctx:
@@ -236,7 +301,7 @@ def _linear(c: _Ctx, acc: _Saved, name: str, x: _T, fan_in: int, fan_out: int) -
     output of A, plus a dropout mask when lora_dropout > 0.
     """
     st = c.st
-    if c.full:
+    if _trains(c, name):
         if c.amp:
             acc.per_layer += 2 * fan_in * fan_out
             x.keep() if x.nbytes == 2 else acc.add(fan_in, 2)
@@ -259,7 +324,7 @@ def _linear(c: _Ctx, acc: _Saved, name: str, x: _T, fan_in: int, fan_out: int) -
     return acc.new(fan_out, c.stream if st.quant != "none" else c.compute)
 
 
-def _norm(c: _Ctx, acc: _Saved, x: _T) -> _T:
+def _norm(c: _Ctx, acc: _Saved, x: _T, name: str | None = None) -> _T:
     """RMSNorm or LayerNorm of x (h values per token).
 
     RMSNorm computes in fp32: `pow` keeps the fp32 input (x itself when already fp32), `rsqrt`
@@ -277,7 +342,7 @@ def _norm(c: _Ctx, acc: _Saved, x: _T) -> _T:
     else:
         acc.add(h, 4)
     acc.add(1, 4)
-    if c.full:
+    if _trains(c, name):
         acc.add(h, 4 if c.spec.norm == "rms_gemma" else x.nbytes)
     return acc.new(h, x.nbytes)
 
@@ -390,7 +455,7 @@ def _block(c: _Ctx) -> _Saved:
         _dropout(c, acc, s.hidden_dropout, h)
         _norm(c, acc, acc.new(h, max(c.stream, o.nbytes)))
         return acc
-    y = _norm(c, acc, x)
+    y = _norm(c, acc, x, "input_layernorm" if s.family in ("llama", "gemma2") else None)
     if s.family == "gpt2":
         qkv = _linear(c, acc, "c_attn", y, h, 3 * h)
         a = _attention_core(c, acc, None, None, None, qkv)
@@ -430,8 +495,10 @@ def _block(c: _Ctx) -> _Saved:
     a = _attention_core(c, acc, acc.new(s.q_dim, c.compute), acc.new(s.kv_dim, c.compute), v, None)
     o = _linear(c, acc, "o_proj", a, s.q_dim, h)
     if s.norms_per_layer == 4:
-        _norm(c, acc, o)
-    y2 = _norm(c, acc, acc.new(h, c.stream))
+        _norm(c, acc, o, "post_attention_layernorm")
+    acc.mlp_mark = (acc.per_token, acc.per_layer)
+    y2 = _norm(c, acc, acc.new(h, c.stream), "pre_feedforward_layernorm" if s.norms_per_layer == 4 else
+               "post_attention_layernorm")
     if s.experts:
         k_ = s.top_k
         acc.add(s.experts, 4 + c.compute)  # router logits and fp32 routing softmax
@@ -461,7 +528,7 @@ def _block(c: _Ctx) -> _Saved:
     m = acc.new(i, c.compute)  # kept only if down_proj trains or wraps it (see _linear)
     _linear(c, acc, "down_proj", m, i, h)
     if s.norms_per_layer == 4:
-        _norm(c, acc, acc.new(h, c.compute))
+        _norm(c, acc, acc.new(h, c.compute), "post_feedforward_layernorm")
     return acc
 
 
@@ -679,6 +746,7 @@ class Activations:
     mask: float
     first_grads: float
     autocast_cache: float = 0  # alive to the forward's end only (see activation_bytes)
+    frozen_forward: float = 0  # partial freezing: a frozen block's forward below the trainable ones
 
 
 def activation_bytes(spec: ModelSpec, st: Settings) -> Activations:
@@ -691,6 +759,9 @@ def activation_bytes(spec: ModelSpec, st: Settings) -> Activations:
     saved tensors again (less the input, which is the same storage) and two MLP-wide and two
     stream-wide gradients, the recompute's forward intermediates included.
     """
+    fz = freezing(spec, st)
+    if fz is not None:
+        return partial_activation_bytes(spec, st, fz)
     c = _ctx(spec, st)
     blk = _block(c)
     per_layer = blk.per_token * st.tokens + blk.per_layer
@@ -721,6 +792,117 @@ def activation_bytes(spec: ModelSpec, st: Settings) -> Activations:
     grads = st.tokens * (c.compute * spec.intermediate + c.stream * spec.hidden)
     return Activations(kept=spec.layers * per_layer + model_level, layer=per_layer, recompute=0,
                        layer_grads=grads, mask=mask, first_grads=grads)
+
+
+def partial_activation_bytes(spec: ModelSpec, st: Settings, fz: Freezing) -> Activations:
+    """Activations under partial freezing (`unfrozen_parameters`).
+
+    Autograd records an op only when one of its inputs needs a gradient: below the lowest trainable
+    parameter (`fz.lowest`) the input needs none, so nothing is kept there. From there up, a block
+    with a trainable parameter keeps what a fully trained block keeps (`_block`), less its input,
+    which needs no gradient in the lowest one (its first norm keeps nothing of it); a frozen block
+    above keeps what a frozen block whose input needs a gradient keeps (the LoRA base's rule in
+    `_linear` and `_norm`: no weight gradient, so no saved inputs for it). Rotary cos/sin, the final
+    norm and the head's input are kept when the gradient reaches them. With checkpointing, the
+    blocks from the lowest trainable one up keep their inputs. `frozen_forward`: the live bytes
+    inside a frozen block's forward (`frozen_forward_bytes`), the forward's peak when little trains.
+    Measured: tables/validation.csv (`unfrozen` cases), the MiniLM head-only example.
+    """
+    c = _ctx(spec, st)
+    tokens, top = st.tokens, spec.layers
+    stream_in = c.stream * spec.hidden * tokens
+    named = spec.family != "bert"  # the block's modules by name (a BERT block trains whole or not at all)
+
+    def blk(b: int) -> _Saved:
+        if b not in fz.blocks:
+            return _block(replace(c, full=False))
+        return _block(replace(c, trains=fz.block_trains(b) if named else None))
+
+    def kept(b: int) -> float:
+        acc = blk(b)
+        if b != fz.lowest:
+            return acc.per_token * tokens + acc.per_layer
+        # the lowest block's input needs no gradient: nothing before its first trainable module is
+        # kept; a block whose MLP side alone trains keeps only that side
+        attn_side = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "input_layernorm"}
+        if spec.norms_per_layer == 4:
+            attn_side.add("post_attention_layernorm")
+        if acc.mlp_mark is not None and not fz.block_trains(b) & attn_side:
+            return (acc.per_token - acc.mlp_mark[0]) * tokens + acc.per_layer - acc.mlp_mark[1]
+        return acc.per_token * tokens + acc.per_layer - (stream_in if acc.input.saved else 0)
+
+    above = range(max(fz.lowest, 0), top)
+    model_level = _model_level_partial(c, fz) * tokens
+    mask = 0
+    if eager_attention(spec, st) and above:
+        mask = (2 if spec.model_type == "gemma2" else 1) * st.batch_size * st.seq_len * st.seq_len * c.stream
+    transient = frozen_forward_bytes(spec, st) if fz.lowest > 0 else 0
+    if not above:
+        return Activations(kept=model_level, layer=0, recompute=0, layer_grads=0, mask=mask, first_grads=0,
+                           frozen_forward=transient)
+    full = activation_bytes(spec, replace(st, unfrozen_parameters=()))
+    last = blk(top - 1)
+    per_last = last.per_token * tokens + last.per_layer
+    if st.grad_checkpointing:
+        recompute = per_last - (stream_in if last.input.saved else 0)
+        grads = full.layer_grads if (top - 1) in fz.blocks else \
+            tokens * (c.compute * spec.intermediate + c.stream * spec.hidden)
+        return Activations(kept=len(above) * stream_in + model_level, layer=per_last, recompute=recompute,
+                           layer_grads=grads, mask=mask, first_grads=full.first_grads,
+                           autocast_cache=full.autocast_cache * len(fz.blocks) / top, frozen_forward=transient)
+    return Activations(kept=sum(kept(b) for b in above) + model_level, layer=per_last, recompute=0,
+                       layer_grads=full.layer_grads, mask=mask, first_grads=full.first_grads,
+                       frozen_forward=transient)
+
+
+def _model_level_partial(c: _Ctx, fz: Freezing) -> float:
+    """`_model_level` under partial freezing, per token: the embedding side only when the
+    embeddings train; rotary cos/sin when a block's attention does; the final norm's saved tensors
+    when the gradient reaches it or its weight trains; the head's input when the head trains."""
+    s = c.spec
+    if fz.lowest == -1:
+        return _model_level(replace(c, full=fz.head))
+    acc = _Saved()
+    h = s.hidden
+    if s.family == "bert":
+        return 0.0
+    below = fz.lowest >= s.layers  # nothing under the final norm needs a gradient
+    if s.family != "gpt2" and not below:
+        acc.add(2 * s.head_dim, c.stream)  # cos and sin
+    y = acc.new(h, c.stream)
+    if not below:
+        y = _norm(replace(c, full=fz.final_norm), acc, y)
+    elif fz.final_norm:
+        acc.add(h, 4 if s.norm == "rms_gemma" else y.nbytes)  # the weight's multiply keeps the normalised input
+    if c.st.loss in FUSED_LOSSES:
+        _fused_head_inputs(replace(c, full=fz.head), acc, y)
+    elif fz.head:
+        if c.amp:
+            acc.per_layer += 2 * s.vocab * h
+            acc.add(h, 2)
+        else:
+            y.keep()
+    elif c.amp and not (below and not fz.final_norm):
+        acc.per_layer += 2 * s.vocab * h  # the frozen head's autocast copy, kept for its input's gradient
+    return acc.per_token + acc.per_layer / max(c.st.tokens, 1)
+
+
+def frozen_forward_bytes(spec: ModelSpec, st: Settings) -> float:
+    """Live activation bytes inside the forward of a block that keeps nothing (below the lowest
+    trainable parameter, where autograd records nothing): its input and the residual, and the
+    widest point, the MLP (the first projection's output and its activation: two MLP-wide tensors;
+    gated: the activation, the up projection and their product, three), or CPU SDPA's math kernel
+    under attention dropout (scores, the scaled noise and the dropped probabilities: three fp32
+    seq x seq values per head, plus q, k, v). Measured: the MiniLM head-only step (simulator, attention
+    dropout 0: the MLP; `plan train`, dropout 0.1: the attention)."""
+    c = _ctx(spec, st)
+    h, i, t = spec.hidden, spec.intermediate, st.tokens
+    mlp = (3 if spec.gated_mlp else 2) * i * c.compute + 3 * h * c.stream
+    attn = 0
+    if st.kernels == "cpu" and spec.attn_dropout > 0 and not eager_attention(spec, st):
+        # plus the expanded fp32 mask of a padded batch, one row of seq values per token
+        attn = 3 * spec.heads * st.seq_len * 4 + 3 * spec.q_dim * 4 + 3 * h * c.stream + st.seq_len * 4
+    return t * max(mlp, attn)
 
 
 # ---------------------------------------------------------------- overheads
@@ -814,6 +996,14 @@ class StepParts:
 def step_parts(spec: ModelSpec, pc: ParamCount, st: Settings) -> StepParts:
     c = _ctx(spec, st)
     rc = RECIPES[st.precision]
+    fz = freezing(spec, st)
+    if fz is not None:
+        return StepParts(
+            weights=weight_bytes(spec, pc, st) + pc.buffers_bytes, grads=grad_bytes(spec, pc, st),
+            optimizer=optimizer_state_bytes(spec, pc, st), opt_temp=optimizer_step_temp_bytes(spec, pc, st),
+            act=activation_bytes(spec, st), logits=loss_bytes(spec, st),
+            head_grad=rc.grad * spec.vocab * spec.hidden if fz.head and not spec.is_encoder else 0,
+            block_wgrad=rc.grad * pc.largest_layer if (spec.layers - 1) in fz.blocks and st.grad_checkpointing else 0)
     return StepParts(
         weights=weight_bytes(spec, pc, st) + pc.buffers_bytes, grads=grad_bytes(spec, pc, st),
         optimizer=optimizer_state_bytes(spec, pc, st), opt_temp=optimizer_step_temp_bytes(spec, pc, st),
@@ -848,9 +1038,12 @@ def activation_phases(p: StepParts) -> ActivationPhases:
     in_block = act.recompute + act.layer_grads + p.block_wgrad + p.head_grad
     fwd_block = in_fwd_block > at_fwd_loss
     bwd_block = in_block > at_loss
+    forward = {"activations": act.kept + act.mask + act.autocast_cache + (in_fwd_block if fwd_block else 0),
+               "logits": 0 if fwd_block else at_fwd_loss}
+    if act.frozen_forward > sum(forward.values()):  # partial freezing: the peak is in a frozen block's forward
+        forward = {"activations": act.frozen_forward + act.mask, "logits": 0}
     return ActivationPhases(
-        forward={"activations": act.kept + act.mask + act.autocast_cache + (in_fwd_block if fwd_block else 0),
-                 "logits": 0 if fwd_block else at_fwd_loss},
+        forward=forward,
         backward={"activations": act.kept + (act.recompute + act.layer_grads if bwd_block else 0),
                   "logits": 0 if bwd_block else at_loss},
         fwd_in_block=fwd_block, bwd_in_block=bwd_block)
@@ -877,6 +1070,8 @@ def replicated_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list
                      "gradients": g if st.accumulation > 1 else p.head_grad + p.block_wgrad if a.bwd_in_block else 0},
         "optimizer_step": {**base, "gradients": g, "other": buckets + p.opt_temp},
     }
-    tied_head_grad = spec.vocab * spec.hidden * RECIPES[st.precision].grad if pc.tied and not st.lora else 0
+    fz = freezing(spec, st)
+    tied_head_grad = spec.vocab * spec.hidden * RECIPES[st.precision].grad \
+        if pc.tied and not st.lora and (fz is None or fz.embeddings) else 0
     end_bw = w + o + g + buckets + tied_head_grad
     return phase_comp, end_bw

@@ -8,6 +8,7 @@ chose and expects: strategy, offload, GPUs, and the predicted memory the run is 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -114,6 +115,11 @@ class Recipe(_Strict):
         on = [k for k in LOSS_KEYS.values() if getattr(self, k)]
         if len(on) > 1:
             raise ValueError(f"{' and '.join(on)} are both true: choose one loss")
+        for pat in self.unfrozen_parameters or ():
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise ValueError(f"unfrozen_parameters: '{pat}' is not a regular expression ({e})") from None
         return self
 
 
@@ -182,7 +188,7 @@ RECIPE_NAMES = {"precision": "plan.precision", "optimizer": "optimizer", "batch_
                 "strategy": "plan.strategy", "offload": "plan.offload",
                 "accumulation": "gradient_accumulation_steps", "num_processes": "--num-processes",
                 "loss": "liger_fused_linear_cross_entropy/cut_cross_entropy/chunked_cross_entropy",
-                "loss_chunks": "chunked_cross_entropy_num_chunks"}
+                "loss_chunks": "chunked_cross_entropy_num_chunks", "unfrozen_parameters": "unfrozen_parameters"}
 
 
 def loss(recipe: Recipe) -> str:
@@ -236,7 +242,8 @@ def settings(recipe: Recipe, world: int | None = None, batch: int | None = None,
                     grad_checkpointing=recipe.gradient_checkpointing,
                     gpus=gpus, nodes=nodes, strategy=strategy, offload=p.offload if strategy != "ddp" else "none",
                     accumulation=recipe.gradient_accumulation_steps, kernels=kernels, loss=loss(recipe),
-                    loss_chunks=recipe.chunked_cross_entropy_num_chunks)
+                    loss_chunks=recipe.chunked_cross_entropy_num_chunks,
+                    unfrozen_parameters=tuple(recipe.unfrozen_parameters or ()))
 
 
 def source(recipe: Recipe) -> dict:

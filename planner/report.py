@@ -26,6 +26,7 @@ def to_json(name: str, arch: str, st: Settings, est: Estimate, method: str | Non
         "needed_bytes": int(est.needed_bytes),  # the least GPU memory the step runs in
         "optimizer_paged": st.optimizer_paged,
         **loss_json(st),
+        "unfrozen_parameters": list(st.unfrozen_parameters) or None,  # partial freezing; None: every parameter trains
         "notes": list(est.notes),
     }
 

@@ -283,3 +283,103 @@ def _buffers_bytes(s: ModelSpec) -> int:
     if s.family == "gpt_neox":
         rot = int(s.head_dim * 0.25) // 2
     return 2 * 4 * rot
+
+
+def named_params(s: ModelSpec) -> list[tuple[str, tuple, int]] | None:
+    """Every parameter as `model.named_parameters()` names it, with its shape and where it sits:
+    (name, shape, block), block -1 for the embeddings, 0..layers-1 for a block, `layers` for the
+    final norm and the head (a tied head is the embedding, listed once, as named_parameters does).
+    The transformers class is the one a user trains: ...ForCausalLM, or ...ForSequenceClassification
+    for an encoder. Checked against the modules' own names (tests/test_freeze.py). MoE experts are
+    not named: None for such a model."""
+    h, i, L = s.hidden, s.intermediate, s.layers
+    out: list[tuple[str, tuple, int]] = []
+
+    def lin(name, fan_in, fan_out, bias, block, conv=False):
+        out.append((f"{name}.weight", (fan_in, fan_out) if conv else (fan_out, fan_in), block))
+        if bias:
+            out.append((f"{name}.bias", (fan_out,), block))
+
+    def norm(name, block, layer=s.norm == "layer"):
+        out.append((f"{name}.weight", (h,), block))
+        if layer:
+            out.append((f"{name}.bias", (h,), block))
+
+    if s.family == "bert":
+        e = "bert.embeddings"
+        out += [(f"{e}.word_embeddings.weight", (s.vocab, h), -1),
+                (f"{e}.position_embeddings.weight", (s.max_positions, h), -1),
+                (f"{e}.token_type_embeddings.weight", (s.type_vocab, h), -1)]
+        norm(f"{e}.LayerNorm", -1)
+        for b in range(L):
+            p = f"bert.encoder.layer.{b}"
+            for n in ("query", "key", "value"):
+                lin(f"{p}.attention.self.{n}", h, h, True, b)
+            lin(f"{p}.attention.output.dense", h, h, True, b)
+            norm(f"{p}.attention.output.LayerNorm", b)
+            lin(f"{p}.intermediate.dense", h, i, True, b)
+            lin(f"{p}.output.dense", i, h, True, b)
+            norm(f"{p}.output.LayerNorm", b)
+        lin("bert.pooler.dense", h, h, True, L)
+        lin("classifier", h, s.num_labels, True, L)
+        return out
+    if s.family == "gpt2":
+        out += [("transformer.wte.weight", (s.vocab, h), -1), ("transformer.wpe.weight", (s.max_positions, h), -1)]
+        for b in range(L):
+            p = f"transformer.h.{b}"
+            norm(f"{p}.ln_1", b)
+            lin(f"{p}.attn.c_attn", h, 3 * h, True, b, conv=True)
+            lin(f"{p}.attn.c_proj", h, h, True, b, conv=True)
+            norm(f"{p}.ln_2", b)
+            lin(f"{p}.mlp.c_fc", h, i, True, b, conv=True)
+            lin(f"{p}.mlp.c_proj", i, h, True, b, conv=True)
+        norm("transformer.ln_f", L)
+        if not s.tied:
+            out.append(("lm_head.weight", (s.vocab, h), L))
+        return out
+    if s.experts:
+        return None
+    fused = s.q_dim + 2 * s.kv_dim
+    if s.family in ("gpt_neox", "falcon"):
+        neox = s.family == "gpt_neox"
+        root = "gpt_neox" if neox else "transformer"
+        out.append((f"{root}.{'embed_in' if neox else 'word_embeddings'}.weight", (s.vocab, h), -1))
+        for b in range(L):
+            p = f"{root}.{'layers' if neox else 'h'}.{b}"
+            attn = f"{p}.{'attention' if neox else 'self_attention'}"
+            norm(f"{p}.input_layernorm", b)
+            if neox:
+                norm(f"{p}.post_attention_layernorm", b)
+            lin(f"{attn}.query_key_value", h, fused, s.qkv_bias, b)
+            lin(f"{attn}.dense", s.q_dim, h, s.out_bias, b)
+            lin(f"{p}.mlp.dense_h_to_4h", h, i, s.mlp_bias, b)
+            lin(f"{p}.mlp.dense_4h_to_h", i, h, s.mlp_bias, b)
+        norm(f"{root}.{'final_layer_norm' if neox else 'ln_f'}", L)
+        if not s.tied:
+            out.append(("lm_head.weight", (s.vocab, h), L))
+        return out
+    out.append(("model.embed_tokens.weight", (s.vocab, h), -1))
+    for b in range(L):
+        p = f"model.layers.{b}"
+        if s.model_type == "phi3":
+            lin(f"{p}.self_attn.qkv_proj", h, fused, s.qkv_bias, b)
+        else:
+            lin(f"{p}.self_attn.q_proj", h, s.q_dim, s.qkv_bias, b)
+            lin(f"{p}.self_attn.k_proj", h, s.kv_dim, s.qkv_bias, b)
+            lin(f"{p}.self_attn.v_proj", h, s.kv_dim, s.qkv_bias, b)
+        lin(f"{p}.self_attn.o_proj", s.q_dim, h, s.out_bias, b)
+        if s.model_type == "phi3":
+            lin(f"{p}.mlp.gate_up_proj", h, 2 * i, s.mlp_bias, b)
+        else:
+            lin(f"{p}.mlp.gate_proj", h, i, s.mlp_bias, b)
+            lin(f"{p}.mlp.up_proj", h, i, s.mlp_bias, b)
+        lin(f"{p}.mlp.down_proj", i, h, s.mlp_bias, b)
+        norms = ("input_layernorm", "post_attention_layernorm")
+        if s.norms_per_layer == 4:
+            norms += ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+        for n in norms:
+            norm(f"{p}.{n}", b)
+    norm("model.norm", L)
+    if not s.tied:
+        out.append(("lm_head.weight", (s.vocab, h), L))
+    return out

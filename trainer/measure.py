@@ -127,9 +127,6 @@ def predict(recipe, config, batch: int, seq: int, world: int, cuda: bool,
         return None, [f"no prediction: {e}"]
     except PlanError as e:
         return None, [f"no prediction: {e.render(RECIPE_NAMES)}"]
-    if recipe.unfrozen_parameters:
-        notes.append("unfrozen_parameters: the estimate has no formula for a partly frozen model and counts it "
-                     "as full fine-tuning (gradients and optimizer state of every parameter): an upper bound")
     return {"peak_bytes": est.peak_bytes, "device_bytes": est.device_bytes, "components": est.components,
             "phases": est.phases, "batch_size": batch, "seq_len": seq, "notes": est.notes}, notes
 

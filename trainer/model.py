@@ -13,10 +13,8 @@
 
 from __future__ import annotations
 
-import re
-
 from planner.contract import FUSED_LOSSES
-from planner.measure.builder import LOSS_LIBRARY, lora_config, nf4_config
+from planner.measure.builder import LOSS_LIBRARY, lora_config, nf4_config, unfreeze_only
 from planner.recipe import LOSS_KEYS, ModelError, Recipe, precision, settings, source
 
 
@@ -125,15 +123,12 @@ def _with_adapter(model, recipe: Recipe, sequence_classification: bool):
 
 def _unfreeze_only(model, patterns: list[str]) -> None:
     """Train only the parameters whose names match one of `patterns` (Axolotl's
-    `unfrozen_parameters`); none matching is an error."""
-    pats = [re.compile(p) for p in patterns]
-    n = 0
-    for name, p in model.named_parameters():
-        keep = any(pat.search(name) for pat in pats)
-        p.requires_grad_(keep)
-        n += keep
-    if n == 0:
-        raise ModelError(f"unfrozen_parameters: no parameter name matches {patterns}")
+    `unfrozen_parameters`), as the simulator builds it (planner.measure.builder.unfreeze_only);
+    none matching is an error."""
+    try:
+        unfreeze_only(model, patterns)
+    except ValueError as e:
+        raise ModelError(f"unfrozen_parameters: {e}") from None
 
 
 def method(recipe: Recipe) -> str:

@@ -44,6 +44,7 @@ from .options import (
     SimSeconds,
     StrategyOrAll,
     StrategyOrAllOpt,
+    UnfrozenParameters,
     check_dtype,
     given,
     plain,
@@ -67,7 +68,8 @@ def estimate_cmd(ctx: typer.Context, model: Model, dtype: DtypeOpt = None, preci
                  lora_targets: LoraTargets = None, quant: QuantOpt = None, grad_checkpointing: GradCheckpointing = None,
                  attn: AttnOpt = None, gpus: Gpus = None, nodes: Nodes = None, strategy: StrategyOrAllOpt = None,
                  offload: OffloadOpt = None, fsdp_version: FsdpVersion = None, loss: LossOpt = None,
-                 loss_chunks: LossChunks = None, compat: Compat = None,
+                 loss_chunks: LossChunks = None, unfrozen_parameters: UnfrozenParameters = None,
+                 compat: Compat = None,
                  exact: Exact = False, sim_seconds: SimSeconds = 120.0, sim_memory: SimMemory = 8.0,
                  as_json: Json = False) -> None:
     """Training memory per GPU, per dtype, per component and per phase."""
@@ -85,7 +87,8 @@ def simulate_cmd(ctx: typer.Context, model: Model, dtype: DtypeOpt = None, preci
                  lora_targets: LoraTargets = None, quant: QuantOpt = None, grad_checkpointing: GradCheckpointing = None,
                  attn: AttnOpt = None, gpus: Gpus = None, nodes: Nodes = None, strategy: StrategyOrAllOpt = None,
                  offload: OffloadOpt = None, fsdp_version: FsdpVersion = None, loss: LossOpt = None,
-                 loss_chunks: LossChunks = None, sim_seconds: SimSeconds = 120.0,
+                 loss_chunks: LossChunks = None, unfrozen_parameters: UnfrozenParameters = None,
+                 sim_seconds: SimSeconds = 120.0,
                  sim_memory: SimMemory = 8.0, as_json: Json = False) -> None:
     """Run the real training step under fake tensors and report the measured peak.
 

