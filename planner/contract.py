@@ -253,6 +253,9 @@ class Settings:
     # partial freezing (Axolotl's `unfrozen_parameters`): regexes searched in parameter names;
     # only matching parameters train, every other one is frozen. Empty: no freezing.
     unfrozen_parameters: tuple[str, ...] = ()
+    # an exponential moving average of the trainable parameters (torch's AveragedModel with
+    # get_ema_multi_avg_fn): one more copy of them, in their storage dtype
+    ema: bool = False
 
     @property
     def tokens(self) -> int:
@@ -312,6 +315,8 @@ def check_options(st: Settings) -> Settings:
     if st.quant != "none" and st.precision not in QUANT_PRECISIONS:
         raise PlanError(f"{{quant}} {st.quant} cannot be combined with {{precision}} {st.precision}", "quant")
     check_unfrozen(st)
+    if st.ema and st.strategy != "ddp":
+        raise PlanError(f"{{ema}} under {{strategy}} {st.strategy} is not modelled: one GPU or DDP", "ema")
     check_strategy(st)
     return st
 

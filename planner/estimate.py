@@ -123,6 +123,9 @@ def estimate(spec: ModelSpec, st: Settings) -> Estimate:
     peak = int(phases[peak_phase])
     comps["other"] += peak - sum(comps.values())
     notes += loss_notes(spec, st) + freezing_notes(spec, st)
+    if st.ema:
+        notes.append("ema: one copy of the trainable parameters in their storage dtype (torch's AveragedModel), "
+                     "counted in weights")
     if st.optimizer_paged:
         notes.append(PAGED_NOTE)
     if eager_attention(spec, st) and st.attn != "eager":

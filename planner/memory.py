@@ -209,6 +209,19 @@ def bnb_8bit_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings, states: 
     return total
 
 
+def ema_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
+    """The EMA weights (`--ema`, the recipe's `ema_decay`): torch's `AveragedModel` over the
+    trainable parameters (the builder's `make_ema`: a ParameterList of them) deep-copies them
+    (torch/optim/swa_utils.py:280, `self.module = deepcopy(model)`), so one copy of each in its
+    storage dtype (fp32 under autocast and for LoRA adapters, bf16 under pure bf16), and an int64
+    `n_averaged` (:284). The update, `get_ema_multi_avg_fn` (:77), is `torch._foreach_lerp_` in place,
+    and `update_parameters` passes the live parameters without copying them (:312, `.to` their own
+    device): no temporaries. Alive in every phase. Measured on CPU (tables/validation.csv, `ema` cases)."""
+    if not st.ema:
+        return 0
+    return _param_dtype_bytes(st) * trainable_params(spec, pc, st) + 8
+
+
 def optimizer_step_temp_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
     """Transient memory inside `optimizer.step()`.
 
@@ -983,7 +996,7 @@ def device_bytes(phases: dict, slack: float) -> int:
 @dataclass(frozen=True)
 class StepParts:
     """The pieces of one GPU's step the phases are composed of (bytes)."""
-    weights: float      # stored parameters and buffers
+    weights: float      # stored parameters and buffers (and the EMA copy, `ema_bytes`)
     grads: float        # every trainable parameter's gradient
     optimizer: float    # optimizer state
     opt_temp: float     # transient inside optimizer.step()
@@ -999,13 +1012,15 @@ def step_parts(spec: ModelSpec, pc: ParamCount, st: Settings) -> StepParts:
     fz = freezing(spec, st)
     if fz is not None:
         return StepParts(
-            weights=weight_bytes(spec, pc, st) + pc.buffers_bytes, grads=grad_bytes(spec, pc, st),
+            weights=weight_bytes(spec, pc, st) + pc.buffers_bytes + ema_bytes(spec, pc, st),
+            grads=grad_bytes(spec, pc, st),
             optimizer=optimizer_state_bytes(spec, pc, st), opt_temp=optimizer_step_temp_bytes(spec, pc, st),
             act=activation_bytes(spec, st), logits=loss_bytes(spec, st),
             head_grad=rc.grad * spec.vocab * spec.hidden if fz.head and not spec.is_encoder else 0,
             block_wgrad=rc.grad * pc.largest_layer if (spec.layers - 1) in fz.blocks and st.grad_checkpointing else 0)
     return StepParts(
-        weights=weight_bytes(spec, pc, st) + pc.buffers_bytes, grads=grad_bytes(spec, pc, st),
+        weights=weight_bytes(spec, pc, st) + pc.buffers_bytes + ema_bytes(spec, pc, st),
+        grads=grad_bytes(spec, pc, st),
         optimizer=optimizer_state_bytes(spec, pc, st), opt_temp=optimizer_step_temp_bytes(spec, pc, st),
         act=activation_bytes(spec, st), logits=loss_bytes(spec, st),
         head_grad=0 if spec.is_encoder or not c.full else rc.grad * spec.vocab * spec.hidden,

@@ -71,6 +71,7 @@ class Recipe(_Strict):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
     unfrozen_parameters: Optional[list[str]] = None  # train only parameters matching these regexes
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # keep an EMA of the trainable parameters (AveragedModel)
     sequence_len: int = Field(2048, ge=1)
     sample_packing: bool = False
     train_on_inputs: bool = False
@@ -188,7 +189,8 @@ RECIPE_NAMES = {"precision": "plan.precision", "optimizer": "optimizer", "batch_
                 "strategy": "plan.strategy", "offload": "plan.offload",
                 "accumulation": "gradient_accumulation_steps", "num_processes": "--num-processes",
                 "loss": "liger_fused_linear_cross_entropy/cut_cross_entropy/chunked_cross_entropy",
-                "loss_chunks": "chunked_cross_entropy_num_chunks", "unfrozen_parameters": "unfrozen_parameters"}
+                "loss_chunks": "chunked_cross_entropy_num_chunks", "unfrozen_parameters": "unfrozen_parameters",
+                "ema": "ema_decay"}
 
 
 def loss(recipe: Recipe) -> str:
@@ -243,7 +245,7 @@ def settings(recipe: Recipe, world: int | None = None, batch: int | None = None,
                     gpus=gpus, nodes=nodes, strategy=strategy, offload=p.offload if strategy != "ddp" else "none",
                     accumulation=recipe.gradient_accumulation_steps, kernels=kernels, loss=loss(recipe),
                     loss_chunks=recipe.chunked_cross_entropy_num_chunks,
-                    unfrozen_parameters=tuple(recipe.unfrozen_parameters or ()))
+                    unfrozen_parameters=tuple(recipe.unfrozen_parameters or ()), ema=recipe.ema_decay is not None)
 
 
 def source(recipe: Recipe) -> dict:

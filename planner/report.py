@@ -27,6 +27,7 @@ def to_json(name: str, arch: str, st: Settings, est: Estimate, method: str | Non
         "optimizer_paged": st.optimizer_paged,
         **loss_json(st),
         "unfrozen_parameters": list(st.unfrozen_parameters) or None,  # partial freezing; None: every parameter trains
+        "ema": st.ema,  # an EMA copy of the trainable parameters is counted (in weights)
         "notes": list(est.notes),
     }
 

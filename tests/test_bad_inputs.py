@@ -149,6 +149,7 @@ CASES = [
      "--unfrozen-parameters"),
     ("unfrozen-sharded", ["estimate", "{w}/config.json", "--unfrozen-parameters", "lm_head", "--gpus", "2",
                           "--strategy", "fsdp"], "--unfrozen-parameters"),
+    ("ema-sharded", ["estimate", "{w}/config.json", "--ema", "--gpus", "2", "--strategy", "zero3"], "--ema"),
     # plan emit-config
     ("emit-out-is-a-file", ["emit-config", "{w}/config.json", "--gpu", "a100-80gb", "--out", "{w}/a-file"], "a-file"),
     ("emit-out-under-a-file", ["emit-config", "{w}/config.json", "--gpu", "a100-80gb", "--out", "{w}/a-file/plan"],
@@ -179,6 +180,7 @@ CASES = [
     ("recipe-qlora-without-4bit", ["train", "@recipe:qlora-without-4bit"], "load_in_4bit"),
     ("recipe-two-losses", ["train", "@recipe:two-losses"], "choose one loss"),
     ("recipe-loss-chunks-zero", ["train", "@recipe:loss-chunks-zero"], "chunked_cross_entropy_num_chunks"),
+    ("recipe-ema-decay-out-of-range", ["train", "@recipe:ema-decay-out-of-range"], "ema_decay"),
     ("recipe-unfrozen-not-a-regex", ["train", "@recipe:unfrozen-not-a-regex"], "unfrozen_parameters"),
     ("recipe-unknown-model", ["train", "@recipe:unknown-model"], "base_model"),
     ("recipe-unknown-dataset-type", ["train", "@recipe:unknown-dataset-type"], "type"),
@@ -212,6 +214,7 @@ RECIPES = {
     "qlora-without-4bit": {"adapter": "qlora"},
     "two-losses": {"liger_fused_linear_cross_entropy": True, "cut_cross_entropy": True},
     "loss-chunks-zero": {"chunked_cross_entropy": True, "chunked_cross_entropy_num_chunks": 0},
+    "ema-decay-out-of-range": {"ema_decay": 1.5},
     "unfrozen-not-a-regex": {"unfrozen_parameters": ["layers.("]},
     "unknown-model": {"base_model": "{w}/no-such-model-dir"},
     "unknown-dataset-type": {"datasets": [{"path": "{w}/good.jsonl", "type": "sharegpt-v9"}]},

@@ -150,6 +150,29 @@ def test_two_processes_ddp_and_fsdp2_train_the_same_steps(tiny, tmp_path):
 
 @pytest.mark.slow
 @needs_smollm2
+def test_ema_run_is_predicted_saves_the_averaged_weights_and_resumes(tiny, tmp_path):
+    """ema_decay: the EMA copy is counted and measured; final/ema.safetensors holds the averaged
+    trainable parameters by name; a resumed run continues the same average."""
+    from safetensors.torch import load_file
+    out = tmp_path / "ema"
+    path = recipe(tiny, out, ema_decay=0.5, save_steps=2)
+    r = run_plan("train", path, "--strict")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((out / "run_report.json").read_text())
+    assert abs(rep["total_error_pct"]) <= 10
+    ema, final = load_file(out / "final" / "ema.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert "model.layers.0.mlp.down_proj.weight" in ema and len(ema) >= len(final)
+    assert any(not (ema[k] == final[k]).all() for k in final if k in ema)  # averaged, not the last weights
+    for p in ("final", "metrics.jsonl", "run_report.json"):
+        subprocess.run(["rm", "-rf", str(out / p)], check=True)
+    r = run_plan("train", path)
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-2000:]
+    again = load_file(out / "final" / "ema.safetensors")
+    assert all(((again[k] - ema[k]).abs() < 1e-5).all() for k in ema)
+
+
+@pytest.mark.slow
+@needs_smollm2
 def test_chunked_cross_entropy_trains_the_same_loss_and_is_measured(tiny, tmp_path):
     """torchtune's chunked loss (Axolotl's key) through the trainer: the same first loss as
     transformers' cross-entropy, and the run's memory within the tolerance of its prediction."""

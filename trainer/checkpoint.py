@@ -26,6 +26,9 @@ from .state import RunState
 STATE_FILE = "trainer_state.json"  # written last, before the rename
 
 
+EMA_FILE = "ema.pt"  # a checkpoint's AveragedModel state (averaged parameters, n_averaged)
+EMA_WEIGHTS = "ema.safetensors"  # final/: the EMA of the trainable parameters, by parameter name
+
 def recipe_hash(recipe: Recipe) -> str:
     """The recipe's identity: a checkpoint resumes only the recipe that wrote it."""
     return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
@@ -87,6 +90,7 @@ class Checkpointer:
         self.hash = recipe_hash(recipe)
         self.fsdp = fsdp
         self.cuda = cuda
+        self.ema = None  # the trainer's make_ema (AveragedModel, live parameters, names), saved with each checkpoint
 
     def _state_dicts(self, model, opt) -> dict:
         """The trainable parameters' and the optimizer's state dicts, as DCP saves and loads them."""
@@ -118,6 +122,8 @@ class Checkpointer:
         if self.acc.is_main_process:
             import torch
             torch.save(sched.state_dict(), tmp / "scheduler.pt")
+            if self.ema is not None:
+                torch.save(self.ema[0].state_dict(), tmp / EMA_FILE)
             fields = state.checkpoint_fields(self.hash, self.acc.num_processes)
             fields["model_digest"] = model_digest(self._model(model))
             (tmp / STATE_FILE).write_text(json.dumps(fields))
@@ -158,6 +164,8 @@ class Checkpointer:
         set_state_dict(self._model(model), self._optimizer(opt), model_state_dict=sd["model"],
                        optim_state_dict=sd["optim"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
         sched.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True))
+        if self.ema is not None:
+            self.ema[0].load_state_dict(torch.load(ck / EMA_FILE, weights_only=True))
         self._load_rng(ck)
 
     def _load_rng(self, ck: Path) -> None:
@@ -188,6 +196,11 @@ class Checkpointer:
             tok.save_pretrained(tmp)
             if classes is not None:
                 (tmp / "labels.json").write_text(json.dumps(classes))
+            if self.ema is not None:  # the EMA of the trainable parameters, by their names, beside the model
+                from safetensors.torch import save_file
+                averaged, _, names = self.ema
+                save_file({n: p.detach().contiguous().cpu() for n, p in zip(names, averaged.module, strict=True)},
+                          str(tmp / EMA_WEIGHTS))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         self.acc.wait_for_everyone()

@@ -51,9 +51,10 @@ class Meter:
                 self.notes.append(f"NVML not measured ({type(e).__name__}: {e})")
 
     @contextlib.contextmanager
-    def step_window(self, model, optimizer):
+    def step_window(self, model, optimizer, *extra):
         """Around one optimizer step; yields `snap(phase)`, to be called after each forward,
-        backward and the optimizer step. Phases seen several times (micro-steps) keep their max."""
+        backward and the optimizer step. Phases seen several times (micro-steps) keep their max.
+        `extra`: other modules alive through the step (the EMA copy), counted on CPU too."""
         if self.cuda:
             import torch
             torch.cuda.synchronize()
@@ -69,7 +70,7 @@ class Meter:
             return
         from planner.measure.tracker import PhaseRecorder, Tracker
         tracker = Tracker()
-        tracker.track_external(model, optimizer)
+        tracker.track_external(model, optimizer, *extra)
         with tracker:
             cur = tracker.get_tracker_snapshot("current")
             self.step_start = int(sum(v["Total"] for v in cur.values()))

@@ -145,6 +145,7 @@ class Trainer:
         self.model = None
         self.n_params = self.n_trainable = 0
         self.opt = None
+        self.ema = None  # (AveragedModel, live parameters, names) when the recipe has ema_decay
         self.sched = None
         self.total_steps = 0
         self.ckpt: Checkpointer | None = None
@@ -174,7 +175,9 @@ class Trainer:
         self.total_steps = self._count_steps(len(self.data.train))
         self.sched = self._setup_scheduler(opt)
         self.model, self.opt, self.data.train, self.data.val = self._prepare(model, opt)
+        self.ema = self._setup_ema()
         self.ckpt = self._setup_checkpoint()
+        self.ckpt.ema = self.ema
         self.state = self._resume()
 
     def _setup_accelerator(self):
@@ -282,6 +285,19 @@ class Trainer:
                                   weight_decay=r.weight_decay)
         except ValueError as e:
             raise RecipeError(f"optimizer: {e}") from None
+
+    def _setup_ema(self):
+        """`ema_decay`: torch's AveragedModel with `get_ema_multi_avg_fn` over the trainable
+        parameters (planner.measure.builder.make_ema, what the simulator measures); None without.
+        A sharded model is refused: each rank holds a shard, not the parameters."""
+        r = self.recipe
+        if r.ema_decay is None:
+            return None
+        if self.proc.fsdp or self.proc.deepspeed:
+            raise RecipeError("ema_decay: the EMA copies whole parameters; under FSDP or DeepSpeed each rank holds "
+                              "a shard: train on one process or with DDP")
+        from planner.measure.builder import make_ema
+        return make_ema(self.acc.unwrap_model(self.model), r.ema_decay)
 
     def _count_steps(self, loader_batches: int) -> int:
         """The run's optimizer steps: `max_steps`, or the epochs' steps."""
@@ -476,7 +492,8 @@ class Trainer:
     def _accumulate_and_step(self, micro: list, n_items: int, meter) -> tuple[float, float | None]:
         """The micro-steps, then clipping and the optimizer and scheduler steps; a step whose
         gradient norm is not finite is skipped and counted. Under the meter's window when measured."""
-        window = meter.step_window(self.model, self.opt) if meter is not None else \
+        extra = [self.ema[0]] if self.ema is not None else []
+        window = meter.step_window(self.model, self.opt, *extra) if meter is not None else \
             contextlib.nullcontext(lambda p: None)
         with window as snap:
             total = 0.0
@@ -486,6 +503,8 @@ class Trainer:
             if gradient_is_usable(grad_norm):
                 self.opt.step()
                 self.sched.step()
+                if self.ema is not None:
+                    self.ema[0].update_parameters(self.ema[1])
             else:
                 self.state.skipped_steps += 1
                 self.log(f"step {self.state.step}: gradient norm {grad_norm}: step skipped "

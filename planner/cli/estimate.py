@@ -23,6 +23,7 @@ from .options import (
     AttnOpt,
     BatchSize,
     DtypeOpt,
+    EmaOpt,
     FsdpVersion,
     Gpus,
     GradCheckpointing,
@@ -69,7 +70,7 @@ def estimate_cmd(ctx: typer.Context, model: Model, dtype: DtypeOpt = None, preci
                  attn: AttnOpt = None, gpus: Gpus = None, nodes: Nodes = None, strategy: StrategyOrAllOpt = None,
                  offload: OffloadOpt = None, fsdp_version: FsdpVersion = None, loss: LossOpt = None,
                  loss_chunks: LossChunks = None, unfrozen_parameters: UnfrozenParameters = None,
-                 compat: Compat = None,
+                 ema: EmaOpt = None, compat: Compat = None,
                  exact: Exact = False, sim_seconds: SimSeconds = 120.0, sim_memory: SimMemory = 8.0,
                  as_json: Json = False) -> None:
     """Training memory per GPU, per dtype, per component and per phase."""
@@ -88,7 +89,7 @@ def simulate_cmd(ctx: typer.Context, model: Model, dtype: DtypeOpt = None, preci
                  attn: AttnOpt = None, gpus: Gpus = None, nodes: Nodes = None, strategy: StrategyOrAllOpt = None,
                  offload: OffloadOpt = None, fsdp_version: FsdpVersion = None, loss: LossOpt = None,
                  loss_chunks: LossChunks = None, unfrozen_parameters: UnfrozenParameters = None,
-                 sim_seconds: SimSeconds = 120.0,
+                 ema: EmaOpt = None, sim_seconds: SimSeconds = 120.0,
                  sim_memory: SimMemory = 8.0, as_json: Json = False) -> None:
     """Run the real training step under fake tensors and report the measured peak.
 

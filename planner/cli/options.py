@@ -113,6 +113,9 @@ UnfrozenParameters = Annotated[Optional[list[str]], typer.Option(
     "--unfrozen-parameters", metavar="REGEX", callback=none_if_empty,
     help="train only the parameters whose names match; repeat for several (Axolotl's unfrozen_parameters; "
     "default: all train)")]
+EmaOpt = Annotated[Optional[bool], typer.Option(
+    "--ema", metavar="", help="keep an exponential moving average of the trainable parameters (torch's AveragedModel): "
+    "one more copy of them, in their storage dtype")]
 FsdpVersion = Annotated[Optional[int], typer.Option(
     "--fsdp-version", help=f"FSDP 1 or 2, accelerate's fsdp_version (default {_DEFAULT['fsdp_version']})")]
 

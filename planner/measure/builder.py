@@ -319,11 +319,29 @@ def grouped_mm_any_dtype():
         log.setLevel(level)
 
 
-def train_step(model, opt, batch: dict, amp, snap=lambda phase: None, engine=None, micro_steps: int = 1) -> None:
+EMA_DECAY = 0.999
+"""`get_ema_multi_avg_fn`'s default decay, the simulator's (memory does not depend on it)."""
+
+
+def make_ema(model, decay: float = EMA_DECAY):
+    """An exponential moving average of the trainable parameters: torch's `AveragedModel` with
+    `get_ema_multi_avg_fn(decay)` over a ParameterList of them (a deep copy of those alone, not
+    of the frozen base). Returns (the AveragedModel, the live ParameterList it averages, and their
+    names, in order); step it with `ema.update_parameters(live)` after each optimizer step."""
+    import torch
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    live = torch.nn.ParameterList([p for _, p in named])
+    return AveragedModel(live, multi_avg_fn=get_ema_multi_avg_fn(decay)), live, [n for n, _ in named]
+
+
+def train_step(model, opt, batch: dict, amp, snap=lambda phase: None, engine=None, micro_steps: int = 1,
+               ema=None) -> None:
     """One training step as the estimate models it, calling `snap(phase)` at the end of each
     forward, each backward and the optimizer step. `micro_steps` > 1: gradient accumulation, the
     later micro-steps run with every gradient alive. `engine`: a DeepSpeed engine, whose
-    `backward` and `step` (the optimizer step and gradient release) replace the plain calls."""
+    `backward` and `step` (the optimizer step and gradient release) replace the plain calls.
+    `ema`: make_ema's (AveragedModel, live parameters), updated after the optimizer step."""
     for _ in range(micro_steps):
         with amp:
             loss = model(**batch).loss
@@ -339,6 +357,8 @@ def train_step(model, opt, batch: dict, amp, snap=lambda phase: None, engine=Non
     else:
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if ema is not None:  # (AveragedModel, its live parameters), from make_ema
+        ema[0].update_parameters(ema[1])
     snap("optimizer_step")
 
 

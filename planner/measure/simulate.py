@@ -22,6 +22,7 @@ from .builder import (
     build_model,
     grouped_mm_any_dtype,
     is_encoder,
+    make_ema,
     make_optimizer,
     measured_config,
     train_step,
@@ -152,14 +153,15 @@ def _measure(cfg: dict, st: Settings, fake: bool, weights: str | None = None, ke
         micro = 2 if st.accumulation > 1 else 1  # from the second micro-step on, the memory repeats
         with tracker:
             opt = make_optimizer([p for p in model.parameters() if p.requires_grad], st.optimizer)
+            ema = make_ema(model)[:2] if st.ema else None
             # warm-up: creates the optimizer state; MemTracker refuses a module's second forward
             # in one window, so its per-module state is cleared after each backward
             train_step(model, opt, batch, amp, lambda phase: phase == "backward" and tracker.reset_mod_stats(),
-                       micro_steps=micro)
+                       micro_steps=micro, ema=ema)
             phase_peak(tracker)  # the measured step's phases start here
             s0 = tracker.get_tracker_snapshot("current")
             record = PhaseRecorder(tracker, reset_modules_after=("backward",))
-            train_step(model, opt, batch, amp, record, micro_steps=micro)
+            train_step(model, opt, batch, amp, record, micro_steps=micro, ema=ema)
         phases, cats = record.phases, record.categories
         d0 = next(iter(s0)) if s0 else None
         phases["model"] = (sum(v for k, v in s0[d0].items() if getattr(k, "value", None) in ("Parameter", "Buffer"))

