@@ -60,6 +60,7 @@ class Optimizer(Choice):
     ADAFACTOR = "adafactor"
     LION = "lion"
     LION_8BIT = "lion-8bit"
+    LBFGS = "lbfgs"  # torch.optim.LBFGS, one closure evaluation per step (max_iter=1), `lbfgs_history` pairs
 
 
 BNB_OPTIMIZERS = ("adamw-8bit", "adamw-32bit", "lion", "lion-8bit")
@@ -256,6 +257,8 @@ class Settings:
     # an exponential moving average of the trainable parameters (torch's AveragedModel with
     # get_ema_multi_avg_fn): one more copy of them, in their storage dtype
     ema: bool = False
+    # torch.optim.LBFGS's history_size: the (y, s) pairs of flat vectors it keeps (its default, 100)
+    lbfgs_history: int = 100
 
     @property
     def tokens(self) -> int:
@@ -297,7 +300,7 @@ def check_options(st: Settings) -> Settings:
     """Reject options that are impossible for any model, with one clear line."""
     for name in _CHOICES:
         _check_choice(st, name)
-    for name in ("batch_size", "seq_len", "gpus", "nodes", "accumulation", "loss_chunks"):
+    for name in ("batch_size", "seq_len", "gpus", "nodes", "accumulation", "loss_chunks", "lbfgs_history"):
         if getattr(st, name) < 1:
             raise PlanError(f"{{{name}}} must be at least 1, got {getattr(st, name)}", name)
     if st.optimizer_paged and st.optimizer not in BNB_OPTIMIZERS:
@@ -315,6 +318,9 @@ def check_options(st: Settings) -> Settings:
     if st.quant != "none" and st.precision not in QUANT_PRECISIONS:
         raise PlanError(f"{{quant}} {st.quant} cannot be combined with {{precision}} {st.precision}", "quant")
     check_unfrozen(st)
+    if st.optimizer == "lbfgs" and st.strategy != "ddp":
+        raise PlanError(f"{{optimizer}} lbfgs under {{strategy}} {st.strategy} is not modelled: its flat vectors "
+                        "span every parameter (one GPU or DDP)", "optimizer")
     if st.ema and st.strategy != "ddp":
         raise PlanError(f"{{ema}} under {{strategy}} {st.strategy} is not modelled: one GPU or DDP", "ema")
     check_strategy(st)

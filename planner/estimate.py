@@ -123,6 +123,9 @@ def estimate(spec: ModelSpec, st: Settings) -> Estimate:
     peak = int(phases[peak_phase])
     comps["other"] += peak - sum(comps.values())
     notes += loss_notes(spec, st) + freezing_notes(spec, st)
+    if st.optimizer == "lbfgs":
+        notes.append(f"optimizer lbfgs: torch.optim.LBFGS with {st.lbfgs_history} pairs of flat vectors once its "
+                     "history is full, one closure evaluation per step (max_iter=1)")
     if st.ema:
         notes.append("ema: one copy of the trainable parameters in their storage dtype (torch's AveragedModel), "
                      "counted in weights")

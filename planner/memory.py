@@ -177,6 +177,8 @@ def optimizer_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> floa
         # the parameter dtype (bitsandbytes/optim/optimizer.py, `get_state_buffer(p,
         # dtype=torch.float32)`; measured on CPU, bitsandbytes 0.50)
         return 8 * n
+    if st.optimizer == "lbfgs":
+        return lbfgs_state_bytes(spec, pc, st)
     if st.optimizer == "adafactor":
         total = 0.0
         fz = freezing(spec, st)
@@ -194,6 +196,17 @@ def optimizer_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> floa
             total += emb_mats * (spec.vocab + spec.hidden) + rest
         return total * p
     raise PlanError(f"unknown {{optimizer}} '{st.optimizer}'", "optimizer")
+
+
+def lbfgs_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
+    """torch.optim.LBFGS's state once its history is full (`lbfgs_history` steps that pass its
+    curvature test), all in `state[params[0]]` (torch/optim/lbfgs.py:521-528): `old_dirs` and
+    `old_stps`, `history_size` flat vectors each (y = flat_grad - prev_flat_grad and s = d * t,
+    :397-411), the direction `d` and `prev_flat_grad` (:438), each a vector of every trainable
+    element in the gradients' dtype (`_gather_flat_grad`'s `torch.cat`, :297); and 0-d tensors:
+    `ro` and `al` per pair (:411, :421) and `H_diag`."""
+    n = trainable_params(spec, pc, st)
+    return (2 * st.lbfgs_history + 2) * _param_dtype_bytes(st) * n + 4 * (2 * st.lbfgs_history + 1)
 
 
 def bnb_8bit_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings, states: int) -> float:
@@ -233,6 +246,10 @@ def optimizer_step_temp_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> 
     """
     if st.optimizer == "adamw":
         return _param_dtype_bytes(st) * trainable_params(spec, pc, st)
+    if st.optimizer == "lbfgs":
+        # the new flat gradient, y and s exist before the oldest pair is dropped (lbfgs.py:362,
+        # 396-405): three flat vectors over the state; later q and r reach the same count
+        return 3 * _param_dtype_bytes(st) * trainable_params(spec, pc, st)
     if st.optimizer == "adafactor":
         largest = max(e for e, _ in _trainable_tensors(spec, pc, st))
         return 3 * 4 * largest

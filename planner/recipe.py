@@ -116,6 +116,10 @@ class Recipe(_Strict):
         on = [k for k in LOSS_KEYS.values() if getattr(self, k)]
         if len(on) > 1:
             raise ValueError(f"{' and '.join(on)} are both true: choose one loss")
+        if self.optimizer == "lbfgs":
+            raise ValueError("optimizer: lbfgs needs a closure that re-evaluates the loss on the same batch; plan "
+                             "train steps through mini-batches (accumulation, clipping, OOM back-off) and has none "
+                             "(plan estimate --optimizer lbfgs counts its memory)")
         for pat in self.unfrozen_parameters or ():
             try:
                 re.compile(pat)

@@ -28,6 +28,7 @@ def to_json(name: str, arch: str, st: Settings, est: Estimate, method: str | Non
         **loss_json(st),
         "unfrozen_parameters": list(st.unfrozen_parameters) or None,  # partial freezing; None: every parameter trains
         "ema": st.ema,  # an EMA copy of the trainable parameters is counted (in weights)
+        "lbfgs_history": st.lbfgs_history if st.optimizer == "lbfgs" else None,
         "notes": list(est.notes),
     }
 

@@ -16,7 +16,8 @@ def test_json_contract_single_dtype():
     # and notes
     assert list(obj)[:len(CONTRACT_KEYS)] == CONTRACT_KEYS
     assert list(obj)[len(CONTRACT_KEYS):] == ["route", "needed_bytes", "optimizer_paged", "loss", "loss_chunks",
-                                              "loss_validation", "unfrozen_parameters", "ema", "notes"]
+                                              "loss_validation", "unfrozen_parameters", "ema", "lbfgs_history",
+                                              "notes"]
     assert set(obj["components"]) == {"weights", "gradients", "optimizer", "activations", "logits", "other"}
     assert set(obj["phases"]) == {"model", "forward", "backward", "optimizer_step"}
     assert obj["precision"] == "bf16-amp" and obj["method"] == "analytic"

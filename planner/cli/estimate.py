@@ -28,6 +28,7 @@ from .options import (
     Gpus,
     GradCheckpointing,
     Json,
+    LbfgsHistory,
     LoraAlpha,
     LoraDropout,
     LoraRank,
@@ -70,7 +71,7 @@ def estimate_cmd(ctx: typer.Context, model: Model, dtype: DtypeOpt = None, preci
                  attn: AttnOpt = None, gpus: Gpus = None, nodes: Nodes = None, strategy: StrategyOrAllOpt = None,
                  offload: OffloadOpt = None, fsdp_version: FsdpVersion = None, loss: LossOpt = None,
                  loss_chunks: LossChunks = None, unfrozen_parameters: UnfrozenParameters = None,
-                 ema: EmaOpt = None, compat: Compat = None,
+                 ema: EmaOpt = None, lbfgs_history: LbfgsHistory = None, compat: Compat = None,
                  exact: Exact = False, sim_seconds: SimSeconds = 120.0, sim_memory: SimMemory = 8.0,
                  as_json: Json = False) -> None:
     """Training memory per GPU, per dtype, per component and per phase."""
@@ -89,7 +90,7 @@ def simulate_cmd(ctx: typer.Context, model: Model, dtype: DtypeOpt = None, preci
                  attn: AttnOpt = None, gpus: Gpus = None, nodes: Nodes = None, strategy: StrategyOrAllOpt = None,
                  offload: OffloadOpt = None, fsdp_version: FsdpVersion = None, loss: LossOpt = None,
                  loss_chunks: LossChunks = None, unfrozen_parameters: UnfrozenParameters = None,
-                 ema: EmaOpt = None, sim_seconds: SimSeconds = 120.0,
+                 ema: EmaOpt = None, lbfgs_history: LbfgsHistory = None, sim_seconds: SimSeconds = 120.0,
                  sim_memory: SimMemory = 8.0, as_json: Json = False) -> None:
     """Run the real training step under fake tensors and report the measured peak.
 

@@ -113,6 +113,9 @@ UnfrozenParameters = Annotated[Optional[list[str]], typer.Option(
     "--unfrozen-parameters", metavar="REGEX", callback=none_if_empty,
     help="train only the parameters whose names match; repeat for several (Axolotl's unfrozen_parameters; "
     "default: all train)")]
+LbfgsHistory = Annotated[Optional[int], typer.Option(
+    "--lbfgs-history", help=f"pairs of flat vectors --optimizer lbfgs keeps (torch's history_size; default "
+    f"{_DEFAULT['lbfgs_history']})")]
 EmaOpt = Annotated[Optional[bool], typer.Option(
     "--ema", metavar="", help="keep an exponential moving average of the trainable parameters (torch's AveragedModel): "
     "one more copy of them, in their storage dtype")]

@@ -242,7 +242,7 @@ def fakeify(model, fake_mode) -> None:
                 mod._buffers[name] = conv.from_meta_and_device(fake_mode, b, cpu)
 
 
-def make_optimizer(params, name: str, lr: float | None = None, weight_decay: float = 0.0):
+def make_optimizer(params, name: str, lr: float | None = None, weight_decay: float = 0.0, lbfgs_history: int = 100):
     """The optimizer the estimate counts for `name`, as torch / transformers / bitsandbytes build it.
     `params`: tensors or param groups. `lr` None: a small default (the simulator's steps)."""
     import torch
@@ -265,6 +265,9 @@ def make_optimizer(params, name: str, lr: float | None = None, weight_decay: flo
         return torch.optim.SGD(params, foreach=True, **{**kw, "lr": lr if lr is not None else 1e-3})
     if name == "sgd-momentum":
         return torch.optim.SGD(params, momentum=0.9, foreach=True, **{**kw, "lr": lr if lr is not None else 1e-3})
+    if name == "lbfgs":
+        # one closure evaluation per step (train_step passes the closure); no weight decay in L-BFGS
+        return torch.optim.LBFGS(params, lr=lr if lr is not None else 1.0, max_iter=1, history_size=lbfgs_history)
     if name == "adafactor":
         from transformers.optimization import Adafactor
         # as HF Trainer builds it for optim="adafactor": fixed learning rate, no parameter scaling
@@ -342,6 +345,19 @@ def train_step(model, opt, batch: dict, amp, snap=lambda phase: None, engine=Non
     later micro-steps run with every gradient alive. `engine`: a DeepSpeed engine, whose
     `backward` and `step` (the optimizer step and gradient release) replace the plain calls.
     `ema`: make_ema's (AveragedModel, live parameters), updated after the optimizer step."""
+    import torch
+    if isinstance(opt, torch.optim.LBFGS):  # its step calls the closure: forward and backward inside
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            with amp:
+                loss = model(**batch).loss
+            snap("forward")
+            loss.backward()
+            snap("backward")
+            return loss.detach()
+        opt.step(closure)
+        snap("optimizer_step")
+        return
     for _ in range(micro_steps):
         with amp:
             loss = model(**batch).loss

