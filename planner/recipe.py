@@ -50,6 +50,14 @@ class Expected(_Strict):
     cpu_bytes: int = 0
 
 
+class ParameterGroup(_Strict):
+    """A learning rate (and weight decay) for the trainable parameters whose names match `regex`
+    (`re.search`); the first group a parameter matches wins, the rest keep the recipe's."""
+    regex: str
+    lr: float = Field(gt=0)
+    weight_decay: Optional[float] = Field(None, ge=0)
+
+
 class PlanSection(_Strict):
     strategy: Strategy = "ddp"
     offload: Offload = "none"
@@ -72,6 +80,8 @@ class Recipe(_Strict):
     lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
     unfrozen_parameters: Optional[list[str]] = None  # train only parameters matching these regexes
     ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # keep an EMA of the trainable parameters (AveragedModel)
+    parameter_groups: Optional[list[ParameterGroup]] = None  # per-parameter learning rates, by regex
+    loraplus_lr_ratio: Optional[float] = Field(None, gt=0)  # LoRA+ (Axolotl's key): lora_B at lr x ratio (PEFT)
     sequence_len: int = Field(2048, ge=1)
     sample_packing: bool = False
     train_on_inputs: bool = False
@@ -120,6 +130,15 @@ class Recipe(_Strict):
             raise ValueError("optimizer: lbfgs needs a closure that re-evaluates the loss on the same batch; plan "
                              "train steps through mini-batches (accumulation, clipping, OOM back-off) and has none "
                              "(plan estimate --optimizer lbfgs counts its memory)")
+        if self.loraplus_lr_ratio is not None and not self.adapter:
+            raise ValueError("loraplus_lr_ratio: LoRA+ sets the adapters' B matrices' learning rate: add adapter: lora")
+        if self.loraplus_lr_ratio is not None and self.parameter_groups:
+            raise ValueError("parameter_groups and loraplus_lr_ratio both set the adapters' learning rates: choose one")
+        for g in self.parameter_groups or ():
+            try:
+                re.compile(g.regex)
+            except re.error as e:
+                raise ValueError(f"parameter_groups: '{g.regex}' is not a regular expression ({e})") from None
         for pat in self.unfrozen_parameters or ():
             try:
                 re.compile(pat)

@@ -173,6 +173,35 @@ def test_ema_run_is_predicted_saves_the_averaged_weights_and_resumes(tiny, tmp_p
 
 @pytest.mark.slow
 @needs_smollm2
+def test_parameter_groups_train_and_resume_with_the_same_groups(tiny, tmp_path):
+    """parameter_groups: the run trains with its groups, and a resumed run (its optimizer state
+    restored group by group) gives the same losses as the uninterrupted one."""
+    out = tmp_path / "groups"
+    path = recipe(tiny, out, save_steps=2, parameter_groups=[{"regex": r"layers\.1\.", "lr": 0.003},
+                                                             {"regex": "embed", "lr": 0.0001, "weight_decay": 0.0}])
+    r = run_plan("train", path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    losses = {m["step"]: m["loss"] for m in metrics(out) if "loss" in m}
+    for p in ("final", "metrics.jsonl", "run_report.json"):
+        subprocess.run(["rm", "-rf", str(out / p)], check=True)
+    r = run_plan("train", path)
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-2000:]
+    again = {m["step"]: m["loss"] for m in metrics(out) if "loss" in m}
+    assert sorted(again) == [3, 4]
+    assert again[4] == pytest.approx(losses[4], rel=1e-5)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_loraplus_run_trains(tiny, tmp_path):
+    out = tmp_path / "loraplus"
+    r = run_plan("train", recipe(tiny, out, adapter="lora", lora_r=4, loraplus_lr_ratio=16, max_steps=2))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "final" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+@needs_smollm2
 def test_chunked_cross_entropy_trains_the_same_loss_and_is_measured(tiny, tmp_path):
     """torchtune's chunked loss (Axolotl's key) through the trainer: the same first loss as
     transformers' cross-entropy, and the run's memory within the tolerance of its prediction."""

@@ -135,14 +135,26 @@ def method(recipe: Recipe) -> str:
     return recipe.adapter or ("partial" if recipe.unfrozen_parameters else "full")
 
 
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """Decay on matrices, none on biases and norms (HF Trainer's rule: 1-D parameters)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+def param_groups(model, weight_decay: float, lr: float | None = None, groups: list | None = None) -> list[dict]:
+    """Decay on matrices, none on biases and norms (HF Trainer's rule: 1-D parameters). With the
+    recipe's `parameter_groups` (regex, lr, weight_decay), each trainable parameter goes to the
+    first group whose regex its name matches (`re.search`), at that group's learning rate and
+    weight decay; the others stay at `lr` and `weight_decay`. The order is fixed by the names, so
+    a resumed run rebuilds the same groups."""
+    import re
+    specs = [(re.compile(g.regex), g.lr, weight_decay if g.weight_decay is None else g.weight_decay)
+             for g in groups or ()] + [(None, lr, weight_decay)]
+    buckets: list[tuple[list, list]] = [([], []) for _ in specs]
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+            i = next(i for i, (pat, _, _) in enumerate(specs) if pat is None or pat.search(name))
+            buckets[i][0 if p.ndim >= 2 else 1].append(p)
+    out = []
+    for (_, g_lr, wd), (decay, no_decay) in zip(specs, buckets, strict=True):
+        for params, g_wd in ((decay, wd), (no_decay, 0.0)):
+            if params:
+                out.append({"params": params, "weight_decay": g_wd, **({"lr": g_lr} if g_lr is not None else {})})
+    return out
 
 
 def parameter_counts(model) -> tuple[int, int]:

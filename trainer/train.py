@@ -281,8 +281,16 @@ class Trainer:
         from planner.measure.builder import make_optimizer
         r = self.recipe
         try:
-            return make_optimizer(param_groups(model, r.weight_decay), r.optimizer, lr=r.learning_rate,
-                                  weight_decay=r.weight_decay)
+            if r.loraplus_lr_ratio is not None:  # PEFT's LoRA+: lora_B (and 1-D) at lr x ratio
+                from peft.optimizers import create_loraplus_optimizer
+
+                def optimizer(groups, lr, weight_decay=0.0):
+                    return make_optimizer(groups, r.optimizer, lr=lr, weight_decay=weight_decay)
+                return create_loraplus_optimizer(model, optimizer, lr=r.learning_rate,
+                                                 loraplus_lr_ratio=r.loraplus_lr_ratio,
+                                                 loraplus_weight_decay=r.weight_decay)
+            return make_optimizer(param_groups(model, r.weight_decay, r.learning_rate, r.parameter_groups),
+                                  r.optimizer, lr=r.learning_rate, weight_decay=r.weight_decay)
         except ValueError as e:
             raise RecipeError(f"optimizer: {e}") from None
 
