@@ -35,6 +35,8 @@ class GPU:
     nvml_names: tuple = ()
     count: int = 1      # how many NVML sees (auto); 1 for a catalog entry
     source: str = ""
+    cpu: bool = False   # this machine's CPU and RAM (`host_machine`): no GPU to plan for
+    cores: int = 0      # physical cores, for a CPU
 
     @property
     def bf16(self) -> bool:
@@ -140,6 +142,20 @@ def local_host_ram() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def host_machine() -> GPU:
+    """This machine as the device a plan is fitted to when it has no GPU: its RAM (what is
+    available now, so a busy machine is not over-planned) and its physical cores. A CPU has no
+    speed figures in the catalog, so plans for it rank by memory and method alone."""
+    import os
+
+    import psutil
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    ram = int(psutil.virtual_memory().available)
+    return GPU(name=f"this machine's CPU ({cores} cores, {ram / 2**30:,.1f} GiB RAM available)", memory_bytes=ram,
+               bf16_tflops=0, fp16_tflops=0, fp8_tflops=0, mem_bw_gbs=0, nvlink_gbs=0, pcie_gbs=16,
+               source="psutil", cpu=True, cores=cores)
 
 
 def resolve_gpu(name: str) -> GPU:

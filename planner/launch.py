@@ -19,10 +19,64 @@ from pathlib import Path
 from .contract import ZERO, PlanError, world_size
 from .data import DataError, check_records, read_records
 from .emit import accelerate_config, deepspeed_config, write_files
-from .recipe import RECIPE_NAMES, Recipe, RecipeError, load, load_config, settings
+from .recipe import RECIPE_NAMES, Recipe, RecipeError, load, load_config, resume_hash, settings
 
 CONFIG_DIR = "launch"  # inside output_dir: the accelerate (and DeepSpeed) config of this run
 ERROR_FILE = "error.json"  # the trainer's bad-input line and status, for the launcher
+LOCK_FILE = ".plan-train.lock"  # in output_dir: held (flock) by the plan train writing into it
+RUN_FILES = ("final", "metrics.jsonl", "run_report.json")  # with checkpoint-*: what a finished run left
+
+
+def lock_output(out: Path):
+    """An exclusive lock on `out` for this run's life (flock on LOCK_FILE: released by the kernel
+    when the process ends, however it ends); a second run into the same directory is one line."""
+    import fcntl
+    f = open(out / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held until the run ends
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RecipeError(f"output_dir {out}: another plan train ({holder}) is writing into it; wait for it to end "
+                          "or use another output_dir") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def finished_run(recipe: Recipe, force: bool, echo) -> bool:
+    """Whether output_dir holds a finished run that this recipe would only repeat: the same
+    recipe (but its length) asking for no more steps, or another recipe's. Then True, after one
+    line, unless `force`: the old run's files move to `previous-TIME/` and the run starts again.
+    A recipe asking for more steps of the same run (a larger max_steps) trains on from its
+    last checkpoint."""
+    out = Path(recipe.output_dir)
+    try:
+        rep = json.loads((out / "run_report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(rep, dict) or not rep.get("finished"):
+        return False
+    same = rep.get("resume_hash") == resume_hash(recipe)
+    if same and recipe.max_steps is not None and recipe.max_steps > int(rep.get("steps", 0)):
+        return False  # more steps of the same run
+    if not force:
+        what = (f"finished (step {rep.get('steps')} of {rep.get('total_steps', rep.get('steps'))}, saved in "
+                f"{rep.get('saved', out / 'final')})" if same else "a finished run of another recipe")
+        echo(f"plan train: {out} holds {what}; --force trains again from the start (the old run moves to "
+             "previous-*/), a larger max_steps trains on")
+        return True
+    import shutil
+    import time
+    aside = out / time.strftime("previous-%Y%m%dT%H%M%S", time.gmtime())
+    aside.mkdir()
+    for p in [*(out / n for n in RUN_FILES), *out.glob("checkpoint-*")]:
+        if p.exists():
+            shutil.move(str(p), str(aside / p.name))
+    echo(f"plan train: --force: the finished run moved to {aside}")
+    return False
 
 
 def preflight(recipe: Recipe) -> None:
@@ -123,7 +177,7 @@ def report_status(recipe: Recipe, strict: bool, tolerance: float) -> tuple[int, 
 
 
 def run(recipe_path: str, num_processes: int | None = None, strict: bool = False, tolerance: float = 10.0,
-        echo=print) -> int:
+        echo=print, force: bool = False) -> int:
     recipe = load(recipe_path)
     if num_processes is not None and num_processes < 1:
         raise RecipeError(f"--num-processes must be at least 1, got {num_processes}")
@@ -134,6 +188,17 @@ def run(recipe_path: str, num_processes: int | None = None, strict: bool = False
         Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RecipeError(f"output_dir {recipe.output_dir}: cannot create it ({e.strerror})") from None
+    lock = lock_output(Path(recipe.output_dir))
+    try:
+        if finished_run(recipe, force, echo):
+            return 0
+        return _launch(recipe, recipe_path, num_processes, strict, tolerance, echo, hidden)
+    finally:
+        lock.close()
+
+
+def _launch(recipe: Recipe, recipe_path: str, num_processes: int | None, strict: bool, tolerance: float, echo,
+            hidden: int | None) -> int:
     try:
         config = write_config(recipe, num_processes, hidden)
     except PlanError as e:
@@ -176,7 +241,8 @@ def run(recipe_path: str, num_processes: int | None = None, strict: bool = False
     if rc != 0 and error_file.exists():  # the trainer's own one-line error, already printed
         return int(json.loads(error_file.read_text()).get("status", 1))
     if rc != 0:
-        echo(f"plan train: the run failed (exit status {rc})")
+        log = Path(recipe.output_dir) / "train.log"
+        echo(f"plan train: the run failed (exit status {rc})" + (f"; messages in {log}" if log.exists() else ""))
         return 1
     status, line = report_status(recipe, strict, tolerance)
     echo(line)

@@ -200,6 +200,19 @@ def load(path: str) -> Recipe:
     return from_dict(data, path)
 
 
+LENGTH_KEYS = ("max_steps", "num_epochs")
+"""The keys that say how long a run trains: a run whose recipe differs only in these is the same
+run asked to go on (its checkpoints resume)."""
+
+
+def resume_hash(recipe: Recipe) -> str:
+    """The recipe's identity but its length (LENGTH_KEYS)."""
+    import hashlib
+    import json
+    d = {k: v for k, v in recipe.model_dump(mode="json").items() if k not in LENGTH_KEYS}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def dump(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
 

@@ -23,7 +23,7 @@ from .contract import LOSS_CHUNKS, PAGED_NOTE, UNMEASURED_FUSED, Method, Optimiz
 from .distributed import strategy_choices
 from .estimate import Estimate, estimate
 from .gpus import GPU
-from .margin import evidence
+from .margin import UNMEASURED_MARGIN, evidence
 from .memory import CUDA_CONTEXT_BYTES
 from .spec import ModelSpec
 from .speed import DEFAULT_MFU, StepTime, step_time
@@ -62,8 +62,10 @@ class Request:
 
     def margin_for(self, st: Settings) -> float:
         """The fraction of GPU memory a plan of these settings keeps free: the one asked for, else
-        the evidence's for its kind."""
-        return self.margin if self.margin is not None else evidence(st).margin
+        the evidence's for its kind (a CPU: the unmeasured kind's margin)."""
+        if self.margin is not None:
+            return self.margin
+        return UNMEASURED_MARGIN if self.gpu.cpu else evidence(st).margin
 
     def budget_for(self, st: Settings) -> int:
         """Bytes a plan of these settings may use per GPU: the GPU's memory less its margin."""
@@ -180,11 +182,13 @@ def _method_settings(method: str, rank: int, req: Request, gpu: GPU) -> Settings
     precision = "bf16-amp" if gpu.bf16 or not gpu.fp16_tflops else "fp16-amp"
     if method == "lora":
         precision = "bf16-pure"
+    if gpu.cpu:  # a CPU trains in fp32, as plan train's CPU runs do; its own kernels are modelled
+        precision = "fp32"
     lora = dict(lora_rank=rank, lora_alpha=2.0 * rank, lora_targets=req.lora_targets) if method != "full" else {}
     optimizer = "adamw" if req.optimizer == "auto" else req.optimizer
     return Settings(precision=precision, optimizer=optimizer, optimizer_paged=req.optimizer_paged, seq_len=req.seq_len,
                     gpus=req.gpus, nodes=req.nodes, quant="nf4" if method == "qlora" else "none", loss=req.loss,
-                    loss_chunks=req.loss_chunks, **lora)
+                    loss_chunks=req.loss_chunks, **lora, **({"kernels": "cpu"} if gpu.cpu else {}))
 
 
 TECHNIQUES = {
@@ -220,6 +224,8 @@ def _strategies(base: Settings) -> list[tuple[str, str]]:
     """Every strategy and offload the engines offer; on one GPU, sharding has nothing to shard
     over, so only the offloads remain besides plain training."""
     choices = strategy_choices(base)
+    if base.kernels == "cpu":  # this machine's CPU, one process: host memory is the device's, nothing to offload to
+        return [("ddp", "none")]
     if world_size(base) == 1:
         choices = [(s, o) for s, o in choices if s == "ddp" or o != "none"]
     return choices
@@ -290,6 +296,8 @@ def recommend(spec: ModelSpec, req: Request) -> list[Plan]:
     """The plans that fit, best first; empty when none does (see `nearest_fits`)."""
     check_request(req)
     methods = METHODS if req.method == "auto" else (req.method,)
+    if req.gpu.cpu:  # QLoRA's NF4 kernels need CUDA
+        methods = tuple(m for m in methods if m != "qlora")
     plans = rank_plans(candidates(spec, req, methods), req)
     for p in plans:
         p.notes = explain(p, plans, req)
@@ -384,18 +392,27 @@ def explain(p: Plan, plans: list[Plan], req: Request) -> list[str]:
                         " against the standard loss"))
     if st.optimizer_paged:
         lines.append(PAGED_NOTE)
-    if req.world == 1 and st.strategy == "ddp":
+    if req.gpu.cpu:
+        lines.append(f"one process on {req.gpu.name}, fp32")
+    elif req.world == 1 and st.strategy == "ddp":
         lines.append("one GPU, no sharding needed")
     else:
         lines.append(_STRATEGY_WHY[st.strategy] + (f", offloading {_OFFLOAD_WHAT[st.offload]}" if p.offload else ""))
-    fill = (f"needs {p.estimate.needed_bytes / gib:,.1f} of {req.budget_for(st) / gib:,.1f} GiB usable; "
-            f"NVML shows up to {p.estimate.device_bytes / gib:,.1f} where memory is plentiful")
+    fill = (f"needs {p.estimate.needed_bytes / gib:,.1f} of {req.budget_for(st) / gib:,.1f} GiB usable"
+            + ("" if req.gpu.cpu else
+               f"; NVML shows up to {p.estimate.device_bytes / gib:,.1f} where memory is plentiful"))
     if req.global_batch is None:
         lines.append(f"micro-batch {st.batch_size}: the largest that fits ({fill})")
     else:
         lines.append(f"micro-batch {st.batch_size} x {p.accumulation} accumulation x {req.world} GPU(s) = global batch "
                      f"{p.global_batch} ({fill}; largest fitting micro-batch {p.largest_micro})")
-    lines.append(evidence(st).line() if req.margin is None else f"{req.margin:.0%} kept free (--margin)")
+    if req.margin is not None:
+        lines.append(f"{req.margin:.0%} kept free (--margin)")
+    elif req.gpu.cpu:
+        lines.append(f"{UNMEASURED_MARGIN:.0%} of the RAM kept free: plan's CPU runs are measured by torch's tensor "
+                     "tracker, and the process's other memory (Python, libraries) comes on top")
+    else:
+        lines.append(evidence(st).line())
     twin = [q for q in plans if q is not p and q.method == p.method and q.settings.strategy == st.strategy
             and q.settings.offload == st.offload and q.settings.grad_checkpointing != st.grad_checkpointing]
     if twin and p.tokens_per_s > 0 and twin[0].tokens_per_s > 0:  # a GPU without speed figures ranks by memory

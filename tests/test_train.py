@@ -118,7 +118,7 @@ def test_one_process_run_reports_prediction_within_tolerance_and_resumes(tiny, t
     losses = {m["step"]: m["loss"] for m in metrics(out) if "loss" in m}
     assert sorted(losses) == [1, 2, 3, 4]
     # resume: the run after checkpoint-2 again, from the checkpoint, gives the same losses
-    for p in ("final", "metrics.jsonl", "run_report.json"):
+    for p in ("final", "checkpoint-4", "metrics.jsonl", "run_report.json"):  # the end of the run, as if killed after 2
         subprocess.run(["rm", "-rf", str(out / p)], check=True)
     r = run_plan("train", path)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -12,6 +12,8 @@ safetensors, with the tokenizer (`save_pretrained`), also renamed from a tempora
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -19,8 +21,9 @@ import random
 import shutil
 from pathlib import Path
 
-from planner.recipe import Recipe, RecipeError
+from planner.recipe import Recipe, RecipeError, resume_hash
 
+from .resilience import RunStopped
 from .state import RunState
 
 STATE_FILE = "trainer_state.json"  # written last, before the rename
@@ -32,6 +35,21 @@ EMA_WEIGHTS = "ema.safetensors"  # final/: the EMA of the trainable parameters, 
 def recipe_hash(recipe: Recipe) -> str:
     """The recipe's identity: a checkpoint resumes only the recipe that wrote it."""
     return hashlib.sha256(json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def disk_error(what: str, e: Exception) -> RunStopped:
+    """A write that failed (a full disk, a file-size limit, no permission) as the one line a
+    failed run prints. torch's zip writer reports a short write as a RuntimeError
+    ("unexpected pos", "PytorchStreamWriter failed writing file")."""
+    if isinstance(e, OSError):
+        full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+        why = e.strerror or type(e).__name__
+    else:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        full = any(m in str(e) for m in ("unexpected pos", "failed writing", "No space left"))
+        why = f"{type(e).__name__}: {first}"
+    return RunStopped(f"{what}: cannot be written ({why}"
+                      + ("; the disk is full or the file-size limit reached" if full else "") + ")")
 
 
 def _number(path: Path) -> int | None:
@@ -53,11 +71,14 @@ def model_digest(model) -> str:
     return hashlib.sha256("\n".join(shapes).encode()).hexdigest()[:16]
 
 
-def check_resumable(ck: Path, fields: dict, expected_hash: str, world: int, digest: str | None = None) -> None:
-    """Refuse a checkpoint of another recipe, of another number of processes (its shards and
-    data positions are per rank), or of another model (its trainable parameters' names and
-    shapes; checkpoints written before the digest existed are not checked for it)."""
-    if fields["recipe_hash"] != expected_hash:
+def check_resumable(ck: Path, fields: dict, expected_hash: str, world: int, digest: str | None = None,
+                    expected_resume: str | None = None) -> None:
+    """Refuse a checkpoint of another recipe (one that differs only in its length, LENGTH_KEYS,
+    is the same run asked to go on), of another number of processes (its shards and data
+    positions are per rank), or of another model (its trainable parameters' names and shapes;
+    checkpoints written before the digest existed are not checked for it)."""
+    longer = expected_resume is not None and fields.get("resume_hash") == expected_resume
+    if fields["recipe_hash"] != expected_hash and not longer:
         raise RecipeError(f"{ck}: written by a different recipe; use a new output_dir or delete the checkpoints")
     if fields["world_size"] != world:
         raise RecipeError(f"{ck}: written by {fields['world_size']} processes, resuming with {world}")
@@ -88,7 +109,9 @@ class Checkpointer:
         self.acc = acc
         self.out = out
         self.hash = recipe_hash(recipe)
+        self.resume = resume_hash(recipe)
         self.fsdp = fsdp
+        self.saved_step: int | None = None  # the step of the newest checkpoint this run wrote
         self.cuda = cuda
         self.ema = None  # the trainer's make_ema (AveragedModel, live parameters, names), saved with each checkpoint
 
@@ -108,10 +131,23 @@ class Checkpointer:
 
     # ------------------------------------------------------------ save
     def save(self, state: RunState, model, opt, sched) -> None:
-        """`checkpoint-{state.step}`: written to a temporary directory, renamed when complete."""
+        """`checkpoint-{state.step}`: written to a temporary directory, renamed when complete. A
+        write that fails (a full disk) leaves no partial checkpoint and stops the run in one line."""
+        tmp = self.out / f".tmp-checkpoint-{state.step}"
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: caught by name
+        try:
+            self._save(state, model, opt, sched, tmp)
+        except (OSError, RuntimeError, CheckpointException) as e:  # RuntimeError: torch's writer, short of space
+            shutil.rmtree(tmp, ignore_errors=True)  # its space back; the complete checkpoints stay
+            if isinstance(e, CheckpointException):  # DCP's wrapper of a rank's own error: (exception, trace)
+                inner = next(iter(e.failures.values()), (None, None))[0]
+                e = inner if isinstance(inner, Exception) else RuntimeError(str(e))
+            raise disk_error(f"checkpoint-{state.step} in {self.out}", e) from None
+        self.saved_step = state.step
+
+    def _save(self, state: RunState, model, opt, sched, tmp: Path) -> None:
         import torch.distributed.checkpoint as dcp
         final = self.out / f"checkpoint-{state.step}"
-        tmp = self.out / f".tmp-checkpoint-{state.step}"
         if self.acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -126,6 +162,7 @@ class Checkpointer:
                 torch.save(self.ema[0].state_dict(), tmp / EMA_FILE)
             fields = state.checkpoint_fields(self.hash, self.acc.num_processes)
             fields["model_digest"] = model_digest(self._model(model))
+            fields["resume_hash"] = self.resume
             (tmp / STATE_FILE).write_text(json.dumps(fields))
             os.replace(tmp, final)
         self.acc.wait_for_everyone()
@@ -146,13 +183,14 @@ class Checkpointer:
         if ck is None:
             return None
         fields = read_state(ck)
-        check_resumable(ck, fields, self.hash, self.acc.num_processes, model_digest(self._model(model)))
+        check_resumable(ck, fields, self.hash, self.acc.num_processes, model_digest(self._model(model)), self.resume)
         try:
             self._load(ck, model, opt, sched)
         except Exception as e:  # damaged, tampered with, or not this run's: pickled code included
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise RecipeError(f"{ck}: cannot be resumed ({type(e).__name__}: {first}); "
                               "use a new output_dir or delete the checkpoint") from None
+        self.saved_step = fields["step"]
         return ck, RunState.from_checkpoint(fields)
 
     def _load(self, ck: Path, model, opt, sched) -> None:
@@ -192,16 +230,52 @@ class Checkpointer:
         if self.acc.is_main_process:
             tmp = self.out / ".tmp-final"
             shutil.rmtree(tmp, ignore_errors=True)
-            unwrapped.save_pretrained(tmp, safe_serialization=True, **({"state_dict": sd} if sd is not None else {}))
-            tok.save_pretrained(tmp)
-            if classes is not None:
-                (tmp / "labels.json").write_text(json.dumps(classes))
-            if self.ema is not None:  # the EMA of the trainable parameters, by their names, beside the model
-                from safetensors.torch import save_file
-                averaged, _, names = self.ema
-                save_file({n: p.detach().contiguous().cpu() for n, p in zip(names, averaged.module, strict=True)},
-                          str(tmp / EMA_WEIGHTS))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            try:
+                with dequantised(unwrapped):
+                    unwrapped.save_pretrained(tmp, safe_serialization=True,
+                                              **({"state_dict": sd} if sd is not None else {}))
+                tok.save_pretrained(tmp)
+                if classes is not None:
+                    (tmp / "labels.json").write_text(json.dumps(classes))
+                if self.ema is not None:  # the EMA of the trainable parameters, by their names, beside the model
+                    from safetensors.torch import save_file
+                    averaged, _, names = self.ema
+                    save_file({n: p.detach().contiguous().cpu() for n, p in zip(names, averaged.module, strict=True)},
+                              str(tmp / EMA_WEIGHTS))
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+            except (OSError, RuntimeError) as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise disk_error(f"{final}", e) from None
         self.acc.wait_for_everyone()
         return final
+
+
+@contextlib.contextmanager
+def dequantised(model):
+    """A full fine-tune of a quantised base saved as plain safetensors that `from_pretrained`
+    loads. transformers refuses to save a model whose quantizer is not serialisable (a GGUF
+    base: "The model is quantized with gguf and is not serializable") although GGUF weights are
+    dequantised when loaded: then the quantizer is set aside for the save and put back. A base
+    whose weights are still packed is dequantised first (`PreTrainedModel.dequantize`). PEFT
+    models save their adapter only, and are left alone."""
+    q = getattr(model, "hf_quantizer", None)
+    if q is None or getattr(model, "_hf_peft_config_loaded", False) or q.is_serializable():
+        yield model
+        return
+    if any(not p.is_floating_point() for p in model.parameters()):
+        model.dequantize()
+        yield model
+        return
+    cfg = model.config
+    had = hasattr(cfg, "quantization_config")
+    qc = getattr(cfg, "quantization_config", None)
+    model.hf_quantizer = None
+    if had:
+        del cfg.quantization_config
+    try:
+        yield model
+    finally:
+        model.hf_quantizer = q
+        if had:
+            cfg.quantization_config = qc

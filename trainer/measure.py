@@ -43,6 +43,7 @@ class Meter:
         self.categories: dict = {}
         self.step_start = 0
         self.reserved = 0
+        self.state_bytes: int | None = None  # the optimizer's state after the measured step (CPU)
         if cuda:
             try:
                 from planner.gpus import NvmlSampler
@@ -77,6 +78,7 @@ class Meter:
             # micro-steps call a module's forward again: MemTracker's module state is reset after each backward
             yield PhaseRecorder(tracker, reset_modules_after=("backward",), phases=self.phases,
                                 categories=self.categories)
+        self.state_bytes = optimizer_state_bytes(optimizer)
 
     def discard(self) -> None:
         """Forget a step window that did not finish (an out-of-memory error; the step is retried)."""
@@ -94,7 +96,7 @@ class Meter:
             if self.categories:
                 comps = dict(self.categories[peak_phase])
                 comps["activations"] = comps.get("activations", 0) + comps.pop("logits", 0)
-                out["components"] = comps
+                out["components"] = as_estimated(comps, self.state_bytes)
         if self.cuda:
             import torch
             out["source"] = "cuda-allocator"
@@ -106,6 +108,33 @@ class Meter:
         else:
             out["source"] = "memtracker-cpu"
         return out
+
+
+def optimizer_state_bytes(opt) -> int:
+    """The bytes of the tensors the optimizer keeps between steps (its `state`; each storage once)."""
+    import torch
+    inner = getattr(opt, "optimizer", opt)  # accelerate's wrapper
+    seen, total = set(), 0
+    for state in inner.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() not in seen:
+                seen.add(v.untyped_storage().data_ptr())
+                total += v.untyped_storage().nbytes()
+    return total
+
+
+def as_estimated(comps: dict, state_bytes: int | None) -> dict:
+    """Measured components filed as the estimate files them. MemTracker files every tensor
+    created inside `optimizer.step()` as optimizer state (`Optstate`), the foreach AdamW's
+    temporary copy of the whole group included; the estimate counts only the state the
+    optimizer keeps as `optimizer`, and the step's temporaries (planner/memory.py `opt_temp`) as
+    `other`. What the tracker files as optimizer state beyond the state kept is moved to `other`."""
+    if state_bytes is None or comps.get("optimizer", 0) <= state_bytes:
+        return comps
+    out = dict(comps)
+    out["other"] = out.get("other", 0) + out["optimizer"] - state_bytes
+    out["optimizer"] = state_bytes
+    return out
 
 
 def predict(recipe, config, batch: int, seq: int, world: int, cuda: bool,
@@ -177,15 +206,17 @@ def worst_rank(measured: dict) -> dict:
     return worst
 
 
-def add_comparison(rep: dict, final: bool, cuda: bool) -> None:
+def add_comparison(rep: dict, final: bool, cuda: bool, show: bool = True) -> None:
     """A report's comparison rows and the total's error percentage, into `rep`; the table printed
-    on stderr."""
-    from rich.console import Console
+    on the screen when `show`."""
+    from .output import console
     rows = compare(rep["predicted"], rep["measured"])
     rep["comparison"] = rows
     rep["total_error_pct"] = next(r["error_pct"] for r in rows if r["what"] == "total (peak)")
+    if not show:
+        return
     b, s = rep["measured_step_shape"]
-    Console(stderr=True).print(table(rows, f"memory per {'GPU' if cuda else 'process'}, predicted against measured "
+    console().print(table(rows, f"memory per {'GPU' if cuda else 'process'}, predicted against measured "
                                            f"({'end of run' if final else 'measured step'}, micro-batch {b} x {s} "
                                            "tokens)"))
 

@@ -34,11 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.recipe import Recipe, RecipeError, load
+from planner.recipe import Recipe, RecipeError, load, resume_hash
 
 from .checkpoint import Checkpointer, latest_checkpoint, recipe_hash
 from .measure import predict
 from .model import param_groups, parameter_counts
+from .output import console, screen, to_log_file
 from .resilience import (
     OutOfMemory,
     RunStopped,
@@ -64,6 +65,11 @@ EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 def finite(x: float | None, digits: int = 5) -> float | None:
     """A value for the JSON files: rounded, and None (null) when not finite."""
     return round(x, digits) if x is not None and math.isfinite(x) else None
+
+
+def model_name(recipe: Recipe) -> str:
+    """The model as the user named it: a GGUF file by its path, not the directory holding it."""
+    return str(Path(recipe.base_model) / recipe.gguf_file) if recipe.gguf_file else recipe.base_model
 
 
 def real_tokens(batch: dict) -> int:
@@ -150,6 +156,7 @@ class Trainer:
         self.total_steps = 0
         self.ckpt: Checkpointer | None = None
         self.measured_shape: tuple[int, int] | None = None  # the micro-batch of the measured step
+        self.table_shown = False  # the predicted-against-measured table, printed once
 
     @property
     def accumulation(self) -> int:
@@ -361,7 +368,7 @@ class Trainer:
         report = None
         t0 = time.perf_counter()
         self._catch_signals()
-        self.log(f"training {r.base_model}: {self.n_trainable:,} of {self.n_params:,} parameters trainable, "
+        self.log(f"training {model_name(r)}: {self.n_trainable:,} of {self.n_params:,} parameters trainable, "
                  f"{self.total_steps} steps of {r.micro_batch_size} x {r.gradient_accumulation_steps} x "
                  f"{self.proc.world} rows")
         with self._progress() as show:
@@ -410,7 +417,7 @@ class Trainer:
         cuda = self.proc.cuda
         progress = Progress(TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
                             TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not self.proc.main,
-                            transient=False)
+                            transient=False, console=console())
         with progress:
             task = progress.add_task("train", total=self.total_steps, completed=self.state.step, info="")
 
@@ -457,10 +464,19 @@ class Trainer:
         """The last evaluation, the final save, and the end-of-run report (the measured step's
         when the end-of-run one has no measurement)."""
         st = self.state
+        if self.ckpt.saved_step != st.step:  # the trained weights first: nothing after the last step can lose them
+            self.ckpt.save(st, self.model, self.opt, self.sched)
         ev = self.evaluate()
         if ev:
             self.metrics({"step": st.step, **ev})
-        final = self.ckpt.save_final(self.model, self.tok, self.data.classes)
+        try:
+            final = self.ckpt.save_final(self.model, self.tok, self.data.classes)
+        except RunStopped as e:
+            raise RunStopped(f"{e}; the trained weights are in checkpoint-{st.step}") from None
+        except Exception as e:  # noqa: BLE001 - whatever the library raises, the weights are safe
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise RunStopped(f"the final save failed ({type(e).__name__}: {first}); the trained weights are in "
+                             f"{self.out / f'checkpoint-{st.step}'}") from None
         return self.report(meter, final=True, extra=self._summary(elapsed, ev, final)) or report
 
     def _summary(self, elapsed: float, ev: dict, final: Path) -> dict:
@@ -473,7 +489,9 @@ class Trainer:
                 "tokens_per_s_other_steps": round((st.tokens - st.measured_tokens) / rest, 1) if rest > 0 else None,
                 "label_tokens": st.label_tokens, "first_loss": finite(st.first_loss, 8),
                 "final_loss": finite(st.last_loss, 8), "mean_loss": finite(st.mean_loss), "eval": ev,
-                "saved": str(final)}
+                "saved": str(final), "finished": True, "total_steps": self.total_steps,
+                "resume_hash": resume_hash(self.recipe),
+                "length": {"max_steps": self.recipe.max_steps, "num_epochs": self.recipe.num_epochs}}
 
     # ------------------------------------------------------------ one optimizer step
     def optimizer_step(self, batches: list, meter) -> tuple[float, float | None, int]:
@@ -606,8 +624,7 @@ class Trainer:
     # ------------------------------------------------------------ ranks, logs, evaluation
     def log(self, msg: str) -> None:
         if self.proc.main:
-            from rich.console import Console
-            Console(stderr=True).print(msg, highlight=False)
+            console().print(msg, highlight=False, soft_wrap=True)  # a path in a line stays whole
 
     def metrics(self, row: dict) -> None:
         if self.proc.main:
@@ -672,8 +689,9 @@ class Trainer:
         if not self.proc.main:
             return None
         rep = self._report_fields(measured, meter.notes, extra or {})
-        if rep["predicted"] is not None:
-            add_comparison(rep, final, self.proc.cuda)
+        if rep["predicted"] is not None:  # the table on the screen once: after the measured step
+            add_comparison(rep, final, self.proc.cuda, show=not self.table_shown)
+            self.table_shown = True
         write_json(str(self.out / "run_report.json"), rep)
         return rep
 
@@ -683,7 +701,7 @@ class Trainer:
         r, st, proc = self.recipe, self.state, self.proc
         b, s = self.measured_shape
         predicted, notes = predict(r, self.config, b, s, proc.world, proc.cuda, self.accumulation)
-        rep = {"recipe": self.recipe_path, "recipe_hash": recipe_hash(r), "model": r.base_model,
+        rep = {"recipe": self.recipe_path, "recipe_hash": recipe_hash(r), "model": model_name(r),
                "device": "cuda" if proc.cuda else "cpu", "world_size": proc.world,
                "params": self.n_params, "trainable_params": self.n_trainable, "data": self.data.stats,
                "measured_step_shape": [b, s], "predicted": predicted, "measured": measured,
@@ -704,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = None
     try:
         recipe = load(argv[0])
+        to_log_file(Path(recipe.output_dir))  # library warnings and loading bars: OUTPUT_DIR/train.log
         t = Trainer(recipe, argv[0])
         t.setup()
         t.run()
@@ -720,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fail(recipe: Recipe | None, line: str, status: int) -> int:
     """One line on stderr, and the same for the launcher (when the recipe loaded); the status."""
-    print(f"plan train: {line}", file=sys.stderr)
+    print(f"plan train: {line}", file=screen())
     if recipe is not None:
         _error_file(recipe, line, status)
     return status

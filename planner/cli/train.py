@@ -12,9 +12,9 @@ import typer
 
 from ..contract import DataFormat, PlanError
 from ..data import DataError, check_records, read_records
-from .common import fail, plan_spec
-from .emit_config import plan_files, recommended
-from .options import Data, DataFormatOpt, Force, GlobalBatch, Gpu, Gpus, MethodOpt, Out, SeqLen, plain
+from .common import fail, plan_spec, request
+from .emit_config import ChosenPlan, plan_files, recommended
+from .options import Data, DataFormatOpt, GlobalBatch, Gpu, Gpus, MethodOpt, Out, SeqLen, plain
 
 RecipeArg = Annotated[Optional[str], typer.Argument(help="recipe.yaml (plan emit-config writes one)")]
 Auto = Annotated[Optional[str], typer.Option(
@@ -26,6 +26,9 @@ NumProcesses = Annotated[Optional[int], typer.Option(
 Strict = Annotated[bool, typer.Option(
     "--strict", metavar="", help="exit 1 when the measured peak is outside --tolerance")]
 Tolerance = Annotated[float, typer.Option("--tolerance", help="percent, for --strict")]
+Force = Annotated[bool, typer.Option(
+    "--force", metavar="", help="replace the plan files --auto writes, and train a finished run again from the start "
+    "(the old run moves to OUTPUT_DIR/previous-*/)")]
 
 
 def train_cmd(ctx: typer.Context, recipe: RecipeArg = None, auto: Auto = None, data: Data = None,
@@ -45,15 +48,51 @@ def train_cmd(ctx: typer.Context, recipe: RecipeArg = None, auto: Auto = None, d
         fail("--auto needs --data PATH (the training data)")
     try:
         path = recipe if auto is None else auto_recipe(ctx.params)
-        code = run(path, num_processes, strict, tolerance, echo=lambda m: typer.echo(m, err=True))
+        if path is None:  # planned for a GPU this machine does not have: the plan is written, not trained
+            raise typer.Exit(0)
+        code = run(path, num_processes, strict, tolerance, echo=lambda m: typer.echo(m, err=True), force=force)
     except (RecipeError, PlanError) as e:
         fail(str(e))
     raise typer.Exit(code)
 
 
-def auto_recipe(options: Mapping[str, Any]) -> str:
-    """plan recommend's best plan for --gpu, written as emit-config writes it into --out, where
-    the recipe trains. Returns the recipe's path."""
+def train_device(gpu: str):
+    """What `--auto` plans for, whether it trains here, and the line that says so.
+
+    `--gpu auto` (the default): the GPUs NVML sees, or, with none, this machine's CPU and RAM
+    (`planner.gpus.host_machine`). A GPU name plans for that GPU; the run trains only where NVML
+    sees one of that name (a plan for a GPU this machine lacks is written, not trained on the CPU)."""
+    from ..gpus import GPUError, detect, from_nvml, host_machine, lookup
+    found, note = detect()
+    if gpu == "auto":
+        if not found:
+            g = host_machine()
+            return g, True, f"no NVIDIA GPU here ({note}): planning for {g.name}, and training on it"
+        first = found[0]["name"]
+        same = [d for d in found if d["name"] == first]
+        g = from_nvml(first, min(d["memory_bytes"] for d in same), len(same))
+        return g, True, f"planning for {g.count} x {first} as NVML sees it ({g.memory_bytes / 2**30:,.1f} GiB each)"
+    try:
+        g = lookup(gpu)
+    except GPUError as e:
+        fail(str(e))
+    here = any(_same_gpu(d["name"], g) for d in found)
+    return g, here, f"planning for {g.name}" + ("" if here else ": not on this machine, so the plan is written "
+                                                "for planning only, not trained")
+
+
+def _same_gpu(nvml_name: str, g) -> bool:
+    from ..gpus import GPUError, lookup
+    try:
+        return lookup(nvml_name).name == g.name
+    except GPUError:
+        return False
+
+
+def auto_recipe(options: Mapping[str, Any]) -> str | None:
+    """plan recommend's best plan for the device `train_device` chooses, written as emit-config
+    writes it into --out, where the recipe trains. Returns the recipe's path, or None when the
+    plan is for a GPU this machine does not have (written, not to be trained here)."""
     from ..emit import write_files
     model, data, fmt, out = options["auto"], options["data"], plain(options["data_format"]), options["out"]
     try:  # the data first: a bad file is named before any planning is printed
@@ -61,13 +100,29 @@ def auto_recipe(options: Mapping[str, Any]) -> str:
     except DataError as e:
         fail(str(e))
     res, spec = plan_spec(model)
-    plan = recommended(model, options, res, spec)
+    g, trains, line = train_device(options["gpu"])
+    typer.echo(f"plan: {line}", err=True)
+    plan = cpu_plan(model, options, res, spec, g) if g.cpu else recommended(model, options, res, spec)
     contents = plan_files(model, res, spec, plan, out, data=str(Path(data).resolve()), data_format=fmt)
     contents["recipe.yaml"] = _runs_in(contents["recipe.yaml"], out, options["max_steps"])
-    for line in plan.why:
-        typer.echo(f"plan: {line}", err=True)
+    for why in plan.why:
+        typer.echo(f"plan: {why}", err=True)
     written = write_files(out, contents, options["force"])
-    return next(w for w in written if w.endswith("recipe.yaml"))
+    recipe = next(w for w in written if w.endswith("recipe.yaml"))
+    if not trains:
+        typer.echo(f"plan: written to {out}; on a machine with {g.name}: plan train {recipe}", err=True)
+        return None
+    return recipe
+
+
+def cpu_plan(model: str, options: Mapping[str, Any], res, spec, g) -> ChosenPlan:
+    """recommend's best plan for this machine's CPU and RAM (exit 2 when nothing fits)."""
+    from ..recommend import recommend
+    plans = recommend(spec, request(options, res, spec, g))
+    if not plans:
+        fail(f"nothing fits {g.name}: try --method lora or a shorter --seq-len, or plan for a GPU with --gpu NAME")
+    best = plans[0]
+    return ChosenPlan(best.settings, best.accumulation, best.estimate, list(best.notes), None)
 
 
 def _runs_in(recipe_yaml: str, out: str, max_steps: Optional[int]) -> str:

