@@ -54,6 +54,7 @@ def derived_spec(res: Resolved) -> ModelSpec:
     try:
         spec = proxy_spec(res.config)
     except PlanError as e:
+        buildable(res)  # a model_type transformers does not know says so first
         fail(f"{res.name}: {e}")
     if not spec.extra["derived"].derived_before():
         buildable(res)
