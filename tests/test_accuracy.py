@@ -37,11 +37,12 @@ def test_validation_median_3_max_8_percent(validation_results):
 
 
 def test_fake_step_matches_real_step_of_real_weights(validation_results):
-    """The fake-tensor measurement is the real one: for each real pretrained model, its real CPU
-    step (measured in the matrix) and the fake step of its config agree within 1%."""
+    """The fake-tensor measurement is the real one: for each real pretrained model of REAL, its
+    real CPU step (measured in the matrix) and the fake step of its config agree within 1% (the
+    technique cases on real weights, in the extra suite, are checked against the estimate)."""
     from planner.measure.simulate import measure
     from planner.resolve import resolve
-    real_cases = [(c, r) for c, r in validation_results.values() if c.source == "weights"]
+    real_cases = [(c, r) for c, r in validation_results.values() if c.source == "weights" and c.suite == "accuracy"]
     installed = [p for p, rel, _ in REAL if real_weights_path(p, rel)]
     assert len(real_cases) == len(installed)
     if not installed:
