@@ -155,6 +155,16 @@ class Allocator:
         self.peak_allocated = max(self.peak_allocated, self.allocated)
         self.peak_reserved = max(self.peak_reserved, self.reserved)
 
+    @staticmethod
+    def _absorb(pool: _Pool, left: _Block, right: _Block) -> None:
+        """`left` takes in its free neighbour `right` (`try_merge_blocks`)."""
+        left.size += right.size
+        left.next = right.next
+        if right.next is not None:
+            right.next.prev = left
+        if pool.tail is right:
+            pool.tail = left
+
     def free(self, key) -> None:
         item = self.live.pop(key, None)
         if item is None:  # freed before the trace began
@@ -162,24 +172,14 @@ class Allocator:
         b, small = item
         pool = self.pools[small]
         self.allocated -= b.size
-        for nb in (b.prev, b.next):
-            if nb is not None and nb.free and nb.seg == b.seg:
-                self._drop_free(pool, nb)
-                if nb is b.prev:
-                    nb.size += b.size
-                    nb.next = b.next
-                    if b.next is not None:
-                        b.next.prev = nb
-                    if pool.tail is b:
-                        pool.tail = nb
-                    b = nb
-                else:
-                    b.size += nb.size
-                    b.next = nb.next
-                    if nb.next is not None:
-                        nb.next.prev = b
-                    if pool.tail is nb:
-                        pool.tail = b
+        prev, nxt = b.prev, b.next
+        if prev is not None and prev.free and prev.seg == b.seg:
+            self._drop_free(pool, prev)
+            self._absorb(pool, prev, b)
+            b = prev
+        if nxt is not None and nxt.free and nxt.seg == b.seg:
+            self._drop_free(pool, nxt)
+            self._absorb(pool, b, nxt)
         self._add_free(pool, b)
 
 
