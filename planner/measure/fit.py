@@ -125,9 +125,7 @@ def run_scenario(model_id: str, gpu_name: str, method: str, optimizer: str, outs
 def main(argv: list[str] | None = None) -> int:
     """`OUT_DIR`: every scenario, each in a process of its own (a fresh caching allocator), into
     OUT_DIR/fit.csv. `--scenario I`: scenario I in this process, as a JSON line."""
-    import subprocess
-
-    from .gpu import write_csv
+    from .gpu import run_child, write_csv
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--scenario"]:
         import torch
@@ -141,12 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     out = argv[0] if argv else "tables"
     rows = []
     for i, scenario in enumerate(SCENARIOS):
-        proc = subprocess.run([sys.executable, "-m", "planner.measure.fit", "--scenario", str(i)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"FAILED {scenario}: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        row, error = run_child([sys.executable, "-m", "planner.measure.fit", "--scenario", str(i)])
+        if row is None:
+            print(f"FAILED {scenario}: {error}", flush=True)
             continue
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{row['model']} on {row['gpu_played']} ({row['method']}): micro {row['micro_batch']} "
               f"{'ran' if row['plan_ok'] else 'OUT OF MEMORY'} at {row['plan_device'] / 2**30:.2f} GiB "
               f"(predicted {row['predicted_device'] / 2**30:.2f}, card {row['gpu_memory_bytes'] / 2**30:.2f}); "

@@ -199,6 +199,15 @@ def measure_case(model_id: str, settings: dict, trace: bool = False) -> tuple[di
     return row, events
 
 
+def run_child(argv: list[str]) -> tuple[dict | None, str]:
+    """One measurement in a process of its own (a fresh caching allocator): the JSON row it prints
+    last, or None and the last line of its error output."""
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None, (proc.stderr.strip().splitlines() or [""])[-1]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), ""
+
+
 def write_csv(path: str, rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -219,11 +228,10 @@ def run(out_csv: str, cases=CASES, echo=print, traces: str | None = None) -> lis
         for i, (model_id, settings) in enumerate(cases):
             npz = os.path.join(tmp, f"{i}.npz") if traces else ""
             argv = [sys.executable, "-m", "planner.measure.gpu", "--case", json.dumps([model_id, settings]), npz]
-            proc = subprocess.run(argv, capture_output=True, text=True)
-            if proc.returncode != 0:
-                echo(f"FAILED {model_id} {settings}: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+            row, error = run_child(argv)
+            if row is None:
+                echo(f"FAILED {model_id} {settings}: {error}", flush=True)
                 continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
             echo(f"{row['case']} [{row['allocator']}]: peak {row['peak_error_pct']:+.2f}%  "
                  f"device {row['device_error_pct']:+.2f}%  reserved/allocated "
                  f"{row['reserved_peak'] / row['allocated_peak']:.3f}  "
