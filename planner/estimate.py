@@ -52,9 +52,7 @@ def validate(spec: ModelSpec, st: Settings) -> Settings:
     (`extra['derived']`, planner/measure/derived.py) checks its targets against the real module."""
     check_options(st)
     derived = spec.extra.get("derived")
-    if st.seq_len > spec.max_positions:
-        raise PlanError(f"{{seq_len}} {st.seq_len} exceeds the model's maximum of {spec.max_positions} positions",
-                        "seq_len")
+    check_seq_len(spec, st.seq_len)
     if st.loss != "standard" and spec.is_encoder:
         raise PlanError(f"{{loss}} {st.loss} replaces a causal LM's output head and loss; {spec.model_type} trains a "
                         "classification head here: use {loss} standard", "loss")
@@ -67,6 +65,13 @@ def validate(spec: ModelSpec, st: Settings) -> Settings:
     if st.lora and st.lora_rank > spec.hidden:
         raise PlanError(f"{{lora_rank}} {st.lora_rank} exceeds the hidden size ({spec.hidden})", "lora_rank")
     return st
+
+
+def check_seq_len(spec: ModelSpec, seq_len: int) -> None:
+    """The sequence against the model's maximum positions (`max_position_embeddings`)."""
+    if seq_len > spec.max_positions:
+        raise PlanError(f"{{seq_len}} {seq_len} exceeds the model's maximum of {spec.max_positions} positions",
+                        "seq_len")
 
 
 def loss_notes(spec: ModelSpec, st: Settings) -> list[str]:
@@ -109,7 +114,8 @@ def estimate(spec: ModelSpec, st: Settings) -> Estimate:
         phase_comp, end_bw = replicated_phases(spec, pc, st, notes)
     else:
         phase_comp, end_bw, cpu, nvme = sharded_phases(spec, pc, st, notes)
-    phases = {k: int(sum(v.values())) for k, v in phase_comp.items()}
+    # whole bytes per component, summed exactly (a float sum drifts from its parts past 2**53 bytes)
+    phases = {k: sum(int(x) for x in v.values()) for k, v in phase_comp.items()}
     phases["backward"] = max(phases["backward"], int(end_bw))
     peak_phase = max(phases, key=phases.get)
     comps = {k: 0 for k in COMPONENTS}

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from .contract import LOSS_CHUNKS, PAGED_NOTE, UNMEASURED_FUSED, Method, Optimizer, PlanError, Settings, world_size
 from .distributed import strategy_choices
-from .estimate import Estimate, estimate
+from .estimate import Estimate, check_seq_len, estimate
 from .gpus import GPU
 from .margin import UNMEASURED_MARGIN, evidence
 from .memory import CUDA_CONTEXT_BYTES
@@ -295,6 +295,7 @@ def rank_plans(plans: list[Plan], req: Request) -> list[Plan]:
 def recommend(spec: ModelSpec, req: Request) -> list[Plan]:
     """The plans that fit, best first; empty when none does (see `nearest_fits`)."""
     check_request(req)
+    check_seq_len(spec, req.seq_len)
     methods = METHODS if req.method == "auto" else (req.method,)
     if req.gpu.cpu:  # QLoRA's NF4 kernels need CUDA
         methods = tuple(m for m in methods if m != "qlora")

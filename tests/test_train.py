@@ -163,7 +163,7 @@ def test_ema_run_is_predicted_saves_the_averaged_weights_and_resumes(tiny, tmp_p
     ema, final = load_file(out / "final" / "ema.safetensors"), load_file(out / "final" / "model.safetensors")
     assert "model.layers.0.mlp.down_proj.weight" in ema and len(ema) >= len(final)
     assert any(not (ema[k] == final[k]).all() for k in final if k in ema)  # averaged, not the last weights
-    for p in ("final", "metrics.jsonl", "run_report.json"):
+    for p in ("final", "checkpoint-4", "metrics.jsonl", "run_report.json"):  # as if killed after step 2's checkpoint
         subprocess.run(["rm", "-rf", str(out / p)], check=True)
     r = run_plan("train", path)
     assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-2000:]
@@ -182,7 +182,7 @@ def test_parameter_groups_train_and_resume_with_the_same_groups(tiny, tmp_path):
     r = run_plan("train", path)
     assert r.returncode == 0, r.stderr[-2000:]
     losses = {m["step"]: m["loss"] for m in metrics(out) if "loss" in m}
-    for p in ("final", "metrics.jsonl", "run_report.json"):
+    for p in ("final", "checkpoint-4", "metrics.jsonl", "run_report.json"):  # as if killed after step 2's checkpoint
         subprocess.run(["rm", "-rf", str(out / p)], check=True)
     r = run_plan("train", path)
     assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-2000:]

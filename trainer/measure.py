@@ -111,12 +111,16 @@ class Meter:
 
 
 def optimizer_state_bytes(opt) -> int:
-    """The bytes of the tensors the optimizer keeps between steps (its `state`; each storage once)."""
+    """The bytes of the tensors the optimizer keeps between steps (its `state`; each storage once).
+    Under FSDP2 the state is DTensors: this rank's shard (`to_local()`) is what it holds."""
     import torch
+    from torch.distributed.tensor import DTensor
     inner = getattr(opt, "optimizer", opt)  # accelerate's wrapper
     seen, total = set(), 0
     for state in inner.state.values():
         for v in state.values():
+            if isinstance(v, DTensor):
+                v = v.to_local()
             if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() not in seen:
                 seen.add(v.untyped_storage().data_ptr())
                 total += v.untyped_storage().nbytes()

@@ -41,6 +41,8 @@ def recommend_cmd(ctx: typer.Context, model: Model, gpu: Gpu, gpus: Gpus = None,
                   host_ram: HostRam = None, loss: LossOpt = None, loss_chunks: LossChunks = None, top: Top = 5,
                   as_json: Json = False) -> None:
     """The fastest plan that fits: method, LoRA rank, strategy, offload, micro-batch, accumulation, checkpointing."""
+    if top < 1:
+        fail(f"--top must be at least 1, got {top}")
     res, spec = plan_spec(model)
     g = find_gpu(gpu)
     req = request(ctx.params, res, spec, g)
