@@ -9,6 +9,11 @@ workspaces a CUDA process takes from the caching allocator at its first matmul.
 `python -m planner.measure.replay TRACES.npz CSV` checks both halves against a GPU run of the
 suite: each GPU trace replayed through the model against the reserved peak torch reported, and
 each case's simulated trace replayed against it too.
+
+`python -m planner.measure.replay --grid tables/allocator_grid.csv` replays the simulator's whole
+runs over GRID (models, full and LoRA, with and without checkpointing, 2k-16k tokens) and writes
+each run's live peak, its replayed high-water mark and the estimate's (`memory.allocator_slack`):
+the evidence the SLACK_* terms are fitted to. It appends, so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -71,8 +76,70 @@ def check(traces: str, rows_csv: str, expandable: bool = True, simulate: bool = 
     return out
 
 
+GRID_MODELS = ("meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-0.5B", "HuggingFaceTB/SmolLM2-360M", "openai-community/gpt2",
+               "Qwen/Qwen3-0.6B")
+GRID_SHAPES = ((1, 2048), (4, 2048), (8, 2048))
+GRID_FIELDS = ("case", "step_peak", "replayed", "estimated", "error_pct", "logits16", "ckpt_grads")
+
+
+def grid_cases() -> list[str]:
+    """GRID as suite case names (planner.margin.suite_case reads them): each model full
+    (bf16-amp) and LoRA r16 (bf16-pure), with and without checkpointing, at each shape; GPT-2
+    (1024 positions) at the same token counts."""
+    out = []
+    for model in GRID_MODELS:
+        for method, precision in (("full", "bf16-amp"), ("lora16", "bf16-pure")):
+            for ckpt in ("nockpt", "ckpt"):
+                for b, s in GRID_SHAPES:
+                    if model == "openai-community/gpt2":
+                        b, s = 2 * b, s // 2
+                    out.append(f"{model}/{precision}/{method}/none/{ckpt}/b{b}s{s}/adamw")
+    return out
+
+
+def grid(path: str, echo=print) -> None:
+    """Simulate and replay each grid case not yet in `path` (a CSV, appended)."""
+    import os
+
+    from ..estimate import estimate
+    from ..margin import suite_case
+    from ..memory import CUDA_CONTEXT_BYTES, allocator_slack, device_bytes, loss_logit_elems
+    from ..precision import RECIPES
+    from ..resolve import catalog
+    from ..spec import ModelSpec, count_params
+    done = {r["case"] for r in csv.DictReader(open(path))} if os.path.exists(path) else set()
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, GRID_FIELDS)
+        if new:
+            w.writeheader()
+        for case in grid_cases():
+            if case in done:
+                continue
+            model_id, st = suite_case(case)
+            cfg = catalog()[model_id]["config"]
+            m = measure(cfg, st, fake=True, keep_events=True)
+            a = replay(m.events)
+            spec = ModelSpec.from_config(cfg)
+            est = estimate(spec, st)
+            pc = count_params(spec)
+            predicted = device_bytes(est.phases, allocator_slack(spec, pc, st)) - CUDA_CONTEXT_BYTES
+            rc = RECIPES[st.precision]
+            row = {"case": case, "step_peak": m.peak_bytes, "replayed": a.peak_reserved, "estimated": predicted,
+                   "error_pct": round(100 * (predicted - a.peak_reserved) / a.peak_reserved, 2),
+                   "logits16": loss_logit_elems(spec, st) * 2 if rc.compute < 4 else 0,
+                   "ckpt_grads": (rc.grad * pc.largest_layer * spec.layers
+                                  if st.grad_checkpointing and not st.lora else 0)}
+            w.writerow(row)
+            f.flush()
+            echo(json.dumps(row))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--grid":
+        grid(argv[1] if len(argv) > 1 else "tables/allocator_grid.csv")
+        return 0
     expandable = "default" not in argv[0]
     check(argv[0], argv[1], expandable=expandable, simulate="--no-sim" not in argv)
     return 0

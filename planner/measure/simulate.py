@@ -117,9 +117,10 @@ class Measurement:
 
 def measure(cfg: dict, st: Settings, fake: bool = True, weights: str | None = None,
             keep_events: bool = False) -> Measurement:
-    """Run warm-up + measured step under MemTracker; return the peak and per-phase peaks of the
-    measured step, and the caching allocator's reserved peak for the whole run (model, warm-up,
-    step) from its allocation sequence replayed through planner/allocator.py."""
+    """Build the model, run a warm-up and a measured step; return the peak and per-phase peaks of
+    the measured step (MemTracker, entered at its start), and the caching allocator's reserved
+    peak for the whole run (model, warm-up, step: `AllocationRecorder` from the first tensor)
+    from its allocation sequence replayed through planner/allocator.py."""
     if fake and st.optimizer == "lbfgs":
         raise PlanError("{optimizer} lbfgs reads values inside its step (its curvature test, the loss): the "
                         "simulator runs it on real tensors only", "optimizer")
@@ -138,9 +139,20 @@ def _measure(cfg: dict, st: Settings, fake: bool, weights: str | None = None, ke
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ..allocator import replay
-    from .tracker import PhaseRecorder, TraceTracker
+    from .tracker import AllocationRecorder
     mode = FakeTensorMode() if fake else None
     torch.manual_seed(0)
+    with AllocationRecorder() as recorder:
+        m = _run(cfg, st, mode, weights, recorder)
+    m.reserved_bytes = replay(recorder.events).peak_reserved
+    m.events = recorder.events if keep_events else None
+    return m
+
+
+def _run(cfg: dict, st: Settings, mode, weights: str | None, recorder) -> Measurement:
+    import torch
+
+    from .tracker import PhaseRecorder, Tracker
     model, config = build_model(cfg, st, mode, weights)
     ctx = mode if mode is not None else contextlib.nullcontext()
     rc = RECIPES[st.precision]
@@ -153,20 +165,20 @@ def _measure(cfg: dict, st: Settings, fake: bool, weights: str | None = None, ke
         labels = torch.zeros(st.batch_size, dtype=torch.long) if is_encoder(config) else ids
         batch = dict(input_ids=ids, labels=labels)
         micro = 2 if st.accumulation > 1 else 1  # from the second micro-step on, the memory repeats
-        # warm-up, untracked: creates the optimizer state. L-BFGS: steps until its history is full
-        # (at most one pair per step, none when the step fails its curvature test): twice the
-        # history and more. (A tracker entered before the warm-up keeps two hidden-sized tensors of
-        # a checkpointed LoRA step alive that an untracked run frees: 6% on a small gemma2.)
+        # the cuBLAS workspaces, taken at the first matmul and kept (the allocator's sequence)
+        recorder.events += [(True, ("cublas", i), size) for i, size in enumerate(CUBLAS_WORKSPACES)]
+        # warm-up, under the allocation recorder only: creates the optimizer state. L-BFGS: steps
+        # until its history is full (at most one pair per step, none when the step fails its
+        # curvature test): twice the history and more. (A MemTracker entered before the warm-up
+        # keeps two hidden-sized tensors of a checkpointed LoRA step alive that an untracked run
+        # frees: 6% on a small gemma2.)
         for _ in range(2 * st.lbfgs_history + 2 if st.optimizer == "lbfgs" else 1):
             train_step(model, opt, batch, amp, micro_steps=micro, ema=ema)
-        tracker = TraceTracker()
+        tracker = Tracker()
         tracker.track_external(model, opt, ids, labels, *([ema[0]] if ema else []))
         # state MemTracker's optimizer walk misses: tensors in lists (L-BFGS's history pairs)
         tracker.track_external(*[t for state in opt.state.values() for v in state.values() if isinstance(v, list)
                                  for t in v if isinstance(t, torch.Tensor)])
-        # the allocator's sequence: what lives at the step's start (as tracked above, in that
-        # order), the cuBLAS workspaces, then the measured step
-        tracker.events += [(True, ("cublas", i), size) for i, size in enumerate(CUBLAS_WORKSPACES)]
         record = PhaseRecorder(tracker, reset_modules_after=("backward",) if micro > 1 else ())
         with tracker:
             s0 = tracker.get_tracker_snapshot("current")
@@ -180,9 +192,7 @@ def _measure(cfg: dict, st: Settings, fake: bool, weights: str | None = None, ke
         n_train = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
     peak = max(phases.values())
     return Measurement(peak_bytes=int(peak), phases={k: int(v) for k, v in phases.items()}, categories=cats,
-                       params=int(n_params), trainable_params=int(n_train),
-                       reserved_bytes=replay(tracker.events).peak_reserved,
-                       events=tracker.events if keep_events else None)
+                       params=int(n_params), trainable_params=int(n_train))
 
 
 def simulated_estimate(cfg: dict, st: Settings, budget: Budget = Budget()) -> Estimate:

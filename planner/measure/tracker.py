@@ -38,26 +38,6 @@ class Tracker(MemTracker):
                 self._peak_mem_snap[dev] = dict(snap)
 
 
-class TraceTracker(Tracker):
-    """Tracker that also writes down each storage's arrival and departure, in order: the
-    allocation sequence a caching allocator would see (planner/allocator.py replays it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[tuple[bool, object, int]] = []
-
-    def _update_snap(self, u_type, winfo, old_mem_consumed=None, old_reftype=None) -> None:
-        name = getattr(u_type, "name", str(u_type))
-        if name == "ADD" and winfo.mem_consumed > 0:
-            self.events.append((True, id(winfo), winfo.mem_consumed))
-        elif name == "DEL" and winfo.mem_consumed > 0:
-            self.events.append((False, id(winfo), 0))
-        elif name == "SIZE":
-            self.events.append((False, id(winfo), 0))
-            self.events.append((True, id(winfo), winfo.mem_consumed))
-        super()._update_snap(u_type, winfo, old_mem_consumed=old_mem_consumed, old_reftype=old_reftype)
-
-
 def phase_peak(tracker: MemTracker, dev=None) -> tuple:
     """(device, the peak snapshot since the last call) for the tracked device, then restart the
     peak from the live bytes now, so that each phase of a step reports its own peak."""
@@ -107,3 +87,55 @@ class PhaseRecorder:
     def clear(self) -> None:
         self.phases.clear()
         self.categories.clear()
+
+
+class AllocationRecorder:
+    """Every storage a run creates, from its first tensor, and its release, in order: the
+    allocation sequence a caching allocator sees over a whole process (planner/allocator.py
+    replays it). A dispatch mode that keeps only weak references, so that, unlike a MemTracker
+    entered before the warm-up, it changes no tensor's lifetime."""
+
+    def __init__(self) -> None:
+        import weakref
+
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self.events: list[tuple[bool, object, int]] = []
+        seen = WeakIdKeyDictionary()
+        events = self.events
+        counter = iter(range(1 << 62))
+
+        def note(t) -> None:
+            st = t.untyped_storage()
+            if st in seen or st.nbytes() == 0:
+                return
+            key = next(counter)
+            seen[st] = key
+            events.append((True, key, st.nbytes()))
+            weakref.finalize(st, events.append, (False, key, 0))
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and not t.is_meta:
+                        note(t)
+                return out
+
+        self.note = note
+        self.mode = _Mode()
+
+    def track_external(self, *tensors) -> None:
+        """Tensors made outside the recorder (before it was entered), in this order."""
+        for t in tensors:
+            self.note(t)
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
