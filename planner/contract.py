@@ -122,6 +122,18 @@ its kernel cannot run on this CPU-only machine."""
 LOSS_CHUNKS = 8
 """torchtune's default `num_output_chunks` (CEWithChunkedOutputLoss)."""
 
+ACTIVATION_OFFLOAD = "activation_offload"
+"""The one name of activation offloading: the Settings field, `--activation-offload`, and the
+recommend technique's settings. Modelled on TRL's `OffloadActivations` through
+`get_act_offloading_ctx_manager` (trl/models/activation_offloading.py), what Axolotl's
+`activation_offloading: true` and TRL's `SFTConfig(activation_offloading=True)` run, a copy of
+torchtune's `enable_activation_offloading` (torchtune/training/_activation_offloading.py);
+planner/memory.py: offloaded_activations."""
+UNMEASURED_OFFLOAD = ("the GPU-side bytes under activation offloading are unmeasured: TRL's and torchtune's "
+                      "OffloadActivations create CUDA streams when built and skip tensors that are not on a GPU, so "
+                      "they cannot run on a CPU; what they move to host RAM is measured (tables/validation.csv)")
+"""What the estimate says of activation offloading on a machine without a CUDA GPU."""
+
 
 class Quant(Choice):
     """The stored base of a LoRA run: unquantised, bitsandbytes LLM.int8 or NF4 (QLoRA)."""
@@ -259,6 +271,9 @@ class Settings:
     ema: bool = False
     # torch.optim.LBFGS's history_size: the (y, s) pairs of flat vectors it keeps (its default, 100)
     lbfgs_history: int = 100
+    # activation offloading (ACTIVATION_OFFLOAD): the saved activations go to host RAM in the
+    # forward and come back in the backward; with checkpointing, the checkpointed blocks' inputs
+    activation_offload: bool = False
 
     @property
     def tokens(self) -> int:
@@ -321,6 +336,11 @@ def check_options(st: Settings) -> Settings:
     if st.optimizer == "lbfgs" and st.strategy != "ddp":
         raise PlanError(f"{{optimizer}} lbfgs under {{strategy}} {st.strategy} is not modelled: its flat vectors "
                         "span every parameter (one GPU or DDP)", "optimizer")
+    if st.activation_offload and st.unfrozen_parameters:
+        raise PlanError("{activation_offload} with {unfrozen_parameters} is not modelled", "activation_offload")
+    if st.activation_offload and st.strategy != "ddp":
+        raise PlanError(f"{{activation_offload}} under {{strategy}} {st.strategy} is not modelled: one GPU or DDP",
+                        "activation_offload")
     if st.ema and st.strategy != "ddp":
         raise PlanError(f"{{ema}} under {{strategy}} {st.strategy} is not modelled: one GPU or DDP", "ema")
     check_strategy(st)

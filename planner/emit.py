@@ -213,7 +213,8 @@ def recipe_dict(model: str, st: Settings, accumulation: int, est: Estimate, gpu:
     d.update(sequence_len=st.seq_len, micro_batch_size=st.batch_size, gradient_accumulation_steps=accumulation,
              optimizer=optimizer_name(st.optimizer, st.optimizer_paged), learning_rate=2e-4 if adapter else 2e-5,
              bf16=half == "bf16", fp16=half == "fp16",
-             gradient_checkpointing=st.grad_checkpointing, **recipe_loss_keys(st),
+             gradient_checkpointing=st.grad_checkpointing, activation_offloading=st.activation_offload,
+             **recipe_loss_keys(st),
              plan={"strategy": st.strategy, "offload": st.offload, "gpus": st.gpus, "nodes": st.nodes, "gpu": gpu,
                    "precision": st.precision,
                    "expected": {"peak_bytes": int(est.peak_bytes), "device_bytes": int(est.device_bytes),
@@ -227,6 +228,8 @@ def recipe_dict(model: str, st: Settings, accumulation: int, est: Estimate, gpu:
             out.pop(k, None)
     if "loss_watchdog_threshold" not in out:
         out.pop("loss_watchdog_patience", None)
+    if not st.activation_offload:
+        out.pop("activation_offloading", None)
     loss = recipe_loss_keys(st)
     for k in LOSS_RECIPE_KEYS:  # only the loss the plan uses (none for the standard loss)
         if k not in loss:
@@ -263,6 +266,9 @@ def own_script_lines(st: Settings, accumulation: int, bf16_gpu: bool = True) -> 
         else:
             lines.append("checkpointing: `model.gradient_checkpointing_enable("
                          "gradient_checkpointing_kwargs={\"use_reentrant\": False})`")
+    if st.activation_offload:
+        lines.append("activation offloading: `ctx = trl.models.activation_offloading.get_act_offloading_ctx_manager("
+                     "model)`, the forward and loss under `with ctx:` (what TRL's `activation_offloading=True` does)")
     lines.append(f"micro-batch: `DataLoader(..., batch_size={st.batch_size})`, "
                  f"sequences of at most {st.seq_len} tokens")
     if st.strategy in ZERO:
@@ -297,7 +303,8 @@ def plan_md(model: str, st: Settings, accumulation: int, est: Estimate, files: l
               f"- **Method**: {method}, {st.precision}" + (f" (computing in {half})" if half else "")
               + f", {st.optimizer}" + (", gradient checkpointing" if st.grad_checkpointing else "")
               + (f", loss {st.loss}" + (f" ({st.loss_chunks} chunks)" if st.loss == "chunked" else "")
-                 if st.loss != "standard" else ""),
+                 if st.loss != "standard" else "")
+              + (", activation offloading (TRL's OffloadActivations)" if st.activation_offload else ""),
               f"- **Strategy**: {st.strategy}" + (f", offload {st.offload}" if st.offload != "none" else ""),
               f"- **Batch**: micro-batch {st.batch_size} x accumulation {accumulation} x {world} GPU(s) = "
               f"{st.batch_size * accumulation * world} sequences of {st.seq_len} tokens per optimizer step",

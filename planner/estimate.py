@@ -11,10 +11,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .contract import COMPONENTS, FUSED_LOSSES, PAGED_NOTE, UNMEASURED_FUSED, PlanError, Settings, check_options
+from .contract import (
+    COMPONENTS,
+    FUSED_LOSSES,
+    PAGED_NOTE,
+    UNMEASURED_FUSED,
+    UNMEASURED_OFFLOAD,
+    PlanError,
+    Settings,
+    check_options,
+)
 from .distributed import sharded_phases
 from .memory import (
     CUBLAS_WORKSPACE_BYTES,
+    activation_host_bytes,
     allocator_slack,
     device_bytes,
     eager_attention,
@@ -56,6 +66,8 @@ def validate(spec: ModelSpec, st: Settings) -> Settings:
     if st.loss != "standard" and spec.is_encoder:
         raise PlanError(f"{{loss}} {st.loss} replaces a causal LM's output head and loss; {spec.model_type} trains a "
                         "classification head here: use {loss} standard", "loss")
+    if derived is not None and st.activation_offload:
+        raise PlanError("{activation_offload} is modelled for the formula's architectures only", "activation_offload")
     if derived is not None:
         derived.check(st)
     elif st.lora and not lora_targets(spec, st):
@@ -112,6 +124,7 @@ def estimate(spec: ModelSpec, st: Settings) -> Estimate:
     cpu = nvme = 0
     if st.strategy == "ddp":
         phase_comp, end_bw = replicated_phases(spec, pc, st, notes)
+        cpu = activation_host_bytes(spec, st) * st.gpus
     else:
         phase_comp, end_bw, cpu, nvme = sharded_phases(spec, pc, st, notes)
     # whole bytes per component, summed exactly (a float sum drifts from its parts past 2**53 bytes)
@@ -137,6 +150,12 @@ def estimate(spec: ModelSpec, st: Settings) -> Estimate:
                      "counted in weights")
     if st.optimizer_paged:
         notes.append(PAGED_NOTE)
+    if st.activation_offload:
+        notes.append(f"activation offload: {cpu / st.gpus / 2**30:,.2f} GiB of saved activations per GPU in pinned "
+                     "host RAM "
+                     "(TRL's OffloadActivations, as Axolotl's activation_offloading: true runs it"
+                     + ("; the checkpointed blocks' inputs" if st.grad_checkpointing else "") + "); "
+                     + UNMEASURED_OFFLOAD)
     if eager_attention(spec, st) and st.attn != "eager":
         notes.append(f"{spec.model_type} attention soft-capping needs eager attention (or --attn flash)")
     return Estimate(params=pc.total, trainable_params=trainable_params(spec, pc, st), peak_bytes=peak,

@@ -52,6 +52,7 @@ def kind(st: Settings) -> str:
     where = "" if world_size(st) == 1 and st.strategy == "ddp" and st.offload == "none" else \
         f" ({st.strategy}, offload {st.offload}, {world_size(st)} GPUs)"
     loss = "" if st.loss == "standard" else f", loss {st.loss}"  # tables/gpu measured transformers' loss only
+    loss += ", activation offload" if st.activation_offload else ""  # not measured on a GPU either
     return f"{method} {'with' if st.grad_checkpointing else 'without'} checkpointing{loss}{where}"
 
 

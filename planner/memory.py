@@ -562,8 +562,9 @@ def _block(c: _Ctx) -> _Saved:
     return acc
 
 
-def _model_level(c: _Ctx) -> float:
-    """Bytes per token kept outside the blocks: embedding-side ops, rotary cos/sin, final norm."""
+def _model_level(c: _Ctx, head: bool = True) -> float:
+    """Bytes per token kept outside the blocks: embedding-side ops, rotary cos/sin, final norm, and
+    (`head`) what the output head keeps."""
     s = c.spec
     acc = _Saved()
     h = s.hidden
@@ -576,7 +577,9 @@ def _model_level(c: _Ctx) -> float:
     else:
         acc.add(2 * s.head_dim, c.stream)  # cos and sin
     y = _norm(c, acc, acc.new(h, c.stream))
-    if c.st.loss in FUSED_LOSSES:
+    if not head:
+        pass
+    elif c.st.loss in FUSED_LOSSES:
         _fused_head_inputs(c, acc, y)
     elif c.full or s.family != "bert":
         if c.full and c.amp:
@@ -777,6 +780,7 @@ class Activations:
     first_grads: float
     autocast_cache: float = 0  # alive to the forward's end only (see activation_bytes)
     frozen_forward: float = 0  # partial freezing: a frozen block's forward below the trainable ones
+    offload_stash: float = 0  # activation offloading: offloaded tensors still on the GPU, in the forward only
 
 
 def activation_bytes(spec: ModelSpec, st: Settings) -> Activations:
@@ -822,6 +826,66 @@ def activation_bytes(spec: ModelSpec, st: Settings) -> Activations:
     grads = st.tokens * (c.compute * spec.intermediate + c.stream * spec.hidden)
     return Activations(kept=spec.layers * per_layer + model_level, layer=per_layer, recompute=0,
                        layer_grads=grads, mask=mask, first_grads=grads)
+
+
+OFFLOAD_MIN_BYTES = 1024
+"""`min_offload_size`: a saved tensor under this many bytes stays on the GPU (TRL
+trl/models/activation_offloading.py:128 and :241; torchtune _activation_offloading.py:71 and :150)."""
+OFFLOAD_STASH = 5
+"""`max_fwd_stash_size`: an offloaded tensor stays on the GPU until this many later tensors are
+packed, while its copy runs on the side stream (TRL :129 and :276-283; torchtune :70 and :157)."""
+
+
+def offloaded_activations(spec: ModelSpec, st: Settings, act: Activations, logits: Logits) -> tuple[Activations, float]:
+    """Activations under activation offloading, as the GPU holds them, and the bytes moved to
+    pinned host RAM per micro-step: TRL's `OffloadActivations` through
+    `get_act_offloading_ctx_manager` with streams (trl/models/activation_offloading.py, TRL's
+    main of 2026-07; Axolotl's `activation_offloading: true`, src/axolotl/core/trainers/mixins/
+    activation_checkpointing.py:113-139; torchtune's `OffloadActivations`, the same hooks).
+
+    What moves (its pack hook, :208-354): every tensor autograd saves of at least
+    OFFLOAD_MIN_BYTES that is not a parameter's storage (`update_model_params`, :559-589, called by
+    the manager at :708), once per storage while its GPU copy is still stashed (:228-233). So the
+    blocks' saved tensors move, the autocast copies of weights included, rotary cos/sin once per
+    block, and the loss's saved tensors. What stays: the output head's saved tensors (the manager
+    wraps `lm_head` in a `NoOpManager`, :713-760) and rotary cos/sin, whose GPU tensor the later
+    packs of the same storage keep (:228-233); parameters; autocast's cached copies of the
+    trainable weights until the forward ends (`autocast_cache`); the OFFLOAD_STASH last offloaded
+    tensors, whose copies have not been waited on, up to the loss's (the logits, counted as before).
+
+    Checkpointing (non-reentrant): the checkpoint saves each block's input through the hooks
+    outside it (`_CheckpointFrame.save_inputs`, torch/utils/checkpoint.py:842-847, called at :1701
+    before `_checkpoint_hook` is pushed), so the inputs move; the recomputed block's tensors go to
+    the checkpoint's own hook and stay on the GPU.
+
+    Backward: the unpack hook brings a tensor back when its node runs and makes the compute
+    stream wait for the copy (:456-470); a node's tensors are freed when the next node runs
+    (:535-542). One block's saved tensors (`layer`) are counted as brought back at once, an upper
+    bound (two nodes' at a time in the library). The GPU-side figure is unmeasured
+    (contract.UNMEASURED_OFFLOAD); the host bytes are measured (tests/scripts/_run_cases.py offload).
+    """
+    if not st.activation_offload:
+        return act, 0.0
+    c = _ctx(spec, st)
+    tokens = st.tokens
+    model_level = _model_level(c) * tokens
+    head = model_level - _model_level(c, head=False) * tokens
+    rotary = 0 if spec.family in ("gpt2", "bert") else 2 * spec.head_dim * c.stream * tokens
+    resident = head + rotary
+    host = max(act.kept - resident, 0.0) + logits.saved
+    cache = act.autocast_cache
+    if not st.grad_checkpointing:
+        host += (spec.layers - 1) * rotary  # cos/sin packed again in every block (once per stash)
+        if c.full and c.amp:  # the cached bf16 weight copies stay on the GPU to the forward's end
+            cache += spec.layers * _block(c).per_layer
+    stash = OFFLOAD_STASH * tokens * max(spec.intermediate * c.compute, spec.hidden * 4)
+    gpu = replace(act, kept=resident, recompute=act.layer, autocast_cache=cache, offload_stash=stash)
+    return gpu, host
+
+
+def activation_host_bytes(spec: ModelSpec, st: Settings) -> float:
+    """Pinned host bytes activation offloading holds at the end of the forward (`offloaded_activations`)."""
+    return offloaded_activations(spec, st, activation_bytes(spec, st), loss_bytes(spec, st))[1]
 
 
 def partial_activation_bytes(spec: ModelSpec, st: Settings, fz: Freezing) -> Activations:
@@ -1027,19 +1091,21 @@ def step_parts(spec: ModelSpec, pc: ParamCount, st: Settings) -> StepParts:
     c = _ctx(spec, st)
     rc = RECIPES[st.precision]
     fz = freezing(spec, st)
+    logits = loss_bytes(spec, st)
+    act = offloaded_activations(spec, st, activation_bytes(spec, st), logits)[0]
     if fz is not None:
         return StepParts(
             weights=weight_bytes(spec, pc, st) + pc.buffers_bytes + ema_bytes(spec, pc, st),
             grads=grad_bytes(spec, pc, st),
             optimizer=optimizer_state_bytes(spec, pc, st), opt_temp=optimizer_step_temp_bytes(spec, pc, st),
-            act=activation_bytes(spec, st), logits=loss_bytes(spec, st),
+            act=act, logits=logits,
             head_grad=rc.grad * spec.vocab * spec.hidden if fz.head and not spec.is_encoder else 0,
             block_wgrad=rc.grad * pc.largest_layer if (spec.layers - 1) in fz.blocks and st.grad_checkpointing else 0)
     return StepParts(
         weights=weight_bytes(spec, pc, st) + pc.buffers_bytes + ema_bytes(spec, pc, st),
         grads=grad_bytes(spec, pc, st),
         optimizer=optimizer_state_bytes(spec, pc, st), opt_temp=optimizer_step_temp_bytes(spec, pc, st),
-        act=activation_bytes(spec, st), logits=loss_bytes(spec, st),
+        act=act, logits=logits,
         head_grad=0 if spec.is_encoder or not c.full else rc.grad * spec.vocab * spec.hidden,
         block_wgrad=rc.grad * pc.largest_layer if c.full and st.grad_checkpointing else 0)
 
@@ -1066,7 +1132,7 @@ def activation_phases(p: StepParts) -> ActivationPhases:
     reduce-scatter).
     """
     act, lg = p.act, p.logits
-    at_loss, at_fwd_loss, in_fwd_block = lg.backward, lg.forward, act.recompute
+    at_loss, at_fwd_loss, in_fwd_block = lg.backward, lg.forward, act.recompute + act.offload_stash
     in_block = act.recompute + act.layer_grads + p.block_wgrad + p.head_grad
     fwd_block = in_fwd_block > at_fwd_loss
     bwd_block = in_block > at_loss

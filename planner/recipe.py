@@ -104,6 +104,8 @@ class Recipe(_Strict):
     cut_cross_entropy: bool = False
     chunked_cross_entropy: bool = False
     chunked_cross_entropy_num_chunks: int = Field(LOSS_CHUNKS, ge=1)
+    # Axolotl's key: the saved activations to pinned host RAM (TRL's OffloadActivations; a CUDA GPU)
+    activation_offloading: bool = False
     seed: int = 42
     output_dir: str = "./out"
     save_steps: Optional[int] = Field(None, ge=1)
@@ -226,7 +228,7 @@ RECIPE_NAMES = {"precision": "plan.precision", "optimizer": "optimizer", "batch_
                 "accumulation": "gradient_accumulation_steps", "num_processes": "--num-processes",
                 "loss": "liger_fused_linear_cross_entropy/cut_cross_entropy/chunked_cross_entropy",
                 "loss_chunks": "chunked_cross_entropy_num_chunks", "unfrozen_parameters": "unfrozen_parameters",
-                "ema": "ema_decay"}
+                "ema": "ema_decay", "activation_offload": "activation_offloading"}
 
 
 def loss(recipe: Recipe) -> str:
@@ -281,7 +283,8 @@ def settings(recipe: Recipe, world: int | None = None, batch: int | None = None,
                     gpus=gpus, nodes=nodes, strategy=strategy, offload=p.offload if strategy != "ddp" else "none",
                     accumulation=recipe.gradient_accumulation_steps, kernels=kernels, loss=loss(recipe),
                     loss_chunks=recipe.chunked_cross_entropy_num_chunks,
-                    unfrozen_parameters=tuple(recipe.unfrozen_parameters or ()), ema=recipe.ema_decay is not None)
+                    unfrozen_parameters=tuple(recipe.unfrozen_parameters or ()), ema=recipe.ema_decay is not None,
+                    activation_offload=recipe.activation_offloading)
 
 
 def source(recipe: Recipe) -> dict:

@@ -19,7 +19,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from .contract import LOSS_CHUNKS, PAGED_NOTE, UNMEASURED_FUSED, Method, Optimizer, PlanError, Settings, world_size
+from .contract import (
+    ACTIVATION_OFFLOAD,
+    LOSS_CHUNKS,
+    PAGED_NOTE,
+    UNMEASURED_FUSED,
+    Method,
+    Optimizer,
+    PlanError,
+    Settings,
+    world_size,
+)
 from .distributed import strategy_choices
 from .estimate import Estimate, check_seq_len, estimate
 from .gpus import GPU
@@ -194,15 +204,22 @@ def _method_settings(method: str, rank: int, req: Request, gpu: GPU) -> Settings
 TECHNIQUES = {
     "8-bit optimizer state": {"optimizer": "adamw-8bit", "optimizer_paged": False},
     "fused linear cross-entropy": {"loss": "liger-flce"},
+    "activation offload": {ACTIVATION_OFFLOAD: True},
 }
-"""Memory techniques that keep quality and speed, tried before QLoRA and offload: bitsandbytes'
-AdamW8bit (for an AdamW request) and Liger Kernel's fused linear cross-entropy (for the standard
-loss), each as the settings it changes."""
+"""Memory techniques tried before QLoRA and offload: bitsandbytes' AdamW8bit (for an AdamW
+request) and Liger Kernel's fused linear cross-entropy (for the standard loss) keep quality and
+speed; activation offloading keeps quality and costs PCIe time (speed.activation_offload_seconds),
+which the ranking by speed weighs. Each as the settings it changes."""
 
 TECHNIQUE_WHY = {
     "8-bit optimizer state": "bitsandbytes AdamW8bit: uint8 moments with a per-block absmax",
     "fused linear cross-entropy": f"Liger Kernel: no B x S x vocab logits ({UNMEASURED_FUSED})",
+    "activation offload": "TRL's OffloadActivations: saved activations in pinned host RAM, copied over PCIe "
+                          "(GPU side unmeasured)",
 }
+TECHNIQUE_AGAINST = {"8-bit optimizer state": "the optimizer asked for",
+                     "fused linear cross-entropy": "the standard loss",
+                     "activation offload": "keeping activations on the GPU"}
 
 
 def technique_sets(req: Request) -> list[tuple[str, ...]]:
@@ -210,8 +227,11 @@ def technique_sets(req: Request) -> list[tuple[str, ...]]:
     AdamW request (or auto), a fused loss only when the standard loss was asked for."""
     adamw = req.optimizer in ("auto", "adamw", "adamw-fused")
     usable = [t for t in TECHNIQUES if (t != "8-bit optimizer state" or adamw)
-              and (t != "fused linear cross-entropy" or req.loss == "standard")]
-    return [(t,) for t in usable] + ([tuple(usable)] if len(usable) > 1 else [])
+              and (t != "fused linear cross-entropy" or req.loss == "standard")
+              and (t != "activation offload" or not req.gpu.cpu)]
+    keep = [t for t in usable if t != "activation offload"]  # the ones that cost no speed, together
+    sets = [(t,) for t in usable] + ([tuple(keep)] if len(keep) > 1 else [])
+    return sets + ([tuple(usable)] if len(usable) > len(keep) and len(usable) > 1 else [])
 
 
 def with_techniques(st: Settings, techniques: tuple[str, ...]) -> Settings:
@@ -388,9 +408,9 @@ def explain(p: Plan, plans: list[Plan], req: Request) -> list[str]:
                      f"alpha={st.lora_alpha:g} on {st.lora_targets}"
                      + ("" if st.lora_rank == LORA_RANKS[0] else ": the highest rank that fits"))
     for t in p.techniques:
-        lines.append(f"{t} ({TECHNIQUE_WHY[t]}): saves {p.saved.get(t, 0) / gib:,.1f} GiB per GPU"
-                     + (" against the optimizer asked for" if t == "8-bit optimizer state" else
-                        " against the standard loss"))
+        lines.append(f"{t} ({TECHNIQUE_WHY[t]}): saves {p.saved.get(t, 0) / gib:,.1f} GiB per GPU against "
+                     + TECHNIQUE_AGAINST[t]
+                     + (f", {p.estimate.cpu_bytes / gib:,.1f} GiB of host RAM" if t == "activation offload" else ""))
     if st.optimizer_paged:
         lines.append(PAGED_NOTE)
     if req.gpu.cpu:

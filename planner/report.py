@@ -232,7 +232,7 @@ def render_strategies(console, name: str, arch: str, rows: list, skipped: list) 
         console.print(f"not offered: {line}", style="dim")
 
 
-TECHNIQUE_TAG = {"8-bit optimizer state": "8bit", "fused linear cross-entropy": "flce"}
+TECHNIQUE_TAG = {"8-bit optimizer state": "8bit", "fused linear cross-entropy": "flce", "activation offload": "aoff"}
 """A plan's memory techniques (planner/recommend.py: TECHNIQUES) in the plans table's method column."""
 
 

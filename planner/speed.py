@@ -12,6 +12,8 @@ model, good for ranking plans against each other, not a promise of tokens/s:
   NVLink or PCIe within a node and the network between nodes, overlapped with compute;
 - offload: parameter fetches over PCIe (overlapped), gradients down and updated parameters up
   once per optimizer step, and the CPU (or NVMe) optimizer step, not overlapped;
+- activation offload: the saved activations down in the forward (overlapped) and up in the
+  backward (not overlapped), `activation_offload_seconds`;
 - the optimizer step on the GPU: AdamW is memory-bound, bytes over HBM bandwidth.
 """
 
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 from .contract import FSDP, Settings, shard_size, world_size
 from .gpus import GPU
-from .memory import lora_params, trainable_params
+from .memory import activation_host_bytes, lora_params, trainable_params
 from .spec import ModelSpec, ParamCount, count_params
 
 DEFAULT_MFU = 0.40
@@ -207,6 +209,23 @@ def optimizer_seconds(spec: ModelSpec, st: Settings, gpu: GPU) -> float:
     return host
 
 
+def activation_offload_seconds(spec: ModelSpec, st: Settings, gpu: GPU, compute: float) -> float:
+    """Seconds activation offloading adds to a micro-step: the saved activations' bytes
+    (memory.activation_host_bytes) over PCIe each way. Down in the forward, on TRL's side stream,
+    overlapped: compute waits only for the copy of the tensor `max_fwd_stash_size` packs back
+    (trl/models/activation_offloading.py:273-286), so only the part longer than the forward's
+    compute shows. Up in the backward, not overlapped: the unpack hook issues each copy when its
+    node runs and makes the compute stream wait for it at once (:456-470; no prefetch)."""
+    if not st.activation_offload or not gpu.pcie_gbs:
+        return 0.0
+    pcie = gpu.pcie_gbs * 1e9
+    moved = activation_host_bytes(spec, st) / pcie
+    pc = count_params(spec)
+    forward = compute * (2 * matmul_params(spec, pc) + attention_flops_per_token(spec, st)) \
+        / train_flops_per_token(spec, st)
+    return max(0.0, moved - forward) + moved
+
+
 def step_time(spec: ModelSpec, st: Settings, gpu: GPU, accumulation: int, mfu: float = DEFAULT_MFU) -> StepTime:
     """Seconds of one optimizer step of `accumulation` micro-steps of `st.batch_size` sequences.
 
@@ -232,6 +251,7 @@ def step_time(spec: ModelSpec, st: Settings, gpu: GPU, accumulation: int, mfu: f
     pcie = gpu.pcie_gbs * 1e9
     fetch_s = fetch / pcie
     busy = compute + dequant
+    busy += activation_offload_seconds(spec, st, gpu, compute)
     # per micro-step traffic hides behind that micro-step; the per-step all-reduce behind the
     # last micro-step's backward
     exposed = accumulation * max(0.0, comm_micro + fetch_s - busy) + max(0.0, comm_step - busy)

@@ -36,6 +36,9 @@ def load_model(recipe: Recipe, num_labels: int | None = None, cuda: bool = False
     if qlora and not cuda:
         raise ModelError("adapter: qlora needs a CUDA GPU (bitsandbytes NF4 kernels); on CPU use adapter: lora")
     _check_loss(recipe, num_labels is not None, cuda)
+    if recipe.activation_offloading and not cuda:
+        raise ModelError("activation_offloading: TRL's OffloadActivations moves activations from a CUDA GPU to host "
+                         "RAM; it runs on a CUDA GPU (set activation_offloading: false on CPU)")
     model = _from_pretrained(recipe, num_labels, qlora)
     model.config.use_cache = False
     model = _checkpointing(model, recipe, qlora)
@@ -46,6 +49,21 @@ def load_model(recipe: Recipe, num_labels: int | None = None, cuda: bool = False
     _with_loss(model, recipe)
     model.train()
     return model
+
+
+def offload_context(model, recipe: Recipe):
+    """The recipe's activation offloading: TRL's `get_act_offloading_ctx_manager` (its
+    `OffloadActivations` with streams, the output head under a no-op hook, the parameters' storages
+    never offloaded), what Axolotl's `activation_offloading: true` and TRL's SFTConfig run; the
+    forward and backward run under it. None asked for: a null context. TRL missing: one line."""
+    import contextlib
+    if not recipe.activation_offloading:
+        return contextlib.nullcontext()
+    try:
+        from trl.models.activation_offloading import get_act_offloading_ctx_manager
+    except ImportError:
+        raise ModelError("activation_offloading needs TRL's OffloadActivations (pip install trl)") from None
+    return get_act_offloading_ctx_manager(model)
 
 
 def _check_loss(recipe: Recipe, classify: bool, cuda: bool) -> None:

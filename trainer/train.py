@@ -38,7 +38,7 @@ from planner.recipe import Recipe, RecipeError, load, resume_hash
 
 from .checkpoint import Checkpointer, latest_checkpoint, recipe_hash
 from .measure import predict
-from .model import param_groups, parameter_counts
+from .model import offload_context, param_groups, parameter_counts
 from .output import console, screen, to_log_file
 from .resilience import (
     OutOfMemory,
@@ -152,6 +152,7 @@ class Trainer:
         self.n_params = self.n_trainable = 0
         self.opt = None
         self.ema = None  # (AveragedModel, live parameters, names) when the recipe has ema_decay
+        self.offload_ctx = contextlib.nullcontext()  # activation_offloading: TRL's OffloadActivations
         self.sched = None
         self.total_steps = 0
         self.ckpt: Checkpointer | None = None
@@ -176,6 +177,7 @@ class Trainer:
         if self.data.classify:  # the prediction counts the classifier the model gets
             self.config.num_labels = len(self.data.classes)
         model = self._setup_model()
+        self.offload_ctx = offload_context(model, self.recipe)
         self.n_params, self.n_trainable = parameter_counts(model)
         model = self._shard(model) if self.proc.fsdp_cpu else model
         opt = self._setup_optimizer(model)
@@ -544,7 +546,7 @@ class Trainer:
         out-of-memory error in either is agreed on by every rank after that half, so that all of
         them abandon the step together."""
         sync = self.acc.no_sync(self.model) if self.proc.ddp and not last else contextlib.nullcontext()
-        with sync:
+        with sync, self.offload_ctx:  # forward and backward, as Axolotl's training_step wraps them
             loss = self._forward(batch, n_items, snap)
             try:
                 self._agree_oom(loss is None, "forward")

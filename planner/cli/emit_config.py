@@ -19,6 +19,7 @@ from ..resolve import Resolved
 from ..spec import ModelSpec
 from .common import default_seq, fail, find_gpu, loadable, plan_spec, request
 from .options import (
+    ActivationOffloadOpt,
     BatchSize,
     Data,
     DataFormatOpt,
@@ -58,7 +59,7 @@ training GPU of the catalog (80 GB). The plan is written either way; one that do
 warning naming the GPU and the memory it needs (stderr and PLAN.md)."""
 
 EXPLICIT = ("dtype", "precision", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "lora_targets", "quant",
-            "grad_checkpointing", "strategy", "offload")
+            "grad_checkpointing", "strategy", "offload", "activation_offload")
 """The options of an explicit plan: with any of them, --gpu names the GPU the plan is written for
 (not recommend's search, which would choose them itself)."""
 
@@ -79,7 +80,8 @@ def emit_config_cmd(ctx: typer.Context, model: Model, out: Out, gpu: Gpu = None,
                     lora_rank: LoraRank = None, lora_alpha: LoraAlpha = None, lora_targets: LoraTargets = None,
                     quant: QuantOpt = None, grad_checkpointing: GradCheckpointing = None, strategy: StrategyOpt = None,
                     offload: OffloadOpt = None, loss: LossOpt = None, loss_chunks: LossChunks = None,
-                    data: Data = None, data_format: DataFormatOpt = DataFormat.ALPACA,
+                    activation_offload: ActivationOffloadOpt = None, data: Data = None,
+                    data_format: DataFormatOpt = DataFormat.ALPACA,
                     main_process_ip: MainProcessIp = None, main_process_port: MainProcessPort = 29500,
                     machine_rank: MachineRank = 0, force: Force = False) -> None:
     """Write a plan as accelerate.yaml (+ deepspeed.json for ZeRO), recipe.yaml and PLAN.md.

@@ -20,6 +20,7 @@ from ..resolve import Resolved
 from ..spec import ModelSpec, count_params
 from .common import buildable, console, default_seq, derived_spec, fail, model_spec, no_formula, source_note
 from .options import (
+    ActivationOffloadOpt,
     AttnOpt,
     BatchSize,
     DtypeOpt,
@@ -71,7 +72,8 @@ def estimate_cmd(ctx: typer.Context, model: Model, dtype: DtypeOpt = None, preci
                  attn: AttnOpt = None, gpus: Gpus = None, nodes: Nodes = None, strategy: StrategyOrAllOpt = None,
                  offload: OffloadOpt = None, fsdp_version: FsdpVersion = None, loss: LossOpt = None,
                  loss_chunks: LossChunks = None, unfrozen_parameters: UnfrozenParameters = None,
-                 ema: EmaOpt = None, lbfgs_history: LbfgsHistory = None, compat: Compat = None,
+                 ema: EmaOpt = None, lbfgs_history: LbfgsHistory = None,
+                 activation_offload: ActivationOffloadOpt = None, compat: Compat = None,
                  exact: Exact = False, sim_seconds: SimSeconds = 120.0, sim_memory: SimMemory = 8.0,
                  as_json: Json = False) -> None:
     """Training memory per GPU, per dtype, per component and per phase."""
@@ -90,7 +92,8 @@ def simulate_cmd(ctx: typer.Context, model: Model, dtype: DtypeOpt = None, preci
                  attn: AttnOpt = None, gpus: Gpus = None, nodes: Nodes = None, strategy: StrategyOrAllOpt = None,
                  offload: OffloadOpt = None, fsdp_version: FsdpVersion = None, loss: LossOpt = None,
                  loss_chunks: LossChunks = None, unfrozen_parameters: UnfrozenParameters = None,
-                 ema: EmaOpt = None, lbfgs_history: LbfgsHistory = None, sim_seconds: SimSeconds = 120.0,
+                 ema: EmaOpt = None, lbfgs_history: LbfgsHistory = None,
+                 activation_offload: ActivationOffloadOpt = None, sim_seconds: SimSeconds = 120.0,
                  sim_memory: SimMemory = 8.0, as_json: Json = False) -> None:
     """Run the real training step under fake tensors and report the measured peak.
 

@@ -119,6 +119,10 @@ LbfgsHistory = Annotated[Optional[int], typer.Option(
 EmaOpt = Annotated[Optional[bool], typer.Option(
     "--ema", metavar="", help="keep an exponential moving average of the trainable parameters (torch's AveragedModel): "
     "one more copy of them, in their storage dtype")]
+ActivationOffloadOpt = Annotated[Optional[bool], typer.Option(
+    "--activation-offload", metavar="", help="move the saved activations to pinned host RAM in the forward and back "
+    "in the backward (TRL's OffloadActivations, Axolotl's activation_offloading: true); with "
+    "--grad-checkpointing, the checkpointed blocks' inputs")]
 FsdpVersion = Annotated[Optional[int], typer.Option(
     "--fsdp-version", help=f"FSDP 1 or 2, accelerate's fsdp_version (default {_DEFAULT['fsdp_version']})")]
 

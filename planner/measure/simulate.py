@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, replace
 
-from ..contract import FUSED_LOSSES, UNMEASURED_FUSED, PlanError, Settings
+from ..contract import FUSED_LOSSES, UNMEASURED_FUSED, UNMEASURED_OFFLOAD, PlanError, Settings
 from ..estimate import Estimate, estimate
 from ..memory import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, needed_bytes
 from ..precision import RECIPES
@@ -214,6 +214,9 @@ def simulated_estimate(cfg: dict, st: Settings, budget: Budget = Budget()) -> Es
                         "optimizer")
     if st.loss in FUSED_LOSSES:
         raise PlanError(f"{{loss}} {st.loss}: {UNMEASURED_FUSED}; drop --exact for the formula", "loss")
+    if st.activation_offload:
+        raise PlanError(f"{{activation_offload}}: {UNMEASURED_OFFLOAD}; drop --exact for the formula",
+                        "activation_offload")
     check_budget(cfg, st, budget)
     try:
         with _wall_clock(budget.seconds):

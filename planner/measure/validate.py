@@ -271,6 +271,19 @@ def freeze_cases() -> list[Case]:
     return cases
 
 
+OFFLOAD_CASES = [("llama", "fp32", 0, False), ("llama", "bf16-amp", 0, False), ("llama", "bf16-pure", 8, False),
+                 ("llama", "fp32", 0, True), ("llama", "bf16-amp", 8, True), ("qwen2", "bf16-pure", 8, False),
+                 ("qwen2", "bf16-amp", 0, True), ("gemma2", "bf16-amp", 8, False)]
+"""Activation offloading (arch, precision, LoRA rank, checkpointing): what TRL's OffloadActivations
+would move to host RAM, its rule applied to the tensors a real CPU step saves (planner/measure/offload.py)."""
+
+
+def offload_cases() -> list[Case]:
+    return [Case(arch, _st(precision=prec, batch_size=2, seq_len=256, lora_rank=rank, grad_checkpointing=ckpt,
+                           activation_offload=True), "small-real", suite="extra")
+            for arch, prec, rank, ckpt in OFFLOAD_CASES]
+
+
 def qlora_cases() -> list[Case]:
     return [Case(arch, _st(precision="bf16-amp", batch_size=2, seq_len=256, lora_rank=8, quant="nf4",
                            grad_checkpointing=ckpt), "small-real", suite="extra") for arch, ckpt in QLORA_CASES]
@@ -304,6 +317,12 @@ def run_case(case: Case) -> dict:
     else:
         cfg = SMALL[case.model]
     est = estimate(ModelSpec.from_config(measured_config(cfg)), case.settings)
+    if case.settings.activation_offload:  # the host bytes: the GPU side cannot be measured on a CPU
+        from .offload import measure_offload
+        host = measure_offload(cfg, case.settings)["host_bytes"]
+        return {"case": case.name + "/actoffload-host", "model": case.label, "suite": case.suite,
+                "predicted": est.cpu_bytes, "measured": host,
+                "error_pct": round(100.0 * (est.cpu_bytes - host) / host, 2), "method": "pack-hook-real-cpu"}
     if case.distributed:
         return _run_distributed(case, cfg, est.peak_bytes)
     real = case.source in ("weights", "small-real")
