@@ -86,7 +86,7 @@ def _fsdp_parts(spec: ModelSpec, pc: ParamCount, st: Settings) -> StepParts:
     return p
 
 
-def fsdp_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> tuple[dict, float, float]:
+def fsdp_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> tuple[dict, dict, float]:
     """Per-GPU phases under FSDP.
 
     Sharded (divided by the shard size): the stored parameters, gradients (reduce-scattered into
@@ -153,7 +153,9 @@ def fsdp_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
     # end of backward: every sharded gradient, and the last unit reduced (the embedding, or the
     # kept unit when it is released last) gathered with its unsharded gradients and their copy
     last_g, last_train = (kept_g, kept_train) if late else (embed_g, 0 if st.lora else u.embed * gb)
-    end_bw = w_gpu + o_gpu + g_gpu + last_g + 2 * max(last_train, block_train)
+    # (its unsharded gradients in gradients, their reduce-scatter copy in other)
+    last_grad = max(last_train, block_train)
+    end_bw = {"weights": w_gpu, "optimizer": o_gpu, "gradients": g_gpu + last_grad, "other": last_g + last_grad}
     notes.append(f"FSDP{st.fsdp_version} ({st.strategy}), shard group {n} of {world_size(st)} ranks: "
                  + ("all units stay gathered after forward" if grad_op
                     else "one block gathered in forward, two in backward"))
@@ -213,7 +215,7 @@ def zero3_gathered_at_loss(spec: ModelSpec, pc: ParamCount) -> int:
     return gathered
 
 
-def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> tuple[dict, float, float, float]:
+def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> tuple[dict, dict, float, float]:
     """Per-GPU phases under DeepSpeed ZeRO, as `deepspeed.initialize` runs it with the client
     optimizer (DeepSpeedZeroOptimizer for stages 1-2, DeepSpeedZeroOptimizer_Stage3).
 
@@ -278,7 +280,7 @@ def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
         "optimizer_step": {**base, "gradients": 0 if offload_opt else fp32_grad,
                            "other": (0 if offload_opt else opt_temp) + (grad_part if stage == 3 else 0)},
     }
-    end_bw = w + gpu_master + gpu_opt + grad_part + bucket
+    end_bw = {"weights": w, "optimizer": gpu_master + gpu_opt, "gradients": grad_part + bucket}
     nvme = 0
     if to_nvme:
         nvme, host = host, DS_OPT_SWAP_BUFFERS * 4 * min(t / n, 10**9)  # sub_group_size 1e9 values, fp32
@@ -291,8 +293,8 @@ def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
     return phase_comp, end_bw, host * st.gpus, nvme * st.gpus
 
 
-def sharded_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> tuple[dict, float, float, float]:
-    """(phase components, end-of-backward bytes, host RAM per node, NVMe bytes per node)."""
+def sharded_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> tuple[dict, dict, float, float]:
+    """(phase components, components at the end of backward, host RAM per node, NVMe bytes per node)."""
     check_strategy(st)
     if st.strategy in FSDP:
         phase_comp, end_bw, host = fsdp_phases(spec, pc, st, notes)

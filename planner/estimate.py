@@ -109,6 +109,23 @@ def freezing_notes(spec: ModelSpec, st: Settings) -> list[str]:
             f"at {where}, below which nothing is kept"]
 
 
+def phase_table(phase_comp: dict, end_bw: dict, cuda: bool) -> dict:
+    """Each phase's components in whole bytes, every component named, so that a phase is exactly
+    the sum of its components (a float sum drifts from its parts past 2**53 bytes). The backward
+    is whichever is larger: its peak at the start (or inside the last block), or its end, every
+    gradient allocated (`end_bw`). With CUDA kernels the cuBLAS/cuBLASLt workspaces, allocated
+    at the first matmul and kept, are in `other` from the forward on: max_memory_allocated counts
+    them (64 MiB on the H100 and H200, tables/gpu/traces_expandable.npz)."""
+    table = {ph: {k: int(v.get(k, 0)) for k in COMPONENTS} for ph, v in phase_comp.items()}
+    end = {k: int(end_bw.get(k, 0)) for k in COMPONENTS}
+    if sum(end.values()) > sum(table["backward"].values()):
+        table["backward"] = end
+    if cuda:
+        for ph in ("forward", "backward", "optimizer_step"):
+            table[ph]["other"] += CUBLAS_WORKSPACE_BYTES
+    return table
+
+
 def estimate(spec: ModelSpec, st: Settings) -> Estimate:
     """Peak bytes per phase and per component for one GPU (per rank, under a strategy): from the
     formulas, or, for a model_type without them, from the coefficients the derived route measured
@@ -127,20 +144,11 @@ def estimate(spec: ModelSpec, st: Settings) -> Estimate:
         cpu = activation_host_bytes(spec, st) * st.gpus
     else:
         phase_comp, end_bw, cpu, nvme = sharded_phases(spec, pc, st, notes)
-    # whole bytes per component, summed exactly (a float sum drifts from its parts past 2**53 bytes)
-    phases = {k: sum(int(x) for x in v.values()) for k, v in phase_comp.items()}
-    phases["backward"] = max(phases["backward"], int(end_bw))
+    phase_comp = phase_table(phase_comp, end_bw, st.kernels == "cuda")
+    phases = {k: sum(v.values()) for k, v in phase_comp.items()}
     peak_phase = max(phases, key=phases.get)
-    comps = {k: 0 for k in COMPONENTS}
-    for k, v in phase_comp[peak_phase].items():
-        comps[k] += int(v)
-    if st.kernels == "cuda":
-        # cuBLAS/cuBLASLt workspaces come from the caching allocator on first use and stay:
-        # max_memory_allocated counts them (64 MiB on the H100 and H200, tables/gpu/traces_expandable.npz)
-        phases = {k: v + (CUBLAS_WORKSPACE_BYTES if k != "model" else 0) for k, v in phases.items()}
-        comps["other"] += CUBLAS_WORKSPACE_BYTES
-    peak = int(phases[peak_phase])
-    comps["other"] += peak - sum(comps.values())
+    comps = dict(phase_comp[peak_phase])
+    peak = phases[peak_phase]
     notes += loss_notes(spec, st) + freezing_notes(spec, st)
     if st.optimizer == "lbfgs":
         notes.append(f"optimizer lbfgs: torch.optim.LBFGS with {st.lbfgs_history} pairs of flat vectors once its "

@@ -1147,13 +1147,14 @@ def activation_phases(p: StepParts) -> ActivationPhases:
         fwd_in_block=fwd_block, bwd_in_block=bwd_block)
 
 
-def replicated_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> tuple[dict, float]:
+def replicated_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> tuple[dict, dict]:
     """One GPU, or DDP: every GPU holds the whole model, its gradients and optimizer state.
 
     DDP (`gradient_as_bucket_view=False`, its default and accelerate's) allocates flat gradient
     buckets at wrap time, one more copy of the gradients alive in every phase. With gradient
     accumulation, micro-steps after the first run forward and backward with every gradient
-    already allocated."""
+    already allocated. Also returns the components at the end of backward (every gradient
+    allocated, the activations freed), which can exceed the backward's peak at its start."""
     p = step_parts(spec, pc, st)
     w, g, o = p.weights, p.grads, p.optimizer
     buckets = g if st.gpus * st.nodes > 1 else 0
@@ -1171,5 +1172,5 @@ def replicated_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list
     fz = freezing(spec, st)
     tied_head_grad = spec.vocab * spec.hidden * RECIPES[st.precision].grad \
         if pc.tied and not st.lora and (fz is None or fz.embeddings) else 0
-    end_bw = w + o + g + buckets + tied_head_grad
+    end_bw = {"weights": w, "optimizer": o, "gradients": g + tied_head_grad, "other": buckets}
     return phase_comp, end_bw

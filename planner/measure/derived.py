@@ -442,8 +442,9 @@ class Derived:
             for ph in PHASES:
                 phases[ph] += grads
                 comps[ph]["other"] += grads
-        phases = {k: int(round(v)) for k, v in phases.items()}
+        # whole bytes per component, each phase their exact sum (the table's rows add up)
         comps = {ph: {c: int(round(v)) for c, v in d.items()} for ph, d in comps.items()}
+        phases = {ph: sum(d.values()) for ph, d in comps.items()}
         peak_phase = max(phases, key=phases.get)
         peak = phases[peak_phase]
         train = int(round(f.trainable[0] + f.trainable[1] * f.layers))
