@@ -48,6 +48,16 @@ class GPU:
         else fp16 (V100, T4)."""
         return self.bf16_tflops or self.fp16_tflops
 
+    def computes_in(self, precision: str) -> bool:
+        """Whether the GPU has tensor cores for the recipe's dtype: bf16 recipes need bf16 (not the
+        T4 or V100), fp8 and MS-AMP need fp8 (Ada, Hopper, Blackwell, MI300X); fp32 and fp16 run
+        everywhere. The catalog's TFLOPs columns say which (0: none)."""
+        if precision.startswith("bf16"):
+            return self.bf16
+        if precision.startswith(("fp8", "msamp")):
+            return self.fp8_tflops > 0
+        return True
+
     @property
     def link_gbs(self) -> float:
         """GPU-to-GPU bandwidth one way: half the NVLink figure, or the PCIe link."""

@@ -146,13 +146,28 @@ def fits(spec: ModelSpec, st: Settings, req: Request) -> Estimate | None:
         est = estimate(spec, st)
     except PlanError:
         return None
+    return est if fits_estimate(est, st, req) else None
+
+
+def fits_estimate(est: Estimate, st: Settings, req: Request) -> bool:
+    """Whether an estimate fits the request's GPU: `needed_bytes` within its memory less the
+    margin, the allocator's high-water mark within the addresses expandable segments reserve
+    (ADDRESS_SPACE), and the host RAM, if limited."""
     if est.needed_bytes > req.budget_for(st):
-        return None
+        return False
     if est.device_bytes - CUDA_CONTEXT_BYTES > ADDRESS_SPACE * req.gpu.memory_bytes:
-        return None
-    if req.host_ram_bytes is not None and est.cpu_bytes > req.host_ram_bytes:
-        return None
-    return est
+        return False
+    return req.host_ram_bytes is None or est.cpu_bytes <= req.host_ram_bytes
+
+
+def catalog_fits(est: Estimate, st: Settings) -> list[GPU]:
+    """The catalog GPUs (tables/gpus.csv) that compute in the estimate's precision and on which
+    it fits as recommend fits a plan (`fits_estimate`, margins from evidence), smallest first:
+    `plan estimate`'s "fits on" line. Host RAM is not limited here (the estimate shows it)."""
+    from .gpus import catalog
+    return sorted((g for g in catalog() if g.computes_in(st.precision)
+                   and fits_estimate(est, st, Request(gpu=g, gpus=st.gpus, nodes=st.nodes))),
+                  key=lambda g: g.memory_bytes)
 
 
 def largest_micro(spec: ModelSpec, st: Settings, req: Request, cap: int = MAX_MICRO) -> int:

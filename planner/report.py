@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 from .contract import COMPONENTS, FUSED_LOSSES, UNMEASURED_FUSED, Settings
 from .estimate import Estimate
 
@@ -24,12 +26,31 @@ def to_json(name: str, arch: str, st: Settings, est: Estimate, method: str | Non
         "method": ROUTE_METHOD[route],
         "route": route,  # after the contract's keys: formula, derived or simulated
         "needed_bytes": int(est.needed_bytes),  # the least GPU memory the step runs in
+        "peak_phase": max(est.phases, key=est.phases.get),  # the phase `components` are those of
+        "phase_components": {ph: {k: int(v) for k, v in est.phase_components[ph].items()} for ph in est.phases},
+        **options_json(st),
+        "notes": list(est.notes),
+    }
+
+
+def options_json(st: Settings) -> dict:
+    """Every option the estimate was made with, echoed (keys beside the contract's, named as the
+    options are; None where an option does not apply: LoRA's without LoRA, FSDP's version
+    outside FSDP)."""
+    lora = st.lora
+    return {
+        "strategy": st.strategy, "offload": st.offload, "gpus": st.gpus, "nodes": st.nodes,
+        "fsdp_version": st.fsdp_version if st.strategy.startswith("fsdp") else None,
+        "lora_rank": st.lora_rank,
+        "lora_alpha": (st.lora_alpha if st.lora_alpha is not None else 2.0 * st.lora_rank) if lora else None,
+        "lora_dropout": st.lora_dropout if lora else None, "lora_targets": st.lora_targets if lora else None,
+        "quant": st.quant, "grad_checkpointing": st.grad_checkpointing, "attn": st.attn,
+        "gradient_accumulation": st.accumulation, "kernels": st.kernels,
         "optimizer_paged": st.optimizer_paged,
         **loss_json(st),
         "unfrozen_parameters": list(st.unfrozen_parameters) or None,  # partial freezing; None: every parameter trains
         "ema": st.ema,  # an EMA copy of the trainable parameters is counted (in weights)
         "lbfgs_history": st.lbfgs_history if st.optimizer == "lbfgs" else None,
-        "notes": list(est.notes),
     }
 
 
@@ -138,7 +159,27 @@ def show(console, title: str, cols: list, rows: list, styles: list | None = None
         console.print()
 
 
-def render(console, name: str, arch: str, rows: list[tuple[Settings, Estimate]], chosen: int) -> None:
+PHASE_LABEL = {"model": "model", "forward": "forward", "backward": "backward", "optimizer_step": "opt step"}
+"""A phase as the per-precision table names where the peak is."""
+
+
+def peak_summary(est: Estimate) -> dict:
+    """What the per-precision table shows of an estimate: the peak and its phase; weights,
+    gradients and optimizer states, each the most it holds in any phase; activations and logits
+    together, at their largest (in the forward or the backward). The peak phase's own components
+    are the JSON's `components`, and the phase table shows every phase's."""
+    rows = est.phase_components.values()
+    return {"peak": est.peak_bytes, "phase": max(est.phases, key=est.phases.get),
+            "weights": max(r["weights"] for r in rows), "gradients": max(r["gradients"] for r in rows),
+            "optimizer": max(r["optimizer"] for r in rows),
+            "activations_logits": max(r["activations"] + r["logits"] for r in rows), "device": est.device_bytes}
+
+
+def render(console, name: str, arch: str, rows: list[tuple[Settings, Estimate]], chosen: int,
+           fits: list | None = None, bf16: str | None = None) -> None:
+    """The parameter table; a row per precision (`chosen` bold: the one `--dtype bf16` means,
+    `bf16`, when several are shown); the catalog GPUs each fits on (`fits`, a list of GPUs per
+    row); the chosen row's phases by component."""
     st0, est0 = rows[chosen]
     pc = est0.param_counts
     counts = []
@@ -162,16 +203,28 @@ def render(console, name: str, arch: str, rows: list[tuple[Settings, Estimate]],
                 + (f", offload {st0.offload}" if st0.offload != "none" else "")
                 + f" over {st0.nodes} node(s) x {st0.gpus} GPU(s)"
                 if st0.gpus * st0.nodes > 1 or st0.strategy != "ddp" else ""))
-    cols = [("precision", "left")] + [(c, "right") for c in (
-        "weights\nGiB", "gradients\nGiB", "optimizer\nGiB", "activations\nGiB", "logits\nGiB", "other\nGiB",
-        "peak GiB\n(allocated)", "device GiB\n(NVML)")]
+    cols = [("precision", "left"), ("peak\nGiB", "right"), ("peak\nin", "left")] + [(c, "right") for c in (
+        "weights\nGiB", "grads\nGiB", "states\nGiB", "act.+logits\nGiB", "device\nGiB")]
     table = []
     for st, est in rows:
-        c = est.components
-        table.append([st.precision, num(c["weights"]), num(c["gradients"]), num(c["optimizer"]),
-                      num(c["activations"]), num(c["logits"]), num(c["other"]), num(est.peak_bytes),
-                      num(est.device_bytes)])
+        s = peak_summary(est)
+        table.append([st.precision, num(s["peak"]), PHASE_LABEL[s["phase"]], num(s["weights"]), num(s["gradients"]),
+                      num(s["optimizer"]), num(s["activations_logits"]), num(s["device"])])
     show(console, title, cols, table, ["bold" if i == chosen and len(rows) > 1 else None for i in range(len(rows))])
+    console.print("peak: the most live memory (torch.cuda.max_memory_allocated) and the phase it is in; weights, "
+                  "grads, states (optimizer): the most each holds in any phase; act.+logits: activations and "
+                  "logits together at their largest, in the forward or the backward; device: NVML's figure on a "
+                  "roomy GPU (CUDA context and allocator reserve)."
+                  + (f" Bold: --dtype bf16, which is {bf16} here (README, Options)." if bf16 else ""), style="dim")
+    if fits is not None:
+        world = st0.gpus * st0.nodes
+        console.print("fits on (catalog GPUs with tensor cores for the precision, recommend's margins kept free"
+                      + (f"; each of the {world} GPUs" if world > 1 else "") + "):")
+        for (st, est), gpus in zip(rows, fits, strict=True):
+            names = ", ".join(g.name for g in gpus) if gpus else "none in the catalog"
+            line = f"{st.precision} (needs {num(est.needed_bytes, 1)} GiB): {names}"
+            console.print(textwrap.fill(line, max(console.width - 1, 40), initial_indent="  ",
+                                        subsequent_indent="      ", break_on_hyphens=False), highlight=False)
 
     comps = COMPONENTS
     peak_phase = max(est0.phases, key=est0.phases.get)

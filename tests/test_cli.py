@@ -12,12 +12,14 @@ def test_json_contract_single_dtype():
     r = run_plan("estimate", "meta-llama/Meta-Llama-3-8B", "--dtype", "bf16", "--json")
     assert r.returncode == 0, r.stderr
     obj = json.loads(r.stdout)
-    # the contract's keys in its order, then the route, the options echoed (the optimizer's paging, the loss)
-    # and notes
+    # the contract's keys in its order, then the route, what the step needs, the peak phase and every
+    # phase's components, every option echoed, and notes
     assert list(obj)[:len(CONTRACT_KEYS)] == CONTRACT_KEYS
-    assert list(obj)[len(CONTRACT_KEYS):] == ["route", "needed_bytes", "optimizer_paged", "loss", "loss_chunks",
-                                              "loss_validation", "unfrozen_parameters", "ema", "lbfgs_history",
-                                              "notes"]
+    assert list(obj)[len(CONTRACT_KEYS):] == [
+        "route", "needed_bytes", "peak_phase", "phase_components", "strategy", "offload", "gpus", "nodes",
+        "fsdp_version", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "quant", "grad_checkpointing",
+        "attn", "gradient_accumulation", "kernels", "optimizer_paged", "loss", "loss_chunks", "loss_validation",
+        "unfrozen_parameters", "ema", "lbfgs_history", "notes"]
     assert set(obj["components"]) == {"weights", "gradients", "optimizer", "activations", "logits", "other"}
     assert set(obj["phases"]) == {"model", "forward", "backward", "optimizer_step"}
     assert obj["precision"] == "bf16-amp" and obj["method"] == "analytic"
@@ -28,7 +30,7 @@ def test_json_contract_single_dtype():
 def test_json_list_without_dtype():
     r = run_plan("estimate", "gpt2", "--json")
     objs = json.loads(r.stdout)
-    assert [o["precision"] for o in objs] == ["fp32", "fp16-amp", "bf16-amp", "fp8-te"]
+    assert [o["precision"] for o in objs] == ["fp32", "fp16-amp", "bf16-amp", "bf16-pure", "fp8-te"]
 
 
 def test_human_view_has_tables():

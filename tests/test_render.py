@@ -38,14 +38,21 @@ def g1(n: float) -> str:
 
 
 def estimate_figures(objs: list[dict]) -> list[str]:
+    """A row per precision: the peak, its phase, each of weights, gradients and states at its
+    largest, activations and logits together at their largest, the device figure, the GiB it
+    needs (the fits-on line); the phase table of the one --dtype bf16 means, every cell."""
     figures = []
+    bf16 = next((o for o in objs if o["precision"] == ("bf16-pure" if o["lora_rank"] and o["quant"] == "none"
+                                                       else "bf16-amp")), objs[0])
     for o in objs:
-        c = o["components"]
-        figures += [o["precision"], f"{o['params']:,}", f"{o['trainable_params']:,}"]
-        figures += [g2(c[k]) for k in ("weights", "gradients", "optimizer", "activations", "logits", "other")]
-        figures += [g2(o["peak_bytes"]), g2(o["device_bytes"])]
-        if o["precision"] == "bf16-amp":  # the breakdown by phase is bf16-amp's
-            figures += [g2(v) for v in o["phases"].values()]
+        rows = o["phase_components"].values()
+        figures += [o["precision"], f"{o['params']:,}", f"{o['trainable_params']:,}", g2(o["peak_bytes"]),
+                    {"optimizer_step": "opt step"}.get(o["peak_phase"], o["peak_phase"])]
+        figures += [g2(max(r[k] for r in rows)) for k in ("weights", "gradients", "optimizer")]
+        figures += [g2(max(r["activations"] + r["logits"] for r in rows)), g2(o["device_bytes"])]
+        figures += [f"{o['precision']} (needs {g1(o['needed_bytes'])} GiB)"]
+    figures += [g2(v) for v in bf16["phases"].values()]
+    figures += [g2(v) for row in bf16["phase_components"].values() for v in row.values() if v]
     return figures
 
 
@@ -130,7 +137,7 @@ def test_qlora_sweep_skips_the_precisions_nf4_cannot_use(monkeypatch, capsys):
     code, out, err = plan(monkeypatch, capsys, "estimate", "meta-llama/Llama-3.1-8B", "--lora-rank", "16",
                           "--quant", "nf4", "--json")
     assert code == 0
-    assert [o["precision"] for o in json.loads(out)] == ["fp32", "fp16-amp", "bf16-amp"]
+    assert [o["precision"] for o in json.loads(out)] == ["fp32", "fp16-amp", "bf16-amp", "bf16-pure"]
     notes = [line for line in err.splitlines() if "skipping" in line]
     assert len(notes) == 1 and "fp8-te" in notes[0]
 
@@ -138,7 +145,7 @@ def test_qlora_sweep_skips_the_precisions_nf4_cannot_use(monkeypatch, capsys):
 def test_wide_layout_at_120_narrow_at_80(monkeypatch, capsys):
     _, wide, _ = plan(monkeypatch, capsys, "estimate", L8, columns=120)
     _, narrow, _ = plan(monkeypatch, capsys, "estimate", L8, columns=80)
-    assert re.search(r"│ bf16-amp +│ +29\.92 │", wide)  # a row for each precision
+    assert re.search(r"│ bf16-amp +│ +149\.64 │ opt step +│ +29\.92 │", wide)  # a row for each precision
     assert re.search(r"│ weights GiB +│ +29\.92 │", narrow)  # a column for each precision
 
 

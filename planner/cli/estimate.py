@@ -12,9 +12,10 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..compat import accelerate_table, deepspeed_table, ds_largest_module_params
-from ..contract import DTYPE_TO_RECIPE, QUANT_PRECISIONS, Choice, Dtype, PlanError, Precision, Settings, check_options
+from ..contract import QUANT_PRECISIONS, SWEEP_PRECISIONS, Choice, PlanError, Precision, Settings, check_options
 from ..distributed import strategy_choices
 from ..estimate import estimate, validate
+from ..recommend import catalog_fits
 from ..report import gib, render, render_strategies, show, to_json
 from ..resolve import Resolved
 from ..spec import ModelSpec, count_params
@@ -49,6 +50,7 @@ from .options import (
     StrategyOrAllOpt,
     UnfrozenParameters,
     check_dtype,
+    dtype_precision,
     given,
     plain,
     to_settings,
@@ -117,7 +119,7 @@ def run(options: Mapping[str, Any], exact: bool) -> None:
     runs = _estimates(spec, _settings(res, spec, options), measure_only=exact and not formula)
     if _skipped(options):
         quant = plain(options["quant"])
-        typer.echo(f"note: --quant {quant}: skipping {', '.join(DTYPE_TO_RECIPE[d.value] for d in _skipped(options))}, "
+        typer.echo(f"note: --quant {quant}: skipping {', '.join(_skipped(options))}, "
                    f"which a bitsandbytes {quant} base cannot compute in", err=True)
     method = None
     if exact:
@@ -132,15 +134,15 @@ def _settings(res: Resolved, spec: Optional[ModelSpec], options: Mapping[str, An
     seq = default_seq(res, spec, options["seq_len"])
     if options["precision"] is not None or options["dtype"] is not None:
         return [to_settings(options, seq_len=seq)]
-    return [to_settings({**options, "dtype": d}, seq_len=seq) for d in Dtype if d not in _skipped(options)]
+    return [to_settings(options, seq_len=seq, precision=p) for p in SWEEP_PRECISIONS if p not in _skipped(options)]
 
 
-def _skipped(options: Mapping[str, Any]) -> list[Dtype]:
-    """The dtypes a sweep (no --dtype, no --precision) leaves out: those a bitsandbytes base
+def _skipped(options: Mapping[str, Any]) -> list[str]:
+    """The precisions a sweep (no --dtype, no --precision) leaves out: those a bitsandbytes base
     (--quant) cannot compute in."""
     if plain(options.get("quant")) in (None, "none") or given(options, ("precision", "dtype")):
         return []
-    return [d for d in Dtype if DTYPE_TO_RECIPE[d.value] not in QUANT_PRECISIONS]
+    return [p for p in SWEEP_PRECISIONS if p not in QUANT_PRECISIONS]
 
 
 def _estimates(spec: ModelSpec, settings: list[Settings], measure_only: bool = False) -> list[tuple]:
@@ -188,15 +190,19 @@ def _simulated(res: Resolved, st: Settings, budget):
 
 
 def _print(res: Resolved, runs: list[tuple], method: Optional[str], one: bool, as_json: bool) -> None:
-    """JSON (one object for one precision asked for, else a list) or the tables, bf16-amp's
-    breakdown shown."""
+    """JSON (one object for one precision asked for, else a list) or the tables: a row per
+    precision with the catalog GPUs each fits on, and the phase breakdown of the one `--dtype
+    bf16` means (bf16-amp; bf16-pure for LoRA on an unquantised base)."""
     arch = res.config.get("model_type", "?")
     if as_json:
         objs = [to_json(res.name, arch, st, est, method) for st, est in runs]
         typer.echo(json.dumps(objs[0] if one else objs, indent=2))
         return
-    chosen = next((i for i, (st, _) in enumerate(runs) if st.precision == "bf16-amp"), 0)
-    render(console(120), res.name, arch, runs, chosen)
+    st0 = runs[0][0]
+    bf16 = dtype_precision("bf16", lora=st0.lora, quant=st0.quant)
+    chosen = next((i for i, (st, _) in enumerate(runs) if st.precision == bf16), 0)
+    fits = [catalog_fits(est, st) for st, est in runs]
+    render(console(120), res.name, arch, runs, chosen, fits=fits, bf16=bf16 if len(runs) > 1 else None)
 
 
 # ---------------------------------------------------------------- --strategy all
@@ -218,8 +224,7 @@ def compare_strategies(res: Resolved, spec: Optional[ModelSpec], options: Mappin
             skipped.append(f"{strat} --offload {off}: {e}")
     arch = res.config.get("model_type", "?")
     if options["as_json"]:
-        objs = [{**to_json(res.name, arch, st, est), "strategy": st.strategy, "offload": st.offload,
-                 "gpus": st.gpus, "nodes": st.nodes} for st, est in rows]
+        objs = [to_json(res.name, arch, st, est) for st, est in rows]
         typer.echo(json.dumps(objs, indent=2))
         return
     render_strategies(console(110), res.name, arch, rows, skipped)
