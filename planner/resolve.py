@@ -152,8 +152,21 @@ def resolve(model: str) -> Resolved:
         raise ResolveError(f"{model[:200]}: cannot read ({e.strerror or type(e).__name__})") from None
 
 
+MODEL_FILES = "a directory with config.json, a config.json or a .gguf file"
+
+
+def looks_like_path(model: str) -> bool:
+    """Whether `model` can only be a local path: a Hugging Face repo id (`org/name`) never starts
+    with `/`, `.` or `~`, never ends with `/` and has at most one `/`."""
+    return model.startswith(("/", ".", "~")) or model.endswith(("/", os.sep)) or model.count("/") > 1
+
+
 def _resolve(model: str) -> Resolved:
     path = Path(model).expanduser()
+    if path.exists() and path.is_file() and path.suffix not in (".json", ".gguf"):
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ResolveError(f"{model}: not a model file; pass {MODEL_FILES}")
     if path.suffix == ".gguf" or (path.exists() and path.is_file() and path.suffix != ".json"):
         if not path.exists():
             raise ResolveError(f"{model}: no such file")
@@ -170,6 +183,8 @@ def _resolve(model: str) -> Resolved:
         if not path.exists():
             raise ResolveError(f"{model}: no such file")
         return Resolved(path.parent.name or path.name, _read_json(path), "local")
+    if looks_like_path(model) and not path.exists():
+        raise ResolveError(f"{model}: no such file or directory (a local model is {MODEL_FILES})")
     for finder in (_from_cache, _from_hub):
         found = finder(model)
         if found is not None:

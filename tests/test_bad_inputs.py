@@ -91,6 +91,12 @@ CASES = [
     ("config-negative-field", ["estimate", "{w}/negative.json"], "num_hidden_layers"),
     ("unsupported-architecture", ["estimate", "{w}/unsupported.json"], "no-such-architecture"),
     ("gguf-not-gguf", ["estimate", "{w}/fake.gguf"], "fake.gguf"),
+    # a data file given as the model: not "not a readable GGUF file"; a path: not "Hub unreachable"
+    ("model-a-data-file", ["estimate", "{w}/good.jsonl"], "good.jsonl: not a model file"),
+    ("model-a-text-file", ["estimate", "{w}/a-file"], "a-file: not a model file"),
+    ("model-dir-missing", ["estimate", "{w}/nonexistent/"], "nonexistent/: no such file or directory"),
+    ("model-relative-dir-missing", ["estimate", "./nonexistent/"], "./nonexistent/: no such file or directory"),
+    ("model-relative-path-missing", ["estimate", "../no-such-model"], "no such file or directory"),
     ("gguf-metadata-count-past-the-file", ["estimate", "{w}/huge-count.gguf"], "past the end"),
     ("config-ten-million-layers-no-formula", ["estimate", "{w}/ten-million-layers.json", "--exact"], "--sim-seconds"),
     ("config-model-type-a-list", ["estimate", "{w}/model-type-a-list.json"], "model_type"),
