@@ -10,8 +10,10 @@ model, good for ranking plans against each other, not a promise of tokens/s:
 - QLoRA: the 4-bit base dequantised to 16 bits for every pass over the weights (HBM traffic);
 - communication: the bytes each strategy's collectives move per GPU (ring algorithms), over
   NVLink or PCIe within a node and the network between nodes, overlapped with compute;
-- offload: parameter fetches over PCIe (overlapped), gradients down and updated parameters up
-  once per optimizer step, and the CPU (or NVMe) optimizer step, not overlapped;
+- offload: parameter fetches over PCIe (from NVMe under `nvme`), gradients down and updated
+  parameters up once per optimizer step, at half the link's nominal bandwidth, and the CPU (or
+  NVMe) optimizer step; none of it overlapped with compute (OFFLOAD_LINK_EFFICIENCY,
+  `step_time`);
 - activation offload: the saved activations down in the forward (overlapped) and up in the
   backward (not overlapped), `activation_offload_seconds`;
 - the optimizer step on the GPU: AdamW is memory-bound, bytes over HBM bandwidth.
@@ -44,6 +46,12 @@ RoCE adapter per GPU, as in DGX H100 / B200 systems."""
 
 NVME_GBS = 5.0
 """NVMe read or write bandwidth per node (one PCIe Gen4 SSD)."""
+
+OFFLOAD_LINK_EFFICIENCY = 0.5
+"""The fraction of the PCIe link's nominal one-way bandwidth that DeepSpeed's offload copies
+reach: a maintainer's reading of a measured ZeRO-Offload step moved about 12 bytes per
+parameter at 16 GB/s on a 32 GB/s link (deepspeedai/DeepSpeed#6695, 2024-11-01); the user's
+own timing of that step gave 2.7 GB/s for the 16-bit parameters alone."""
 
 HOST_BW_GBS = 100.0
 """Host memory bandwidth a CPU optimizer step (DeepSpeed's CPU Adam) streams at, per node."""
@@ -180,8 +188,9 @@ def offload_bytes(spec: ModelSpec, st: Settings) -> tuple[float, float]:
     step) per GPU.
 
     Parameter offload (ZeRO-3 `params`/`all`/`nvme`, FSDP `all`) fetches the GPU's partition for
-    forward and backward (16-bit under ZeRO-3; FSDP2's fp32 shards). Optimizer offload sends the
-    fp32 gradient partition down and the updated 16-bit partition up once per step.
+    forward and backward (16-bit under ZeRO-3; FSDP2's fp32 shards), and once more for the
+    recompute under gradient checkpointing. Optimizer offload sends the fp32 gradient partition
+    down and the updated 16-bit partition up once per step.
     """
     if st.offload == "none":
         return 0.0, 0.0
@@ -190,7 +199,7 @@ def offload_bytes(spec: ModelSpec, st: Settings) -> tuple[float, float]:
     train_part = trainable_params(spec, pc, st) / shard_size(st)
     fetch = 0.0
     if st.offload in ("params", "all", "nvme") and (st.strategy == "zero3" or st.strategy in FSDP):
-        fetch = 2 * part * (4 if st.strategy in FSDP else 2)
+        fetch = (3 if st.grad_checkpointing else 2) * part * (4 if st.strategy in FSDP else 2)
     return fetch, 6 * train_part
 
 
@@ -230,8 +239,14 @@ def step_time(spec: ModelSpec, st: Settings, gpu: GPU, accumulation: int, mfu: f
     """Seconds of one optimizer step of `accumulation` micro-steps of `st.batch_size` sequences.
 
     Each micro-step takes its compute (plus kernel launches and QLoRA dequantisation) or its
-    communication and parameter fetches, whichever is longer (the engines overlap them); the
-    optimizer step and offload copies follow, not overlapped."""
+    communication, whichever is longer (NCCL runs on its own streams and the engines prefetch);
+    parameter fetches from host RAM or NVMe add to it, not overlapped: ZeRO-3's offloaded
+    parameters are copied host-to-device with a blocking `cudaStreamSynchronize` (NVMe offload of
+    a 10B model on V100s ran at 2.3 TFLOPs per GPU against 30-40 with ZeRO-2:
+    deepspeedai/DeepSpeed#1130; "Zero3 Offload ... fails to overlap I/O and computation":
+    deepspeedai/DeepSpeed#3054). Offload copies run at OFFLOAD_LINK_EFFICIENCY of the link, NVMe
+    reads at a node's NVME_GBS shared by its GPUs. The optimizer step and offload copies follow,
+    not overlapped."""
     tokens = st.tokens
     peak = gpu.peak_tflops * 1e12
     compute = train_flops_per_token(spec, st) * tokens / (peak * mfu) if peak else float("inf")
@@ -248,13 +263,15 @@ def step_time(spec: ModelSpec, st: Settings, gpu: GPU, accumulation: int, mfu: f
     comm_micro = cb.micro[0] / link + cb.micro[1] / net
     comm_step = cb.step[0] / link + cb.step[1] / net
     fetch, per_step_pcie = offload_bytes(spec, st)
-    pcie = gpu.pcie_gbs * 1e9
+    pcie = gpu.pcie_gbs * 1e9 * OFFLOAD_LINK_EFFICIENCY
     fetch_s = fetch / pcie
+    if st.offload == "nvme":  # the parameters come from the node's NVMe, which its GPUs share
+        fetch_s = max(fetch_s, fetch * st.gpus / (NVME_GBS * 1e9))
     busy = compute + dequant
     busy += activation_offload_seconds(spec, st, gpu, compute)
-    # per micro-step traffic hides behind that micro-step; the per-step all-reduce behind the
-    # last micro-step's backward
-    exposed = accumulation * max(0.0, comm_micro + fetch_s - busy) + max(0.0, comm_step - busy)
+    # per micro-step collectives hide behind that micro-step, the per-step all-reduce behind the
+    # last micro-step's backward; parameter fetches do not hide
+    exposed = accumulation * (max(0.0, comm_micro - busy) + fetch_s) + max(0.0, comm_step - busy)
     optimizer = optimizer_seconds(spec, st, gpu) + per_step_pcie / pcie
     total = accumulation * (busy + launch) + exposed + optimizer
     return StepTime(compute=compute * accumulation, launch=launch * accumulation, dequant=dequant * accumulation,
