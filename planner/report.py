@@ -6,6 +6,7 @@ import textwrap
 
 from .contract import COMPONENTS, FUSED_LOSSES, UNMEASURED_FUSED, Settings
 from .estimate import Estimate
+from .speed import OFFLOAD_LINK_EFFICIENCY
 
 ROUTE_METHOD = {"formula": "analytic", "derived": "derived", "simulated": "simulated"}
 """The route that gave a figure -> the contract's `method` (shared/CONTRACT.md)."""
@@ -27,7 +28,7 @@ def to_json(name: str, arch: str, st: Settings, est: Estimate, method: str | Non
         "route": route,  # after the contract's keys: formula, derived or simulated
         "needed_bytes": int(est.needed_bytes),  # the least GPU memory the step runs in
         "peak_phase": max(est.phases, key=est.phases.get),  # the phase `components` are those of
-        "phase_components": {ph: {k: int(v) for k, v in est.phase_components[ph].items()} for ph in est.phases},
+        "phase_components": {ph: {k: int(est.phase_components[ph].get(k, 0)) for k in COMPONENTS} for ph in est.phases},
         **options_json(st),
         "notes": list(est.notes),
     }
@@ -168,7 +169,7 @@ def peak_summary(est: Estimate) -> dict:
     gradients and optimizer states, each the most it holds in any phase; activations and logits
     together, at their largest (in the forward or the backward). The peak phase's own components
     are the JSON's `components`, and the phase table shows every phase's."""
-    rows = est.phase_components.values()
+    rows = [{k: r.get(k, 0) for k in COMPONENTS} for r in est.phase_components.values()]
     return {"peak": est.peak_bytes, "phase": max(est.phases, key=est.phases.get),
             "weights": max(r["weights"] for r in rows), "gradients": max(r["gradients"] for r in rows),
             "optimizer": max(r["optimizer"] for r in rows),
@@ -352,7 +353,8 @@ def render_plans(console, name: str, req, plans: list, n_fit: int, notes: list[s
     console.print(f"{n_fit} plans fit. Speed is a model, not a measurement: {g.peak_tflops:,.0f} dense 16-bit TFLOPs "
                   f"at an assumed MFU of {req.mfu:.0%} (--mfu), kernel launches, collectives over "
                   f"{g.link_gbs:,.0f} GB/s per GPU" + (" and a 50 GB/s-per-GPU network" if req.nodes > 1 else "")
-                  + f", offload over PCIe ({g.pcie_gbs:,.0f} GB/s); epoch = {req.samples:,} sequences (--samples). "
+                  + f", offload over PCIe at {OFFLOAD_LINK_EFFICIENCY:.0%} of its {g.pcie_gbs:,.0f} GB/s, not "
+                  "overlapped; epoch = {req.samples:,} sequences (--samples). "
                   "GiB/GPU is what the step needs to run (its peak, the allocator's unreturnable pages, the CUDA "
                   "context); NVML shows more where memory is plentiful (plan estimate's device figure)"
                   + ("; host and NVMe GiB are per node." if nvme else "; host GiB is per node.")
