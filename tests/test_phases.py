@@ -20,7 +20,8 @@ STRATEGIES = (("ddp", "none", 1), ("ddp", "none", 8), ("fsdp", "none", 8), ("fsd
               ("zero3", "all", 8), ("zero3", "nvme", 8))
 RECIPES = (dict(precision="bf16-amp"), dict(precision="fp32", grad_checkpointing=True),
            dict(precision="bf16-pure", lora_rank=16, lora_alpha=32), dict(precision="bf16-amp", accumulation=4),
-           dict(precision="bf16-amp", lora_rank=8, lora_alpha=16, quant="nf4", grad_checkpointing=True))
+           dict(precision="bf16-amp", lora_rank=8, lora_alpha=16, quant="nf4", grad_checkpointing=True),
+           dict(precision="bf16-pure", lora_rank=16, lora_alpha=32, activation_offload=True))
 
 
 @pytest.mark.parametrize("model", MODELS)
