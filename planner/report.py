@@ -52,6 +52,7 @@ def options_json(st: Settings) -> dict:
         "unfrozen_parameters": list(st.unfrozen_parameters) or None,  # partial freezing; None: every parameter trains
         "ema": st.ema,  # an EMA copy of the trainable parameters is counted (in weights)
         "lbfgs_history": st.lbfgs_history if st.optimizer == "lbfgs" else None,
+        "activation_offload": st.activation_offload,  # saved activations in pinned host RAM (cpu_bytes)
     }
 
 

@@ -125,3 +125,7 @@ def test_json_echoes_every_option(monkeypatch, capsys):
         assert (o["strategy"], o["gpus"], o["nodes"], o["fsdp_version"]) == ("fsdp", 4, 1, 2)
         assert (o["lora_rank"], o["lora_alpha"], o["quant"], o["lora_targets"]) == (8, 16.0, "nf4", "all-linear")
         assert o["grad_checkpointing"] is False and o["offload"] == "none"
+    code, out, _ = plan(monkeypatch, capsys, "estimate", L8, "--lora-rank", "8", "--dtype", "bf16",
+                        "--grad-checkpointing", "--activation-offload", "--json")
+    o = json.loads(out)
+    assert o["activation_offload"] is True and o["offload"] == "none" and o["cpu_bytes"] > 0
