@@ -280,12 +280,79 @@ def rows(ex: Examples, seq_len: int, packing: bool) -> list[dict]:
     return [{"input_ids": i, "labels": lab} for i, lab in zip(ex.input_ids, ex.labels, strict=False)]
 
 
+PAD_MULTIPLE = 8
+"""The Collator pads a micro-batch to its longest row rounded up to a multiple of this."""
+
+PACKING_PAYS = 0.75
+"""Sample packing is chosen when its rows hold the epoch in at most this fraction of the token
+slots that padding per micro-batch computes. Not for less: a packed row's attention spans the
+whole row (benchmarks/train_vs_hf.py measured packed rows of 512 tokens 30% dearer per token slot
+than short padded rows on CPU), which eats a small saving."""
+
+
+def padded(n: int, multiple: int = PAD_MULTIPLE) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What a tokenised dataset holds and the micro-batch shape a run over it sees: `seq_len`
+    is the longest example padded as the Collator pads it (without packing) or the packed row
+    length; `rows` the sequences an epoch holds (examples, or packed rows)."""
+    examples: int
+    tokens: int
+    shortest: int
+    longest: int
+    truncated: int
+    dropped: int
+    seq_len: int
+    packing: bool
+    rows: int
+    padded_slots: int  # token slots an epoch computes padded per micro-batch of `batch`
+    packed_slots: int  # ... packed into rows of `seq_len`
+    batch: int
+
+    def line(self) -> str:
+        how = (f"packed into {self.rows:,} rows of {self.seq_len:,} tokens ({self.packed_slots:,} token slots "
+               f"against {self.padded_slots:,} padded per micro-batch of {self.batch})" if self.packing else
+               f"padded per micro-batch (at most {self.seq_len:,} tokens, the longest example padded to a multiple "
+               f"of {PAD_MULTIPLE}; packing would compute {self.packed_slots:,} token slots against "
+               f"{self.padded_slots:,}: not worth it)")
+        cut = f"; {self.truncated:,} truncated" if self.truncated else ""
+        cut += f", {self.dropped:,} dropped (nothing left to train on)" if self.dropped else ""
+        return (f"{self.examples:,} examples, {self.shortest:,} to {self.longest:,} tokens each, "
+                f"{self.tokens:,} in all{cut}; {how}")
+
+
+def padded_slots(lengths: list[int], batch: int) -> int:
+    """Token slots an epoch computes when each micro-batch of `batch` examples is padded to its
+    longest (rounded up to PAD_MULTIPLE), in the order given."""
+    return sum(padded(max(lengths[i:i + batch])) * len(lengths[i:i + batch]) for i in range(0, len(lengths), batch))
+
+
+def data_shape(ex: Examples, batch: int, row_len: int | None = None) -> DataShape:
+    """The shape of an epoch over `ex` at micro-batch `batch`: padding per micro-batch, or
+    packing into rows of `row_len` (default: the longest example, padded), whichever computes
+    fewer token slots by PACKING_PAYS. Packing into rows no longer than the longest padded batch
+    keeps the planned micro-batch shape: the memory plan holds either way."""
+    lengths = [len(i) for i in ex.input_ids]
+    longest = max(lengths)
+    row = row_len or padded(longest)
+    rows = len(pack(ex, row)) if ex.classes is None else len(lengths)
+    pad_slots, pack_slots = padded_slots(lengths, batch), rows * row
+    packing = ex.classes is None and pack_slots <= PACKING_PAYS * pad_slots
+    return DataShape(examples=len(lengths), tokens=sum(lengths), shortest=min(lengths), longest=longest,
+                     truncated=ex.truncated, dropped=ex.dropped, seq_len=row if packing else padded(longest),
+                     packing=packing, rows=rows if packing else len(lengths), padded_slots=pad_slots,
+                     packed_slots=pack_slots, batch=batch)
+
+
 class Collator:
     """Pads a micro-batch to its longest row (rounded up to a multiple of 8), labels with -100
     and an attention mask; packed rows are already full and carry position ids, and `length`,
     their tokens before padding, which the trainer counts and takes out before the forward."""
 
-    def __init__(self, pad_id: int, multiple: int = 8):
+    def __init__(self, pad_id: int, multiple: int = PAD_MULTIPLE):
         self.pad_id, self.multiple = pad_id, multiple
 
     def __call__(self, batch: list[dict]) -> dict:

@@ -11,8 +11,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..contract import DataFormat, PlanError
-from ..data import DataError, check_records, read_records
-from .common import fail, plan_spec, request
+from ..data import DataError, check_records, data_shape, padded, read_records
+from .common import default_seq, fail, loadable, plan_spec, request
 from .emit_config import ChosenPlan, plan_files, recommended
 from .options import Data, DataFormatOpt, GlobalBatch, Gpu, Gpus, MethodOpt, Out, SeqLen, plain
 
@@ -102,9 +102,15 @@ def auto_recipe(options: Mapping[str, Any]) -> str | None:
     res, spec = plan_spec(model)
     g, trains, line = train_device(options["gpu"])
     typer.echo(f"plan: {line}", err=True)
+    ex = tokenised(model, res, data, fmt, default_seq(res, spec, options["seq_len"]))
+    if ex is not None:  # planned for the rows the data has: its longest example, padded
+        options = {**options, "seq_len": padded(max(len(i) for i in ex.input_ids))}
     plan = cpu_plan(model, options, res, spec, g) if g.cpu else recommended(model, options, res, spec)
+    shape = data_shape(ex, plan.settings.batch_size) if ex is not None else None
+    if shape is not None:
+        plan.why.insert(0, f"data: {shape.line()}")
     contents = plan_files(model, res, spec, plan, out, data=str(Path(data).resolve()), data_format=fmt)
-    contents["recipe.yaml"] = _runs_in(contents["recipe.yaml"], out, options["max_steps"])
+    contents["recipe.yaml"] = _runs_in(contents["recipe.yaml"], out, options["max_steps"], shape)
     for why in plan.why:
         typer.echo(f"plan: {why}", err=True)
     written = write_files(out, contents, options["force"])
@@ -125,11 +131,35 @@ def cpu_plan(model: str, options: Mapping[str, Any], res, spec, g) -> ChosenPlan
     return ChosenPlan(best.settings, best.accumulation, best.estimate, list(best.notes), None)
 
 
-def _runs_in(recipe_yaml: str, out: str, max_steps: Optional[int]) -> str:
-    """The recipe with its output directory `out`, stopping after `max_steps` where given."""
+def tokenised(model: str, res, data: str, fmt: str, cap: int):
+    """The training data tokenised as the run will tokenise it (truncated at `cap` tokens), with
+    the model's own tokenizer; None where this machine has no tokenizer for the model (a config
+    from the catalog), which is then planned at --seq-len, as the note says."""
+    from ..data import tokenize
+    if res.source == "catalog":
+        typer.echo(f"plan: no tokenizer for {model} here: planned for rows of {cap:,} tokens, not for the data's",
+                   err=True)
+        return None
+    from transformers import AutoTokenizer
+    base, gguf = loadable(model, res)
+    try:
+        tok = AutoTokenizer.from_pretrained(base, **({"gguf_file": gguf} if gguf else {}))
+    except (OSError, ValueError) as e:
+        fail(f"{model}: cannot load its tokenizer ({str(e).strip().splitlines()[0]})")
+    try:
+        return tokenize(read_records(data)[0], tok, fmt, cap, data)
+    except DataError as e:
+        fail(str(e))
+
+
+def _runs_in(recipe_yaml: str, out: str, max_steps: Optional[int], shape=None) -> str:
+    """The recipe with its output directory `out`, stopping after `max_steps` where given, and
+    the data's shape: rows of its longest example (padded), packed where packing pays."""
     import yaml
     rec = yaml.safe_load(recipe_yaml)
     rec["output_dir"] = str(Path(out).resolve())
+    if shape is not None:
+        rec["sequence_len"], rec["sample_packing"] = shape.seq_len, shape.packing
     if max_steps is not None:
         rec["max_steps"] = max_steps
     return yaml.safe_dump(rec, sort_keys=False)
