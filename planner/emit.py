@@ -171,11 +171,15 @@ def accelerate_config(st: Settings, deepspeed_file: str | None = None, machine_r
     return ClusterConfig(**kw)
 
 
-ADAPTER_KEYS = ("load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+ADAPTER_KEYS = ("load_in_4bit", "load_in_8bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 """Recipe keys that mean something only with an adapter: left out of a full fine-tune's recipe."""
 LOSS_RECIPE_KEYS = ("liger_fused_linear_cross_entropy", "cut_cross_entropy", "chunked_cross_entropy",
                     "chunked_cross_entropy_num_chunks")
 """Recipe keys of the losses other than the standard one: only the plan's are written."""
+
+
+QUIET_DEFAULTS = {"load_in_8bit": False, "warmup_ratio": 0.0, "attn_implementation": "sdpa", "tf32": False}
+"""Recipe keys (Axolotl's) that a plan leaves at their defaults: not written."""
 
 
 def relative_to(path: str, out_dir: str) -> str:
@@ -195,9 +199,6 @@ def recipe_dict(model: str, st: Settings, accumulation: int, est: Estimate, gpu:
     the keys that apply (no LoRA keys in a full fine-tune). Paths are written as given: `render`
     makes them relative to the plan directory."""
     adapter = None if not st.lora else ("qlora" if st.quant == "nf4" else "lora")
-    if st.quant == "int8":
-        raise PlanError("plan train runs QLoRA on an NF4 base; an int8 base has no recipe yet (use {quant} nf4)",
-                        "quant")
     half = half_dtype(st, bf16_gpu)
     d = {"base_model": model}
     if gguf_file:
@@ -205,7 +206,8 @@ def recipe_dict(model: str, st: Settings, accumulation: int, est: Estimate, gpu:
     if data:
         d["datasets"] = [{"path": data, "type": data_format}]
     if adapter:
-        d.update(adapter=adapter, load_in_4bit=adapter == "qlora", lora_r=st.lora_rank,
+        d.update(adapter=adapter, load_in_4bit=adapter == "qlora", load_in_8bit=st.quant == "int8",
+                 lora_r=st.lora_rank,
                  lora_alpha=st.lora_alpha if st.lora_alpha is not None else 2.0 * st.lora_rank,
                  lora_dropout=st.lora_dropout,
                  lora_target_modules="all-linear" if st.lora_targets == "all-linear"
@@ -226,6 +228,9 @@ def recipe_dict(model: str, st: Settings, accumulation: int, est: Estimate, gpu:
     if not adapter:
         for k in ADAPTER_KEYS:
             out.pop(k, None)
+    for k, default in QUIET_DEFAULTS.items():  # keys a plan does not set, left out at their defaults
+        if out.get(k) == default:
+            out.pop(k)
     if "loss_watchdog_threshold" not in out:
         out.pop("loss_watchdog_patience", None)
     if not st.activation_offload:

@@ -19,7 +19,7 @@ from pathlib import Path
 from .contract import ZERO, PlanError, world_size
 from .data import DataError, check_records, read_records
 from .emit import accelerate_config, deepspeed_config, write_files
-from .recipe import RECIPE_NAMES, Recipe, RecipeError, load, load_config, resume_hash, settings
+from .recipe import RECIPE_NAMES, Recipe, RecipeError, dump, from_dict, load_config, read, resume_hash, settings
 
 CONFIG_DIR = "launch"  # inside output_dir: the accelerate (and DeepSpeed) config of this run
 ERROR_FILE = "error.json"  # the trainer's bad-input line and status, for the launcher
@@ -176,9 +176,29 @@ def report_status(recipe: Recipe, strict: bool, tolerance: float) -> tuple[int, 
     return (0 if ok or not strict else 1), line + ("" if ok else ": OUTSIDE the tolerance")
 
 
+def bf16_here() -> bool:
+    """Whether this machine trains in bf16 where a config says `bf16: auto` (Axolotl's
+    `is_torch_bf16_gpu_available`): a CUDA GPU with bf16."""
+    import torch
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def axolotl_recipe(path: str, data, echo) -> Recipe:
+    """An Axolotl config as the recipe the trainer runs (what the config left out first, one
+    line each); `run` writes it as OUTPUT_DIR/launch/recipe.yaml once it holds the lock."""
+    from .axolotl import translate
+    t = translate(data, path, bf16_device=bf16_here(), training=True, base_dir=Path(path).parent)
+    for note in t.notes():
+        echo(f"plan train: {path}: {note}")
+    return t.recipe
+
+
 def run(recipe_path: str, num_processes: int | None = None, strict: bool = False, tolerance: float = 10.0,
         echo=print, force: bool = False) -> int:
-    recipe = load(recipe_path)
+    from .axolotl import is_axolotl
+    data = read(recipe_path)
+    axolotl = isinstance(data, dict) and is_axolotl(data)
+    recipe = axolotl_recipe(recipe_path, data, echo) if axolotl else from_dict(data, recipe_path)
     if num_processes is not None and num_processes < 1:
         raise RecipeError(f"--num-processes must be at least 1, got {num_processes}")
     hidden = None
@@ -192,6 +212,11 @@ def run(recipe_path: str, num_processes: int | None = None, strict: bool = False
     try:
         if finished_run(recipe, force, echo):
             return 0
+        if axolotl:  # the recipe the trainer runs, beside the launch config
+            config_path = recipe_path
+            recipe_path = str(Path(recipe.output_dir) / CONFIG_DIR / "recipe.yaml")
+            write_files(str(Path(recipe_path).parent), {"recipe.yaml": dump(recipe)}, force=True)
+            echo(f"plan train: {config_path} read as an Axolotl config; the recipe it runs: {recipe_path}")
         return _launch(recipe, recipe_path, num_processes, strict, tolerance, echo, hidden)
     finally:
         lock.close()

@@ -74,6 +74,7 @@ class Recipe(_Strict):
     datasets: list[Dataset] = Field(default_factory=list)
     adapter: Optional[Literal["lora", "qlora"]] = None
     load_in_4bit: bool = False
+    load_in_8bit: bool = False  # LoRA on a bitsandbytes LLM.int8 base (CUDA)
     lora_r: int = Field(16, ge=1)
     lora_alpha: float = Field(32, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
@@ -94,11 +95,14 @@ class Recipe(_Strict):
     learning_rate: float = Field(2e-4, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)  # or this fraction of the run's steps (HF Trainer's, Axolotl's)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
     bf16: bool = True
     fp16: bool = False
     gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # transformers' key
+    tf32: bool = False  # TF32 matmuls on a CUDA GPU (torch.backends.cuda.matmul.allow_tf32)
     # the loss over the output head, under Axolotl's keys (at most one true; none: transformers' own)
     liger_fused_linear_cross_entropy: bool = False
     cut_cross_entropy: bool = False
@@ -125,6 +129,10 @@ class Recipe(_Strict):
             raise ValueError("adapter: qlora needs load_in_4bit: true")
         if self.load_in_4bit and self.adapter != "qlora":
             raise ValueError("load_in_4bit: true trains adapters only: set adapter: qlora")
+        if self.load_in_8bit and self.adapter != "lora":
+            raise ValueError("load_in_8bit: true trains LoRA adapters on an 8-bit base: set adapter: lora")
+        if self.warmup_ratio and self.warmup_steps:
+            raise ValueError("warmup_steps and warmup_ratio both set the warm-up: choose one")
         on = [k for k in LOSS_KEYS.values() if getattr(self, k)]
         if len(on) > 1:
             raise ValueError(f"{' and '.join(on)} are both true: choose one loss")
@@ -186,6 +194,12 @@ class _NoAliasLoader(yaml.SafeLoader):
 
 def load(path: str) -> Recipe:
     """Read and validate a recipe; every problem is one RecipeError line naming the key."""
+    return from_dict(read(path), path)
+
+
+def read(path: str):
+    """A recipe file's YAML, unvalidated (a plan recipe or an Axolotl config: planner/axolotl.py);
+    an unreadable file is one RecipeError line."""
     try:
         size = Path(path).stat().st_size
         if size > MAX_RECIPE_BYTES:
@@ -199,7 +213,7 @@ def load(path: str) -> Recipe:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0]
         raise RecipeError(f"{path}: not valid YAML ({first})") from None
-    return from_dict(data, path)
+    return data
 
 
 LENGTH_KEYS = ("max_steps", "num_epochs")
@@ -228,7 +242,12 @@ RECIPE_NAMES = {"precision": "plan.precision", "optimizer": "optimizer", "batch_
                 "accumulation": "gradient_accumulation_steps", "num_processes": "--num-processes",
                 "loss": "liger_fused_linear_cross_entropy/cut_cross_entropy/chunked_cross_entropy",
                 "loss_chunks": "chunked_cross_entropy_num_chunks", "unfrozen_parameters": "unfrozen_parameters",
-                "ema": "ema_decay", "activation_offload": "activation_offloading"}
+                "ema": "ema_decay", "activation_offload": "activation_offloading",
+                "attn": "attn_implementation"}
+
+
+ATTENTION = {"sdpa": "sdpa", "eager": "eager", "flash_attention_2": "flash"}
+"""The recipe's attn_implementation (transformers' names) -> the contract's Attention."""
 
 
 def loss(recipe: Recipe) -> str:
@@ -250,13 +269,14 @@ def precision(recipe: Recipe) -> str:
     """The precision recipe a run computes in: `plan.precision` when the recipe names it, else
     from `bf16`/`fp16`: full fine-tuning keeps fp32 weights under autocast (`bf16-amp`), LoRA
     stores the frozen base in bf16 with fp32 adapters (`bf16-pure`, what `plan recommend`
-    picks), QLoRA stores it in NF4 with bf16 autocast (`bf16-amp`). Neither flag: fp32."""
+    picks), QLoRA stores it in NF4 and LoRA on an 8-bit base in int8, both with bf16 autocast
+    (`bf16-amp`). Neither flag: fp32."""
     if "precision" in recipe.plan.model_fields_set:
         return recipe.plan.precision
     half = "bf16" if recipe.bf16 else "fp16" if recipe.fp16 else None
     if half is None:
         return "fp32"
-    if recipe.adapter == "lora" and half == "bf16":
+    if recipe.adapter == "lora" and half == "bf16" and not recipe.load_in_8bit:
         return "bf16-pure"
     return f"{half}-amp"
 
@@ -278,7 +298,8 @@ def settings(recipe: Recipe, world: int | None = None, batch: int | None = None,
                     seq_len=seq or recipe.sequence_len, lora_rank=recipe.lora_r if recipe.adapter else 0,
                     lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                     lora_targets=targets if isinstance(targets, str) else ",".join(targets),
-                    quant="nf4" if recipe.adapter == "qlora" else "none",
+                    quant="nf4" if recipe.adapter == "qlora" else "int8" if recipe.load_in_8bit else "none",
+                    attn=ATTENTION[recipe.attn_implementation],
                     grad_checkpointing=recipe.gradient_checkpointing,
                     gpus=gpus, nodes=nodes, strategy=strategy, offload=p.offload if strategy != "ddp" else "none",
                     accumulation=recipe.gradient_accumulation_steps, kernels=kernels, loss=loss(recipe),

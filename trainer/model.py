@@ -35,13 +35,22 @@ def load_model(recipe: Recipe, num_labels: int | None = None, cuda: bool = False
     qlora = recipe.adapter == "qlora"
     if qlora and not cuda:
         raise ModelError("adapter: qlora needs a CUDA GPU (bitsandbytes NF4 kernels); on CPU use adapter: lora")
+    if recipe.load_in_8bit and not cuda:
+        raise ModelError("load_in_8bit: an 8-bit base needs a CUDA GPU (bitsandbytes LLM.int8 kernels); on CPU drop it")
+    if recipe.attn_implementation == "flash_attention_2" and not cuda:
+        raise ModelError("attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn package; on CPU "
+                         "use sdpa")
+    if cuda:
+        import torch
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = recipe.tf32
     _check_loss(recipe, num_labels is not None, cuda)
     if recipe.activation_offloading and not cuda:
         raise ModelError("activation_offloading: TRL's OffloadActivations moves activations from a CUDA GPU to host "
                          "RAM; it runs on a CUDA GPU (set activation_offloading: false on CPU)")
-    model = _from_pretrained(recipe, num_labels, qlora)
+    quantised = qlora or recipe.load_in_8bit
+    model = _from_pretrained(recipe, num_labels, quantised)
     model.config.use_cache = False
-    model = _checkpointing(model, recipe, qlora)
+    model = _checkpointing(model, recipe, quantised)
     if recipe.adapter:
         model = _with_adapter(model, recipe, num_labels is not None)
     if recipe.unfrozen_parameters:
@@ -99,6 +108,8 @@ def _from_pretrained(recipe: Recipe, num_labels: int | None, qlora: bool):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     dtype = torch.bfloat16 if precision(recipe) == "bf16-pure" or qlora else torch.float32
     kw = dict(source(recipe), dtype=dtype)
+    if recipe.attn_implementation != "sdpa":  # else transformers' default: SDPA where the class has it
+        kw["attn_implementation"] = recipe.attn_implementation
     if num_labels is not None:
         cls = AutoModelForSequenceClassification
         kw["num_labels"] = num_labels
@@ -107,8 +118,13 @@ def _from_pretrained(recipe: Recipe, num_labels: int | None, qlora: bool):
     if qlora:
         import importlib.util
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise ModelError("adapter: qlora needs bitsandbytes: pip install bitsandbytes")
-        kw["quantization_config"] = nf4_config(torch.bfloat16 if recipe.bf16 else torch.float16)
+            raise ModelError(f"{'load_in_8bit' if recipe.load_in_8bit else 'adapter: qlora'} needs bitsandbytes: "
+                             "pip install bitsandbytes")
+        if recipe.load_in_8bit:
+            from transformers import BitsAndBytesConfig
+            kw["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            kw["quantization_config"] = nf4_config(torch.bfloat16 if recipe.bf16 else torch.float16)
         import os
         kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     try:

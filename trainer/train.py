@@ -328,8 +328,8 @@ class Trainer:
         steps; this one counts optimizer steps."""
         from transformers import get_scheduler
         r = self.recipe
-        return get_scheduler(r.lr_scheduler, opt, num_warmup_steps=r.warmup_steps,
-                             num_training_steps=self.total_steps)
+        warmup = r.warmup_steps or math.ceil(r.warmup_ratio * self.total_steps)  # HF Trainer's get_warmup_steps
+        return get_scheduler(r.lr_scheduler, opt, num_warmup_steps=warmup, num_training_steps=self.total_steps)
 
     def _prepare(self, model, opt):
         """Model (unless sharded here already), optimizer and loaders through `accelerate.prepare`."""

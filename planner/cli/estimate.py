@@ -20,6 +20,7 @@ from ..report import gib, render, render_strategies, show, to_json
 from ..resolve import Resolved
 from ..spec import ModelSpec, count_params
 from .common import buildable, console, default_seq, derived_spec, fail, model_spec, no_formula, source_note
+from .config_file import is_config, read_config
 from .options import (
     ActivationOffloadOpt,
     AttnOpt,
@@ -106,7 +107,11 @@ def simulate_cmd(ctx: typer.Context, model: Model, dtype: DtypeOpt = None, preci
 
 
 def run(options: Mapping[str, Any], exact: bool) -> None:
-    """Estimate (or, `exact`, measure) each precision the options ask for, and print them."""
+    """Estimate (or, `exact`, measure) each precision the options ask for, and print them; a
+    config file (Axolotl's or a recipe) in place of MODEL: the one run it describes."""
+    config = read_config(options) if is_config(options["model"]) else None
+    if config is not None:
+        options = {**options, "model": config.model, "strategy": config.settings.strategy}
     res, spec = model_spec(options["model"])
     formula = spec is not None
     if not formula:
@@ -116,7 +121,8 @@ def run(options: Mapping[str, Any], exact: bool) -> None:
                        "transformers module on fake tensors (measured once per settings class, then cached)", err=True)
     if options["strategy"] == StrategyOrAll.ALL:
         return compare_strategies(res, spec, options)
-    runs = _estimates(spec, _settings(res, spec, options), measure_only=exact and not formula)
+    runs = _estimates(spec, [config.settings] if config else _settings(res, spec, options),
+                      measure_only=exact and not formula)
     if _skipped(options):
         quant = plain(options["quant"])
         typer.echo(f"note: --quant {quant}: skipping {', '.join(_skipped(options))}, "
@@ -125,7 +131,7 @@ def run(options: Mapping[str, Any], exact: bool) -> None:
     if exact:
         runs, method = _measured(res, runs, options), "simulated"
     source_note(res)
-    one = options["precision"] is not None or options["dtype"] is not None
+    one = options["precision"] is not None or options["dtype"] is not None or config is not None
     _print(res, runs, method, one, options["as_json"])
 
 
