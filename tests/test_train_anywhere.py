@@ -2,6 +2,7 @@
 without a GPU), a full fine-tune of a GGUF base saves a loadable model, nothing trained is lost
 after the last step, a finished run is not silently repeated, two runs never write into one
 directory, and a full disk during a checkpoint is one line."""
+import importlib.util
 import json
 import os
 import resource
@@ -344,3 +345,23 @@ def test_the_hf_trainer_example_runs_two_steps_on_cpu_with_the_callback(tmp_path
     rep = json.loads((tmp_path / "run_report.json").read_text())
     assert rep["model"] == GGUF and rep["measured_step"] == 2 and rep["measured"]["source"] == "memtracker-cpu"
     assert abs(rep["total_error_pct"]) <= 10, rep["comparison"]
+
+
+@pytest.mark.slow
+@needs_smollm2
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed")
+def test_the_callback_runs_inside_trls_sft_trainer(tmp_path):
+    """The same example through TRL's SFTTrainer (`--trl`). TRL 1.16 replaces the head's loss with
+    its own chunked log-prob/entropy head (trl/trainer/sft_trainer.py: add_fused_lm_head), which
+    plan does not model: measured -7.4% (716.3 against 773.4 MiB) on 2026-11-30, so the bound
+    here is the run's, not the estimate's accuracy."""
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "examples" / "hf-trainer-callback" / "run.py"), str(tmp_path),
+                        "--steps", "2", "--trl"], capture_output=True, text=True, timeout=1500, cwd=root,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "plan: predicted peak" in r.stderr and r.stderr.count("predicted against measured") == 1
+    rep = json.loads((tmp_path / "run_report.json").read_text())
+    assert rep["model"] == GGUF and rep["measured_step"] == 2 and rep["measured"]["source"] == "memtracker-cpu"
+    assert abs(rep["total_error_pct"]) <= 15, rep["comparison"]

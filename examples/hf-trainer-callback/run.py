@@ -5,6 +5,10 @@ train start and the predicted-against-measured table after the measured (second)
 writes run_report.json in the output directory.
 
     python examples/hf-trainer-callback/run.py /tmp/hf-callback --steps 2
+    python examples/hf-trainer-callback/run.py /tmp/trl-callback --steps 2 --trl   # TRL's SFTTrainer
+
+With `--trl`, the same LoRA run goes through TRL's `SFTTrainer` (a `Trainer`), which renders the
+chats with the tokenizer's template and tokenizes them itself (pip install trl).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--trl", action="store_true", help="train with TRL's SFTTrainer")
     a = ap.parse_args(argv)
 
     import torch
@@ -62,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     # Trainer refuses to train a model that has one: these are plain fp32 weights
     model.hf_quantizer, model.is_quantized = None, False
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    if a.trl:
+        return sft(a, model, tok, gguf)
     train = dataset(tok, a.rows, 256)
     args = TrainingArguments(output_dir=a.out, max_steps=a.steps, per_device_train_batch_size=a.batch,
                              learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to=[],
@@ -69,6 +76,31 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(model=model, args=args, train_dataset=train,
                       data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
                       callbacks=[PlanCallback(model_name=gguf, train_dataset=train)])
+    trainer.train()
+    return 0
+
+
+def chats(rows: int) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"Add {i} and {i + 1}."},
+                          {"role": "assistant", "content": f"The sum is {2 * i + 1}."}]} for i in range(rows)]
+
+
+def sft(a, model, tok, gguf: str) -> int:
+    """The same run through TRL's SFTTrainer, on conversational rows it tokenizes itself."""
+    import torch
+    from datasets import Dataset
+    try:
+        from trl import SFTConfig, SFTTrainer
+    except ImportError:
+        print("error: --trl needs TRL: pip install trl", file=sys.stderr)
+        return 2
+
+    from trainer.callback import PlanCallback
+    args = SFTConfig(output_dir=a.out, max_steps=a.steps, per_device_train_batch_size=a.batch, learning_rate=2e-4,
+                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+                     seed=0, max_length=256, packing=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(chats(a.rows)), processing_class=tok,
+                         callbacks=[PlanCallback(model_name=gguf)])
     trainer.train()
     return 0
 
