@@ -67,6 +67,7 @@ def scratch(tmp_path, monkeypatch):
     (tmp_path / "examples" / "configs").mkdir(parents=True)
     shutil.copy(ROOT / "examples" / "configs" / "train.jsonl", tmp_path / "examples" / "configs" / "train.jsonl")
     shutil.copy(ROOT / "examples" / "configs" / "train.jsonl", tmp_path / "train.jsonl")
+    shutil.copytree(ROOT / "examples" / "axolotl", tmp_path / "examples" / "axolotl")  # Axolotl's configs
     (tmp_path / "tables").mkdir()
     (tmp_path / "my-model").mkdir()
     (tmp_path / "my-model" / "config.json").write_text(json.dumps(catalog()["HuggingFaceTB/SmolLM2-135M"]["config"]))
