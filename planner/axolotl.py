@@ -52,7 +52,6 @@ IGNORED = {
     "tokenizer_type": "the tokenizer class: plan loads the base model's own",
     "gradient_checkpointing_kwargs": "plan checkpoints non-reentrantly (use_reentrant: false); the recomputation "
                                      "keeps the same tensors either way",
-    "tf32": "TF32 matmuls (a CUDA GPU's fp32 speed, not memory)",
     "ddp_find_unused_parameters": "DDP's unused-parameter search",
     "fsdp_final_state_dict_type": "the format of the final FSDP save",
 }

@@ -152,3 +152,8 @@ def test_an_axolotl_config_trains_on_cpu_with_a_small_local_model(tmp_path):
     assert rep["finished"] and rep["steps"] == 2 and rep["device"] == "cpu"
     assert abs(rep["total_error_pct"]) < 10, rep["total_error_pct"]
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_tf32_is_carried_into_the_recipe():
+    t = translate(config("streaming-sft.yaml"), "c", bf16_device=False, training=False)
+    assert t.recipe.tf32 and "tf32" not in t.ignored
