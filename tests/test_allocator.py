@@ -102,3 +102,19 @@ def test_replaying_gpu_traces_gives_the_reserved_peak_torch_reported(traces, row
     # exact on every case but the 8B QLoRA one (-1.1%: bitsandbytes' kernels)
     assert errors and all(abs(e) <= 1.5 for e in errors.values()), errors
     assert sum(abs(e) < 0.1 for e in errors.values()) >= len(errors) - 1, errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["meta-llama/Llama-3.2-1B/bf16-amp/full/none/ckpt/b4s2048/adamw",
+                                  "meta-llama/Llama-3.2-3B/bf16-pure/lora16/none/ckpt/b8s2048/adamw"])
+def test_the_simulators_whole_run_replays_to_the_reserved_peak_the_h200_reported(case):
+    """The simulator's allocation sequence from the model's first tensor (with cuBLAS's second
+    workspace at the backward's first matmul) gives the reserved peak torch reported on the H200:
+    from the measured step's live set alone these were -3.3% and -8.7%."""
+    from planner.margin import suite_case
+    from planner.measure.simulate import measure
+    from planner.resolve import catalog
+    reported = {r["case"]: int(r["reserved_peak"]) for r in csv.DictReader(open(GPU / "validation_gpu_expandable.csv"))}
+    model_id, st = suite_case(case)
+    got = measure(catalog()[model_id]["config"], st, fake=True).reserved_bytes
+    assert abs(got - reported[case]) / reported[case] < 0.01, (got, reported[case])

@@ -78,7 +78,7 @@ def check(traces: str, rows_csv: str, expandable: bool = True, simulate: bool = 
 
 GRID_MODELS = ("meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-0.5B", "HuggingFaceTB/SmolLM2-360M", "openai-community/gpt2",
                "Qwen/Qwen3-0.6B")
-GRID_SHAPES = ((1, 2048), (4, 2048), (8, 2048))
+GRID_SHAPES = ((2, 2048), (8, 2048))
 GRID_FIELDS = ("case", "step_peak", "replayed", "estimated", "error_pct", "logits16", "ckpt_grads")
 
 

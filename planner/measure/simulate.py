@@ -129,9 +129,9 @@ def measure(cfg: dict, st: Settings, fake: bool = True, weights: str | None = No
 
 
 CUBLAS_WORKSPACES = (32 * 2**20, 32 * 2**20)
-"""What the H200 traces show cuBLAS/cuBLASLt taking from the caching allocator at a process's
-first matmul (torch 2.11, CUDA 13): two blocks of 32 MiB, kept to the end (CUBLAS_WORKSPACE_BYTES
-in the formulas)."""
+"""What the H200 traces show cuBLAS taking from the caching allocator (torch 2.11, CUDA 13): 32 MiB
+at the forward's first matmul and 32 MiB at the backward's (autograd's device thread has its own
+handle), kept to the end (CUBLAS_WORKSPACE_BYTES in the formulas)."""
 
 
 def _measure(cfg: dict, st: Settings, fake: bool, weights: str | None = None, keep_events: bool = False):
@@ -142,14 +142,14 @@ def _measure(cfg: dict, st: Settings, fake: bool, weights: str | None = None, ke
     from .tracker import AllocationRecorder
     mode = FakeTensorMode() if fake else None
     torch.manual_seed(0)
-    with AllocationRecorder() as recorder:
-        m = _run(cfg, st, mode, weights, recorder)
+    with AllocationRecorder(CUBLAS_WORKSPACES) as recorder:
+        m = _run(cfg, st, mode, weights)
     m.reserved_bytes = replay(recorder.events).peak_reserved
     m.events = recorder.events if keep_events else None
     return m
 
 
-def _run(cfg: dict, st: Settings, mode, weights: str | None, recorder) -> Measurement:
+def _run(cfg: dict, st: Settings, mode, weights: str | None) -> Measurement:
     import torch
 
     from .tracker import PhaseRecorder, Tracker
@@ -165,8 +165,6 @@ def _run(cfg: dict, st: Settings, mode, weights: str | None, recorder) -> Measur
         labels = torch.zeros(st.batch_size, dtype=torch.long) if is_encoder(config) else ids
         batch = dict(input_ids=ids, labels=labels)
         micro = 2 if st.accumulation > 1 else 1  # from the second micro-step on, the memory repeats
-        # the cuBLAS workspaces, taken at the first matmul and kept (the allocator's sequence)
-        recorder.events += [(True, ("cublas", i), size) for i, size in enumerate(CUBLAS_WORKSPACES)]
         # warm-up, under the allocation recorder only: creates the optimizer state. L-BFGS: steps
         # until its history is full (at most one pair per step, none when the step fails its
         # curvature test): twice the history and more. (A MemTracker entered before the warm-up

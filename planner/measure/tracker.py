@@ -93,9 +93,17 @@ class AllocationRecorder:
     """Every storage a run creates, from its first tensor, and its release, in order: the
     allocation sequence a caching allocator sees over a whole process (planner/allocator.py
     replays it). A dispatch mode that keeps only weak references, so that, unlike a MemTracker
-    entered before the warm-up, it changes no tensor's lifetime."""
+    entered before the warm-up, it changes no tensor's lifetime.
 
-    def __init__(self) -> None:
+    `workspaces`: the blocks cuBLAS takes from the caching allocator and keeps, one per thread
+    that runs a matmul: the first at the forward's first matmul, the second at the backward's
+    (autograd runs a CUDA backward on its own device thread, with its own cuBLAS handle). Where
+    the second lands matters: on the H200 it split the freed logits' region of a
+    checkpointed Llama-3.2-3B LoRA step (tables/gpu/traces_expandable.npz, event 7076)."""
+
+    MATMULS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_grouped_mm")
+
+    def __init__(self, workspaces: tuple[int, ...] = ()) -> None:
         import weakref
 
         import torch
@@ -107,6 +115,7 @@ class AllocationRecorder:
         seen = WeakIdKeyDictionary()
         events = self.events
         counter = iter(range(1 << 62))
+        pending = {False: workspaces[:1], True: workspaces[1:2]}  # forward thread, backward thread
 
         def note(t) -> None:
             st = t.untyped_storage()
@@ -119,6 +128,11 @@ class AllocationRecorder:
 
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.__name__.split(".")[0] in AllocationRecorder.MATMULS:
+                    backward = torch._C._current_autograd_node() is not None
+                    for size in pending[backward]:
+                        events.append((True, ("cublas", backward), size))
+                    pending[backward] = ()
                 out = func(*args, **(kwargs or {}))
                 for t in tree_leaves(out):
                     if isinstance(t, torch.Tensor) and not t.is_meta:
