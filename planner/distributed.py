@@ -10,11 +10,13 @@ tables/validation.csv).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 
 from .contract import FSDP, Settings, check_strategy, shard_size, world_size
 from .memory import (
     RECIPES,
+    ActivationPhases,
     StepParts,
     activation_phases,
     lora_params,
@@ -23,6 +25,26 @@ from .memory import (
     step_parts,
 )
 from .spec import ModelSpec, ParamCount
+
+
+@dataclass(frozen=True)
+class MeasuredStep:
+    """A step whose single-GPU parts were measured instead of counted (the derived route,
+    planner/measure/derived.py), for the sharding formulas below to distribute: the model states
+    of the storage recipe (`weights` with buffers, `grads`, `optimizer`, `opt_temp`), the
+    activation side at each phase's peak as the engine computes (`acts`), the trainable
+    parameters, AdamW-like state and step temporary on ZeRO's fp32 master, and the parameters
+    ZeRO-3 keeps whole (tensors under its persistence threshold, counted on the module)."""
+    weights: float
+    grads: float
+    optimizer: float
+    opt_temp: float
+    acts: ActivationPhases
+    trainable: int
+    master_optimizer: float
+    master_opt_temp: float
+    persistent: int
+
 
 # ---------------------------------------------------------------- FSDP
 
@@ -86,7 +108,8 @@ def _fsdp_parts(spec: ModelSpec, pc: ParamCount, st: Settings) -> StepParts:
     return p
 
 
-def fsdp_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> tuple[dict, dict, float]:
+def fsdp_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list,
+                measured: MeasuredStep | None = None) -> tuple[dict, dict, float]:
     """Per-GPU phases under FSDP.
 
     Sharded (divided by the shard size): the stored parameters, gradients (reduce-scattered into
@@ -103,9 +126,9 @@ def fsdp_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
       to its backward, so the whole model is gathered at the loss.
     """
     n = shard_size(st)
-    p = _fsdp_parts(spec, pc, st)
+    p = measured or _fsdp_parts(spec, pc, st)
     u = fsdp_units(spec, pc, st.fsdp_version)
-    lora_blk = _block_lora(spec, st)
+    lora_blk = (measured.trainable // spec.layers if st.lora else 0) if measured else _block_lora(spec, st)
     gb = 2 if RECIPES[st.precision].autocast else RECIPES[st.precision].grad  # unsharded grad dtype
     block_g = _gathered_bytes(u.block + lora_blk, st)
     kept_g = _gathered_bytes(u.kept, st)
@@ -122,7 +145,7 @@ def fsdp_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
         w_gpu, g_gpu, o_gpu, t_gpu = 0, 0, 0, 0
     else:
         w_gpu, g_gpu, o_gpu, t_gpu = w, g, o, t
-    a = activation_phases(p)
+    a = copy.deepcopy(measured.acts) if measured else activation_phases(p)
     grad_op = st.strategy == "fsdp-grad-op"
     late = u.kept_late
     kept_train = 0 if st.lora else u.kept * gb        # the kept unit's unsharded gradients
@@ -138,8 +161,10 @@ def fsdp_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
         done_shard = 0 if (st.lora or offload) else u.block * RECIPES[st.precision].grad / n
         bw_grads = (kept_train if late else kept_shard) + done_shard + block_train
         # the peak comes as the block's backward starts (its weight gradients come later, when
-        # its recompute is being freed): the recompute and the first activation gradients
-        a.backward["activations"] = p.act.kept + p.act.recompute + p.act.first_grads
+        # its recompute is being freed): the recompute and the first activation gradients (a
+        # measured step keeps its single-GPU peak's, which holds some weight gradients too)
+        if measured is None:
+            a.backward["activations"] = p.act.kept + p.act.recompute + p.act.first_grads
     else:
         gathered_bw = every_g if grad_op else kept_g
         bw_grads = 0
@@ -215,7 +240,8 @@ def zero3_gathered_at_loss(spec: ModelSpec, pc: ParamCount) -> int:
     return gathered
 
 
-def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> tuple[dict, dict, float, float]:
+def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list,
+                measured: MeasuredStep | None = None) -> tuple[dict, dict, float, float]:
     """Per-GPU phases under DeepSpeed ZeRO, as `deepspeed.initialize` runs it with the client
     optimizer (DeepSpeedZeroOptimizer for stages 1-2, DeepSpeedZeroOptimizer_Stage3).
 
@@ -237,14 +263,17 @@ def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
     stage = zero_stage(st)
     rc = RECIPES[st.precision]
     b = 2 if rc.compute == 2 else 4
-    p = step_parts(spec, pc, st)  # activations: _ctx computes in 16-bit under ZeRO with bf16
-    p = replace(p, head_grad=p.head_grad and b * spec.vocab * spec.hidden,
-                block_wgrad=p.block_wgrad and b * pc.largest_layer)
-    t = lora_params(spec, st) if st.lora else pc.total
+    if measured is None:
+        p = step_parts(spec, pc, st)  # activations: _ctx computes in 16-bit under ZeRO with bf16
+        p = replace(p, head_grad=p.head_grad and b * spec.vocab * spec.hidden,
+                    block_wgrad=p.block_wgrad and b * pc.largest_layer)
+        t = lora_params(spec, st) if st.lora else pc.total
+        on_master = replace(st, precision="fp32")  # the optimizer runs on the fp32 master partition
+        opt = optimizer_state_bytes(spec, pc, on_master) / n
+        opt_temp = optimizer_step_temp_bytes(spec, pc, on_master) / n
+    else:
+        t, opt, opt_temp = measured.trainable, measured.master_optimizer / n, measured.master_opt_temp / n
     master = 4 * t / n
-    on_master = replace(st, precision="fp32")  # the optimizer runs on the fp32 master partition
-    opt = optimizer_state_bytes(spec, pc, on_master) / n
-    opt_temp = optimizer_step_temp_bytes(spec, pc, on_master) / n
     fp32_grad = 4 * t / n
     bucket = spec.hidden * spec.hidden * b
     offload_opt = st.offload in ("optimizer", "all", "nvme")
@@ -252,7 +281,7 @@ def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
     to_nvme = st.offload == "nvme"
     host = (master + opt + fp32_grad) if offload_opt else 0
     if stage == 3:
-        persist = zero_persistent_params(spec, pc)
+        persist = measured.persistent if measured else zero_persistent_params(spec, pc)
         w_part = b * (pc.total - persist) / n
         if offload_par:
             host += w_part
@@ -266,9 +295,10 @@ def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
         grad_part = 0 if offload_opt else b * t / n  # offloaded: reduced straight into host fp32 partitions
         at_loss = in_block = 0
     gpu_master, gpu_opt = (0, 0) if offload_opt else (master, opt)
-    a = activation_phases(p)
+    a = copy.deepcopy(measured.acts) if measured else activation_phases(p)
     bw_in_block = a.bwd_in_block
-    block_grads = b * (_block_lora(spec, st) if st.lora else pc.largest_layer) if bw_in_block else 0
+    blk_lora = (measured.trainable // spec.layers if measured else _block_lora(spec, st)) if st.lora else 0
+    block_grads = b * (blk_lora if st.lora else pc.largest_layer) if bw_in_block else 0
     base = {"weights": w, "optimizer": gpu_master + gpu_opt}
     phase_comp = {
         "model": {"weights": w},
@@ -293,13 +323,15 @@ def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> t
     return phase_comp, end_bw, host * st.gpus, nvme * st.gpus
 
 
-def sharded_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list) -> tuple[dict, dict, float, float]:
-    """(phase components, components at the end of backward, host RAM per node, NVMe bytes per node)."""
+def sharded_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list,
+                   measured: MeasuredStep | None = None) -> tuple[dict, dict, float, float]:
+    """(phase components, components at the end of backward, host RAM per node, NVMe bytes per node); from
+    the formulas' single-GPU parts, or from `measured` ones (the derived route)."""
     check_strategy(st)
     if st.strategy in FSDP:
-        phase_comp, end_bw, host = fsdp_phases(spec, pc, st, notes)
+        phase_comp, end_bw, host = fsdp_phases(spec, pc, st, notes, measured)
         return phase_comp, end_bw, host, 0
-    return zero_phases(spec, pc, st, notes)
+    return zero_phases(spec, pc, st, notes, measured)
 
 
 def strategy_choices(st: Settings) -> list[tuple[str, str]]:

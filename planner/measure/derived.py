@@ -32,9 +32,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..contract import COMPONENTS, PlanError, Settings
-from ..estimate import Estimate
+from ..estimate import Estimate, phase_table
 from ..memory import CUBLAS_WORKSPACE_BYTES
-from ..spec import ModelSpec, SpecError
+from ..spec import ModelSpec, ParamCount, SpecError
 
 VERSION = 8
 SHORT_SEQS = (64, 128)  # batch 1: the line where the constants dominate
@@ -326,6 +326,9 @@ class Derived:
         self.cfg = cfg
         self._fits: dict = {}
         self._names = names
+        self._pc: ParamCount | None = None
+        self._persistent = 0
+        self.spec: ModelSpec | None = None  # the proxy spec standing for this config (proxy_spec sets it)
 
     def key(self, cls: Settings | None = None) -> str:
         """The cache file's name: the model_type, a hash of the config and the versions that
@@ -404,10 +407,6 @@ class Derived:
         if st.optimizer == "adamw-8bit":
             raise PlanError("{optimizer} adamw-8bit: its step reads values, which the fake tensors the derived route "
                             "measures on do not have; use adamw", "optimizer")
-        if st.strategy != "ddp" or st.offload != "none":
-            raise PlanError(f"{{strategy}} {st.strategy} --offload {st.offload}: model_type "
-                            f"'{self.cfg.get('model_type')}' has no formula, and the derived route covers one GPU "
-                            "and DDP only", "strategy")
         if st.lora and st.lora_targets != "all-linear":
             wanted = {t.strip().split(".")[-1] for t in st.lora_targets.split(",") if t.strip()}
             if not wanted & self.linear_names():
@@ -415,10 +414,10 @@ class Derived:
                                 f"{self.cfg.get('model_type')} (its block linears: "
                                 f"{', '.join(sorted(self.linear_names()))})", "lora_targets")
 
-    def estimate(self, st: Settings) -> Estimate:
-        """Phases for `st` from its class's fit: the largest of the lines per phase, then
-        gradient accumulation (every gradient alive in forward and backward) and DDP buckets."""
-        self.check(st)
+    def _single(self, st: Settings) -> tuple[dict, dict, float, Fit]:
+        """One GPU's phases and their components for `st` from its class's fit: the largest of the
+        lines per phase, then gradient accumulation (every gradient alive in forward and
+        backward). Also the gradient bytes, and the fit."""
         f = self.fit(st)
         at = [ln.at(f.layers, st.batch_size, st.seq_len) for ln in f.lines]
         grads = max(a["optimizer_step.gradients"] for a in at)
@@ -432,16 +431,32 @@ class Derived:
                 add = grads - comps[ph]["gradients"]
                 phases[ph] += add
                 comps[ph]["gradients"] += add
-        if st.kernels == "cuda":  # as estimate() adds it: allocator memory from the first matmul on
-            for ph in PHASES[1:]:
-                phases[ph] += CUBLAS_WORKSPACE_BYTES
-                comps[ph]["other"] += CUBLAS_WORKSPACE_BYTES
+        return phases, comps, grads, f
+
+    def estimate(self, st: Settings) -> Estimate:
+        """Phases for `st`: one GPU or DDP from its class's fit (`_single`; DDP's buckets added
+        from the measured gradients), a sharded strategy or offload by the sharding formulas over
+        the measured parts (`sharded`)."""
+        self.check(st)
+        if st.strategy != "ddp" or st.offload != "none":
+            return self.sharded(st)
+        phases, comps, grads, f = self._single(st)
         notes = list(f.notes)
         if st.gpus * st.nodes > 1:
             notes.append("DDP gradient buckets: one extra copy of the gradients, in every phase")
             for ph in PHASES:
                 phases[ph] += grads
                 comps[ph]["other"] += grads
+        return self._estimate(st, f, phases, comps, notes)
+
+    def _estimate(self, st: Settings, f: Fit, phases: dict, comps: dict, notes: list, cpu: float = 0,
+                  nvme: float = 0) -> Estimate:
+        """The Estimate of phases in bytes: the cuBLAS workspace on CUDA kernels, the peak, and
+        the parameters as the formulas count them."""
+        if st.kernels == "cuda":  # as estimate() adds it: allocator memory from the first matmul on
+            for ph in PHASES[1:]:
+                phases[ph] += CUBLAS_WORKSPACE_BYTES
+                comps[ph]["other"] += CUBLAS_WORKSPACE_BYTES
         # whole bytes per component, each phase their exact sum (the table's rows add up)
         comps = {ph: {c: int(round(v)) for c, v in d.items()} for ph, d in comps.items()}
         phases = {ph: sum(d.values()) for ph, d in comps.items()}
@@ -453,7 +468,90 @@ class Derived:
         # device_bytes and needed_bytes: estimate() adds the allocator's figures from the spec's widths
         return Estimate(params=total, trainable_params=train, peak_bytes=peak, device_bytes=0,
                         components=comps[peak_phase], phases=phases, phase_components=comps, notes=notes,
-                        route="derived")
+                        cpu_bytes=int(cpu), nvme_bytes=int(nvme), route="derived")
+
+    def param_count(self) -> ParamCount:
+        """The parameters as the sharding formulas read them, counted on the module built on the
+        meta device with one block of each kind (`layer_plans`' base), blocks scaled by their
+        counts: embeddings, head (untied), the rest outside the blocks, the largest block, and
+        buffers. Also sets the parameters ZeRO-3 keeps whole (`_persistent`: tensors under its
+        persistence threshold, 10 x hidden)."""
+        if self._pc is None:
+            import torch
+
+            from ..distributed import DS_PERSISTENCE_FACTOR
+            from .builder import build_model
+            base, _ = layer_plans(self.cfg)
+            _, counts, to = layer_kinds(self.cfg)
+            with torch.device("meta"):
+                model, _ = build_model(reduced(self.cfg, len(base), to(base)), Settings(precision="bf16-pure"),
+                                       meta=True)
+            blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=[])
+            if len(blocks) != len(base):
+                raise PlanError(f"{{strategy}}: model_type '{self.cfg.get('model_type')}' has no formula and its "
+                                "blocks cannot be told apart in the module, so the sharding formulas cannot place "
+                                "them; use {strategy} ddp", "strategy")
+            per = {k: sum(p.numel() for p in blk.parameters()) for k, blk in zip(base, blocks, strict=True)}
+            total = sum(p.numel() for p in model.parameters())
+            emb_w = model.get_input_embeddings().weight
+            out = model.get_output_embeddings()
+            tied = out is not None and out.weight is emb_w
+            head = out.weight.numel() if out is not None and not tied else 0
+            limit = DS_PERSISTENCE_FACTOR * int(self.cfg.get("hidden_size") or self.cfg.get("n_embd") or 0)
+            small = {k: sum(p.numel() for p in blk.parameters() if p.numel() < limit)
+                     for k, blk in zip(base, blocks, strict=True)}
+            in_blocks = {id(p) for blk in blocks for p in blk.parameters()}
+            small_rest = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks and p.numel() < limit)
+            self._pc = ParamCount(embeddings=emb_w.numel(), attention=0, mlp=sum(counts[k] * per[k] for k in counts),
+                                  norms=total - sum(per.values()) - emb_w.numel() - head, head=head, tied=tied,
+                                  buffers_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+                                  largest_layer=max(per.values()), linear_shapes=())
+            self._persistent = sum(counts[k] * small[k] for k in counts) + small_rest
+        return self._pc
+
+    def sharded(self, st: Settings) -> Estimate:
+        """A sharded strategy (FSDP, ZeRO) or offload: the sharding formulas of
+        planner/distributed.py over measured single-GPU parts (`MeasuredStep`).
+
+        The model states come from the fit of the storage recipe (`st` on one GPU). The
+        activation side of each phase (its peak less the weights, gradients and optimizer state
+        measured in it) comes from the fit of the recipe the engine computes in: FSDP's mixed
+        precision all-gathers 16-bit parameters and DeepSpeed casts the module, so a 16-bit
+        recipe computes as pure bf16 does (planner/memory.py `_ctx`). Backward peaks inside the
+        last block where gradients are alive at its measured peak; under checkpointing the
+        forward is taken inside a block (one more block gathered, the safe side)."""
+        from ..distributed import MeasuredStep, sharded_phases
+        from ..memory import RECIPES, ActivationPhases
+        one = replace(st, strategy="ddp", offload="none", gpus=1, nodes=1, accumulation=1)
+        ph_own, own, _, f = self._single(one)
+        engine = replace(one, precision="bf16-pure") if RECIPES[st.precision].compute == 2 else one
+        ph_eng, eng, _, _ = self._single(engine)
+        side = {}
+        for ph in ("forward", "backward"):
+            c = eng[ph]
+            act = ph_eng[ph] - c["weights"] - c["gradients"] - c["optimizer"]
+            side[ph] = {"activations": max(0.0, act - c["logits"]), "logits": c["logits"]}
+        acts = ActivationPhases(forward=side["forward"], backward=side["backward"],
+                                fwd_in_block=st.grad_checkpointing, bwd_in_block=eng["backward"]["gradients"] > 0)
+        s = own["optimizer_step"]
+        states = own["forward"]["optimizer"]  # MemTracker counts the step's temporary as state: forward's is the state
+        train = f.trainable[0] + f.trainable[1] * f.layers
+        # AdamW-like state and its step temporary are in the parameter's dtype: on ZeRO's fp32
+        # master they take 4 bytes per element, for the measured bytes per gradient element
+        per_grad = s["gradients"] / train if train else 4.0
+        master = 4.0 / per_grad if per_grad else 1.0
+        temp = ph_own["optimizer_step"] - s["weights"] - s["gradients"] - states
+        pc = self.param_count()
+        m = MeasuredStep(weights=s["weights"], grads=s["gradients"], optimizer=states, opt_temp=temp,
+                         acts=acts, trainable=int(round(train)), master_optimizer=states * master,
+                         master_opt_temp=temp * master, persistent=self._persistent)
+        notes = list(f.notes) + ["sharded: planner/distributed.py's formulas over the measured parts (the "
+                                 "storage recipe's model states, the activations as the engine computes)"]
+        spec = self.spec if self.spec is not None else proxy_spec(self.cfg, self)
+        phase_comp, end_bw, cpu, nvme = sharded_phases(spec, pc, st, notes, m)
+        comps = phase_table(phase_comp, end_bw, cuda=False)  # the workspace: _estimate adds it
+        phases = {ph: sum(comps[ph].values()) for ph in PHASES}
+        return self._estimate(st, f, phases, comps, notes, cpu, nvme)
 
 
 def proxy_spec(cfg: dict, derived: Derived | None = None) -> ModelSpec:
@@ -483,5 +581,7 @@ def proxy_spec(cfg: dict, derived: Derived | None = None) -> ModelSpec:
     except SpecError as e:
         buildable(cfg)
         raise PlanError(f"model_type '{cfg.get('model_type')}': the config's widths cannot be read ({e})") from None
-    return replace(spec, model_type=str(cfg.get("model_type")),
-                   extra={**spec.extra, "derived": derived if derived is not None else Derived(cfg)})
+    derived = derived if derived is not None else Derived(cfg)
+    spec = replace(spec, model_type=str(cfg.get("model_type")), extra={**spec.extra, "derived": derived})
+    derived.spec = spec
+    return spec
