@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..contract import COMPONENTS, PlanError, Settings
 from ..estimate import Estimate, phase_table
-from ..memory import CUBLAS_WORKSPACE_BYTES
+from ..memory import CUBLAS_WORKSPACE_BYTES, RECIPES
 from ..spec import ModelSpec, ParamCount, SpecError
 
 VERSION = 8
@@ -407,6 +407,11 @@ class Derived:
         if st.optimizer == "adamw-8bit":
             raise PlanError("{optimizer} adamw-8bit: its step reads values, which the fake tensors the derived route "
                             "measures on do not have; use adamw", "optimizer")
+        if st.lora and (st.strategy != "ddp" or st.offload != "none") and RECIPES[st.precision].autocast:
+            raise PlanError(f"{{precision}} {st.precision} with LoRA under {st.strategy}: the engine casts the "
+                            "adapters to 16 bits, a step the derived route does not measure for model_type "
+                            f"'{self.cfg.get('model_type')}'; use {{precision}} bf16-pure (a 16-bit base, as plan "
+                            "recommend plans LoRA)", "precision")
         if st.lora and st.lora_targets != "all-linear":
             wanted = {t.strip().split(".")[-1] for t in st.lora_targets.split(",") if t.strip()}
             if not wanted & self.linear_names():
@@ -521,7 +526,7 @@ class Derived:
         last block where gradients are alive at its measured peak; under checkpointing the
         forward is taken inside a block (one more block gathered, the safe side)."""
         from ..distributed import MeasuredStep, sharded_phases
-        from ..memory import RECIPES, ActivationPhases
+        from ..memory import ActivationPhases
         one = replace(st, strategy="ddp", offload="none", gpus=1, nodes=1, accumulation=1)
         ph_own, own, _, f = self._single(one)
         engine = replace(one, precision="bf16-pure") if RECIPES[st.precision].compute == 2 else one
