@@ -205,8 +205,18 @@ def attention_kernel(config, st: Settings) -> str:
 
 def is_encoder(config) -> bool:
     """BERT-style encoders (token-type embeddings) train with a task head: sequence classification,
-    the head the estimator assumes. transformers' causal-LM head for them needs is_decoder."""
-    return getattr(config, "type_vocab_size", None) is not None and not getattr(config, "is_decoder", False)
+    the head the estimator assumes. transformers' causal-LM head for them needs is_decoder. So do
+    encoders that transformers has no causal-LM class for, only a sequence-classification one
+    (ModernBERT)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+    if getattr(config, "is_decoder", False):
+        return False
+    mt = config.model_type
+    return getattr(config, "type_vocab_size", None) is not None or (
+        mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
 
 
 def model_class(config):

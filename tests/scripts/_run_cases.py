@@ -1,6 +1,6 @@
-"""Run some cases of the validation matrix (loss, optimizer, QLoRA, freezing, EMA, L-BFGS or activation-offload
-cases) and merge their rows into a validation.csv:
-python tests/scripts/_run_cases.py loss|optimizer|qlora|freeze|ema|lbfgs|offload [tables/validation.csv]"""
+"""Run some cases of the validation matrix (loss, optimizer, QLoRA, freezing, EMA, L-BFGS, activation-offload or
+long-sequence cases) and merge their rows into a validation.csv:
+python tests/scripts/_run_cases.py loss|optimizer|qlora|freeze|ema|lbfgs|offload|long [tables/validation.csv]"""
 import sys
 import time
 
@@ -11,7 +11,7 @@ from planner.measure import validate
 cases = {"loss": validate.loss_cases, "optimizer": validate.optimizer_cases,
          "qlora": validate.qlora_cases, "freeze": validate.freeze_cases,
          "ema": validate.ema_cases, "lbfgs": validate.lbfgs_cases,
-         "offload": validate.offload_cases}[sys.argv[1]]()
+         "offload": validate.offload_cases, "long": validate.long_cases}[sys.argv[1]]()
 rows = []
 for case in cases:
     t = time.perf_counter()
