@@ -344,7 +344,7 @@ def smallest_need(spec: ModelSpec, req: Request) -> tuple[int, Settings | None]:
     """The least device memory any plan of the requested methods needs (micro-batch 1,
     checkpointing, the lowest rank), and that plan: what the GPU would have to hold."""
     methods = METHODS if req.method == "auto" else (req.method,)
-    best, best_st = None, None
+    best, best_st, refused = None, None, None
     sets = technique_sets(req)
     for method in methods:
         base = _method_settings(method, LORA_RANKS[-1] if method != "full" else 0, req, req.gpu)
@@ -353,10 +353,14 @@ def smallest_need(spec: ModelSpec, req: Request) -> tuple[int, Settings | None]:
             st = replace(base, strategy=strategy, offload=offload, grad_checkpointing=True, batch_size=1)
             try:
                 need = estimate(spec, st).needed_bytes
-            except PlanError:
+            except PlanError as e:
+                refused = refused or e
                 continue
             if best is None or need < best:
                 best, best_st = need, st
+    if best is None and refused is not None:  # no plan could be estimated at all: say why, not "0.0 GiB"
+        estimate(spec, replace(_method_settings(methods[0], LORA_RANKS[-1], req, req.gpu), batch_size=1))
+        raise refused
     return best or 0, best_st
 
 

@@ -48,10 +48,10 @@ def recommend_cmd(ctx: typer.Context, model: Model, gpu: Gpu, gpus: Gpus = None,
     req = request(ctx.params, res, spec, g)
     try:
         plans = recommend(spec, req)
+        if not plans:
+            fail(nothing_fits(spec, req, g))
     except PlanError as e:
         fail(str(e))
-    if not plans:
-        fail(nothing_fits(spec, req, g))
     source_note(res)
     if as_json:
         typer.echo(json.dumps({"model": res.name, "gpu": g.name, "gpus": req.gpus, "nodes": req.nodes,
