@@ -358,8 +358,8 @@ def check_options(st: Settings) -> Settings:
 
 
 def check_unfrozen(st: Settings) -> None:
-    """`unfrozen_parameters`: regular expressions that compile, on one GPU or DDP (the sharded
-    engines' formulas count every parameter as trainable). With LoRA they name PEFT's
+    """`unfrozen_parameters`: regular expressions that compile, not under FSDP1 (FSDP2 and ZeRO
+    shard only what trains: planner/distributed.py). With LoRA they name PEFT's
     `modules_to_save` (planner/memory.py: modules_to_save)."""
     import re
     for pat in st.unfrozen_parameters:
@@ -368,8 +368,9 @@ def check_unfrozen(st: Settings) -> None:
         except re.error as e:
             raise PlanError(f"{{unfrozen_parameters}} '{pat}' is not a regular expression ({e})",
                             "unfrozen_parameters") from None
-    if st.unfrozen_parameters and st.strategy != "ddp":
-        raise PlanError(f"{{unfrozen_parameters}} under {{strategy}} {st.strategy} is not modelled: one GPU or DDP",
+    if st.unfrozen_parameters and st.strategy.startswith("fsdp") and st.fsdp_version == 1:
+        raise PlanError("{unfrozen_parameters} under {fsdp_version} 1 is not modelled: FSDP1 flattens a unit's "
+                        "frozen and trainable parameters into one FlatParameter; use --fsdp-version 2",
                         "unfrozen_parameters")
 
 

@@ -79,6 +79,11 @@ class Freezing:
     head: bool           # the output head (a tied head: the embedding; an encoder: pooler or classifier) trains
     embeddings: bool
     names: frozenset = frozenset()  # (name, block) of the blocks' trainable parameters
+    sizes: tuple = ()    # (block, elements) of each trainable tensor, block as in `lowest`
+
+    def trainable_in(self, *blocks: int) -> int:
+        """Trainable parameters in these places (-1 the embeddings, `layers` the final norm and head)."""
+        return sum(n for b, n in self.sizes if b in blocks)
 
     def block_trains(self, block: int) -> frozenset:
         """The trainable modules of one block, by their last name (`gate_proj`, `input_layernorm`)."""
@@ -109,7 +114,8 @@ def freezing(spec: ModelSpec, st: Settings) -> Freezing | None:
     return Freezing(trainable=sum(math.prod(s) for _, s, _ in train), shapes=tuple(s for _, s, _ in train),
                     lowest=min(b for _, _, b in train), blocks=frozenset(b for _, _, b in train if 0 <= b < top),
                     final_norm=any(b == top and not _HEAD.search(n) for n, _, b in train), head=head, embeddings=emb,
-                    names=frozenset((n, b) for n, _, b in train if 0 <= b < top))
+                    names=frozenset((n, b) for n, _, b in train if 0 <= b < top),
+                    sizes=tuple((b, math.prod(shape)) for _, shape, b in train))
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,7 @@ def matrix(suite: str | None = None) -> list[Case]:
     cases += qlora_cases()
     cases += freeze_cases()
     cases += lora_freeze_cases()
+    cases += sharded_freeze_cases()
     cases += ema_cases()
     cases += lbfgs_cases()
     for arch, b, sq, prec, rank in (("llama", 1, 1024, "bf16-amp", 0), ("llama", 8, 64, "bf16-pure", 0),
@@ -266,6 +267,26 @@ def lora_freeze_cases() -> list[Case]:
         if path is not None:
             cases.append(Case(path, _st(**kw), "weights", suite="extra", tag=f"real:{package}"))
     return cases
+
+
+# partial freezing under sharding (issue 21): FSDP2 at world size 8 on the fake process group,
+# and two gloo ranks (torchrun) of FSDP2 and DeepSpeed ZeRO-1/2/3, alone and beside LoRA
+_TOP = (r"layers\.2\.", r"model\.norm", "lm_head")
+SHARDED_FREEZE_CASES = [
+    ("llama", "fake-world", "fsdp", 8, 0, False, _TOP),
+    ("llama", "fake-world", "fsdp", 8, 0, True, (r"layers\.[12]\.",)),
+    ("gpt2", "fake-world", "fsdp-grad-op", 8, 0, False, (r"h\.2\.", "ln_f")),
+    ("llama", "torchrun", "fsdp", 2, 0, False, _TOP), ("llama", "torchrun", "fsdp", 2, 8, False, ("lm_head",)),
+    ("llama", "torchrun", "zero1", 2, 8, False, ("lm_head",)), ("llama", "torchrun", "zero2", 2, 0, False, _TOP),
+    ("llama", "torchrun", "zero2", 2, 0, True, (r"layers\.[12]\.",)), ("llama", "torchrun", "zero3", 2, 0, False, _TOP),
+    ("llama", "torchrun", "zero3", 2, 8, False, ("lm_head", r"model\.norm")),
+    ("gpt2", "torchrun", "zero3", 2, 0, False, (r"h\.2\.", "ln_f"))]
+
+
+def sharded_freeze_cases() -> list[Case]:
+    return [Case(arch, _st(precision="bf16-amp", batch_size=2, seq_len=256, strategy=strategy, gpus=gpus,
+                           lora_rank=rank, grad_checkpointing=ckpt, unfrozen_parameters=pats), source, suite="extra")
+            for arch, source, strategy, gpus, rank, ckpt, pats in SHARDED_FREEZE_CASES]
 
 
 # EMA (issue 21): torch's AveragedModel over the trainable parameters, real CPU tensors (a deep

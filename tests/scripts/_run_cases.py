@@ -11,7 +11,7 @@ from planner.measure import validate
 
 cases = {"loss": validate.loss_cases, "optimizer": validate.optimizer_cases,
          "qlora": validate.qlora_cases, "freeze": validate.freeze_cases,
-         "freeze-lora": validate.lora_freeze_cases,
+         "freeze-lora": validate.lora_freeze_cases, "freeze-sharded": validate.sharded_freeze_cases,
          "ema": validate.ema_cases, "lbfgs": validate.lbfgs_cases,
          "offload": validate.offload_cases}[sys.argv[1]]()
 rows = []
@@ -25,6 +25,6 @@ if len(sys.argv) > 2:
     path = sys.argv[2]
     df = pd.read_csv(path, keep_default_na=False)
     new = pd.DataFrame(rows)[["case", "predicted", "measured", "error_pct", "method"]]
-    new["ranks"] = ""
+    new["ranks"] = [r.get("ranks", "") for r in rows]  # distributed cases: each rank's peak
     df = pd.concat([df[~df.case.isin(new.case)], new], ignore_index=True)
     df.to_csv(path, index=False)
