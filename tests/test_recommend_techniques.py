@@ -132,3 +132,17 @@ def test_emit_config_refuses_lbfgs_in_one_line(tmp_path):
     code, _, err = run("emit-config", "gpt2", "--gpu", "A100-80GB", "--optimizer", "lbfgs", "--out", tmp_path / "x")
     assert code == 2 and "plan train cannot run it" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_the_speed_model_stops_the_backward_where_freezing_does(spec):
+    """Partial freezing: input gradients (and the recompute) from the lowest trainable block up,
+    weight gradients for what trains; everything unfrozen is full fine-tuning's 6N."""
+    from planner.contract import Settings
+    from planner.speed import train_flops_per_token
+    for ckpt in (False, True):
+        st = Settings(seq_len=2048, grad_checkpointing=ckpt)
+        full = train_flops_per_token(spec, st)
+        assert train_flops_per_token(spec, replace(st, unfrozen_parameters=(".",))) == pytest.approx(full, rel=1e-3)
+        top = train_flops_per_token(spec, replace(st, unfrozen_parameters=TOP))
+        head = train_flops_per_token(spec, replace(st, unfrozen_parameters=("lm_head",)))
+        assert head < top < full
