@@ -239,6 +239,11 @@ class _Names(dict):
 
 # ---------------------------------------------------------------- settings
 
+EMA_DECAY = 0.999
+"""The EMA's decay when a plan keeps one and names none (`--ema` in emit-config's recipe, the
+simulator's `make_ema`); memory does not depend on it."""
+
+
 @dataclass(frozen=True)
 class Settings:
     precision: str = "bf16-amp"
@@ -353,9 +358,9 @@ def check_options(st: Settings) -> Settings:
 
 
 def check_unfrozen(st: Settings) -> None:
-    """`unfrozen_parameters`: regular expressions that compile, on one GPU or DDP (the sharded
-    engines' formulas count every parameter as trainable), and not combined with LoRA (PEFT's
-    `modules_to_save` copies are not modelled)."""
+    """`unfrozen_parameters`: regular expressions that compile, not under FSDP1 (FSDP2 and ZeRO
+    shard only what trains: planner/distributed.py). With LoRA they name PEFT's
+    `modules_to_save` (planner/memory.py: modules_to_save)."""
     import re
     for pat in st.unfrozen_parameters:
         try:
@@ -363,12 +368,10 @@ def check_unfrozen(st: Settings) -> None:
         except re.error as e:
             raise PlanError(f"{{unfrozen_parameters}} '{pat}' is not a regular expression ({e})",
                             "unfrozen_parameters") from None
-    if st.unfrozen_parameters and st.strategy != "ddp":
-        raise PlanError(f"{{unfrozen_parameters}} under {{strategy}} {st.strategy} is not modelled: one GPU or DDP",
+    if st.unfrozen_parameters and st.strategy.startswith("fsdp") and st.fsdp_version == 1:
+        raise PlanError("{unfrozen_parameters} under {fsdp_version} 1 is not modelled: FSDP1 flattens a unit's "
+                        "frozen and trainable parameters into one FlatParameter; use --fsdp-version 2",
                         "unfrozen_parameters")
-    if st.unfrozen_parameters and st.lora:
-        raise PlanError("{unfrozen_parameters} with {lora_rank} (PEFT's modules_to_save) is not modelled: "
-                        "freeze with one or the other", "unfrozen_parameters")
 
 
 def check_strategy(st: Settings) -> None:

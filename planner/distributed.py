@@ -19,10 +19,13 @@ from .memory import (
     ActivationPhases,
     StepParts,
     activation_phases,
+    freezing,
     lora_params,
+    modules_to_save,
     optimizer_state_bytes,
     optimizer_step_temp_bytes,
     step_parts,
+    trainable_params,
 )
 from .spec import ModelSpec, ParamCount
 
@@ -96,6 +99,23 @@ def _block_lora(spec: ModelSpec, st: Settings) -> int:
     return lora_params(spec, st) // spec.layers if st.lora else 0
 
 
+def trainable_units(spec: ModelSpec, pc: ParamCount, st: Settings, u: FsdpUnits) -> tuple[int, int, int]:
+    """Trainable parameters of the last block, the kept unit and the embedding unit (see
+    `fsdp_units`): what each unit's backward makes unsharded gradients of and reduces. Full
+    fine-tuning: all of each; LoRA: a block's adapters, and PEFT's modules_to_save copies where
+    they sit; partial freezing (`unfrozen_parameters`): what trains in each."""
+    fz, ms = freezing(spec, st), modules_to_save(spec, st)
+    if fz is None and ms is None:
+        return (_block_lora(spec, st), 0, 0) if st.lora else (u.block, u.kept, u.embed)
+    if ms is not None:  # PEFT's copies sit outside the blocks: the embedding's below them, the rest above
+        below = min(ms.params, spec.vocab * spec.hidden) if ms.embeddings else 0
+        top, block = ms.params - below, _block_lora(spec, st)
+    else:
+        below, top, block = fz.trainable_in(-1), fz.trainable_in(spec.layers), fz.trainable_in(spec.layers - 1)
+    embed = min(u.embed, below)  # the word embedding's own unit, when it has one
+    return block, top + below - embed, embed
+
+
 def _fsdp_parts(spec: ModelSpec, pc: ParamCount, st: Settings) -> StepParts:
     """The single-GPU parts as FSDP's mixed precision runs them: the all-gathered parameters are
     bf16, so autocast has nothing to cast and the activations are those of pure bf16 compute;
@@ -134,7 +154,8 @@ def fsdp_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list,
     kept_g = _gathered_bytes(u.kept, st)
     embed_g = _gathered_bytes(u.embed, st)
     every_g = spec.layers * block_g + kept_g + embed_g
-    block_train = (lora_blk if st.lora else u.block) * gb
+    t_block, t_kept, t_embed = trainable_units(spec, pc, st, u)
+    block_train = t_block * gb
 
     offload = st.offload in ("params", "all")
     w, g, o, t = (p.weights / n, p.grads / n, p.optimizer / n, p.opt_temp / n)
@@ -148,8 +169,8 @@ def fsdp_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list,
     a = copy.deepcopy(measured.acts) if measured else activation_phases(p)
     grad_op = st.strategy == "fsdp-grad-op"
     late = u.kept_late
-    kept_train = 0 if st.lora else u.kept * gb        # the kept unit's unsharded gradients
-    kept_shard = 0 if (st.lora or offload) else u.kept * RECIPES[st.precision].grad / n
+    kept_train = t_kept * gb        # the kept unit's unsharded gradients
+    kept_shard = 0 if offload else t_kept * RECIPES[st.precision].grad / n
     fwd_gathered = every_g if grad_op else kept_g + (block_g if a.fwd_in_block else 0)
     if a.bwd_in_block:
         # inside a block's backward: this block and the prefetched next one gathered (every block
@@ -158,7 +179,7 @@ def fsdp_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list,
         # and the sharded gradients of the units already reduced
         blocks_g = (spec.layers * block_g + embed_g) if grad_op else 2 * block_g
         gathered_bw = blocks_g + (kept_g if late else 0)
-        done_shard = 0 if (st.lora or offload) else u.block * RECIPES[st.precision].grad / n
+        done_shard = 0 if (st.lora or offload) else t_block * RECIPES[st.precision].grad / n
         bw_grads = (kept_train if late else kept_shard) + done_shard + block_train
         # the peak comes as the block's backward starts (its weight gradients come later, when
         # its recompute is being freed): the recompute and the first activation gradients (a
@@ -177,7 +198,7 @@ def fsdp_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list,
     }
     # end of backward: every sharded gradient, and the last unit reduced (the embedding, or the
     # kept unit when it is released last) gathered with its unsharded gradients and their copy
-    last_g, last_train = (kept_g, kept_train) if late else (embed_g, 0 if st.lora else u.embed * gb)
+    last_g, last_train = (kept_g, kept_train) if late else (embed_g, t_embed * gb)
     # (its unsharded gradients in gradients, their reduce-scatter copy in other)
     last_grad = max(last_train, block_train)
     end_bw = {"weights": w_gpu, "optimizer": o_gpu, "gradients": g_gpu + last_grad, "other": last_g + last_grad}
@@ -220,7 +241,7 @@ def zero_persistent_params(spec: ModelSpec, pc: ParamCount) -> int:
     return spec.layers * small + sum(norm)
 
 
-def zero3_gathered_at_loss(spec: ModelSpec, pc: ParamCount) -> int:
+def zero3_gathered_at_loss(spec: ModelSpec, pc: ParamCount, lowest: int = -1) -> int:
     """Parameters ZeRO-3 still holds gathered when the forward reaches the loss.
 
     After the first step the coordinator knows the module trace (forward, then backward in
@@ -229,9 +250,12 @@ def zero3_gathered_at_loss(spec: ModelSpec, pc: ParamCount) -> int:
     `__params_to_release`). A module's next use is its own backward: between the two the trace
     runs every later module forward and back, twice the parameters after it. The head and the
     blocks closest to it are kept; a model under about 0.5B parameters stays gathered whole.
+    Under partial freezing (`lowest`, the lowest trainable place: -1 the embeddings, a block,
+    `layers` the head) the modules below it have no backward: they do not recur in the step's
+    trace, so each is released after its forward (measured on two gloo ranks).
     """
     u = fsdp_units(spec, pc)
-    order = [u.embed] + [u.block] * spec.layers + [u.kept]
+    order = ([u.embed] if lowest < 0 else []) + [u.block] * (spec.layers - max(lowest, 0)) + [u.kept]
     gathered, after = 0, 0
     for n in reversed(order):
         if 2 * after < DS_MAX_REUSE_DISTANCE:
@@ -267,7 +291,7 @@ def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list,
         p = step_parts(spec, pc, st)  # activations: _ctx computes in 16-bit under ZeRO with bf16
         p = replace(p, head_grad=p.head_grad and b * spec.vocab * spec.hidden,
                     block_wgrad=p.block_wgrad and b * pc.largest_layer)
-        t = lora_params(spec, st) if st.lora else pc.total
+        t = trainable_params(spec, pc, st)
         on_master = replace(st, precision="fp32")  # the optimizer runs on the fp32 master partition
         opt = optimizer_state_bytes(spec, pc, on_master) / n
         opt_temp = optimizer_step_temp_bytes(spec, pc, on_master) / n
@@ -288,7 +312,8 @@ def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list,
         w = (0 if offload_par else w_part) + b * persist + pc.buffers_bytes
         # the flat gradient-partition buffer; with optimizer offload it is pinned host memory
         grad_part = 0 if offload_opt else b * t / n
-        at_loss = b * zero3_gathered_at_loss(spec, pc)
+        fz = freezing(spec, st)
+        at_loss = b * zero3_gathered_at_loss(spec, pc, fz.lowest if fz is not None else -1)
         in_block = b * (pc.largest_layer + DS_PREFETCH_FACTOR * spec.hidden ** 2)
     else:
         w = b * pc.total + pc.buffers_bytes
@@ -297,8 +322,11 @@ def zero_phases(spec: ModelSpec, pc: ParamCount, st: Settings, notes: list,
     gpu_master, gpu_opt = (0, 0) if offload_opt else (master, opt)
     a = copy.deepcopy(measured.acts) if measured else activation_phases(p)
     bw_in_block = a.bwd_in_block
-    blk_lora = (measured.trainable // spec.layers if measured else _block_lora(spec, st)) if st.lora else 0
-    block_grads = b * (blk_lora if st.lora else pc.largest_layer) if bw_in_block else 0
+    if measured is not None:
+        block_trainable = measured.trainable // spec.layers if st.lora else pc.largest_layer
+    else:
+        block_trainable = trainable_units(spec, pc, st, fsdp_units(spec, pc))[0]
+    block_grads = b * block_trainable if bw_in_block else 0
     base = {"weights": w, "optimizer": gpu_master + gpu_opt}
     phase_comp = {
         "model": {"weights": w},

@@ -22,7 +22,7 @@ import os
 import secrets
 from pathlib import Path
 
-from .contract import FSDP, ZERO, PlanError, Settings, optimizer_name, shard_size, world_size
+from .contract import EMA_DECAY, FSDP, ZERO, PlanError, Settings, optimizer_name, shard_size, world_size
 from .distributed import zero_stage
 from .estimate import Estimate
 from .precision import RECIPES
@@ -199,6 +199,10 @@ def recipe_dict(model: str, st: Settings, accumulation: int, est: Estimate, gpu:
     the keys that apply (no LoRA keys in a full fine-tune). Paths are written as given: `render`
     makes them relative to the plan directory."""
     adapter = None if not st.lora else ("qlora" if st.quant == "nf4" else "lora")
+    if st.optimizer == "lbfgs":
+        raise PlanError("{optimizer} lbfgs: plan train cannot run it (it needs a closure that re-evaluates the loss on "
+                        "the same batch, and plan train steps through mini-batches); plan estimate and plan recommend "
+                        "count its memory", "optimizer")
     half = half_dtype(st, bf16_gpu)
     d = {"base_model": model}
     if gguf_file:
@@ -217,6 +221,7 @@ def recipe_dict(model: str, st: Settings, accumulation: int, est: Estimate, gpu:
              bf16=half == "bf16", fp16=half == "fp16",
              gradient_checkpointing=st.grad_checkpointing, activation_offloading=st.activation_offload,
              **recipe_loss_keys(st),
+             unfrozen_parameters=list(st.unfrozen_parameters) or None, ema_decay=EMA_DECAY if st.ema else None,
              plan={"strategy": st.strategy, "offload": st.offload, "gpus": st.gpus, "nodes": st.nodes, "gpu": gpu,
                    "precision": st.precision,
                    "expected": {"peak_bytes": int(est.peak_bytes), "device_bytes": int(est.device_bytes),
@@ -264,6 +269,16 @@ def own_script_lines(st: Settings, accumulation: int, bf16_gpu: bool = True) -> 
         alpha = st.lora_alpha if st.lora_alpha is not None else 2.0 * st.lora_rank
         lines.append(f"adapters: `model = peft.get_peft_model(model, LoraConfig(r={st.lora_rank}, "
                      f"lora_alpha={alpha:g}, lora_dropout={st.lora_dropout:g}, target_modules={targets}))`")
+    if st.unfrozen_parameters:
+        pats = ", ".join(f"r\"{x}\"" for x in st.unfrozen_parameters)
+        lines.append(f"LoRA beside whole modules: add `modules_to_save=` the modules owning a parameter whose name "
+                     f"matches {pats} to the LoraConfig (PEFT trains a copy of each)" if st.lora else
+                     f"freezing: `p.requires_grad_(any(re.search(r, name) for r in [{pats}]))` for each "
+                     "`model.named_parameters()`; only those train")
+    if st.ema:
+        lines.append("EMA: `ema = torch.optim.swa_utils.AveragedModel(torch.nn.ParameterList(trainable), "
+                     f"multi_avg_fn=get_ema_multi_avg_fn({EMA_DECAY}))`, `ema.update_parameters(...)` after each "
+                     "optimizer step")
     if st.grad_checkpointing:
         if st.strategy in FSDP:
             lines.append("checkpointing: accelerate.yaml sets `fsdp_activation_checkpointing: true` (each block is "

@@ -9,7 +9,7 @@ steps), `use_cache=False`; `peak_bytes` is what `torch.cuda.max_memory_allocated
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .contract import (
     COMPONENTS,
@@ -28,9 +28,12 @@ from .memory import (
     allocator_slack,
     device_bytes,
     eager_attention,
+    ema_bytes,
     freezing,
     lora_targets,
+    modules_to_save,
     needed_bytes,
+    optimizer_state_bytes,
     replicated_phases,
     trainable_params,
 )
@@ -126,6 +129,38 @@ def phase_table(phase_comp: dict, end_bw: dict, cuda: bool) -> dict:
     return table
 
 
+def modules_to_save_notes(spec: ModelSpec, st: Settings) -> list[str]:
+    """What the estimate says of LoRA with unfrozen_parameters: the modules PEFT trains whole."""
+    ms = modules_to_save(spec, st)
+    if ms is None:
+        return []
+    return [f"unfrozen_parameters with LoRA: PEFT's modules_to_save {', '.join(ms.modules)}: a trainable copy of "
+            f"each beside the frozen original, {ms.params:,} parameters besides the adapters"]
+
+
+def technique_costs(spec: ModelSpec, st: Settings) -> list[str]:
+    """One line each on what partial freezing, EMA and L-BFGS cost or save in a plan (recommend's
+    explanations; emit-config's PLAN.md): what trains and where backward stops; PEFT's
+    modules_to_save copies beside LoRA; the EMA copy; L-BFGS's flat vectors against AdamW's
+    moments. Per GPU, from the same formulas as the estimate."""
+    gib, pc = 2**30, count_params(spec)
+    lines = freezing_notes(spec, st)
+    ms = modules_to_save(spec, st)
+    if ms is not None:
+        lines.append(f"unfrozen_parameters with LoRA: {', '.join(ms.modules)} train whole beside the adapters "
+                     f"(PEFT's modules_to_save: a trainable copy beside the frozen original, {ms.params:,} "
+                     f"parameters, +{ms.params * ms.nbytes / gib:,.2f} GiB of weights)")
+    if st.ema:
+        lines.append(f"EMA: +{ema_bytes(spec, pc, st) / gib:,.2f} GiB, one copy of the "
+                     f"{trainable_params(spec, pc, st):,} trainable parameters (torch's AveragedModel)")
+    if st.optimizer == "lbfgs":
+        adamw = optimizer_state_bytes(spec, pc, replace(st, optimizer="adamw"))
+        lines.append(f"L-BFGS, history {st.lbfgs_history}: {optimizer_state_bytes(spec, pc, st) / gib:,.2f} GiB of "
+                     f"state, {2 * st.lbfgs_history + 2} flat vectors of the trainable parameters (AdamW's two "
+                     f"moments: {adamw / gib:,.2f} GiB); one closure evaluation per step")
+    return lines
+
+
 def estimate(spec: ModelSpec, st: Settings) -> Estimate:
     """Peak bytes per phase and per component for one GPU (per rank, under a strategy): from the
     formulas, or, for a model_type without them, from the coefficients the derived route measured
@@ -149,7 +184,7 @@ def estimate(spec: ModelSpec, st: Settings) -> Estimate:
     peak_phase = max(phases, key=phases.get)
     comps = dict(phase_comp[peak_phase])
     peak = phases[peak_phase]
-    notes += loss_notes(spec, st) + freezing_notes(spec, st)
+    notes += loss_notes(spec, st) + freezing_notes(spec, st) + modules_to_save_notes(spec, st)
     if st.optimizer == "lbfgs":
         notes.append(f"optimizer lbfgs: torch.optim.LBFGS with {st.lbfgs_history} pairs of flat vectors once its "
                      "history is full, one closure evaluation per step (max_iter=1)")

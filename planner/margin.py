@@ -53,6 +53,9 @@ def kind(st: Settings) -> str:
         f" ({st.strategy}, offload {st.offload}, {world_size(st)} GPUs)"
     loss = "" if st.loss == "standard" else f", loss {st.loss}"  # tables/gpu measured transformers' loss only
     loss += ", activation offload" if st.activation_offload else ""  # not measured on a GPU either
+    # nor partial freezing, EMA or L-BFGS (measured on CPU only: tables/validation.csv)
+    loss += (", unfrozen_parameters" if st.unfrozen_parameters else "") + (", EMA" if st.ema else "") + \
+        (", L-BFGS" if st.optimizer == "lbfgs" else "")
     return f"{method} {'with' if st.grad_checkpointing else 'without'} checkpointing{loss}{where}"
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 from .contract import FUSED_LOSSES, PlanError, Settings, shard_size
 from .precision import BNB_MIN_8BIT_SIZE, BNB_OPT_BLOCK, RECIPES, quantized_weight_bytes
-from .spec import ModelSpec, ParamCount, count_params, named_params
+from .spec import ModelSpec, ParamCount, count_params, named_params, owning_modules
 
 # ---------------------------------------------------------------- model states
 
@@ -51,6 +51,9 @@ def weight_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
     """
     rc = RECIPES[st.precision]
     adapters = 4 * lora_params(spec, st)
+    ms = modules_to_save(spec, st)
+    if ms is not None:  # PEFT keeps the original module and a trainable copy of it
+        adapters += ms.params * ms.nbytes
     if st.quant == "none":  # master copies (MS-AMP); with freezing, of the trainable parameters only
         master = trainable_params(spec, pc, st) if st.unfrozen_parameters else pc.total
         return pc.total * rc.weight + adapters + master * rc.master
@@ -76,6 +79,11 @@ class Freezing:
     head: bool           # the output head (a tied head: the embedding; an encoder: pooler or classifier) trains
     embeddings: bool
     names: frozenset = frozenset()  # (name, block) of the blocks' trainable parameters
+    sizes: tuple = ()    # (block, elements) of each trainable tensor, block as in `lowest`
+
+    def trainable_in(self, *blocks: int) -> int:
+        """Trainable parameters in these places (-1 the embeddings, `layers` the final norm and head)."""
+        return sum(n for b, n in self.sizes if b in blocks)
 
     def block_trains(self, block: int) -> frozenset:
         """The trainable modules of one block, by their last name (`gate_proj`, `input_layernorm`)."""
@@ -89,7 +97,7 @@ def freezing(spec: ModelSpec, st: Settings) -> Freezing | None:
     """The trainable parameters `st.unfrozen_parameters` select, by the names transformers gives
     them (spec.named_params; `re.search` as Axolotl and the builder match them); None without
     freezing. A pattern set matching nothing is refused."""
-    if not st.unfrozen_parameters:
+    if not st.unfrozen_parameters or st.lora:
         return None
     names = named_params(spec)
     if names is None:
@@ -106,20 +114,81 @@ def freezing(spec: ModelSpec, st: Settings) -> Freezing | None:
     return Freezing(trainable=sum(math.prod(s) for _, s, _ in train), shapes=tuple(s for _, s, _ in train),
                     lowest=min(b for _, _, b in train), blocks=frozenset(b for _, _, b in train if 0 <= b < top),
                     final_norm=any(b == top and not _HEAD.search(n) for n, _, b in train), head=head, embeddings=emb,
-                    names=frozenset((n, b) for n, _, b in train if 0 <= b < top))
+                    names=frozenset((n, b) for n, _, b in train if 0 <= b < top),
+                    sizes=tuple((b, math.prod(shape)) for _, shape, b in train))
+
+
+@dataclass(frozen=True)
+class ModulesToSave:
+    """LoRA with `unfrozen_parameters`: the modules owning a matching parameter become PEFT's
+    `modules_to_save`. PEFT's ModulesToSaveWrapper (peft/utils/other.py, `update`) keeps the
+    original module, frozen, and trains a `copy.deepcopy` of it, in the original's dtype; the
+    module gets no adapter. Axolotl's adapter-plus-full-modules key is `lora_modules_to_save`,
+    passed to the same LoraConfig field. Modelled for modules outside the blocks (embeddings,
+    final norm, head, pooler, classifier)."""
+    modules: tuple       # module names, as model.named_modules() gives them
+    params: int          # parameters of the trainable copies
+    shapes: tuple
+    nbytes: int          # bytes per element of a copy: the base's storage dtype (fp32 when the base is NF4:
+                         # prepare_model_for_kbit_training upcasts every module it does not quantise)
+    head: bool           # the output head trains (an encoder's pooler or classifier: tiny, per sequence)
+    final_norm: bool
+    embeddings: bool
+
+
+def modules_to_save(spec: ModelSpec, st: Settings) -> ModulesToSave | None:
+    """The modules `st.unfrozen_parameters` names under LoRA (see ModulesToSave); None without
+    LoRA or without freezing. A module inside a block is refused: PEFT leaves it without
+    adapters and trains its copy, which the block's activation model does not count."""
+    if not (st.lora and st.unfrozen_parameters):
+        return None
+    names = named_params(spec)
+    if names is None:
+        raise PlanError(f"{{unfrozen_parameters}}: the parameter names of {spec.model_type} with experts are not "
+                        "modelled", "unfrozen_parameters")
+    mods = owning_modules((n for n, _, _ in names), st.unfrozen_parameters)
+    if not mods:
+        raise PlanError(f"{{unfrozen_parameters}} {' '.join(st.unfrozen_parameters)} matches no parameter of "
+                        f"{spec.model_type} (names like {names[1][0]})", "unfrozen_parameters")
+    train = [(n, shape, b) for n, shape, b in names if n.rsplit(".", 1)[0] in mods]
+    inside = sorted({n.rsplit(".", 1)[0] for n, _, b in train if 0 <= b < spec.layers})
+    if inside:
+        raise PlanError(f"{{unfrozen_parameters}} with {{lora_rank}}: {inside[0]} is inside a block; PEFT's "
+                        "modules_to_save would train a copy of it without adapters, which is not modelled: name "
+                        "modules outside the blocks (embeddings, final norm, head), or freeze without LoRA",
+                        "unfrozen_parameters")
+    top = spec.layers
+    return ModulesToSave(modules=tuple(sorted(mods)), params=sum(math.prod(s) for _, s, _ in train),
+                         shapes=tuple(s for _, s, _ in train),
+                         nbytes=4 if st.quant != "none" else RECIPES[st.precision].weight,
+                         head=any(b == top and _HEAD.search(n) for n, _, b in train),
+                         final_norm=any(b == top and not _HEAD.search(n) for n, _, b in train),
+                         embeddings=any(b == -1 for _, _, b in train))
 
 
 def trainable_params(spec: ModelSpec, pc: ParamCount, st: Settings) -> int:
     fz = freezing(spec, st)
     if fz is not None:
         return fz.trainable
-    return lora_params(spec, st) if st.lora else pc.total
+    if st.lora:
+        ms = modules_to_save(spec, st)
+        return lora_params(spec, st) + (ms.params if ms else 0)
+    return pc.total
+
+
+def trainable_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
+    """Bytes of every trainable parameter in its own dtype: fp32 LoRA adapters, PEFT's
+    modules_to_save copies in the base's dtype, else the recipe's storage dtype."""
+    ms = modules_to_save(spec, st)
+    if ms is not None:
+        return 4 * lora_params(spec, st) + ms.nbytes * ms.params
+    return _param_dtype_bytes(st) * trainable_params(spec, pc, st)
 
 
 def grad_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
     """One gradient per trainable parameter, in the parameter's dtype (fp32 for LoRA adapters)."""
     if st.lora:
-        return 4 * trainable_params(spec, pc, st)
+        return trainable_bytes(spec, pc, st)
     return RECIPES[st.precision].grad * trainable_params(spec, pc, st)
 
 
@@ -130,8 +199,10 @@ def _trainable_tensors(spec: ModelSpec, pc: ParamCount, st: Settings) -> list[tu
         return [(math.prod(s), 1) for s in fz.shapes]
     if st.lora:
         r = st.lora_rank
+        ms = modules_to_save(spec, st)
         return [(r * i, n * spec.layers) for _, i, o, n in lora_targets(spec, st)] + \
-               [(r * o, n * spec.layers) for _, i, o, n in lora_targets(spec, st)]
+               [(r * o, n * spec.layers) for _, i, o, n in lora_targets(spec, st)] + \
+               [(math.prod(s), 1) for s in (ms.shapes if ms else ())]
     out = [(i * o, n * spec.layers) for _, i, o, n in pc.linear_shapes]
     rest = pc.total - spec.layers * sum(i * o * n for _, i, o, n in pc.linear_shapes)
     out.append((spec.vocab * spec.hidden, 1 if pc.tied or spec.is_encoder else 2))
@@ -161,11 +232,11 @@ def optimizer_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> floa
     if st.optimizer in ("adamw", "adamw-fused"):
         if rc.state is not None and not st.lora:
             return n * (rc.state + rc.state2)
-        return 2 * p * n
+        return 2 * trainable_bytes(spec, pc, st)
     if st.optimizer == "sgd":
         return 0
     if st.optimizer == "sgd-momentum":
-        return p * n
+        return trainable_bytes(spec, pc, st)
     if st.optimizer == "lion":
         # bitsandbytes' Lion (a 32-bit Optimizer1State) keeps one fp32 `state1` per parameter,
         # whatever the parameter's dtype (bitsandbytes/optim/optimizer.py:681, 0.50)
@@ -187,6 +258,9 @@ def optimizer_state_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> floa
         elif st.lora:
             for _, i, o, nn_ in lora_targets(spec, st):
                 total += nn_ * spec.layers * ((st.lora_rank + i) + (o + st.lora_rank))
+            ms = modules_to_save(spec, st)
+            total += sum(s[0] + s[1] if len(s) == 2 else math.prod(s) for s in (ms.shapes if ms else ())) \
+                * (ms.nbytes if ms else 0) / p
         else:
             for _, i, o, nn_ in pc.linear_shapes:
                 total += nn_ * spec.layers * (i + o)
@@ -232,7 +306,7 @@ def ema_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
     device): no temporaries. Alive in every phase. Measured on CPU (tables/validation.csv, `ema` cases)."""
     if not st.ema:
         return 0
-    return _param_dtype_bytes(st) * trainable_params(spec, pc, st) + 8
+    return trainable_bytes(spec, pc, st) + 8
 
 
 def optimizer_step_temp_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> float:
@@ -245,7 +319,7 @@ def optimizer_step_temp_bytes(spec: ModelSpec, pc: ParamCount, st: Settings) -> 
     loops over tensors and upcasts: about three fp32 copies of the largest tensor.
     """
     if st.optimizer == "adamw":
-        return _param_dtype_bytes(st) * trainable_params(spec, pc, st)
+        return trainable_bytes(spec, pc, st)
     if st.optimizer == "lbfgs":
         # the new flat gradient, y and s exist before the oldest pair is dropped (lbfgs.py:362,
         # 396-405): three flat vectors over the state; later q and r reach the same count
@@ -562,10 +636,12 @@ def _block(c: _Ctx) -> _Saved:
     return acc
 
 
-def _model_level(c: _Ctx, head: bool = True) -> float:
+def _model_level(c: _Ctx, head: bool = True, ms: ModulesToSave | None = None) -> float:
     """Bytes per token kept outside the blocks: embedding-side ops, rotary cos/sin, final norm, and
-    (`head`) what the output head keeps."""
+    (`head`) what the output head keeps. `ms`: under LoRA, PEFT's modules_to_save copies that
+    train (a trained final norm keeps its normalised input; a trained head its input)."""
     s = c.spec
+    trained_head, norm_c = (ms.head, replace(c, full=ms.final_norm)) if ms is not None else (c.full, c)
     acc = _Saved()
     h = s.hidden
     if s.family == "bert":
@@ -576,16 +652,16 @@ def _model_level(c: _Ctx, head: bool = True) -> float:
         _dropout(c, acc, s.extra.get("embd_pdrop", 0.0), h)
     else:
         acc.add(2 * s.head_dim, c.stream)  # cos and sin
-    y = _norm(c, acc, acc.new(h, c.stream))
+    y = _norm(norm_c, acc, acc.new(h, c.stream))
     if not head:
         pass
     elif c.st.loss in FUSED_LOSSES:
-        _fused_head_inputs(c, acc, y)
-    elif c.full or s.family != "bert":
-        if c.full and c.amp:
+        _fused_head_inputs(replace(c, full=trained_head), acc, y)
+    elif trained_head or s.family != "bert":
+        if trained_head and c.amp:
             acc.per_layer += 2 * s.vocab * h  # autocast's bf16 copy of the head weight
             acc.add(h, 2)
-        elif c.full:
+        elif trained_head:
             y.keep()
         elif c.amp:  # the frozen head in fp32 (also a QLoRA base's: prepare_model_for_kbit_training upcasts it)
             acc.per_layer += 2 * s.vocab * h
@@ -799,7 +875,7 @@ def activation_bytes(spec: ModelSpec, st: Settings) -> Activations:
     c = _ctx(spec, st)
     blk = _block(c)
     per_layer = blk.per_token * st.tokens + blk.per_layer
-    model_level = _model_level(c) * st.tokens
+    model_level = _model_level(c, ms=modules_to_save(spec, st)) * st.tokens
     stream_in = c.stream * spec.hidden * st.tokens
     mask = 0
     if eager_attention(spec, st):  # the 4-D float mask transformers builds for eager attention
@@ -868,8 +944,9 @@ def offloaded_activations(spec: ModelSpec, st: Settings, act: Activations, logit
         return act, 0.0
     c = _ctx(spec, st)
     tokens = st.tokens
-    model_level = _model_level(c) * tokens
-    head = model_level - _model_level(c, head=False) * tokens
+    ms = modules_to_save(spec, st)
+    model_level = _model_level(c, ms=ms) * tokens
+    head = model_level - _model_level(c, head=False, ms=ms) * tokens
     rotary = 0 if spec.family in ("gpt2", "bert") else 2 * spec.head_dim * c.stream * tokens
     resident = head + rotary
     host = max(act.kept - resident, 0.0) + logits.saved
@@ -1110,12 +1187,14 @@ def step_parts(spec: ModelSpec, pc: ParamCount, st: Settings) -> StepParts:
             act=act, logits=logits,
             head_grad=rc.grad * spec.vocab * spec.hidden if fz.head and not spec.is_encoder else 0,
             block_wgrad=rc.grad * pc.largest_layer if (spec.layers - 1) in fz.blocks and st.grad_checkpointing else 0)
+    ms = modules_to_save(spec, st)
     return StepParts(
         weights=weight_bytes(spec, pc, st) + pc.buffers_bytes + ema_bytes(spec, pc, st),
         grads=grad_bytes(spec, pc, st),
         optimizer=optimizer_state_bytes(spec, pc, st), opt_temp=optimizer_step_temp_bytes(spec, pc, st),
         act=act, logits=logits,
-        head_grad=0 if spec.is_encoder or not c.full else rc.grad * spec.vocab * spec.hidden,
+        head_grad=0 if spec.is_encoder else rc.grad * spec.vocab * spec.hidden if c.full else
+        ms.nbytes * spec.vocab * spec.hidden if ms is not None and ms.head else 0,
         block_wgrad=rc.grad * pc.largest_layer if c.full and st.grad_checkpointing else 0)
 
 

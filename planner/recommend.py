@@ -28,14 +28,15 @@ from .contract import (
     Optimizer,
     PlanError,
     Settings,
+    check_unfrozen,
     world_size,
 )
 from .distributed import strategy_choices
-from .estimate import Estimate, check_seq_len, estimate
+from .estimate import Estimate, check_seq_len, estimate, technique_costs
 from .gpus import GPU
 from .margin import UNMEASURED_MARGIN, evidence
-from .memory import CUDA_CONTEXT_BYTES
-from .spec import ModelSpec
+from .memory import CUDA_CONTEXT_BYTES, trainable_params
+from .spec import ModelSpec, count_params
 from .speed import DEFAULT_MFU, StepTime, step_time
 
 METHODS = Method.values()
@@ -69,6 +70,9 @@ class Request:
     lora_targets: str = "all-linear"
     loss: str = "standard"
     loss_chunks: int = LOSS_CHUNKS
+    unfrozen_parameters: tuple = ()   # partial freezing: only these train (with LoRA: PEFT's modules_to_save)
+    ema: bool = False                 # keep an EMA of the trainable parameters
+    lbfgs_history: int = 100          # --optimizer lbfgs's history_size
 
     def margin_for(self, st: Settings) -> float:
         """The fraction of GPU memory a plan of these settings keeps free: the one asked for, else
@@ -98,6 +102,7 @@ class Plan:
     notes: list = field(default_factory=list)
     techniques: tuple = ()   # the TECHNIQUES this plan uses beyond what was asked for
     saved: dict = field(default_factory=dict)  # technique -> needed bytes it saves on this plan
+    spec: ModelSpec | None = None  # the model planned, for what its explanation counts
 
     @property
     def global_batch(self) -> int:
@@ -127,9 +132,10 @@ def check_request(req: Request) -> None:
         raise PlanError(f"{{margin}} must be in [0, 1), got {req.margin}", "margin")
     if not 0 < req.mfu <= 1:
         raise PlanError(f"{{mfu}} must be in (0, 1], got {req.mfu}", "mfu")
-    for name in ("gpus", "nodes", "seq_len", "samples", "loss_chunks"):
+    for name in ("gpus", "nodes", "seq_len", "samples", "loss_chunks", "lbfgs_history"):
         if getattr(req, name) < 1:
             raise PlanError(f"{{{name}}} must be at least 1, got {getattr(req, name)}", name)
+    check_unfrozen(Settings(unfrozen_parameters=tuple(req.unfrozen_parameters)))
     if req.host_ram_bytes is not None and req.host_ram_bytes < 0:
         raise PlanError(f"{{host_ram}} must be at least 0, got {req.host_ram_bytes / 2**30:g} GiB", "host_ram")
     if req.global_batch is not None:
@@ -213,7 +219,8 @@ def _method_settings(method: str, rank: int, req: Request, gpu: GPU) -> Settings
     optimizer = "adamw" if req.optimizer == "auto" else req.optimizer
     return Settings(precision=precision, optimizer=optimizer, optimizer_paged=req.optimizer_paged, seq_len=req.seq_len,
                     gpus=req.gpus, nodes=req.nodes, quant="nf4" if method == "qlora" else "none", loss=req.loss,
-                    loss_chunks=req.loss_chunks, **lora, **({"kernels": "cpu"} if gpu.cpu else {}))
+                    loss_chunks=req.loss_chunks, unfrozen_parameters=tuple(req.unfrozen_parameters), ema=req.ema,
+                    lbfgs_history=req.lbfgs_history, **lora, **({"kernels": "cpu"} if gpu.cpu else {}))
 
 
 TECHNIQUES = {
@@ -304,7 +311,7 @@ def _candidates(spec: ModelSpec, req: Request, method: str, techniques: tuple[st
             est = fits(spec, st, req)
             plans.append(Plan(settings=st, method=method, accumulation=accum, estimate=est,
                               time=step_time(spec, st, req.gpu, accum, req.mfu), largest_micro=largest,
-                              samples=req.samples, techniques=techniques,
+                              samples=req.samples, techniques=techniques, spec=spec,
                               saved={t: _saved(spec, st, t, req) - est.needed_bytes for t in techniques}))
     return plans
 
@@ -334,10 +341,28 @@ def recommend(spec: ModelSpec, req: Request) -> list[Plan]:
     methods = METHODS if req.method == "auto" else (req.method,)
     if req.gpu.cpu:  # QLoRA's NF4 kernels need CUDA
         methods = tuple(m for m in methods if m != "qlora")
-    plans = rank_plans(candidates(spec, req, methods), req)
+    plans = rank_plans(candidates(spec, req, freezable(spec, req, methods)), req)
     for p in plans:
         p.notes = explain(p, plans, req)
     return plans
+
+
+def freezable(spec: ModelSpec, req: Request, methods: tuple) -> tuple:
+    """The methods `--unfrozen-parameters` can be planned with on this model (LoRA takes them as
+    PEFT's modules_to_save, outside the blocks only); when none can, the first method's reason,
+    one line (a pattern matching no parameter name, a module inside a block under LoRA)."""
+    if not req.unfrozen_parameters:
+        return methods
+    ok, first = [], None
+    for m in methods:
+        try:
+            trainable_params(spec, count_params(spec), _method_settings(m, LORA_RANKS[0], req, req.gpu))
+            ok.append(m)
+        except PlanError as e:
+            first = first or e
+    if not ok and first is not None:
+        raise first
+    return tuple(ok)
 
 
 def smallest_need(spec: ModelSpec, req: Request) -> tuple[int, Settings | None]:
@@ -420,12 +445,15 @@ def explain(p: Plan, plans: list[Plan], req: Request) -> list[str]:
     what bounds the step."""
     st, gib = p.settings, 2**30
     lines = []
-    if p.method == "full":
+    if p.method == "full" and st.unfrozen_parameters:
+        lines.append("partial fine-tune: only --unfrozen-parameters train")
+    elif p.method == "full":
         lines.append("full fine-tune: every weight trains")
     else:
         lines.append(f"{'QLoRA (NF4 base)' if p.method == 'qlora' else 'LoRA'} r={st.lora_rank}, "
                      f"alpha={st.lora_alpha:g} on {st.lora_targets}"
                      + ("" if st.lora_rank == LORA_RANKS[0] else ": the highest rank that fits"))
+    lines += technique_costs(p.spec, st) if p.spec is not None else []
     for t in p.techniques:
         lines.append(f"{t} ({TECHNIQUE_WHY[t]}): saves {p.saved.get(t, 0) / gib:,.1f} GiB per GPU against "
                      + TECHNIQUE_AGAINST[t]

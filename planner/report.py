@@ -300,7 +300,8 @@ def plan_json(p) -> dict:
             "largest_micro_batch": p.largest_micro, "seq_len": st.seq_len,
             "grad_checkpointing": st.grad_checkpointing, "gpus": st.gpus, "nodes": st.nodes,
             "optimizer": st.optimizer, "optimizer_paged": st.optimizer_paged, "techniques": list(p.techniques),
-            **loss_json(st),
+            **loss_json(st), "unfrozen_parameters": list(st.unfrozen_parameters) or None, "ema": st.ema,
+            **({"lbfgs_history": st.lbfgs_history} if st.optimizer == "lbfgs" else {}),
             "device_bytes": int(p.estimate.device_bytes), "peak_bytes": int(p.estimate.peak_bytes),
             "needed_bytes": int(p.estimate.needed_bytes),
             "cpu_bytes": int(p.estimate.cpu_bytes), "nvme_bytes": int(p.estimate.nvme_bytes),
@@ -338,8 +339,9 @@ def render_plans(console, name: str, req, plans: list, n_fit: int, notes: list[s
     table = []
     for i, p in enumerate(plans, 1):
         st = p.settings
-        method = (p.method if p.method == "full" else f"{p.method} r{st.lora_rank}") + \
-            "".join(f" +{TECHNIQUE_TAG[t]}" for t in p.techniques)
+        full = "partial" if st.unfrozen_parameters else "full"  # only --unfrozen-parameters train
+        method = (full if p.method == "full" else f"{p.method} r{st.lora_rank}") + \
+            "".join(f" +{TECHNIQUE_TAG[t]}" for t in p.techniques) + (" +ema" if st.ema else "")
         row = [str(i), method, st.strategy, st.offload, f"{st.batch_size} x {p.accumulation}",
                "yes" if st.grad_checkpointing else "no", f"{p.estimate.needed_bytes / 2**30:,.1f}",
                f"{p.estimate.cpu_bytes / 2**30:,.0f}" if p.estimate.cpu_bytes else "-"]

@@ -383,3 +383,12 @@ def named_params(s: ModelSpec) -> list[tuple[str, tuple, int]] | None:
     if not s.tied:
         out.append(("lm_head.weight", (s.vocab, h), L))
     return out
+
+
+def owning_modules(param_names, patterns) -> set[str]:
+    """The modules owning a parameter whose name one of `patterns` matches (`re.search`): what
+    `unfrozen_parameters` names under LoRA, PEFT's `modules_to_save` (the estimate reads the
+    names from `named_params`, the builder and the trainer from the model)."""
+    import re
+    pats = [re.compile(p) for p in patterns]
+    return {n.rsplit(".", 1)[0] for n in param_names if any(p.search(n) for p in pats)}

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from .contract import FSDP, Settings, shard_size, world_size
 from .gpus import GPU
-from .memory import activation_host_bytes, lora_params, trainable_params
+from .memory import activation_host_bytes, freezing, lora_params, trainable_params
 from .spec import ModelSpec, ParamCount, count_params
 
 DEFAULT_MFU = 0.40
@@ -106,11 +106,20 @@ def train_flops_per_token(spec: ModelSpec, st: Settings) -> float:
     twice that (input and weight gradients): 6N in all, as in Kaplan et al. / PaLM. LoRA and
     QLoRA skip the frozen weights' gradients: the backward computes input gradients only (2N),
     plus 6 FLOPs per adapter parameter; attention's backward is the same either way (twice its
-    forward). Gradient checkpointing recomputes the forward once more.
+    forward). Gradient checkpointing recomputes the forward once more. Partial freezing
+    (`unfrozen_parameters`): the backward runs only from the lowest trainable block up (input
+    gradients and attention there, recompute there under checkpointing) and computes weight
+    gradients for the trainable parameters alone (2 FLOPs each).
     """
     pc = count_params(spec)
     n, attn = matmul_params(spec, pc), attention_flops_per_token(spec, st)
     fwd = 2 * n + attn
+    fz = freezing(spec, st)
+    if fz is not None:
+        above = (spec.layers - max(fz.lowest, 0)) / spec.layers  # the blocks the backward reaches
+        head = 0 if spec.is_encoder else spec.vocab * spec.hidden
+        fwd_above = 2 * (head + (n - head) * above) + attn * above
+        return fwd + fwd_above + 2 * fz.trainable + (fwd_above if st.grad_checkpointing else 0)
     if st.lora:
         flops = fwd + (2 * n + 2 * attn) + 6 * lora_params(spec, st)
     else:

@@ -202,6 +202,36 @@ def test_loraplus_run_trains(tiny, tmp_path):
 
 @pytest.mark.slow
 @needs_smollm2
+def test_lora_with_unfrozen_parameters_trains_modules_to_save_and_is_predicted(tiny, tmp_path):
+    """adapter plus unfrozen_parameters: the final norm trains whole beside the adapters (PEFT's
+    modules_to_save, saved in the adapter file); the run is predicted like any other."""
+    from safetensors.torch import load_file
+    out = tmp_path / "lora_norm"
+    r = run_plan("train", recipe(tiny, out, adapter="lora", lora_r=4, unfrozen_parameters=[r"model\.norm"],
+                                 max_steps=2), "--strict")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((out / "run_report.json").read_text())
+    assert abs(rep["total_error_pct"]) <= 10
+    saved = load_file(out / "final" / "adapter_model.safetensors")
+    assert any("model.norm" in k for k in saved) and any("lora_A" in k for k in saved)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_partial_freezing_under_fsdp2_is_predicted(tiny, tmp_path):
+    """unfrozen_parameters under FSDP2 on two gloo ranks: only the named parameters train (their
+    gradients and optimizer state sharded), and each rank's peak is predicted like any other run."""
+    out = tmp_path / "fsdp_frozen"
+    r = run_plan("train", recipe(tiny, out, plan={"strategy": "fsdp"}, max_steps=2,
+                                 unfrozen_parameters=[r"layers\.1\.", r"model\.norm"]),
+                 "--num-processes", 2, "--strict")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((out / "run_report.json").read_text())
+    assert rep["world_size"] == 2 and abs(rep["total_error_pct"]) <= 10
+
+
+@pytest.mark.slow
+@needs_smollm2
 def test_chunked_cross_entropy_trains_the_same_loss_and_is_measured(tiny, tmp_path):
     """torchtune's chunked loss (Axolotl's key) through the trainer: the same first loss as
     transformers' cross-entropy, and the run's memory within the tolerance of its prediction."""

@@ -8,13 +8,14 @@
   with bf16 autocast (`bf16-amp`). Neither flag: fp32.
 - Method: full; LoRA through PEFT; QLoRA through bitsandbytes (CUDA only) and PEFT's
   `prepare_model_for_kbit_training`. `unfrozen_parameters` (Axolotl's key) trains only the
-  parameters whose names match one of its regular expressions.
+  parameters whose names match one of its regular expressions; with an adapter, the modules
+  owning them train whole beside it (PEFT's `modules_to_save`).
 """
 
 from __future__ import annotations
 
 from planner.contract import FUSED_LOSSES
-from planner.measure.builder import LOSS_LIBRARY, lora_config, nf4_config, unfreeze_only
+from planner.measure.builder import LOSS_LIBRARY, lora_config, nf4_config, unfreeze_only, with_lora
 from planner.recipe import LOSS_KEYS, ModelError, Recipe, precision, settings, source
 
 
@@ -53,7 +54,7 @@ def load_model(recipe: Recipe, num_labels: int | None = None, cuda: bool = False
     model = _checkpointing(model, recipe, quantised)
     if recipe.adapter:
         model = _with_adapter(model, recipe, num_labels is not None)
-    if recipe.unfrozen_parameters:
+    elif recipe.unfrozen_parameters:
         _unfreeze_only(model, recipe.unfrozen_parameters)
     _with_loss(model, recipe)
     model.train()
@@ -147,10 +148,18 @@ def _checkpointing(model, recipe: Recipe, qlora: bool):
 
 
 def _with_adapter(model, recipe: Recipe, sequence_classification: bool):
-    """The LoRA adapters of the plan's settings (PEFT's `get_peft_model`)."""
+    """The LoRA adapters of the plan's settings (PEFT's `get_peft_model`). With
+    `unfrozen_parameters`, the modules owning a matching parameter train whole beside them, as
+    PEFT's `modules_to_save` (planner.measure.builder.with_lora, what the simulator measures)."""
     from peft import get_peft_model
+    st = settings(recipe)
+    if recipe.unfrozen_parameters:
+        try:
+            return with_lora(model, st, sequence_classification=sequence_classification)
+        except ValueError as e:
+            raise ModelError(f"unfrozen_parameters: {str(e).strip().splitlines()[0]}") from None
     try:
-        return get_peft_model(model, lora_config(settings(recipe), sequence_classification=sequence_classification))
+        return get_peft_model(model, lora_config(st, sequence_classification=sequence_classification))
     except ValueError as e:
         raise ModelError(f"lora_target_modules: {str(e).strip().splitlines()[0]}") from None
 

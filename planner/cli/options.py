@@ -215,6 +215,8 @@ def to_request(options: Mapping[str, Any], **overrides: Any) -> Request:
     kw = _given_fields(options, _SEARCH)
     if "optimizer" in kw:
         kw["optimizer"], kw["optimizer_paged"] = optimizer_choice(kw["optimizer"])
+    if "unfrozen_parameters" in kw:
+        kw["unfrozen_parameters"] = tuple(kw["unfrozen_parameters"])
     return Request(**{**kw, **overrides})
 
 

@@ -15,11 +15,13 @@ from ..report import plan_json, render_plans
 from ..spec import ModelSpec
 from .common import console, fail, find_gpu, plan_spec, request, source_note
 from .options import (
+    EmaOpt,
     GlobalBatch,
     Gpu,
     Gpus,
     HostRam,
     Json,
+    LbfgsHistory,
     LossChunks,
     LossOpt,
     Margin,
@@ -30,6 +32,7 @@ from .options import (
     OptimizerOrAutoOpt,
     Samples,
     SeqLen,
+    UnfrozenParameters,
 )
 
 Top = Annotated[int, typer.Option("--top", help="how many plans to show")]
@@ -38,8 +41,9 @@ Top = Annotated[int, typer.Option("--top", help="how many plans to show")]
 def recommend_cmd(ctx: typer.Context, model: Model, gpu: Gpu, gpus: Gpus = None, nodes: Nodes = None,
                   global_batch: GlobalBatch = None, seq_len: SeqLen = None, method: MethodOpt = None,
                   margin: Margin = None, optimizer: OptimizerOrAutoOpt = None, mfu: Mfu = None, samples: Samples = None,
-                  host_ram: HostRam = None, loss: LossOpt = None, loss_chunks: LossChunks = None, top: Top = 5,
-                  as_json: Json = False) -> None:
+                  host_ram: HostRam = None, loss: LossOpt = None, loss_chunks: LossChunks = None,
+                  unfrozen_parameters: UnfrozenParameters = None, ema: EmaOpt = None,
+                  lbfgs_history: LbfgsHistory = None, top: Top = 5, as_json: Json = False) -> None:
     """The fastest plan that fits: method, LoRA rank, strategy, offload, micro-batch, accumulation, checkpointing."""
     if top < 1:
         fail(f"--top must be at least 1, got {top}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from types import SimpleNamespace
 
-from ..contract import Optimizer, Settings
+from ..contract import EMA_DECAY, Optimizer, Settings
 from ..precision import RECIPES
 
 ATTENTION_DROPOUT_KEYS = ("attn_pdrop", "attention_probs_dropout_prob", "attention_dropout")
@@ -70,13 +70,8 @@ def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = N
         if st.grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if st.lora:
-            from peft import get_peft_model
-            model = get_peft_model(model, lora_config(st, sequence_classification=cls is not AutoModelForCausalLM))
-            if cls is not AutoModelForCausalLM:  # PEFT's SEQ_CLS keeps the classifier trainable; adapters only here
-                for n, p in model.named_parameters():
-                    if "lora_" not in n:
-                        p.requires_grad_(False)
-        if st.unfrozen_parameters:
+            model = with_lora(model, st, sequence_classification=cls is not AutoModelForCausalLM)
+        elif st.unfrozen_parameters:
             unfreeze_only(model, st.unfrozen_parameters)
         model.train()
     if st.loss != "standard":
@@ -84,6 +79,23 @@ def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = N
     if fake_mode is not None:
         fakeify(model, fake_mode)
     return model, config
+
+
+def with_lora(model, st: Settings, sequence_classification: bool = False):
+    """PEFT's LoRA adapters on `model`; with `unfrozen_parameters`, the modules owning a matching
+    parameter as `modules_to_save` (PEFT trains a copy of each, the original frozen). Only the
+    adapters and those copies train: PEFT's SEQ_CLS would also train the classifier, which the
+    estimate leaves frozen unless named. None matching is a ValueError."""
+    from peft import get_peft_model
+
+    from ..spec import owning_modules
+    saved = sorted(owning_modules((n for n, _ in model.named_parameters()), st.unfrozen_parameters))
+    if st.unfrozen_parameters and not saved:
+        raise ValueError(f"no parameter name matches {list(st.unfrozen_parameters)}")
+    model = get_peft_model(model, lora_config(st, sequence_classification, modules_to_save=saved or None))
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n or any(f"{m}.modules_to_save." in n for m in saved))
+    return model
 
 
 def unfreeze_only(model, patterns) -> int:
@@ -332,10 +344,6 @@ def grouped_mm_any_dtype():
         log.setLevel(level)
 
 
-EMA_DECAY = 0.999
-"""`get_ema_multi_avg_fn`'s default decay, the simulator's (memory does not depend on it)."""
-
-
 def make_ema(model, decay: float = EMA_DECAY):
     """An exponential moving average of the trainable parameters: torch's `AveragedModel` with
     `get_ema_multi_avg_fn(decay)` over a ParameterList of them (a deep copy of those alone, not
@@ -434,13 +442,15 @@ def wrap_fsdp2(model, st: Settings, mesh_and_names):
     return fsdp2_shard(model, plugin, "bf16" if rc.autocast else "no", *mesh_and_names)
 
 
-def lora_config(st: Settings, sequence_classification: bool = False):
+def lora_config(st: Settings, sequence_classification: bool = False, modules_to_save: list | None = None):
     """PEFT's LoraConfig for the settings: rank, alpha (2 x rank when unset, the field's
-    default), dropout, and the target modules (`all-linear`, or the comma-separated names)."""
+    default), dropout, the target modules (`all-linear`, or the comma-separated names), and the
+    modules trained whole beside the adapters (`modules_to_save`, see `with_lora`)."""
     from peft import LoraConfig
     targets = "all-linear" if st.lora_targets == "all-linear" else st.lora_targets.split(",")
     return LoraConfig(r=st.lora_rank, lora_alpha=st.lora_alpha or 2 * st.lora_rank, lora_dropout=st.lora_dropout,
-                      target_modules=targets, task_type="SEQ_CLS" if sequence_classification else "CAUSAL_LM")
+                      target_modules=targets, task_type="SEQ_CLS" if sequence_classification else "CAUSAL_LM",
+                      modules_to_save=modules_to_save)
 
 
 def nf4_model(cfg: dict, st: Settings, device: str, checkpoint: str | None = None):
@@ -453,7 +463,7 @@ def nf4_model(cfg: dict, st: Settings, device: str, checkpoint: str | None = Non
     import tempfile
 
     import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from transformers import AutoConfig
 
     c = dict(cfg)
@@ -475,7 +485,7 @@ def nf4_model(cfg: dict, st: Settings, device: str, checkpoint: str | None = Non
                                     attn_implementation="sdpa")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=st.grad_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, lora_config(st))
+    model = with_lora(model, st)
     model.train()
     return model, config
 

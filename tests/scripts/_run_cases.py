@@ -1,6 +1,7 @@
-"""Run some cases of the validation matrix (loss, optimizer, QLoRA, freezing, EMA, L-BFGS, activation-offload or
-long-sequence cases) and merge their rows into a validation.csv:
-python tests/scripts/_run_cases.py loss|optimizer|qlora|freeze|ema|lbfgs|offload|long [tables/validation.csv]"""
+"""Run some cases of the validation matrix (loss, optimizer, QLoRA, freezing, LoRA with freezing, sharded
+freezing, EMA, L-BFGS, activation-offload or long-sequence cases) and merge their rows into a validation.csv:
+python tests/scripts/_run_cases.py loss|optimizer|qlora|freeze|freeze-lora|freeze-sharded|ema|lbfgs|offload|long
+[tables/validation.csv]"""
 import sys
 import time
 
@@ -10,6 +11,7 @@ from planner.measure import validate
 
 cases = {"loss": validate.loss_cases, "optimizer": validate.optimizer_cases,
          "qlora": validate.qlora_cases, "freeze": validate.freeze_cases,
+         "freeze-lora": validate.lora_freeze_cases, "freeze-sharded": validate.sharded_freeze_cases,
          "ema": validate.ema_cases, "lbfgs": validate.lbfgs_cases,
          "offload": validate.offload_cases, "long": validate.long_cases}[sys.argv[1]]()
 rows = []
@@ -23,6 +25,6 @@ if len(sys.argv) > 2:
     path = sys.argv[2]
     df = pd.read_csv(path, keep_default_na=False)
     new = pd.DataFrame(rows)[["case", "predicted", "measured", "error_pct", "method"]]
-    new["ranks"] = ""
+    new["ranks"] = [r.get("ranks", "") for r in rows]  # distributed cases: each rank's peak
     df = pd.concat([df[~df.case.isin(new.case)], new], ignore_index=True)
     df.to_csv(path, index=False)
