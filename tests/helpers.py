@@ -31,3 +31,13 @@ def start_plan(*args, env: dict | None = None, cwd=ROOT, **popen_kw) -> subproce
     """Start `plan ARGS` in the background (stdout and stderr piped, as text) and return the process."""
     return subprocess.Popen(plan_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
                             env=plan_env(env), **popen_kw)
+
+
+def assert_one_clear_line(r: subprocess.CompletedProcess, mention: str = "") -> None:
+    """Bad input's contract: exit 2, nothing on stdout, one line on stderr (naming `mention`), no traceback."""
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2, f"status {r.returncode}; stderr: {r.stderr[-2000:]}"
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(lines) == 1, f"{len(lines)} lines on stderr:\n{r.stderr[-2000:]}"
+    assert mention.lower() in lines[0].lower(), lines[0]
+    assert r.stdout.strip() == "", r.stdout[-2000:]

@@ -9,11 +9,10 @@ import json
 import resource
 import signal
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import run_plan
+from helpers import assert_one_clear_line, run_plan
 
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000, "max_position_embeddings": 512}
@@ -282,15 +281,6 @@ def complete_outputs(w: Path) -> list[str]:
         if p.name in names and rel.parts[0] != "model" or p.name.startswith("checkpoint-"):
             found.append(str(rel))
     return found
-
-
-def assert_one_clear_line(r: subprocess.CompletedProcess, mention: str) -> None:
-    lines = [x for x in r.stderr.splitlines() if x.strip()]
-    assert r.returncode == 2, f"status {r.returncode}; stderr: {r.stderr[-2000:]}"
-    assert "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert len(lines) == 1, f"{len(lines)} lines on stderr:\n{r.stderr[-2000:]}"
-    assert mention.lower() in lines[0].lower(), lines[0]
-    assert r.stdout.strip() == "", r.stdout[-2000:]
 
 
 # measured over ~2 s each (they load a tokenizer or build a model, or emit a plan): the slow tier
