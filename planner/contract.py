@@ -31,6 +31,7 @@ class Precision(Choice):
     FP16_AMP = "fp16-amp"
     BF16_AMP = "bf16-amp"
     BF16_PURE = "bf16-pure"
+    FP8_AO = "fp8-ao"
     FP8_TE = "fp8-te"
     MSAMP_O1 = "msamp-o1"
     MSAMP_O2 = "msamp-o2"

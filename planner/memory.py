@@ -340,6 +340,7 @@ class _Saved:
         self.per_layer = 0.0  # bytes independent of tokens (autocast weight copies)
         self.input: _T | None = None  # the block's input, when counting a block
         self.mlp_mark: tuple[float, float] | None = None  # (per_token, per_layer) where a block's MLP side starts
+        self.linears = 0  # linears counted so far (the first is block 0's first under torchao FP8)
 
     def new(self, elems: float, nbytes: float) -> "_T":
         return _T(self, elems, nbytes)
@@ -372,6 +373,8 @@ class _Ctx:
     full: bool          # every weight trainable
     adapter: int = 4    # bytes of a LoRA adapter weight as the matmul sees it
     trains: frozenset | None = None  # partial freezing: the block's trainable modules by last name (None: `full`)
+    fp8: str = ""       # the library whose linears compute in FP8 (precision.Recipe.fp8), "" for none
+    first: bool = False  # this block holds the model's first linear (block 0)
 
 
 def _trains(c: _Ctx, name: str | None) -> bool:
@@ -391,7 +394,55 @@ def _ctx(spec: ModelSpec, st: Settings) -> _Ctx:
         return _Ctx(spec, st, 2, 2, False, names, not st.lora, adapter=2)
     amp = rc.autocast
     stream = 4 if amp or st.quant != "none" else rc.compute
-    return _Ctx(spec, st, rc.compute, stream, amp, names, not st.lora, adapter=2 if amp else 4)
+    return _Ctx(spec, st, rc.compute, stream, amp, names, not st.lora, adapter=2 if amp else 4, fp8=rc.fp8)
+
+
+def fp8_converts(spec: ModelSpec, fp8: str, name: str, fan_in: int, fan_out: int, first: bool = False) -> bool:
+    """Whether an FP8 recipe swaps this block linear for its FP8 module, as accelerate converts
+    them: only `nn.Linear` (GPT-2's Conv1D and the MoE experts' 3-D weights stay as they are) whose
+    sizes are both multiples of 16 (accelerate/utils/ao.py:61-66 `filter_linear_layers`;
+    utils/transformer_engine.py:48 `convert_model`). torchao's filter also leaves the model's first
+    linear (block 0's first, `first`) and its last (the head) as nn.Linear (ao.py:140-142,
+    `find_first_last_linear_layers`); Transformer Engine's converts them too."""
+    if not fp8 or spec.family == "gpt2" or name.startswith("expert_") or fan_in % 16 or fan_out % 16:
+        return False
+    return not (fp8 == "torchao" and first and name == count_params(spec).linear_shapes[0][0])
+
+
+def fp8_ao_linear(c: _Ctx, acc: _Saved, x: _T, fan_in: int, fan_out: int) -> _T:
+    """A trainable torchao `Float8Linear` (torchao 0.18, tensorwise dynamic scaling, the default
+    recipe) under bf16 autocast. Its autograd function saves `input_hp` and `weight_hp_t`
+    (torchao/float8/float8_linear.py:45): the input as its forward passes it, and a transposed
+    view of the fp32 parameter, so no weight copy is kept (autocast's nn.Linear keeps a cached
+    bf16 copy of it). The forward casts the input to the autocast dtype first (:258-262), one bf16
+    copy per call of an fp32 input, as autocast does for nn.Linear; it asks
+    `torch.is_autocast_enabled()`, which sees CUDA's autocast only, so on CPU kernels the input
+    is kept as it comes (an fp32 residual-stream norm output, once for every linear reading it).
+    The FP8 casts of input, weight and gradients (`hp_tensor_to_float8_dynamic`, :56, :113,
+    :131, :185) are made and freed inside the op: not kept. The output is in the input's dtype
+    (bf16)."""
+    if c.st.kernels == "cuda" and x.nbytes != 2:
+        acc.add(fan_in, 2)
+    else:
+        x.keep()
+    return acc.new(fan_out, c.compute)
+
+
+def fp8_te_linear(c: _Ctx, acc: _Saved, x: _T, fan_in: int, fan_out: int) -> _T:
+    """A trainable Transformer Engine `te.Linear` under `fp8_autocast` with accelerate's default
+    recipe (DelayedScaling, HYBRID; TransformerEngine 2.x, transformer_engine/pytorch/module/linear.py).
+    The input is quantized to FP8 with row-wise and column-wise (transposed) data (:425-436);
+    after the forward GEMM the row-wise data is dropped and the column-wise FP8 copy is saved for
+    the weight-gradient GEMM (:609-621): one byte per input value, per call. The weight is
+    quantized every forward (no workspace cached across micro-batches: `is_first_microbatch` is
+    None as accelerate calls it, :1958), with row-wise and column-wise usage (:464-489), and the
+    FP8 weight is saved for the input-gradient GEMM (`wt_save = weightmat`, :645): two bytes per
+    weight value (data and its transpose, as on Hopper) alive from the forward to the block's
+    backward, also under checkpointing's recompute. The output is in the activation dtype (bf16
+    under autocast)."""
+    acc.add(fan_in, 1)
+    acc.per_layer += 2 * fan_in * fan_out
+    return acc.new(fan_out, c.compute)
 
 
 def _linear(c: _Ctx, acc: _Saved, name: str, x: _T, fan_in: int, fan_out: int) -> _T:
@@ -405,6 +456,10 @@ def _linear(c: _Ctx, acc: _Saved, name: str, x: _T, fan_in: int, fan_out: int) -
     output of A, plus a dropout mask when lora_dropout > 0.
     """
     st = c.st
+    first = acc.linears == 0
+    acc.linears += 1
+    if _trains(c, name) and fp8_converts(c.spec, c.fp8, name, fan_in, fan_out, c.first and first):
+        return (fp8_ao_linear if c.fp8 == "torchao" else fp8_te_linear)(c, acc, x, fan_in, fan_out)
     if _trains(c, name):
         if c.amp:
             acc.per_layer += 2 * fan_in * fan_out
@@ -659,8 +714,10 @@ def _model_level(c: _Ctx, head: bool = True, ms: ModulesToSave | None = None) ->
         _fused_head_inputs(replace(c, full=trained_head), acc, y)
     elif trained_head or s.family != "bert":
         if trained_head and c.amp:
-            acc.per_layer += 2 * s.vocab * h  # autocast's bf16 copy of the head weight
-            acc.add(h, 2)
+            # autocast's bf16 copy of the head weight and of its input; Transformer Engine converts
+            # the head too: its FP8 weight and transpose, and the FP8 column-wise input (fp8_te_linear)
+            acc.per_layer += 2 * s.vocab * h
+            acc.add(h, 1 if c.fp8 == "transformer-engine" and fp8_converts(s, c.fp8, "lm_head", h, s.vocab) else 2)
         elif trained_head:
             y.keep()
         elif c.amp:  # the frozen head in fp32 (also a QLoRA base's: prepare_model_for_kbit_training upcasts it)
@@ -876,6 +933,9 @@ def activation_bytes(spec: ModelSpec, st: Settings) -> Activations:
     blk = _block(c)
     per_layer = blk.per_token * st.tokens + blk.per_layer
     model_level = _model_level(c, ms=modules_to_save(spec, st)) * st.tokens
+    if c.fp8 == "torchao":  # block 0's first linear stays nn.Linear (fp8_converts): kept as autocast keeps it
+        b0 = _block(replace(c, first=True))
+        model_level += (b0.per_token - blk.per_token) * st.tokens + b0.per_layer - blk.per_layer
     stream_in = c.stream * spec.hidden * st.tokens
     mask = 0
     if eager_attention(spec, st):  # the 4-D float mask transformers builds for eager attention
@@ -895,8 +955,7 @@ def activation_bytes(spec: ModelSpec, st: Settings) -> Activations:
         # autocast caches the bf16 copy of every trainable weight it casts until the autocast region
         # exits, the end of the forward: with checkpointing nothing else keeps them, yet all of them
         # are alive at the loss (H200: 1.87 GiB missing on Llama-3.2-1B, 3.03 on SmolLM2-1.7B)
-        cache = 2 * spec.layers * sum(i * o * n for _, i, o, n in count_params(spec).linear_shapes) \
-            if c.full and c.amp else 0
+        cache = 2 * autocast_cached_elems(spec, st) if c.full and c.amp else 0
         return Activations(kept=kept, layer=per_layer, recompute=recompute, layer_grads=grads, mask=mask,
                            first_grads=first, autocast_cache=cache)
     grads = st.tokens * (c.compute * spec.intermediate + c.stream * spec.hidden)
@@ -963,6 +1022,44 @@ def offloaded_activations(spec: ModelSpec, st: Settings, act: Activations, logit
 def activation_host_bytes(spec: ModelSpec, st: Settings) -> float:
     """Pinned host bytes activation offloading holds at the end of the forward (`offloaded_activations`)."""
     return offloaded_activations(spec, st, activation_bytes(spec, st), loss_bytes(spec, st))[1]
+
+
+def autocast_cached_elems(spec: ModelSpec, st: Settings) -> int:
+    """Block linear weights whose bf16 copy autocast casts and caches for the forward (full
+    fine-tuning under autocast): every one, but those an FP8 recipe converts (`fp8_converts`),
+    which autocast never sees (torchao's Float8Linear casts its fp32 weight to FP8 itself;
+    te.Linear keeps its FP8 weight as a saved tensor, freed with checkpointing's forward)."""
+    fp8 = RECIPES[st.precision].fp8
+    shapes = count_params(spec).linear_shapes
+    per = sum(i * o * n for name, i, o, n in shapes if not fp8_converts(spec, fp8, name, i, o))
+    first = [(i * o * n) for name, i, o, n in shapes[:1] if fp8_converts(spec, fp8, name, i, o)
+             and not fp8_converts(spec, fp8, name, i, o, first=True)]
+    return spec.layers * per + sum(first)
+
+
+def fp8_te_linears(spec: ModelSpec) -> int:
+    """te.Linear modules accelerate's `convert_model` makes: the block linears `fp8_converts`
+    admits, in every block, and the head."""
+    shapes = count_params(spec).linear_shapes
+    head = int(fp8_converts(spec, "transformer-engine", "lm_head", spec.hidden, spec.vocab))
+    return spec.layers * sum(n for name, i, o, n in shapes if fp8_converts(spec, "transformer-engine", name, i, o)) \
+        + head
+
+
+TE_AMAX_HISTORY = 1024
+"""accelerate's TERecipeKwargs default `amax_history_len` (utils/dataclasses.py), TE's
+DelayedScaling default too (transformer_engine/common/recipe/__init__.py:255)."""
+
+
+def fp8_te_meta_bytes(spec: ModelSpec, st: Settings) -> int:
+    """Transformer Engine's delayed-scaling state, per te.Linear (one GEMM): three forward FP8
+    tensors (input, weight, output) and two backward ones (grad output, grad input)
+    (transformer_engine/pytorch/module/base.py:1139), each with an fp32 `amax_history` of
+    `amax_history_len` rows and an fp32 scale (`set_meta_tensor`, :1106-1152). Alive for the
+    whole run, counted with the weights. 0 for other recipes."""
+    if RECIPES[st.precision].fp8 != "transformer-engine":
+        return 0
+    return fp8_te_linears(spec) * 5 * 4 * (TE_AMAX_HISTORY + 1)
 
 
 def partial_activation_bytes(spec: ModelSpec, st: Settings, fz: Freezing) -> Activations:
@@ -1191,7 +1288,7 @@ def step_parts(spec: ModelSpec, pc: ParamCount, st: Settings) -> StepParts:
             block_wgrad=rc.grad * pc.largest_layer if (spec.layers - 1) in fz.blocks and st.grad_checkpointing else 0)
     ms = modules_to_save(spec, st)
     return StepParts(
-        weights=weight_bytes(spec, pc, st) + pc.buffers_bytes + ema_bytes(spec, pc, st),
+        weights=weight_bytes(spec, pc, st) + pc.buffers_bytes + ema_bytes(spec, pc, st) + fp8_te_meta_bytes(spec, st),
         grads=grad_bytes(spec, pc, st),
         optimizer=optimizer_state_bytes(spec, pc, st), opt_temp=optimizer_step_temp_bytes(spec, pc, st),
         act=act, logits=logits,

@@ -1,6 +1,8 @@
 """Precision recipes, optimizers and quantised bases: bytes per element, from their sources.
 
 Each recipe says how many bytes a parameter, its gradient, a master copy and an activation take.
+The FP8 rows name the library whose linears compute in FP8 (torchao's Float8Linear,
+Transformer Engine's te.Linear); what those keep is counted in planner/memory.py.
 The MS-AMP rows follow the table in accelerate's low-precision training guide
 (docs/source/usage_guides/low_precision_training.md), reproduced in shared/seeds.
 """
@@ -20,6 +22,7 @@ class Recipe:
     autocast: bool      # weights stay in full precision and torch.autocast casts per op
     state: float | None = None  # optimizer state bytes per moment, None = same dtype as the parameter
     state2: float | None = None  # second moment, where the recipe stores it differently (MS-AMP: FP8 + FP16)
+    fp8: str = ""       # the library whose linears compute in FP8 (FP8_LIBRARIES), "" for none
 
 
 RECIPES = {
@@ -27,9 +30,14 @@ RECIPES = {
     "fp16-amp": Recipe("fp16-amp", 4, 0, 4, 2, True),
     "bf16-amp": Recipe("bf16-amp", 4, 0, 4, 2, True),
     "bf16-pure": Recipe("bf16-pure", 2, 0, 2, 2, False),
-    # Transformer Engine FP8: FP32 weights and gradients, FP32 Adam states, FP8 GEMMs with
-    # activations in 16-bit around them (accelerate table: "Nvidia TE | FP8 | FP32 | FP32 | N/A | FP32 | FP32+FP32").
-    "fp8-te": Recipe("fp8-te", 4, 0, 4, 2, True, 4, 4),
+    # torchao float8 training as accelerate runs it (mixed_precision fp8, AORecipeKwargs): fp32
+    # weights, gradients and Adam states, bf16 autocast, Float8Linear casting per linear
+    # (planner/memory.py: fp8_ao_* terms).
+    "fp8-ao": Recipe("fp8-ao", 4, 0, 4, 2, True, 4, 4, fp8="torchao"),
+    # Transformer Engine FP8 as accelerate runs it (mixed_precision fp8, TERecipeKwargs): FP32
+    # weights and gradients, FP32 Adam states (accelerate table: "Nvidia TE | FP8 | FP32 | FP32 |
+    # N/A | FP32 | FP32+FP32"), te.Linear keeping FP8 inputs and weights (planner/memory.py: fp8_te_*).
+    "fp8-te": Recipe("fp8-te", 4, 0, 4, 2, True, 4, 4, fp8="transformer-engine"),
     # MS-AMP O1: FP16 weights, FP8 weight gradients, FP32+FP32 optimizer states.
     "msamp-o1": Recipe("msamp-o1", 2, 0, 1, 2, False, 4, 4),
     # MS-AMP O2: as O1 with FP8 first moment and FP16 second moment.

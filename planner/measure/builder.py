@@ -76,6 +76,8 @@ def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = N
         model.train()
     if st.loss != "standard":
         install_loss(model, st)
+    if st.precision == "fp8-ao":
+        convert_fp8_ao(model)
     if fake_mode is not None:
         fakeify(model, fake_mode)
     return model, config
@@ -96,6 +98,27 @@ def with_lora(model, st: Settings, sequence_classification: bool = False):
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n or any(f"{m}.modules_to_save." in n for m in saved))
     return model
+
+
+FP8_LIBRARY = {"fp8-ao": "torchao", "fp8-te": "transformer-engine"}
+"""The library of each FP8 precision recipe (accelerate's `fp8_backend` AO and TE)."""
+
+
+class Fp8LibraryMissing(ValueError):
+    """The FP8 recipe the settings ask for needs a library (or a GPU) this machine does not have."""
+
+
+def convert_fp8_ao(model) -> None:
+    """torchao float8 training as accelerate sets it up for `mixed_precision="fp8"` with the AO
+    backend (`Accelerator._prepare_ao`): accelerate's own `convert_model_to_fp8_ao`, which swaps
+    every nn.Linear but the first and the last (and any whose sizes are not multiples of 16) for
+    torchao's Float8Linear with the default recipe (tensorwise dynamic scaling)."""
+    try:
+        import torchao.float8  # noqa: F401
+        from accelerate.utils.ao import convert_model_to_fp8_ao
+    except ImportError:
+        raise Fp8LibraryMissing("precision fp8-ao needs torchao (pip install --no-deps 'torchao>=0.10')") from None
+    convert_model_to_fp8_ao(model)
 
 
 def unfreeze_only(model, patterns) -> int:
