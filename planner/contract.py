@@ -46,7 +46,18 @@ class Dtype(Choice):
     FP8 = "fp8"
 
 
-DTYPE_TO_RECIPE = {"fp32": "fp32", "fp16": "fp16-amp", "bf16": "bf16-amp", "fp8": "fp8-te"}
+DTYPE_TO_RECIPE = {"fp32": "fp32", "fp16": "fp16-amp", "bf16": "bf16-amp", "fp8": "fp8-ao"}
+"""`--dtype fp8` is torchao's float8 training: accelerate's first choice for `mixed_precision="fp8"`
+when torchao is installed (AO, then TE, then MS-AMP), and the FP8 route measured here."""
+
+FP8_LIBRARIES = {"fp8-ao": "torchao", "fp8-te": "transformer-engine"}
+"""The FP8 precision recipes -> the library whose linears compute in FP8 (accelerate's
+`fp8_backend` AO and TE; planner/memory.py counts what each keeps)."""
+UNMEASURED_TE = "unmeasured: Transformer Engine needs CUDA to install and to run (its FP8 GEMMs)"
+"""What the estimate says of fp8-te: modelled from TransformerEngine's source, not measured here."""
+MSAMP_NOTE = ("MS-AMP is no longer maintained (accelerate deprecates it and will remove it): modelled from "
+              "accelerate's table of its states, unmeasured; use fp8-ao (torchao) or fp8-te (Transformer Engine)")
+"""What the estimate says of the MS-AMP recipes."""
 
 
 class Optimizer(Choice):
@@ -344,6 +355,7 @@ def check_options(st: Settings) -> Settings:
     if st.quant != "none" and st.precision not in QUANT_PRECISIONS:
         raise PlanError(f"{{quant}} {st.quant} cannot be combined with {{precision}} {st.precision}", "quant")
     check_unfrozen(st)
+    check_fp8(st)
     if st.optimizer == "lbfgs" and st.strategy != "ddp":
         raise PlanError(f"{{optimizer}} lbfgs under {{strategy}} {st.strategy} is not modelled: its flat vectors "
                         "span every parameter (one GPU or DDP)", "optimizer")
@@ -356,6 +368,18 @@ def check_options(st: Settings) -> Settings:
         raise PlanError(f"{{ema}} under {{strategy}} {st.strategy} is not modelled: one GPU or DDP", "ema")
     check_strategy(st)
     return st
+
+
+def check_fp8(st: Settings) -> None:
+    """The FP8 recipes (FP8_LIBRARIES) are modelled for full fine-tuning on one GPU or DDP: the
+    FP8 modules of a LoRA base, a partly frozen model or a sharded one keep other tensors."""
+    if st.precision not in FP8_LIBRARIES:
+        return
+    what = ("{lora_rank}" if st.lora else "{unfrozen_parameters}" if st.unfrozen_parameters else
+            f"{{strategy}} {st.strategy}" if st.strategy != "ddp" else None)
+    if what:
+        raise PlanError(f"{{precision}} {st.precision} with {what} is not modelled: FP8 training is modelled for "
+                        "full fine-tuning on one GPU or DDP", "precision")
 
 
 def check_unfrozen(st: Settings) -> None:

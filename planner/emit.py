@@ -22,7 +22,7 @@ import os
 import secrets
 from pathlib import Path
 
-from .contract import EMA_DECAY, FSDP, ZERO, PlanError, Settings, optimizer_name, shard_size, world_size
+from .contract import EMA_DECAY, FSDP, MSAMP_NOTE, ZERO, PlanError, Settings, optimizer_name, shard_size, world_size
 from .distributed import zero_stage
 from .estimate import Estimate
 from .precision import RECIPES
@@ -43,10 +43,26 @@ def half_dtype(st: Settings, bf16_gpu: bool = True) -> str | None:
     return "bf16"
 
 
+FP8_BACKENDS = {"fp8-ao": "AO", "fp8-te": "TE"}
+"""accelerate's FP8BackendType of each FP8 recipe (the accelerate config's `fp8_config: backend`)."""
+
+
+def fp8_backend(st: Settings) -> str | None:
+    """accelerate's `fp8_backend` for the plan: AO (torchao) or TE (Transformer Engine), with
+    their default recipes (AORecipeKwargs, TERecipeKwargs), which the formulas count; None
+    without FP8."""
+    return FP8_BACKENDS.get(st.precision)
+
+
 def mixed_precision(st: Settings, bf16_gpu: bool = True) -> str:
     """accelerate's `mixed_precision`: autocast recipes name their dtype; pure 16-bit weights
-    (LoRA on a bf16 base) and fp32 run without autocast ("no")."""
+    (LoRA on a bf16 base) and fp32 run without autocast ("no"); the FP8 recipes "fp8", with the
+    backend `fp8_backend` names. MS-AMP is refused: no longer maintained."""
     rc = RECIPES[st.precision]
+    if st.precision.startswith("msamp"):
+        raise PlanError(f"{{precision}} {st.precision}: {MSAMP_NOTE}", "precision")
+    if rc.fp8:
+        return "fp8"
     if not rc.autocast:
         return "no"
     return "bf16" if rc.compute == 2 and st.precision.startswith("bf16") and bf16_gpu else "fp16"
@@ -168,6 +184,8 @@ def accelerate_config(st: Settings, deepspeed_file: str | None = None, machine_r
                                         "parallelism_config_dp_shard_size": shard}
     else:
         kw.update(distributed_type="MULTI_GPU" if world > 1 else "NO")
+    if fp8_backend(st):
+        kw["fp8_config"] = {"backend": fp8_backend(st)}
     return ClusterConfig(**kw)
 
 
@@ -218,7 +236,7 @@ def recipe_dict(model: str, st: Settings, accumulation: int, est: Estimate, gpu:
                  else [t.strip() for t in st.lora_targets.split(",") if t.strip()])
     d.update(sequence_len=st.seq_len, micro_batch_size=st.batch_size, gradient_accumulation_steps=accumulation,
              optimizer=optimizer_name(st.optimizer, st.optimizer_paged), learning_rate=2e-4 if adapter else 2e-5,
-             bf16=half == "bf16", fp16=half == "fp16",
+             bf16=half == "bf16", fp16=half == "fp16", fp8=st.precision == "fp8-ao",
              gradient_checkpointing=st.grad_checkpointing, activation_offloading=st.activation_offload,
              **recipe_loss_keys(st),
              unfrozen_parameters=list(st.unfrozen_parameters) or None, ema_decay=EMA_DECAY if st.ema else None,
@@ -236,6 +254,8 @@ def recipe_dict(model: str, st: Settings, accumulation: int, est: Estimate, gpu:
     for k, default in QUIET_DEFAULTS.items():  # keys a plan does not set, left out at their defaults
         if out.get(k) == default:
             out.pop(k)
+    if not out.get("fp8"):
+        out.pop("fp8", None)
     if "loss_watchdog_threshold" not in out:
         out.pop("loss_watchdog_patience", None)
     if not st.activation_offload:

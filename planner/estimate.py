@@ -13,10 +13,13 @@ from dataclasses import dataclass, field, replace
 
 from .contract import (
     COMPONENTS,
+    FP8_LIBRARIES,
     FUSED_LOSSES,
+    MSAMP_NOTE,
     PAGED_NOTE,
     UNMEASURED_FUSED,
     UNMEASURED_OFFLOAD,
+    UNMEASURED_TE,
     PlanError,
     Settings,
     check_options,
@@ -66,6 +69,9 @@ def validate(spec: ModelSpec, st: Settings) -> Settings:
     check_options(st)
     derived = spec.extra.get("derived")
     check_seq_len(spec, st.seq_len)
+    if st.precision in FP8_LIBRARIES and spec.is_encoder:
+        raise PlanError(f"{{precision}} {st.precision} is modelled for causal LMs; {spec.model_type} is an encoder",
+                        "precision")
     if st.loss != "standard" and spec.is_encoder:
         raise PlanError(f"{{loss}} {st.loss} replaces a causal LM's output head and loss; {spec.model_type} trains a "
                         "classification head here: use {loss} standard", "loss")
@@ -99,6 +105,25 @@ def loss_notes(spec: ModelSpec, st: Settings) -> list[str]:
         lib = "Liger Kernel's fused linear cross-entropy" if st.loss == "liger-flce" else "Cut Cross-Entropy"
         return [f"loss {st.loss}: {lib}, modelled from the library's source (no B x S x vocab logits); "
                 f"{UNMEASURED_FUSED}"]
+    return []
+
+
+def precision_notes(spec: ModelSpec, st: Settings) -> list[str]:
+    """What the estimate says of an FP8 recipe: which route it models, what it keeps, and whether
+    it is measured."""
+    if st.precision == "fp8-ao":
+        return ["fp8-ao: torchao float8 training (Float8LinearConfig's default: tensorwise dynamic scaling, eager) "
+                "as accelerate's mixed_precision fp8 converts the model: every nn.Linear but the first and the head; "
+                "it keeps no weight copy, and casts per linear (measured on CPU: tables/validation.csv)"]
+    if st.precision == "fp8-te":
+        notes = ["fp8-te: Transformer Engine te.Linear (DelayedScaling, HYBRID, amax history 1024) as accelerate "
+                 f"converts the model: FP8 saved inputs and FP8 weights with their transposes; {UNMEASURED_TE}"]
+        if spec.tied:
+            notes.append("fp8-te: accelerate's convert_model gives a tied head its own te.Linear weight, which the "
+                         "optimizer does not update and which keeps its gradient: not counted")
+        return notes
+    if st.precision.startswith("msamp"):
+        return [f"{st.precision}: {MSAMP_NOTE}"]
     return []
 
 
@@ -184,7 +209,8 @@ def estimate(spec: ModelSpec, st: Settings) -> Estimate:
     peak_phase = max(phases, key=phases.get)
     comps = dict(phase_comp[peak_phase])
     peak = phases[peak_phase]
-    notes += loss_notes(spec, st) + freezing_notes(spec, st) + modules_to_save_notes(spec, st)
+    notes += (precision_notes(spec, st) + loss_notes(spec, st) + freezing_notes(spec, st)
+              + modules_to_save_notes(spec, st))
     if st.optimizer == "lbfgs":
         notes.append(f"optimizer lbfgs: torch.optim.LBFGS with {st.lbfgs_history} pairs of flat vectors once its "
                      "history is full, one closure evaluation per step (max_iter=1)")

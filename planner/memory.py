@@ -912,6 +912,8 @@ class Activations:
     mask: float
     first_grads: float
     autocast_cache: float = 0  # alive to the forward's end only (see activation_bytes)
+    fp8_cast: float = 0        # inside one FP8 linear's backward (fp8_ao_cast_bytes)
+    fp8_cast_fwd: float = 0    # inside one FP8 linear's forward
     frozen_forward: float = 0  # partial freezing: a frozen block's forward below the trainable ones
     offload_stash: float = 0  # activation offloading: offloaded tensors still on the GPU, in the forward only
 
@@ -957,10 +959,30 @@ def activation_bytes(spec: ModelSpec, st: Settings) -> Activations:
         # are alive at the loss (H200: 1.87 GiB missing on Llama-3.2-1B, 3.03 on SmolLM2-1.7B)
         cache = 2 * autocast_cached_elems(spec, st) if c.full and c.amp else 0
         return Activations(kept=kept, layer=per_layer, recompute=recompute, layer_grads=grads, mask=mask,
-                           first_grads=first, autocast_cache=cache)
+                           first_grads=first, autocast_cache=cache, fp8_cast=fp8_ao_cast_bytes(spec, st, True),
+                           fp8_cast_fwd=fp8_ao_cast_bytes(spec, st, False))
     grads = st.tokens * (c.compute * spec.intermediate + c.stream * spec.hidden)
     return Activations(kept=spec.layers * per_layer + model_level, layer=per_layer, recompute=0,
-                       layer_grads=grads, mask=mask, first_grads=grads)
+                       layer_grads=grads, mask=mask, first_grads=grads, fp8_cast=fp8_ao_cast_bytes(spec, st, True),
+                       fp8_cast_fwd=fp8_ao_cast_bytes(spec, st, False))
+
+
+def fp8_ao_cast_bytes(spec: ModelSpec, st: Settings, backward: bool) -> float:
+    """The transient of one FP8 cast inside a torchao Float8Linear (torchao 0.18, eager): each
+    cast of input, weight or gradient (`hp_tensor_to_float8_dynamic`, float8_scaling_utils.py:29)
+    builds `tensor.to(float32) * scale` and its clamp, two fp32 copies, before the FP8 result
+    (float8_training_tensor.py:153-154, float8_utils.py:136-137): 9 bytes per value at the
+    moment the FP8 copy is written. The largest cast is of the widest tensor a converted linear
+    casts: in the forward its input (tokens x in) or weight (in x out, :56, :73); in the backward
+    also its output gradient (tokens x out, :113, :167). It happens inside a block's forward and
+    backward, on top of what is alive there. Compiled (`torch.compile`), as torchao recommends,
+    the casts fuse: not modelled. 0 for other recipes."""
+    if RECIPES[st.precision].fp8 != "torchao":
+        return 0
+    t = st.tokens
+    widest = [max(t * i, t * o if backward else 0, i * o) for name, i, o, _ in count_params(spec).linear_shapes
+              if fp8_converts(spec, "torchao", name, i, o)]
+    return 9 * max(widest, default=0)
 
 
 OFFLOAD_MIN_BYTES = 1024
@@ -1319,8 +1341,9 @@ def activation_phases(p: StepParts) -> ActivationPhases:
     reduce-scatter).
     """
     act, lg = p.act, p.logits
-    at_loss, at_fwd_loss, in_fwd_block = lg.backward, lg.forward, act.recompute + act.offload_stash
-    in_block = act.recompute + act.layer_grads + p.block_wgrad + p.head_grad
+    at_loss, at_fwd_loss = lg.backward, lg.forward
+    in_fwd_block = act.recompute + act.offload_stash + act.fp8_cast_fwd
+    in_block = act.recompute + act.layer_grads + p.block_wgrad + p.head_grad + act.fp8_cast
     fwd_block = in_fwd_block > at_fwd_loss
     bwd_block = in_block > at_loss
     forward = {"activations": act.kept + act.mask + act.autocast_cache + (in_fwd_block if fwd_block else 0),
@@ -1329,7 +1352,7 @@ def activation_phases(p: StepParts) -> ActivationPhases:
         forward = {"activations": act.frozen_forward + act.mask, "logits": 0}
     return ActivationPhases(
         forward=forward,
-        backward={"activations": act.kept + (act.recompute + act.layer_grads if bwd_block else 0),
+        backward={"activations": act.kept + (act.recompute + act.layer_grads + act.fp8_cast if bwd_block else 0),
                   "logits": 0 if bwd_block else at_loss},
         fwd_in_block=fwd_block, bwd_in_block=bwd_block)
 

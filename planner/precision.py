@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .contract import FP8_LIBRARIES
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -22,7 +24,7 @@ class Recipe:
     autocast: bool      # weights stay in full precision and torch.autocast casts per op
     state: float | None = None  # optimizer state bytes per moment, None = same dtype as the parameter
     state2: float | None = None  # second moment, where the recipe stores it differently (MS-AMP: FP8 + FP16)
-    fp8: str = ""       # the library whose linears compute in FP8 (FP8_LIBRARIES), "" for none
+    fp8: str = ""       # the library whose linears compute in FP8 (contract.FP8_LIBRARIES), "" for none
 
 
 RECIPES = {
@@ -33,11 +35,11 @@ RECIPES = {
     # torchao float8 training as accelerate runs it (mixed_precision fp8, AORecipeKwargs): fp32
     # weights, gradients and Adam states, bf16 autocast, Float8Linear casting per linear
     # (planner/memory.py: fp8_ao_* terms).
-    "fp8-ao": Recipe("fp8-ao", 4, 0, 4, 2, True, 4, 4, fp8="torchao"),
+    "fp8-ao": Recipe("fp8-ao", 4, 0, 4, 2, True, 4, 4, fp8=FP8_LIBRARIES["fp8-ao"]),
     # Transformer Engine FP8 as accelerate runs it (mixed_precision fp8, TERecipeKwargs): FP32
     # weights and gradients, FP32 Adam states (accelerate table: "Nvidia TE | FP8 | FP32 | FP32 |
     # N/A | FP32 | FP32+FP32"), te.Linear keeping FP8 inputs and weights (planner/memory.py: fp8_te_*).
-    "fp8-te": Recipe("fp8-te", 4, 0, 4, 2, True, 4, 4, fp8="transformer-engine"),
+    "fp8-te": Recipe("fp8-te", 4, 0, 4, 2, True, 4, 4, fp8=FP8_LIBRARIES["fp8-te"]),
     # MS-AMP O1: FP16 weights, FP8 weight gradients, FP32+FP32 optimizer states.
     "msamp-o1": Recipe("msamp-o1", 2, 0, 1, 2, False, 4, 4),
     # MS-AMP O2: as O1 with FP8 first moment and FP16 second moment.

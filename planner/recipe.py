@@ -100,6 +100,7 @@ class Recipe(_Strict):
     max_grad_norm: float = Field(1.0, ge=0)
     bf16: bool = True
     fp16: bool = False
+    fp8: bool = False  # Axolotl's key: torchao float8 training (precision fp8-ao) under bf16 autocast
     gradient_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # transformers' key
     tf32: bool = False  # TF32 matmuls on a CUDA GPU (torch.backends.cuda.matmul.allow_tf32)
@@ -125,6 +126,9 @@ class Recipe(_Strict):
     def _consistent(self):
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are both true: choose one")
+        if self.fp8 and (self.adapter or not self.bf16):
+            raise ValueError("fp8: true (torchao float8) is modelled for full fine-tuning under bf16: true, "
+                             "without an adapter")
         if self.adapter == "qlora" and not self.load_in_4bit:
             raise ValueError("adapter: qlora needs load_in_4bit: true")
         if self.load_in_4bit and self.adapter != "qlora":
@@ -267,12 +271,14 @@ def recipe_loss_keys(st: Settings) -> dict:
 
 def precision(recipe: Recipe) -> str:
     """The precision recipe a run computes in: `plan.precision` when the recipe names it, else
-    from `bf16`/`fp16`: full fine-tuning keeps fp32 weights under autocast (`bf16-amp`), LoRA
-    stores the frozen base in bf16 with fp32 adapters (`bf16-pure`, what `plan recommend`
-    picks), QLoRA stores it in NF4 and LoRA on an 8-bit base in int8, both with bf16 autocast
-    (`bf16-amp`). Neither flag: fp32."""
+    from `fp8` (torchao float8, `fp8-ao`) and `bf16`/`fp16`: full fine-tuning keeps fp32 weights
+    under autocast (`bf16-amp`), LoRA stores the frozen base in bf16 with fp32 adapters
+    (`bf16-pure`, what `plan recommend` picks), QLoRA stores it in NF4 and LoRA on an 8-bit base
+    in int8, both with bf16 autocast (`bf16-amp`). Neither flag: fp32."""
     if "precision" in recipe.plan.model_fields_set:
         return recipe.plan.precision
+    if recipe.fp8:  # Axolotl's fp8: torchao's float8 training
+        return "fp8-ao"
     half = "bf16" if recipe.bf16 else "fp16" if recipe.fp16 else None
     if half is None:
         return "fp32"

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from planner.contract import PlanError
 from planner.recipe import Recipe, RecipeError, load, resume_hash
 
 from .checkpoint import Checkpointer, latest_checkpoint, recipe_hash
@@ -94,6 +95,28 @@ def dataset_kind(recipe: Recipe) -> bool:
     if classify and recipe.sample_packing:
         raise RecipeError("sample_packing: packing needs causal-LM data, not classification")
     return classify
+
+
+def fp8_recipe_handler(prec: str, cuda: bool) -> list:
+    """accelerate's recipe handler for an FP8 precision: AORecipeKwargs (torchao) or
+    TERecipeKwargs (Transformer Engine) with their defaults, the recipes the estimate counts;
+    where it cannot run, one line naming what to install or where it runs. Empty without FP8."""
+    import importlib.util
+    if prec == "fp8-te":
+        if not cuda:
+            raise RecipeError("plan.precision fp8-te: Transformer Engine runs on a CUDA GPU (Ada or Hopper and newer); "
+                              "on CPU use fp8: true (torchao)")
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise RecipeError("plan.precision fp8-te needs Transformer Engine: "
+                              "pip install 'transformer-engine[pytorch]'")
+        from accelerate.utils import TERecipeKwargs
+        return [TERecipeKwargs()]
+    if prec == "fp8-ao":
+        if importlib.util.find_spec("torchao") is None:
+            raise RecipeError("fp8: true needs torchao: pip install --no-deps 'torchao>=0.10'")
+        from accelerate.utils import AORecipeKwargs
+        return [AORecipeKwargs()]
+    return []
 
 
 @dataclass(frozen=True)
@@ -203,13 +226,17 @@ class Trainer:
         prec = precision(self.recipe)
         if not cuda and prec.startswith("fp16"):
             raise RecipeError("fp16: true needs a GPU; on CPU use bf16: true or neither")
-        mixed = mixed_precision(Settings(precision=prec))
+        try:
+            mixed = mixed_precision(Settings(precision=prec))
+        except PlanError as e:
+            raise RecipeError(f"plan.precision: {e}") from None
+        handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)] + fp8_recipe_handler(prec, cuda)
         # DDP without broadcast_buffers: a transformer's buffers (rotary frequencies, position
         # ids) are constants, and a forward free of collectives lets the ranks agree on an
         # out-of-memory error right after it (resilience.agreed_oom)
         acc = Accelerator(cpu=not cuda, mixed_precision=mixed,
                           dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-                          kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+                          kwargs_handlers=handlers)
         set_seed(self.recipe.seed)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)

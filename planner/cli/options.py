@@ -40,7 +40,7 @@ except ImportError:
 
 # the precision recipes that compute in each --dtype: --precision must be one of them when both are given
 DTYPE_PRECISIONS = {"fp32": ("fp32",), "fp16": ("fp16-amp",), "bf16": ("bf16-amp", "bf16-pure"),
-                    "fp8": ("fp8-te", "msamp-o1", "msamp-o2", "msamp-o3")}
+                    "fp8": ("fp8-ao", "fp8-te", "msamp-o1", "msamp-o2", "msamp-o3")}
 
 _DEFAULT = {f.name: f.default for f in fields(Settings)}
 _SEARCH = {f.name: f.default for f in fields(Request)}

@@ -100,10 +100,6 @@ def with_lora(model, st: Settings, sequence_classification: bool = False):
     return model
 
 
-FP8_LIBRARY = {"fp8-ao": "torchao", "fp8-te": "transformer-engine"}
-"""The library of each FP8 precision recipe (accelerate's `fp8_backend` AO and TE)."""
-
-
 class Fp8LibraryMissing(ValueError):
     """The FP8 recipe the settings ask for needs a library (or a GPU) this machine does not have."""
 

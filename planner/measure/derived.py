@@ -26,12 +26,13 @@ versions (`cache_dir()`), so that a second call (and `plan recommend`'s bisectio
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..contract import COMPONENTS, PlanError, Settings
+from ..contract import COMPONENTS, UNMEASURED_TE, PlanError, Settings
 from ..estimate import Estimate, phase_table
 from ..memory import CUBLAS_WORKSPACE_BYTES, RECIPES
 from ..spec import ModelSpec, ParamCount, SpecError
@@ -53,10 +54,10 @@ def cache_dir() -> Path:
     return Path(base) / "plan" / "derived"
 
 
-SAME_BYTES = {"fp16-amp": "bf16-amp", "fp8-te": "bf16-amp"}
-"""Recipes measured as another: fp16 autocast and Transformer Engine FP8 keep what bf16 autocast
-keeps (fp32 weights, gradients and AdamW states, 16-bit activations: planner/precision.py), and
-the CPU simulator runs both as bf16 autocast."""
+SAME_BYTES = {"fp16-amp": "bf16-amp"}
+"""Recipes measured as another: fp16 autocast keeps what bf16 autocast keeps (fp32 weights,
+gradients and AdamW states, 16-bit activations: planner/precision.py), and the CPU simulator runs
+it as bf16 autocast. torchao's FP8 (fp8-ao) is measured as itself: the builder converts the model."""
 
 
 def settings_class(st: Settings) -> Settings:
@@ -400,6 +401,13 @@ class Derived:
         if st.loss != "standard":
             raise PlanError(f"{{loss}} {st.loss}: model_type '{self.cfg.get('model_type')}' has no formula, and the "
                             "derived route measures transformers' own loss; use {loss} standard", "loss")
+        if st.precision == "fp8-te":
+            raise PlanError(f"{{precision}} fp8-te: model_type '{self.cfg.get('model_type')}' has no formula, and "
+                            f"the derived route measures its modules: {UNMEASURED_TE}; use fp8-ao", "precision")
+        if st.precision == "fp8-ao" and importlib.util.find_spec("torchao") is None:
+            raise PlanError(f"{{precision}} fp8-ao: model_type '{self.cfg.get('model_type')}' has no formula, and the "
+                            "derived route measures torchao's modules: pip install --no-deps 'torchao>=0.10'",
+                            "precision")
         if st.precision.startswith("msamp"):
             raise PlanError(f"{{precision}} {st.precision}: MS-AMP's FP8 gradients and states need a formula, which "
                             f"model_type '{self.cfg.get('model_type')}' does not have; use bf16-amp or bf16-pure",

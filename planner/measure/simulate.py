@@ -13,7 +13,15 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, replace
 
-from ..contract import FUSED_LOSSES, UNMEASURED_FUSED, UNMEASURED_OFFLOAD, PlanError, Settings
+from ..contract import (
+    FUSED_LOSSES,
+    MSAMP_NOTE,
+    UNMEASURED_FUSED,
+    UNMEASURED_OFFLOAD,
+    UNMEASURED_TE,
+    PlanError,
+    Settings,
+)
 from ..estimate import Estimate, estimate
 from ..memory import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, needed_bytes
 from ..precision import RECIPES
@@ -215,6 +223,10 @@ def simulated_estimate(cfg: dict, st: Settings, budget: Budget = Budget()) -> Es
     if st.activation_offload:
         raise PlanError(f"{{activation_offload}}: {UNMEASURED_OFFLOAD}; drop --exact for the formula",
                         "activation_offload")
+    if st.precision == "fp8-te":
+        raise PlanError(f"{{precision}} fp8-te: {UNMEASURED_TE}; drop --exact for the formula", "precision")
+    if st.precision.startswith("msamp"):
+        raise PlanError(f"{{precision}} {st.precision}: {MSAMP_NOTE}; drop --exact for the formula", "precision")
     check_budget(cfg, st, budget)
     try:
         with _wall_clock(budget.seconds):
