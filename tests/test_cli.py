@@ -30,7 +30,7 @@ def test_json_contract_single_dtype():
 def test_json_list_without_dtype():
     r = run_plan("estimate", "gpt2", "--json")
     objs = json.loads(r.stdout)
-    assert [o["precision"] for o in objs] == ["fp32", "fp16-amp", "bf16-amp", "bf16-pure", "fp8-te"]
+    assert [o["precision"] for o in objs] == ["fp32", "fp16-amp", "bf16-amp", "bf16-pure", "fp8-ao"]
 
 
 def test_human_view_has_tables():

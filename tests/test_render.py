@@ -139,7 +139,7 @@ def test_qlora_sweep_skips_the_precisions_nf4_cannot_use(monkeypatch, capsys):
     assert code == 0
     assert [o["precision"] for o in json.loads(out)] == ["fp32", "fp16-amp", "bf16-amp", "bf16-pure"]
     notes = [line for line in err.splitlines() if "skipping" in line]
-    assert len(notes) == 1 and "fp8-te" in notes[0]
+    assert len(notes) == 1 and "fp8-ao" in notes[0]
 
 
 def test_wide_layout_at_120_narrow_at_80(monkeypatch, capsys):
