@@ -60,6 +60,15 @@ MSAMP_NOTE = ("MS-AMP is no longer maintained (accelerate deprecates it and will
 """What the estimate says of the MS-AMP recipes."""
 
 
+def precision_validation(precision: str) -> str:
+    """Whether a precision recipe's formulas are measured here ("measured"), or why not."""
+    if precision == "fp8-te":
+        return UNMEASURED_TE
+    if precision.startswith("msamp"):
+        return "unmeasured: " + MSAMP_NOTE
+    return "measured"
+
+
 class Optimizer(Choice):
     """Optimizers the estimate counts and the builder (planner/measure/builder.py: make_optimizer)
     builds; each is measured (tables/validation.csv)."""
@@ -376,7 +385,8 @@ def check_fp8(st: Settings) -> None:
     if st.precision not in FP8_LIBRARIES:
         return
     what = ("{lora_rank}" if st.lora else "{unfrozen_parameters}" if st.unfrozen_parameters else
-            f"{{strategy}} {st.strategy}" if st.strategy != "ddp" else None)
+            f"{{strategy}} {st.strategy}" if st.strategy != "ddp" else
+            "{activation_offload}" if st.activation_offload else None)
     if what:
         raise PlanError(f"{{precision}} {st.precision} with {what} is not modelled: FP8 training is modelled for "
                         "full fine-tuning on one GPU or DDP", "precision")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import textwrap
 
-from .contract import COMPONENTS, FUSED_LOSSES, UNMEASURED_FUSED, Settings
+from .contract import COMPONENTS, FUSED_LOSSES, UNMEASURED_FUSED, Settings, precision_validation
 from .estimate import Estimate
 from .speed import OFFLOAD_LINK_EFFICIENCY
 
@@ -53,6 +53,7 @@ def options_json(st: Settings) -> dict:
         "ema": st.ema,  # an EMA copy of the trainable parameters is counted (in weights)
         "lbfgs_history": st.lbfgs_history if st.optimizer == "lbfgs" else None,
         "activation_offload": st.activation_offload,  # saved activations in pinned host RAM (cpu_bytes)
+        "precision_validation": precision_validation(st.precision),  # fp8-te and MS-AMP: unmeasured, and why
     }
 
 

@@ -89,6 +89,9 @@ def test_fp8_outside_what_is_modelled_is_one_line(kw, what):
 def test_cli_fp8(monkeypatch, capsys):
     code, out, err = plan(monkeypatch, capsys, "estimate", L8, "--dtype", "fp8", "--json")
     assert code == 0 and json.loads(out)["precision"] == "fp8-ao"
+    assert json.loads(out)["precision_validation"] == "measured"
+    code, out, err = plan(monkeypatch, capsys, "estimate", L8, "--precision", "fp8-te", "--json")
+    assert code == 0 and json.loads(out)["precision_validation"] == UNMEASURED_TE
     code, out, err = plan(monkeypatch, capsys, "estimate", L8, "--precision", "fp8-te", "--exact")
     assert code == 2 and err.strip().splitlines()[-1] == f"error: --precision fp8-te: {UNMEASURED_TE}; drop --exact " \
         "for the formula"
