@@ -220,11 +220,11 @@ FSDP = tuple(s for s in STRATEGIES if s.startswith("fsdp"))
 ZERO = tuple(s for s in STRATEGIES if s.startswith("zero"))
 QUANT_PRECISIONS = ("bf16-amp", "fp16-amp", "bf16-pure", "fp32")
 """Precisions a bitsandbytes base computes in (its compute dtype and the adapters' autocast)."""
-SWEEP_PRECISIONS = ("fp32", "fp16-amp", "bf16-amp", "bf16-pure", "fp8-te")
+SWEEP_PRECISIONS = ("fp32", "fp16-amp", "bf16-amp", "bf16-pure", "fp8-ao")
 """The rows of `plan estimate` without --dtype or --precision: the precisions users choose
 (fp32; fp16 and bf16 autocast over fp32 weights, accelerate's and HF Trainer's mixed precision;
 pure bf16, what transformers 5 loads a bf16 checkpoint in and torchtune and Axolotl train in;
-Transformer Engine fp8)."""
+torchao's float8, `--dtype fp8`)."""
 
 
 # ---------------------------------------------------------------- errors

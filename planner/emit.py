@@ -340,7 +340,9 @@ def plan_md(model: str, st: Settings, accumulation: int, est: Estimate, files: l
     for w in warnings or []:
         lines += [f"**Warning**: {w}", ""]
     lines += [f"- **Hardware**: {st.nodes} node(s) x {st.gpus} GPU(s)" + (f" ({gpu})" if gpu else ""),
-              f"- **Method**: {method}, {st.precision}" + (f" (computing in {half})" if half else "")
+              f"- **Method**: {method}, {st.precision}" + (
+                  f" (FP8 linears, {fp8_backend(st)} backend, under {half} autocast)" if fp8_backend(st)
+                  else f" (computing in {half})" if half else "")
               + f", {st.optimizer}" + (", gradient checkpointing" if st.grad_checkpointing else "")
               + (f", loss {st.loss}" + (f" ({st.loss_chunks} chunks)" if st.loss == "chunked" else "")
                  if st.loss != "standard" else "")

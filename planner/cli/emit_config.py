@@ -189,6 +189,10 @@ def explicit(options: Mapping[str, Any], res: Resolved, spec: ModelSpec) -> Chos
     if named and options["gpus"] is None:
         over["gpus"] = g.count
     precision = options["precision"] or (options["dtype"] and plain(options["dtype"]))
+    if named and precision is not None and str(plain(precision)).startswith(("fp8", "msamp")) \
+            and not g.computes_in("fp8"):
+        raise PlanError(f"{g.name} has no FP8 tensor cores: {plain(precision)} cannot run on it "
+                        "(Ada, Hopper and newer have them); use --dtype bf16", "precision")
     if named and not g.bf16:
         if precision is not None and str(plain(precision)).startswith("bf16"):
             raise PlanError(f"{g.name} has no bf16: {{precision}} {plain(precision)} cannot run on it; use "

