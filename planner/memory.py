@@ -401,7 +401,7 @@ def fp8_converts(spec: ModelSpec, fp8: str, name: str, fan_in: int, fan_out: int
     """Whether an FP8 recipe swaps this block linear for its FP8 module, as accelerate converts
     them: only `nn.Linear` (GPT-2's Conv1D and the MoE experts' 3-D weights stay as they are) whose
     sizes are both multiples of 16 (accelerate/utils/ao.py:61-66 `filter_linear_layers`;
-    utils/transformer_engine.py:48 `convert_model`). torchao's filter also leaves the model's first
+    utils/transformer_engine.py:50 `convert_model`). torchao's filter also leaves the model's first
     linear (block 0's first, `first`) and its last (the head) as nn.Linear (ao.py:140-142,
     `find_first_last_linear_layers`); Transformer Engine's converts them too."""
     if not fp8 or spec.family == "gpt2" or name.startswith("expert_") or fan_in % 16 or fan_out % 16:
@@ -436,7 +436,7 @@ def fp8_te_linear(c: _Ctx, acc: _Saved, x: _T, fan_in: int, fan_out: int) -> _T:
     the weight-gradient GEMM (:609-621): one byte per input value, per call. The weight is
     quantized every forward (no workspace cached across micro-batches: `is_first_microbatch` is
     None as accelerate calls it, :1958), with row-wise and column-wise usage (:464-489), and the
-    FP8 weight is saved for the input-gradient GEMM (`wt_save = weightmat`, :645): two bytes per
+    FP8 weight is saved for the input-gradient GEMM (`wt_save = weightmat`, :643): two bytes per
     weight value (data and its transpose, as on Hopper) alive from the forward to the block's
     backward, also under checkpointing's recompute. The output is in the activation dtype (bf16
     under autocast)."""
@@ -1069,7 +1069,7 @@ def fp8_te_linears(spec: ModelSpec) -> int:
 
 
 TE_AMAX_HISTORY = 1024
-"""accelerate's TERecipeKwargs default `amax_history_len` (utils/dataclasses.py), TE's
+"""accelerate's TERecipeKwargs default `amax_history_len` (utils/dataclasses.py:428-429), TE's
 DelayedScaling default too (transformer_engine/common/recipe/__init__.py:255)."""
 
 

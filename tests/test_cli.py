@@ -19,7 +19,8 @@ def test_json_contract_single_dtype():
         "route", "needed_bytes", "peak_phase", "phase_components", "strategy", "offload", "gpus", "nodes",
         "fsdp_version", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "quant", "grad_checkpointing",
         "attn", "gradient_accumulation", "kernels", "optimizer_paged", "loss", "loss_chunks", "loss_validation",
-        "unfrozen_parameters", "ema", "lbfgs_history", "activation_offload", "notes"]
+        "unfrozen_parameters", "ema", "lbfgs_history", "activation_offload", "precision_validation",
+        "notes"]
     assert set(obj["components"]) == {"weights", "gradients", "optimizer", "activations", "logits", "other"}
     assert set(obj["phases"]) == {"model", "forward", "backward", "optimizer_step"}
     assert obj["precision"] == "bf16-amp" and obj["method"] == "analytic"
