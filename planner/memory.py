@@ -400,7 +400,7 @@ def _ctx(spec: ModelSpec, st: Settings) -> _Ctx:
 def fp8_converts(spec: ModelSpec, fp8: str, name: str, fan_in: int, fan_out: int, first: bool = False) -> bool:
     """Whether an FP8 recipe swaps this block linear for its FP8 module, as accelerate converts
     them: only `nn.Linear` (GPT-2's Conv1D and the MoE experts' 3-D weights stay as they are) whose
-    sizes are both multiples of 16 (accelerate/utils/ao.py:61-66 `filter_linear_layers`;
+    sizes are both multiples of 16 (accelerate/utils/ao.py:63-67 `filter_linear_layers`;
     utils/transformer_engine.py:50 `convert_model`). torchao's filter also leaves the model's first
     linear (block 0's first, `first`) and its last (the head) as nn.Linear (ao.py:140-142,
     `find_first_last_linear_layers`); Transformer Engine's converts them too."""
