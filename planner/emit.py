@@ -186,6 +186,11 @@ def accelerate_config(st: Settings, deepspeed_file: str | None = None, machine_r
         kw.update(distributed_type="MULTI_GPU" if world > 1 else "NO")
     if fp8_backend(st):
         kw["fp8_config"] = {"backend": fp8_backend(st)}
+        if fp8_backend(st) == "AO":
+            # AORecipeKwargs defaults it to true (accelerate/utils/dataclasses.py:350-353): each
+            # converted weight becomes a new Parameter (torchao's Float8Linear.from_float), which
+            # an optimizer built before `prepare` never sees; it only serves FSDP2's all-gather
+            kw["fp8_config"]["enable_fsdp_float8_all_gather"] = False
     return ClusterConfig(**kw)
 
 

@@ -106,7 +106,8 @@ def test_emit_writes_accelerates_fp8_backend(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     acc = yaml.safe_load((tmp_path / "ao" / "accelerate.yaml").read_text())
     rec = yaml.safe_load((tmp_path / "ao" / "recipe.yaml").read_text())
-    assert acc["mixed_precision"] == "fp8" and acc["fp8_config"] == {"backend": "AO"}
+    assert acc["mixed_precision"] == "fp8"
+    assert acc["fp8_config"] == {"backend": "AO", "enable_fsdp_float8_all_gather": False}
     assert rec["fp8"] is True and rec["bf16"] is True and rec["plan"]["precision"] == "fp8-ao"
     code, out, err = plan(monkeypatch, capsys, "emit-config", "HuggingFaceTB/SmolLM2-135M", "--precision", "fp8-te",
                           "--out", str(tmp_path / "te"))

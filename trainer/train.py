@@ -115,7 +115,9 @@ def fp8_recipe_handler(prec: str, cuda: bool) -> list:
         if importlib.util.find_spec("torchao") is None:
             raise RecipeError("fp8: true needs torchao: pip install --no-deps 'torchao>=0.10'")
         from accelerate.utils import AORecipeKwargs
-        return [AORecipeKwargs()]
+        # without FSDP2's FP8 all-gather (AORecipeKwargs defaults it on): it wraps each converted
+        # weight in a new Parameter that the optimizer, built before prepare, would never update
+        return [AORecipeKwargs(enable_fsdp_float8_all_gather=False)]
     return []
 
 
