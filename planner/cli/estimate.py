@@ -159,6 +159,10 @@ def _fp8_skipped(spec: Optional[ModelSpec], st: Settings) -> bool:
     if st.precision not in FP8_LIBRARIES or spec is None:
         return False
     try:
+        validate(spec, replace(st, precision="bf16-amp"))
+    except PlanError:
+        return False  # bad options for every precision: the sweep reports them once
+    try:
         validate(spec, st)
     except PlanError as e:
         typer.echo(f"note: skipping {st.precision}: {e}", err=True)
