@@ -305,6 +305,11 @@ class Settings:
     # activation offloading (ACTIVATION_OFFLOAD): the saved activations go to host RAM in the
     # forward and come back in the backward; with checkpointing, the checkpointed blocks' inputs
     activation_offload: bool = False
+    # the micro-batch carries an attention mask: padded rows (a 0 in the 2-D mask) or packed rows
+    # (position ids that restart). transformers then gives SDPA an explicit 4-D mask and repeats
+    # GQA's k and v (planner/memory.py: sdpa_mask_bytes). False: full rows, causal, as the
+    # simulator and the accuracy table measure them
+    attention_mask: bool = False
 
     @property
     def tokens(self) -> int:

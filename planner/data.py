@@ -347,6 +347,17 @@ def data_shape(ex: Examples, batch: int, row_len: int | None = None) -> DataShap
                      packed_slots=pack_slots, batch=batch)
 
 
+def attention_masked(batch: dict) -> bool:
+    """Whether transformers gives attention an explicit mask for this micro-batch (what
+    `Settings.attention_mask` says): a padded row (a 0 in `attention_mask`; masking_utils.py
+    `_ignore_causal_mask_sdpa` skips the mask only when it is all ones) or a packed row whose
+    position ids restart (masking_utils.py `find_packed_sequence_indices`: a step other than +1)."""
+    mask, pos = batch.get("attention_mask"), batch.get("position_ids")
+    if mask is not None and not bool(mask.all()):
+        return True
+    return pos is not None and bool((pos[:, 1:] - pos[:, :-1] != 1).any())
+
+
 class Collator:
     """Pads a micro-batch to its longest row (rounded up to a multiple of 8), labels with -100
     and an attention mask; packed rows are already full and carry position ids, and `length`,

@@ -545,7 +545,32 @@ def _attention_core(c: _Ctx, acc: _Saved, q: _T | None, k: _T | None, v: _T | No
             acc.add(s.heads * seq, 1 + e)
     else:
         acc.add(s.heads, 4)
+        if st.attention_mask and st.attn == "sdpa":
+            sdpa_mask_bytes(c, acc)
     return out
+
+
+def sdpa_mask_bytes(c: _Ctx, acc: _Saved) -> None:
+    """What SDPA given an attention mask (padded or packed rows: `Settings.attention_mask`) keeps
+    more per block. Checked with saved_tensors_hooks on F.scaled_dot_product_attention (real
+    SmolLM2-135M, torch 2.13 CPU, transformers 5.24, 4 x 512 packed: 300.0 MiB more, all of
+    MemTracker's difference between the same step with and without position ids):
+
+    - GQA's k and v repeated to the query heads: transformers passes `enable_gqa` only without a
+      mask (transformers/integrations/sdpa_attention.py:51, `use_gqa_in_sdpa`) and otherwise
+      calls `repeat_kv` (line 126); SDPA keeps the full-width copies instead of k and v.
+    - the mask as an additive tensor in the query's dtype, one per call (per token: a row of seq
+      values). transformers builds a boolean batch x 1 x seq x seq mask (masking_utils.py
+      `sdpa_mask`; skipped only where nothing is padded, line 354, and no packed row restarts its
+      positions, `find_packed_sequence_indices`, line 761); torch's SDPA converts it with
+      `convert_boolean_attn_mask` (aten/src/ATen/native/transformers/attention.cpp), and its flash
+      CPU kernel (and CUDA's memory-efficient one, as `attn_bias`) saves that copy for backward.
+
+    Flash-attention-2 unpads instead (no mask, no repeat); eager attention counts its own."""
+    s, e = c.spec, c.compute
+    if s.heads > s.kv_heads:
+        acc.add(2 * (s.q_dim - s.kv_dim), e)
+    acc.add(c.st.seq_len, e)
 
 
 def _attention_math_dropout(c: _Ctx, acc: _Saved, v: _T | None, qkv: _T | None) -> _T:

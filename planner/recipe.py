@@ -288,10 +288,11 @@ def precision(recipe: Recipe) -> str:
 
 
 def settings(recipe: Recipe, world: int | None = None, batch: int | None = None, seq: int | None = None,
-             kernels: str = "cuda") -> Settings:
+             kernels: str = "cuda", attention_mask: bool = True) -> Settings:
     """The planner's settings for this recipe: on the plan's GPUs and nodes, or on another
     count of `world` processes on one node (one of them: no strategy); micro-batch `batch` x
-    `seq` tokens (default the recipe's)."""
+    `seq` tokens (default the recipe's). `attention_mask`: whether the micro-batch carries one
+    (planner.data.attention_masked); a recipe's rows are padded or packed, so by default it does."""
     p = recipe.plan
     if world is None or world == p.gpus * p.nodes:  # the plan as written (a 1-GPU ZeRO offload plan too)
         gpus, nodes, strategy = p.gpus, p.nodes, p.strategy
@@ -311,7 +312,7 @@ def settings(recipe: Recipe, world: int | None = None, batch: int | None = None,
                     accumulation=recipe.gradient_accumulation_steps, kernels=kernels, loss=loss(recipe),
                     loss_chunks=recipe.chunked_cross_entropy_num_chunks,
                     unfrozen_parameters=tuple(recipe.unfrozen_parameters or ()), ema=recipe.ema_decay is not None,
-                    activation_offload=recipe.activation_offloading)
+                    activation_offload=recipe.activation_offloading, attention_mask=attention_mask)
 
 
 def source(recipe: Recipe) -> dict:

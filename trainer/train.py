@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from planner.contract import PlanError
+from planner.data import attention_masked
 from planner.recipe import Recipe, RecipeError, load, resume_hash
 
 from .checkpoint import Checkpointer, latest_checkpoint, recipe_hash
@@ -182,6 +183,7 @@ class Trainer:
         self.total_steps = 0
         self.ckpt: Checkpointer | None = None
         self.measured_shape: tuple[int, int] | None = None  # the micro-batch of the measured step
+        self.measured_masked = True  # whether it carried an attention mask (planner.data.attention_masked)
         self.table_shown = False  # the predicted-against-measured table, printed once
 
     @property
@@ -544,6 +546,7 @@ class Trainer:
                 continue
             if meter is not None:
                 self.measured_shape = tuple(micro[0]["input_ids"].shape)
+                self.measured_masked = any(attention_masked(b) for b in micro)
             return loss, grad_norm, ntok * self.proc.world
 
     def _accumulate_and_step(self, micro: list, n_items: int, meter) -> tuple[float, float | None]:
@@ -646,7 +649,8 @@ class Trainer:
         b = back_off(e, st.step, shape, st.micro_split, accumulation, proc.world, self.recipe.oom_backoff,
                      "FSDP" if proc.fsdp else "DeepSpeed")
         st.micro_split = b.split
-        pred, _ = predict(self.recipe, self.config, *shape, proc.world, proc.cuda, accumulation)
+        pred, _ = predict(self.recipe, self.config, *shape, proc.world, proc.cuda, accumulation,
+                          attention_mask=any(attention_masked(b) for b in micro))
         total = torch.cuda.mem_get_info()[1] if proc.cuda and pred is not None else None
         b.event.update(prediction_fields(pred, total))
         st.oom_events.append(b.event)
@@ -731,7 +735,8 @@ class Trainer:
         shape and accumulation, the measurement, the run's back-offs and skipped steps, `extra`."""
         r, st, proc = self.recipe, self.state, self.proc
         b, s = self.measured_shape
-        predicted, notes = predict(r, self.config, b, s, proc.world, proc.cuda, self.accumulation)
+        predicted, notes = predict(r, self.config, b, s, proc.world, proc.cuda, self.accumulation,
+                                   attention_mask=self.measured_masked)
         rep = {"recipe": self.recipe_path, "recipe_hash": recipe_hash(r), "model": model_name(r),
                "device": "cuda" if proc.cuda else "cpu", "world_size": proc.world,
                "params": self.n_params, "trainable_params": self.n_trainable, "data": self.data.stats,
