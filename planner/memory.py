@@ -558,7 +558,10 @@ def sdpa_mask_bytes(c: _Ctx, acc: _Saved) -> None:
 
     - GQA's k and v repeated to the query heads: transformers passes `enable_gqa` only without a
       mask (transformers/integrations/sdpa_attention.py:51, `use_gqa_in_sdpa`) and otherwise
-      calls `repeat_kv` (line 126); SDPA keeps the full-width copies instead of k and v.
+      calls `repeat_kv` (line 126); SDPA keeps the full-width copies instead of k and v. With one
+      k/v head (multi-query) `repeat_kv`'s reshape of the expanded tensor is a view: no copy
+      (measured: Qwen2-shaped, 7 heads over 1), but under autocast SDPA's bf16 cast of rotary's
+      fp32 k makes one, full-width (v comes out of its linear in bf16 already).
     - the mask as an additive tensor in the query's dtype, one per call (per token: a row of seq
       values). transformers builds a boolean batch x 1 x seq x seq mask (masking_utils.py
       `sdpa_mask`; skipped only where nothing is padded, line 354, and no packed row restarts its
@@ -568,8 +571,10 @@ def sdpa_mask_bytes(c: _Ctx, acc: _Saved) -> None:
 
     Flash-attention-2 unpads instead (no mask, no repeat); eager attention counts its own."""
     s, e = c.spec, c.compute
-    if s.heads > s.kv_heads:
+    if 1 < s.kv_heads < s.heads:
         acc.add(2 * (s.q_dim - s.kv_dim), e)
+    elif s.kv_heads == 1 < s.heads and c.amp:
+        acc.add(s.q_dim - s.kv_dim, e)
     acc.add(c.st.seq_len, e)
 
 

@@ -172,6 +172,9 @@ def _run(cfg: dict, st: Settings, mode, weights: str | None) -> Measurement:
         ids = torch.randint(0, config.vocab_size, (st.batch_size, st.seq_len))
         labels = torch.zeros(st.batch_size, dtype=torch.long) if is_encoder(config) else ids
         batch = dict(input_ids=ids, labels=labels)
+        if st.attention_mask:  # one padded token: transformers builds its 4-D mask (memory.sdpa_mask_bytes)
+            batch["attention_mask"] = torch.ones(st.batch_size, st.seq_len, dtype=torch.long)
+            batch["attention_mask"][0, -1] = 0
         micro = 2 if st.accumulation > 1 else 1  # from the second micro-step on, the memory repeats
         # warm-up, under the allocation recorder only: creates the optimizer state. L-BFGS: steps
         # until its history is full (at most one pair per step, none when the step fails its
@@ -181,7 +184,7 @@ def _run(cfg: dict, st: Settings, mode, weights: str | None) -> Measurement:
         for _ in range(2 * st.lbfgs_history + 2 if st.optimizer == "lbfgs" else 1):
             train_step(model, opt, batch, amp, micro_steps=micro, ema=ema)
         tracker = Tracker()
-        tracker.track_external(model, opt, ids, labels, *([ema[0]] if ema else []))
+        tracker.track_external(model, opt, *batch.values(), *([ema[0]] if ema else []))
         # state MemTracker's optimizer walk misses: tensors in lists (L-BFGS's history pairs)
         tracker.track_external(*[t for state in opt.state.values() for v in state.values() if isinstance(v, list)
                                  for t in v if isinstance(t, torch.Tensor)])
