@@ -23,6 +23,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from planner.data import attention_masked
+
 from .measure import Meter, add_comparison, write_json
 
 
@@ -44,8 +46,10 @@ def _lora(model) -> dict:
             "lora_targets": "all-linear" if targets in ("all-linear", "all_linear") else targets}
 
 
-def settings_for(args, model, batch: int, seq: int, cuda: bool):
-    """plan's Settings for a transformers.Trainer run: its TrainingArguments and its model."""
+def settings_for(args, model, batch: int, seq: int, cuda: bool, attention_mask: bool = True):
+    """plan's Settings for a transformers.Trainer run: its TrainingArguments and its model;
+    `attention_mask`: whether the micro-batch carries one (planner.data.attention_masked; a
+    Trainer's collators pad rows, so by default it does)."""
     import torch
 
     from planner.contract import Settings, optimizer_choice
@@ -60,7 +64,8 @@ def settings_for(args, model, batch: int, seq: int, cuda: bool):
     world = max(1, int(getattr(args, "world_size", 1) or 1))
     return Settings(precision=precision, optimizer=optimizer, optimizer_paged=paged, batch_size=batch, seq_len=seq,
                     grad_checkpointing=bool(args.gradient_checkpointing), gpus=world,
-                    accumulation=args.gradient_accumulation_steps, kernels="cuda" if cuda else "cpu", **lora)
+                    accumulation=args.gradient_accumulation_steps, kernels="cuda" if cuda else "cpu",
+                    attention_mask=attention_mask, **lora)
 
 
 def _longest(dataset) -> int | None:
@@ -89,19 +94,20 @@ class PlanCallback(TrainerCallback):
         self.window = None
         self.snap = None
         self.shape: tuple[int, int] | None = None
+        self.masked = False  # whether a micro-batch of the measured step carried an attention mask
         self.hook = None
         self.report: dict | None = None
         self.measure_at = 1  # global steps done when the measured step begins: the second step
 
     # ------------------------------------------------------------ the prediction
-    def predict(self, args, model, batch: int, seq: int):
+    def predict(self, args, model, batch: int, seq: int, masked: bool = True):
         """(the estimate, None) or (None, why not)."""
         from planner.contract import PlanError
         from planner.estimate import estimate
         from planner.spec import ModelSpec, SpecError
         try:
             spec = ModelSpec.from_config(_base(model).config.to_dict())
-            return estimate(spec, settings_for(args, model, batch, seq, self.cuda)), None
+            return estimate(spec, settings_for(args, model, batch, seq, self.cuda, masked)), None
         except (SpecError, PlanError, ValueError) as e:
             return None, f"no prediction: {e}"
 
@@ -134,6 +140,7 @@ class PlanCallback(TrainerCallback):
             ids = kwargs.get("input_ids", a[0] if a else None)
             if ids is not None and self.shape is None:
                 self.shape = tuple(ids.shape)
+            self.masked = self.masked or attention_masked(kwargs)
         self.hook = model.register_forward_pre_hook(shape, with_kwargs=True)
         self.meter = Meter(self.cuda)
         self.window = self.meter.step_window(model, optimizer)
@@ -161,7 +168,7 @@ class PlanCallback(TrainerCallback):
         if not state.is_world_process_zero or self.shape is None:
             return
         b, s = self.shape[0], self.shape[-1]
-        est, why = self.predict(args, model, b, s)
+        est, why = self.predict(args, model, b, s, self.masked)
         predicted = None if est is None else {
             "peak_bytes": est.peak_bytes, "device_bytes": est.device_bytes, "components": est.components,
             "phases": {k: v for k, v in est.phases.items() if k in ("model", "optimizer_step")} | {
