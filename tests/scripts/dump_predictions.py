@@ -96,7 +96,8 @@ def main(out_path: str) -> None:
         spec = ModelSpec.from_config(cat[mid]["config"])
         for name, n in (("RTX-4090", 1), ("H100-SXM", 8), ("A100-40GB", 1)):
             for gb in (None, 64):
-                req = rec_m.Request(gpu=gpus_m.resolve_gpu(name), gpus=n, global_batch=gb)
+                req = rec_m.Request(gpu=gpus_m.resolve_gpu(name), gpus=n, global_batch=gb,
+                                    seq_len=min(2048, spec.max_positions))
                 write(f"rgpu {mid} {name} {n} {gb}", plans(rec_m.recommend(spec, req)))
     out.close()
 
