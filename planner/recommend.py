@@ -73,6 +73,7 @@ class Request:
     unfrozen_parameters: tuple = ()   # partial freezing: only these train (with LoRA: PEFT's modules_to_save)
     ema: bool = False                 # keep an EMA of the trainable parameters
     lbfgs_history: int = 100          # --optimizer lbfgs's history_size
+    attention_mask: bool = False      # the micro-batches carry one (padded or packed rows: plan train's)
 
     def margin_for(self, st: Settings) -> float:
         """The fraction of GPU memory a plan of these settings keeps free: the one asked for, else
@@ -220,7 +221,8 @@ def _method_settings(method: str, rank: int, req: Request, gpu: GPU) -> Settings
     return Settings(precision=precision, optimizer=optimizer, optimizer_paged=req.optimizer_paged, seq_len=req.seq_len,
                     gpus=req.gpus, nodes=req.nodes, quant="nf4" if method == "qlora" else "none", loss=req.loss,
                     loss_chunks=req.loss_chunks, unfrozen_parameters=tuple(req.unfrozen_parameters), ema=req.ema,
-                    lbfgs_history=req.lbfgs_history, **lora, **({"kernels": "cpu"} if gpu.cpu else {}))
+                    lbfgs_history=req.lbfgs_history, attention_mask=req.attention_mask, **lora,
+                    **({"kernels": "cpu"} if gpu.cpu else {}))
 
 
 TECHNIQUES = {

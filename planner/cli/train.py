@@ -105,6 +105,7 @@ def auto_recipe(options: Mapping[str, Any]) -> str | None:
     ex = tokenised(model, res, data, fmt, default_seq(res, spec, options["seq_len"]))
     if ex is not None:  # planned for the rows the data has: its longest example, padded
         options = {**options, "seq_len": padded(max(len(i) for i in ex.input_ids))}
+    options = {**options, "attention_mask": True}  # plan train's rows are padded or packed: they carry a mask
     plan = cpu_plan(model, options, res, spec, g) if g.cpu else recommended(model, options, res, spec)
     shape = data_shape(ex, plan.settings.batch_size) if ex is not None else None
     if shape is not None:
