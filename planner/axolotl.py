@@ -129,9 +129,13 @@ def unset(value: Any) -> bool:
 
 def is_axolotl(data: dict) -> bool:
     """Whether a YAML mapping is an Axolotl config rather than a plan recipe: it has a key the
-    recipe does not know and this module does, or a value only Axolotl writes (`bf16: auto`)."""
+    recipe does not know and this module reads as Axolotl's, or a value only Axolotl writes
+    (`bf16: auto`). A recipe with a mistyped key stays a recipe (and says "unknown key")."""
     known = set(Recipe.model_fields)
-    return any(k not in known for k in data) or data.get("bf16") == "auto" or data.get("fp16") == "auto"
+    axolotl = {*ATTENTION_FLAGS, *IGNORED, *ESTIMATE_ONLY, "lora_target_linear", "deepspeed", "plugins", "fsdp",
+               "fsdp_config", "fsdp_version"}
+    return any(k not in known and k in axolotl for k in data) or data.get("bf16") == "auto" \
+        or data.get("fp16") == "auto"
 
 
 def translate(data: dict, source: str, *, bf16_device: bool, training: bool, base_dir: Path | None = None,

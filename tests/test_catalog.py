@@ -26,8 +26,8 @@ def _model(cls, conf):
 
 def meta_count(cfg: dict, vision: dict | None = None) -> int:
     """sum(p.numel()) of the model plan trains, built from `cfg` on the meta device: the simulator's
-    class (causal LM; sequence classification for BERT), else the config's own architecture
-    (ModernBERT's masked LM). With `vision`, the multimodal model the published figure counts."""
+    class (causal LM; sequence classification for BERT and ModernBERT), else the config's own
+    architecture. With `vision`, the multimodal model the published figure counts."""
     import transformers
 
     from planner.measure.builder import model_class

@@ -130,8 +130,8 @@ def run(options: Mapping[str, Any], exact: bool) -> None:
                        "transformers module on fake tensors (measured once per settings class, then cached)", err=True)
     if options["strategy"] == StrategyOrAll.ALL:
         return compare_strategies(res, spec, options)
-    runs = _estimates(spec, [config.settings] if config else _settings(res, spec, options),
-                      measure_only=exact and not formula)
+    sweep, skipped = ([config.settings], []) if config else _settings(res, spec, options, exact)
+    runs = _estimates(spec, sweep, measure_only=exact and not formula)
     if _skipped(options):
         quant = plain(options["quant"])
         typer.echo(f"note: --quant {quant}: skipping {', '.join(_skipped(options))}, "
@@ -139,35 +139,53 @@ def run(options: Mapping[str, Any], exact: bool) -> None:
     method = None
     if exact:
         runs, method = _measured(res, runs, options), "simulated"
+    for why in skipped:  # once everything ran: a command that fails says one line only
+        typer.echo(f"note: {why}", err=True)
     source_note(res)
     one = options["precision"] is not None or options["dtype"] is not None or config is not None
     _print(res, runs, method, one, options["as_json"])
 
 
-def _settings(res: Resolved, spec: Optional[ModelSpec], options: Mapping[str, Any]) -> list[Settings]:
-    """--precision's or --dtype's settings, else one for each dtype."""
+def _settings(res: Resolved, spec: Optional[ModelSpec], options: Mapping[str, Any],
+              exact: bool = False) -> tuple[list[Settings], list[str]]:
+    """--precision's or --dtype's settings, else one for each dtype; and why a sweep left a
+    precision out."""
     seq = default_seq(res, spec, options["seq_len"])
     if options["precision"] is not None or options["dtype"] is not None:
-        return [to_settings(options, seq_len=seq)]
+        return [to_settings(options, seq_len=seq)], []
     sweep = [to_settings(options, seq_len=seq, precision=p) for p in SWEEP_PRECISIONS if p not in _skipped(options)]
-    return [st for st in sweep if not _fp8_skipped(spec, st)]
+    kept, skipped = [], []
+    for st in sweep:
+        why = _fp8_skipped(spec, st, exact)
+        if why is None:
+            kept.append(st)
+        else:
+            skipped.append(f"skipping {st.precision}: {why}")
+    return kept, skipped
 
 
-def _fp8_skipped(spec: Optional[ModelSpec], st: Settings) -> bool:
-    """A sweep's FP8 row where the other options are outside what FP8 is modelled for (LoRA,
-    freezing, sharding, offloading, an encoder): left out with a note naming why."""
-    if st.precision not in FP8_LIBRARIES or spec is None:
-        return False
-    try:
-        validate(spec, replace(st, precision="bf16-amp"))
-    except PlanError:
-        return False  # bad options for every precision: the sweep reports them once
-    try:
-        validate(spec, st)
-    except PlanError as e:
-        typer.echo(f"note: skipping {st.precision}: {e}", err=True)
-        return True
-    return False
+def _fp8_skipped(spec: Optional[ModelSpec], st: Settings, exact: bool = False) -> str | None:
+    """Why a sweep's FP8 row is left out, or None: the other options are outside what FP8 is
+    modelled for (LoRA, freezing, sharding, offloading, an encoder), or the simulator
+    (`exact`, or a model without a formula) would need a library this machine lacks."""
+    if st.precision not in FP8_LIBRARIES:
+        return None
+    if spec is not None:
+        try:
+            validate(spec, replace(st, precision="bf16-amp"))
+        except PlanError:
+            return None  # bad options for every precision: the sweep reports them once
+        try:
+            validate(spec, st)
+        except PlanError as e:
+            return str(e)
+    if exact or spec is None:
+        from ..measure.builder import Fp8LibraryMissing, check_fp8_library
+        try:
+            check_fp8_library(st.precision)
+        except Fp8LibraryMissing as e:
+            return f"the simulator cannot run it here ({e})"
+    return None
 
 
 def _skipped(options: Mapping[str, Any]) -> list[str]:

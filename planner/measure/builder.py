@@ -104,6 +104,15 @@ class Fp8LibraryMissing(ValueError):
     """The FP8 recipe the settings ask for needs a library (or a GPU) this machine does not have."""
 
 
+def check_fp8_library(precision: str) -> None:
+    """Raise Fp8LibraryMissing where `precision`'s FP8 library cannot be imported here: torchao
+    for fp8-ao; Transformer Engine for fp8-te."""
+    import importlib.util
+    need = {"fp8-ao": ("torchao", "torchao"), "fp8-te": ("transformer_engine", "transformer-engine")}.get(precision)
+    if need is not None and importlib.util.find_spec(need[0]) is None:
+        raise Fp8LibraryMissing(f"precision {precision} needs {need[1]}")
+
+
 def convert_fp8_ao(model) -> None:
     """torchao float8 training as accelerate sets it up for `mixed_precision="fp8"` with the AO
     backend (`Accelerator._prepare_ao`): accelerate's own `convert_model_to_fp8_ao`, which swaps
