@@ -4,6 +4,8 @@ offline (HF_HUB_OFFLINE=1), with text output captured."""
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +43,11 @@ def assert_one_clear_line(r: subprocess.CompletedProcess, mention: str = "") -> 
     assert len(lines) == 1, f"{len(lines)} lines on stderr:\n{r.stderr[-2000:]}"
     assert mention.lower() in lines[0].lower(), lines[0]
     assert r.stdout.strip() == "", r.stdout[-2000:]
+
+
+def no_space(limit: int):
+    """A child whose files cannot grow past `limit` bytes: writes fail with EFBIG, as on a full disk."""
+    def pre():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return pre

