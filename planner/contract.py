@@ -310,10 +310,20 @@ class Settings:
     # GQA's k and v (planner/memory.py: sdpa_mask_bytes). False: full rows, causal, as the
     # simulator and the accuracy table measure them
     attention_mask: bool = False
+    # the positions of a micro-batch the output head and the standard loss score: 0, every one
+    # (B x S); k > 0, only the k whose next token has a label, as `plan train` runs its loss
+    # (transformers' `logits_to_keep` with a boolean mask: planner/measure/builder.py:
+    # install_labelled_head)
+    head_tokens: int = 0
 
     @property
     def tokens(self) -> int:
         return self.batch_size * self.seq_len
+
+    @property
+    def logit_rows(self) -> int:
+        """The rows of logits the head makes: every position, or the `head_tokens` it scores."""
+        return self.head_tokens or self.tokens
 
     @property
     def lora(self) -> bool:
@@ -368,6 +378,13 @@ def check_options(st: Settings) -> Settings:
                         "quant")
     if st.quant != "none" and st.precision not in QUANT_PRECISIONS:
         raise PlanError(f"{{quant}} {st.quant} cannot be combined with {{precision}} {st.precision}", "quant")
+    if not 0 <= st.head_tokens <= st.batch_size * (st.seq_len - 1):
+        raise PlanError(f"{{head_tokens}} must be 0 (every position) or at most batch x (seq_len - 1) = "
+                        f"{st.batch_size * (st.seq_len - 1)}, the positions a next token follows; got {st.head_tokens}",
+                        "head_tokens")
+    if st.head_tokens and st.loss != "standard":
+        raise PlanError(f"{{head_tokens}} scores the labelled positions with the standard loss; {{loss}} {st.loss} "
+                        "runs its own head", "head_tokens")
     check_unfrozen(st)
     check_fp8(st)
     if st.optimizer == "lbfgs" and st.strategy != "ddp":

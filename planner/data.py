@@ -358,6 +358,12 @@ def attention_masked(batch: dict) -> bool:
     return pos is not None and bool((pos[:, 1:] - pos[:, :-1] != 1).any())
 
 
+def head_tokens(batch: dict) -> int:
+    """The positions of a micro-batch whose next token has a label: what the output head scores
+    when the loss runs over them only (`Settings.head_tokens`)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
 class Collator:
     """Pads a micro-batch to its longest row (rounded up to a multiple of 8), labels with -100
     and an attention mask; packed rows are already full and carry position ids, and `length`,

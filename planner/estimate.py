@@ -72,6 +72,9 @@ def validate(spec: ModelSpec, st: Settings) -> Settings:
     if st.precision in FP8_LIBRARIES and spec.is_encoder:
         raise PlanError(f"{{precision}} {st.precision} is modelled for causal LMs; {spec.model_type} is an encoder",
                         "precision")
+    if st.head_tokens and spec.is_encoder:
+        raise PlanError(f"{{head_tokens}} scores a causal LM's positions; {spec.model_type} trains a classification "
+                        "head here", "head_tokens")
     if st.loss != "standard" and spec.is_encoder:
         raise PlanError(f"{{loss}} {st.loss} replaces a causal LM's output head and loss; {spec.model_type} trains a "
                         "classification head here: use {loss} standard", "loss")

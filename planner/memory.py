@@ -743,16 +743,37 @@ def _model_level(c: _Ctx, head: bool = True, ms: ModulesToSave | None = None) ->
     elif c.st.loss in FUSED_LOSSES:
         _fused_head_inputs(replace(c, full=trained_head), acc, y)
     elif trained_head or s.family != "bert":
+        _head_positions(c, acc)
         if trained_head and c.amp:
             # autocast's bf16 copy of the head weight and of its input; Transformer Engine converts
             # the head too: its FP8 weight and transpose, and the FP8 column-wise input (fp8_te_linear)
             acc.per_layer += 2 * s.vocab * h
-            acc.add(h, 1 if c.fp8 == "transformer-engine" and fp8_converts(s, c.fp8, "lm_head", h, s.vocab) else 2)
+            _head_input(c, acc, y, 1 if c.fp8 == "transformer-engine" and fp8_converts(s, c.fp8, "lm_head", h, s.vocab)
+                        else 2)
         elif trained_head:
-            y.keep()
+            _head_input(c, acc, y)
         elif c.amp:  # the frozen head in fp32 (also a QLoRA base's: prepare_model_for_kbit_training upcasts it)
             acc.per_layer += 2 * s.vocab * h
     return acc.per_token + acc.per_layer / max(c.st.tokens, 1)
+
+
+def _head_positions(c: _Ctx, acc: _Saved) -> None:
+    """With `head_tokens`, the index vectors of the kept positions: transformers' boolean
+    `hidden_states[mask]` (modeling_utils.py:5122, slice_logits_to_keep) is an `aten.index` whose
+    backward keeps the mask's nonzero coordinates, two int64 vectors (IndexBackward0)."""
+    if c.st.head_tokens:
+        acc.per_layer += 2 * 8 * c.st.head_tokens
+
+
+def _head_input(c: _Ctx, acc: _Saved, y: _T, nbytes: float | None = None) -> None:
+    """What a trained head keeps of its input: the final norm's output itself (`nbytes` None) or
+    its autocast cast, at every position; with `head_tokens`, the gathered rows of the kept
+    positions, a copy (`_head_positions`), or their cast."""
+    k = c.st.head_tokens
+    if not k:
+        y.keep() if nbytes is None else acc.add(c.spec.hidden, nbytes)
+    else:
+        acc.per_layer += k * c.spec.hidden * (y.nbytes if nbytes is None else nbytes)
 
 
 @dataclass(frozen=True)
@@ -766,7 +787,11 @@ class Logits:
 
 
 def logits_bytes(spec: ModelSpec, st: Settings) -> Logits:
-    """The output head's logits and cross-entropy, B x S x vocab values.
+    """The output head's logits and cross-entropy, `st.logit_rows` x vocab values: every position
+    (B x S), or the `head_tokens` positions with a label that `plan train` scores (transformers'
+    `slice_logits_to_keep` with a boolean mask, transformers/modeling_utils.py:5120-5122, 5.24:
+    one row per kept position; the loss over them is the same cross-entropy,
+    planner/measure/builder.py: install_labelled_head).
 
     transformers' ForCausalLMLoss upcasts the logits (`logits.float()`) and `cross_entropy` keeps
     the fp32 log-softmax output for backward. In the forward, at the log-softmax, the logits, their
@@ -776,7 +801,7 @@ def logits_bytes(spec: ModelSpec, st: Settings) -> Logits:
     """
     if spec.is_encoder:
         return Logits(saved=0, forward=0, backward=0)
-    tv = st.tokens * spec.vocab
+    tv = st.logit_rows * spec.vocab
     rc = RECIPES[st.precision]
     e = 4 if st.quant != "none" and not rc.autocast else rc.compute
     saved = 4 * tv + (e * tv if spec.final_softcap else 0)
@@ -916,7 +941,7 @@ def loss_logit_elems(spec: ModelSpec, st: Settings) -> int:
         return 0
     if st.loss == "liger-flce":
         return liger_flce_chunk_rows(spec, st) * spec.vocab
-    return st.tokens * spec.vocab
+    return st.logit_rows * spec.vocab
 
 
 def loss_bytes(spec: ModelSpec, st: Settings) -> Logits:
@@ -1196,12 +1221,15 @@ def _model_level_partial(c: _Ctx, fz: Freezing) -> float:
         acc.add(h, 4 if s.norm == "rms_gemma" else y.nbytes)  # the weight's multiply keeps the normalised input
     if c.st.loss in FUSED_LOSSES:
         _fused_head_inputs(replace(c, full=fz.head), acc, y)
-    elif fz.head:
+        return acc.per_token + acc.per_layer / max(c.st.tokens, 1)
+    if fz.head or not below:
+        _head_positions(c, acc)
+    if fz.head:
         if c.amp:
             acc.per_layer += 2 * s.vocab * h
-            acc.add(h, 2)
+            _head_input(c, acc, y, 2)
         else:
-            y.keep()
+            _head_input(c, acc, y)
     elif c.amp and not (below and not fz.final_norm):
         acc.per_layer += 2 * s.vocab * h  # the frozen head's autocast copy, kept for its input's gradient
     return acc.per_token + acc.per_layer / max(c.st.tokens, 1)

@@ -142,10 +142,12 @@ def as_estimated(comps: dict, state_bytes: int | None) -> dict:
 
 
 def predict(recipe, config, batch: int, seq: int, world: int, cuda: bool,
-            accumulation: int | None = None, attention_mask: bool = True) -> tuple[dict | None, list]:
+            accumulation: int | None = None, attention_mask: bool = True,
+            head_tokens: int = 0) -> tuple[dict | None, list]:
     """The estimate for a step of this shape (and accumulation, after an OOM back-off; with or
-    without an attention mask, planner.data.attention_masked), as run_report's `predicted`, and
-    notes; None and the reason when there is no estimate."""
+    without an attention mask, planner.data.attention_masked; the head over `head_tokens`
+    labelled positions, or every one), as run_report's `predicted`, and notes; None and the
+    reason when there is no estimate."""
     from dataclasses import replace
 
     from planner.contract import PlanError
@@ -157,6 +159,7 @@ def predict(recipe, config, batch: int, seq: int, world: int, cuda: bool,
     try:
         spec = ModelSpec.from_config(config.to_dict())
         st = settings(recipe, world, batch, seq, kernels="cuda" if cuda else "cpu", attention_mask=attention_mask)
+        st = replace(st, head_tokens=min(head_tokens, batch * (seq - 1)))
         est = estimate(spec, replace(st, accumulation=accumulation) if accumulation else st)
     except SpecError as e:
         return None, [f"no prediction: {e}"]

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from planner.contract import PlanError
-from planner.data import attention_masked
-from planner.recipe import Recipe, RecipeError, load, resume_hash
+from planner.data import attention_masked, head_tokens
+from planner.recipe import Recipe, RecipeError, load, resume_hash, settings
 
 from .checkpoint import Checkpointer, latest_checkpoint, recipe_hash
 from .measure import predict
@@ -184,6 +184,8 @@ class Trainer:
         self.ckpt: Checkpointer | None = None
         self.measured_shape: tuple[int, int] | None = None  # the micro-batch of the measured step
         self.measured_masked = True  # whether it carried an attention mask (planner.data.attention_masked)
+        self.labelled_head = False  # the loss scores only the labelled positions (builder.install_labelled_head)
+        self.measured_head_tokens = 0  # the most positions a micro-batch of the measured step scored
         self.table_shown = False  # the predicted-against-measured table, printed once
 
     @property
@@ -304,6 +306,10 @@ class Trainer:
         model = load_model(self.recipe, num_labels=len(self.data.classes) if classify else None, cuda=self.proc.cuda)
         if classify and model.config.pad_token_id is None:
             model.config.pad_token_id = self.tok.pad_token_id
+        if not classify and settings(self.recipe).loss == "standard":
+            # the head and the loss over the labelled positions only (prompt and padding cost nothing)
+            from planner.measure.builder import install_labelled_head
+            self.labelled_head = install_labelled_head(model)
         return model
 
     def _shard(self, model):
@@ -547,6 +553,7 @@ class Trainer:
             if meter is not None:
                 self.measured_shape = tuple(micro[0]["input_ids"].shape)
                 self.measured_masked = any(attention_masked(b) for b in micro)
+                self.measured_head_tokens = max(head_tokens(b) for b in micro) if self.labelled_head else 0
             return loss, grad_norm, ntok * self.proc.world
 
     def _accumulate_and_step(self, micro: list, n_items: int, meter) -> tuple[float, float | None]:
@@ -671,7 +678,7 @@ class Trainer:
         if self.data.classify:
             n = sum(b["labels"].numel() for b in batches)
         else:
-            n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            n = sum(head_tokens(b) for b in batches)
         return int(self.rank_sum(n)[0])
 
     def rank_sum(self, *values: float) -> list[float]:
@@ -736,7 +743,7 @@ class Trainer:
         r, st, proc = self.recipe, self.state, self.proc
         b, s = self.measured_shape
         predicted, notes = predict(r, self.config, b, s, proc.world, proc.cuda, self.accumulation,
-                                   attention_mask=self.measured_masked)
+                                   attention_mask=self.measured_masked, head_tokens=self.measured_head_tokens)
         rep = {"recipe": self.recipe_path, "recipe_hash": recipe_hash(r), "model": model_name(r),
                "device": "cuda" if proc.cuda else "cpu", "world_size": proc.world,
                "params": self.n_params, "trainable_params": self.n_trainable, "data": self.data.stats,

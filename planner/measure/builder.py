@@ -76,6 +76,8 @@ def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = N
         model.train()
     if st.loss != "standard":
         install_loss(model, st)
+    elif st.head_tokens:
+        install_labelled_head(model)
     if st.precision == "fp8-ao":
         convert_fp8_ao(model)
     if fake_mode is not None:
@@ -229,6 +231,45 @@ def install_loss(model, st: Settings) -> None:
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
     m.forward = types.MethodType(forward, m)
+
+
+def install_labelled_head(model) -> bool:
+    """The standard loss over the positions whose next token has a label only, as `plan train`
+    runs it: the causal LM's own forward (the instance's, under PEFT and any wrapper) is called
+    with `logits_to_keep` the boolean mask of those positions, so the head projects only them
+    (transformers/modeling_utils.py:5120-5122, `slice_logits_to_keep`, 5.24: the rows flattened to
+    kept x hidden; soft-capping and logit scaling stay the model's), and the loss is
+    transformers' ForCausalLMLoss on those rows (transformers/loss/loss_utils.py: fp32 logits,
+    cross-entropy summed over labelled tokens, divided by `num_items_in_batch` or their count),
+    plus a MoE model's weighted router loss, which its forward adds only with labels. Prompt
+    and padding positions cost neither the head's matmul nor vocabulary-wide logits. Returns
+    False for a class whose forward takes no `logits_to_keep` (its loss stays the standard one)."""
+    import inspect
+    import types
+
+    import torch
+
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    original = type(m).forward
+    if "logits_to_keep" not in inspect.signature(original).parameters:
+        return False
+    coef = getattr(m.config, "router_aux_loss_coef", 0.0)
+
+    def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kw):
+        if labels is None:
+            return original(self, input_ids=input_ids, **kw)
+        keep = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+        keep[:, :-1] = labels[:, 1:] != -100
+        out = original(self, input_ids=input_ids, logits_to_keep=keep, **kw)
+        targets = labels[:, 1:][keep[:, :-1]]
+        items = targets.numel() if num_items_in_batch is None else num_items_in_batch
+        out.loss = torch.nn.functional.cross_entropy(out.logits.float(), targets, reduction="sum") / items
+        if getattr(out, "aux_loss", None) is not None:
+            out.loss = out.loss + coef * out.aux_loss.to(out.loss.device)
+        return out
+
+    m.forward = types.MethodType(forward, m)
+    return True
 
 
 def attention_kernel(config, st: Settings) -> str:

@@ -455,6 +455,8 @@ class Derived:
             return self.sharded(st)
         phases, comps, grads, f = self._single(st)
         notes = list(f.notes)
+        if st.head_tokens:
+            notes.append("head_tokens: the derived route measured the head at every position, an upper bound")
         if st.gpus * st.nodes > 1:
             notes.append("DDP gradient buckets: one extra copy of the gradients, in every phase")
             for ph in PHASES:

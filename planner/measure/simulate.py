@@ -171,6 +171,11 @@ def _run(cfg: dict, st: Settings, mode, weights: str | None) -> Measurement:
         ema = make_ema(model)[:2] if st.ema else None
         ids = torch.randint(0, config.vocab_size, (st.batch_size, st.seq_len))
         labels = torch.zeros(st.batch_size, dtype=torch.long) if is_encoder(config) else ids
+        if st.head_tokens:  # labels on the last head_tokens positions a next token follows (row-major)
+            keep = torch.zeros(st.batch_size * (st.seq_len - 1), dtype=torch.bool)
+            keep[-st.head_tokens:] = True
+            labels = torch.full_like(ids, -100)
+            labels[:, 1:] = torch.where(keep.view(st.batch_size, -1), ids[:, 1:], -100)
         batch = dict(input_ids=ids, labels=labels)
         if st.attention_mask:  # one padded token: transformers builds its 4-D mask (memory.sdpa_mask_bytes)
             batch["attention_mask"] = torch.ones(st.batch_size, st.seq_len, dtype=torch.long)
