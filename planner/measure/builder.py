@@ -35,10 +35,14 @@ def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = N
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if st.quant != "none":
+    nf4_fake = st.quant == "nf4" and fake_mode is not None
+    if st.quant != "none" and not nf4_fake:
         if fake_mode is not None or meta or weights is not None:
-            raise ValueError("an NF4 base is built from random weights on real tensors only")
+            raise ValueError(f"a {st.quant} base is built from random weights on real tensors only"
+                             + (" (an NF4 one also on fake tensors)" if st.quant == "int8" else ""))
         return nf4_model(cfg, st, device or "cpu")
+    if nf4_fake and (meta or weights is not None):
+        raise ValueError("an NF4 base on fake tensors is built from random weights")
     cfg = dict(cfg)
     mt = cfg.pop("model_type")
     cfg["use_cache"] = False
@@ -55,7 +59,8 @@ def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = N
         if hasattr(config, k):  # the class default counts too (GPT-2 and BERT default to 0.1)
             setattr(config, k, 0.0)
     rc = RECIPES[st.precision]
-    dtype = torch.bfloat16 if rc.weight == 2 else torch.float32
+    # an NF4 base loads in bf16 (nf4_model's dtype) before prepare_model_for_kbit_training upcasts
+    dtype = torch.bfloat16 if rc.weight == 2 or nf4_fake else torch.float32
     attn = attention_kernel(config, st)
     cls = model_class(config)
     # Under fake tensors the model is built on the meta device (PEFT's adapter moves cannot swap
@@ -67,7 +72,9 @@ def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = N
             model = cls.from_pretrained(**load, config=config, dtype=dtype, attn_implementation=attn)
         else:
             model = cls.from_config(config, dtype=dtype, attn_implementation=attn)
-        if st.grad_checkpointing:
+        if nf4_fake:  # QLoRA as nf4_model sets it up, its base quantised on the meta device
+            model = prepare_kbit(nf4_meta_base(model), st)
+        elif st.grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if st.lora:
             model = with_lora(model, st, sequence_classification=cls is not AutoModelForCausalLM)
@@ -82,6 +89,8 @@ def build_model(cfg: dict, st: Settings, fake_mode=None, weights: str | None = N
         convert_fp8_ao(model)
     if fake_mode is not None:
         fakeify(model, fake_mode)
+    if nf4_fake:
+        attach_nf4_states(model)
     return model, config
 
 
@@ -532,7 +541,6 @@ def nf4_model(cfg: dict, st: Settings, device: str, checkpoint: str | None = Non
     import tempfile
 
     import torch
-    from peft import prepare_model_for_kbit_training
     from transformers import AutoConfig
 
     c = dict(cfg)
@@ -552,11 +560,107 @@ def nf4_model(cfg: dict, st: Settings, device: str, checkpoint: str | None = Non
         model = cls.from_pretrained(path, config=config, quantization_config=nf4_config(torch.bfloat16),
                                     dtype=torch.bfloat16, device_map={"": 0 if device == "cuda" else device},
                                     attn_implementation="sdpa")
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=st.grad_checkpointing,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = prepare_kbit(model, st)
     model = with_lora(model, st)
     model.train()
     return model, config
+
+
+def prepare_kbit(model, st: Settings):
+    """PEFT's `prepare_model_for_kbit_training` as the trainer calls it (trainer/model.py
+    `_checkpointing`): every parameter frozen, the bf16/fp16 ones that are not `Params4bit`
+    upcast to fp32 (peft/utils/other.py:193-209), non-reentrant checkpointing if the settings
+    say so (:228-257; with `use_reentrant` False no input-require-grads hook, :230)."""
+    from peft import prepare_model_for_kbit_training
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=st.grad_checkpointing,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+NF4_STATE = ("absmax", "nested_absmax", "nested_quant_map", "quant_map", "offset")
+"""The tensors bitsandbytes keeps beside an NF4 weight's packed bytes (its QuantState), as buffers
+of the fake-tensor stand-in, named as transformers serialises them (`weight.absmax`, ...)."""
+
+
+def nf4_state_shapes(out_features: int, in_features: int) -> dict:
+    """{name: (shape, dtype)} of what bitsandbytes 0.50.2 stores for one NF4 weight with double
+    quantisation (`Params4bit._quantize`, bitsandbytes/nn/modules.py:381, calling
+    `quantize_4bit`, functional.py:884): the packed weight, two 4-bit values per uint8 byte,
+    shaped ((n + 1) // 2, 1) (the `quantize_4bit` op's fake, _ops.py:221-236); per block of 64
+    values an absmax, itself quantised to uint8 by `quantize_blockwise(absmax - offset,
+    blocksize=256)` (functional.py:939-940), which keeps one fp32 absmax per 256 blocks and its
+    own copy of the 256-entry fp32 dynamic map (:677); the fp32 mean `offset` (:939); and the
+    16-entry fp32 NF4 table `get_4bit_type` makes for each weight (:936)."""
+    import torch
+    n = out_features * in_features
+    blocks = -(-n // 64)
+    return {"weight": (((n + 1) // 2, 1), torch.uint8), "absmax": ((blocks,), torch.uint8),
+            "nested_absmax": ((-(-blocks // 256),), torch.float32), "nested_quant_map": ((256,), torch.float32),
+            "quant_map": ((16,), torch.float32), "offset": ((), torch.float32)}
+
+
+def nf4_meta_base(model):
+    """QLoRA's base on the meta device, quantised as transformers' bitsandbytes quantizer does it
+    in `from_pretrained` (quantizers/quantizer_bnb_4bit.py:113-138): `preprocess_model` swaps
+    every nn.Linear (and Conv1D) but the head, tied weights and `_keep_in_fp32_modules` for
+    bitsandbytes' `Linear4bit` (integrations/bitsandbytes.py:162-236, `replace_with_bnb_linear`),
+    and `postprocess_model` marks the model loaded in 4 bits (what PEFT reads to wrap those
+    layers in its `lora.bnb.Linear4bit`). bitsandbytes cannot quantise on meta or fake tensors
+    (`Params4bit` cannot wrap a FakeTensor), so each weight becomes its quantised storage
+    (`nf4_state_shapes`): the packed bytes as the frozen `weight`, the quantisation state as
+    buffers; `attach_nf4_states` makes the state bitsandbytes' `QuantState` again once the model
+    is fake. Forward and backward are then bitsandbytes' own code on fake tensors
+    (`Linear4bit.forward`, nn/modules.py:609; `MatMul4Bit`, autograd/_functions.py:300, which
+    saves only the packed weight for backward and dequantises it to a transient compute-dtype
+    copy there, :383), through its ops' fake kernels (_ops.py)."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(nf4_config(torch.bfloat16), pre_quantized=False)
+    quantizer.preprocess_model(model=model, dtype=torch.bfloat16, device_map={"": "cpu"})
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            shapes = nf4_state_shapes(mod.out_features, mod.in_features)
+            with torch.device("meta"):
+                shape, dtype = shapes.pop("weight")
+                mod.weight = _params4bit_fields(torch.nn.Parameter(torch.empty(shape, dtype=dtype),
+                                                           requires_grad=False))
+                for name, (shape, dtype) in shapes.items():
+                    mod.register_buffer(f"weight_{name}", torch.empty(shape, dtype=dtype))
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
+    return model
+
+
+def attach_nf4_states(model) -> None:
+    """Give each fake `Linear4bit` of `nf4_meta_base` the `QuantState` bitsandbytes builds in
+    `quantize_4bit` (bitsandbytes/functional.py:938-951: nested, blocks of 64, second level of
+    256), over its fake buffers, on the weight and the module as `Params4bit._quantize` sets
+    them (nn/modules.py:390-393)."""
+    import bitsandbytes as bnb
+    import torch
+    from bitsandbytes.functional import QuantState
+
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            b = {k: getattr(mod, f"weight_{k}") for k in NF4_STATE}
+            state2 = QuantState(absmax=b["nested_absmax"], code=b["nested_quant_map"], blocksize=256,
+                                dtype=torch.float32)
+            qs = QuantState(absmax=b["absmax"], shape=torch.Size([mod.out_features, mod.in_features]),
+                            code=b["quant_map"], blocksize=64, quant_type="nf4", dtype=torch.bfloat16,
+                            offset=b["offset"], state2=state2)
+            _params4bit_fields(mod.weight).quant_state = qs
+            mod.quant_state = qs
+
+
+def _params4bit_fields(p):
+    """The fields `Params4bit` carries beside its data (bitsandbytes/nn/modules.py:213,
+    `__new__`), set on a plain parameter standing for one: PEFT reads `compress_statistics` and
+    `quant_type` to wrap the layer (peft/tuners/lora/bnb.py:585-586)."""
+    import torch
+    p.blocksize, p.compress_statistics, p.quant_type = 64, True, "nf4"
+    p.quant_storage, p.bnb_quantized = torch.uint8, True
+    return p
 
 
 def nf4_config(compute_dtype):

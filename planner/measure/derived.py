@@ -67,7 +67,7 @@ def settings_class(st: Settings) -> Settings:
                     lora_rank=st.lora_rank, lora_dropout=st.lora_dropout if st.lora else 0.0,
                     lora_targets=st.lora_targets if st.lora else "all-linear",
                     grad_checkpointing=st.grad_checkpointing, attn="eager" if st.attn == "eager" else "sdpa",
-                    kernels="cpu")
+                    quant=st.quant, kernels="cpu")
 
 
 def layer_count(cfg: dict) -> int:
@@ -304,6 +304,10 @@ def _derive(cfg: dict, st: Settings) -> Fit:
              "tensors, CPU kernels) and scaled to the layer count"]
     if is_eager:
         notes.append("eager attention: its seq x seq scores fitted as a batch x seq^2 term")
+    if st.quant == "nf4":
+        notes.append("NF4 base: transformers' bitsandbytes quantizer and bitsandbytes' Linear4bit forward and "
+                     "backward on fake tensors (packed weights and double-quantised absmax as bitsandbytes stores "
+                     "them)")
     if len(counts) > 1:
         notes.append("layer kinds measured separately: " + ", ".join(f"{c} {k}" for k, c in counts.items()))
     return Fit(lines=lines, params=pc[0], trainable=pc[1], layers=n, notes=notes)
@@ -339,7 +343,10 @@ class Derived:
         def h(x) -> str:
             return hashlib.sha256(json.dumps(x, sort_keys=True, default=str).encode()).hexdigest()[:16]
         model = h([VERSION, self.cfg, *(version(p) for p in ("torch", "transformers", "peft"))])
-        return f"{self.cfg.get('model_type', 'model')}-{model}" + (f"-{h(cls.__dict__)}" if cls is not None else "")
+        # an NF4 class runs bitsandbytes' own forward and backward: its version is part of the class
+        measured = [cls.__dict__, version("bitsandbytes")] if cls is not None and cls.quant != "none" else \
+            (cls.__dict__ if cls is not None else None)
+        return f"{self.cfg.get('model_type', 'model')}-{model}" + (f"-{h(measured)}" if cls is not None else "")
 
     def derived_before(self) -> bool:
         """Whether the cache holds coefficients of this config (any settings class)."""
@@ -395,9 +402,18 @@ class Derived:
 
     def check(self, st: Settings) -> None:
         """What the derived route cannot measure, refused in one line each."""
-        if st.quant != "none":
-            raise PlanError(f"{{quant}} {st.quant}: model_type '{self.cfg.get('model_type')}' has no formula and "
-                            "bitsandbytes kernels cannot run on fake tensors; use --quant none", "quant")
+        if st.quant == "int8":
+            raise PlanError(f"{{quant}} int8: model_type '{self.cfg.get('model_type')}' has no formula, and LLM.int8 "
+                            "picks its outlier columns from the activations' values, which the derived route's fake "
+                            "tensors do not have; use {quant} nf4 (QLoRA)", "quant")
+        if st.quant != "none" and (st.strategy != "ddp" or st.offload != "none"):
+            raise PlanError(f"{{quant}} {st.quant} under {{strategy}} {st.strategy}"
+                            + (f" with {{offload}} {st.offload}" if st.offload != "none" else "")
+                            + f": model_type '{self.cfg.get('model_type')}' has no formula, and the derived route "
+                            "measures an NF4 base on one GPU or DDP; use {strategy} ddp", "quant")
+        if st.quant != "none" and importlib.util.find_spec("bitsandbytes") is None:
+            raise PlanError(f"{{quant}} {st.quant}: model_type '{self.cfg.get('model_type')}' has no formula, and the "
+                            "derived route measures bitsandbytes' modules: pip install bitsandbytes", "quant")
         if st.loss != "standard":
             raise PlanError(f"{{loss}} {st.loss}: model_type '{self.cfg.get('model_type')}' has no formula, and the "
                             "derived route measures transformers' own loss; use {loss} standard", "loss")

@@ -202,11 +202,20 @@ def _run(cfg: dict, st: Settings, mode, weights: str | None) -> Measurement:
         phases["model"] = (sum(v for k, v in s0[d0].items() if getattr(k, "value", None) in ("Parameter", "Buffer"))
                            if d0 else 0)
         cats["model"] = {"weights": phases["model"]}
-        n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        n_params = sum(stored_elements(p) for p in {id(p): p for p in model.parameters()}.values())
         n_train = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
     peak = max(phases.values())
     return Measurement(peak_bytes=int(peak), phases={k: int(v) for k, v in phases.items()}, categories=cats,
                        params=int(n_params), trainable_params=int(n_train))
+
+
+def stored_elements(p) -> int:
+    """The elements a parameter stands for: a bitsandbytes 4-bit weight packs two into a byte
+    and keeps its shape in its QuantState (`Params4bit.quant_state.shape`), what transformers'
+    `num_parameters` counts too (transformers/modeling_utils.py:945-952)."""
+    import math
+    qs = getattr(p, "quant_state", None)
+    return math.prod(qs.shape) if qs is not None and getattr(qs, "shape", None) is not None else p.numel()
 
 
 def simulated_estimate(cfg: dict, st: Settings, budget: Budget = Budget()) -> Estimate:

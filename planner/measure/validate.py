@@ -44,6 +44,14 @@ SMALL = {
                     max_position_embeddings=1024),
 }
 
+SMALL_DERIVED = {
+    "qwen3": dict(model_type="qwen3", vocab_size=4096, hidden_size=256, intermediate_size=640, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                  tie_word_embeddings=True),
+}
+"""Small configs of model_types without a formula: their cases are estimated on the derived route
+(planner/measure/derived.py)."""
+
 
 # 1B to 8B public configs from the catalog, measured as fake-tensor steps at full size
 LARGE = [
@@ -253,8 +261,10 @@ OPTIMIZER_CASES = [("llama", "bf16-amp", "adamw-32bit", False), ("gpt2", "fp32",
 
 
 # QLoRA (issue 18): an NF4 base through transformers and bitsandbytes 0.50 on real CPU tensors,
-# LoRA r8 under bf16 autocast, checkpointing off and on
-QLORA_CASES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True)]
+# LoRA r8 under bf16 autocast, checkpointing off and on; qwen3 has no formula: its estimate is the
+# derived route's, measured with bitsandbytes' Linear4bit on fake tensors (issue 16)
+QLORA_CASES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True), ("qwen3", False),
+               ("qwen3", True)]
 
 
 # partial freezing (issue 21, `unfrozen_parameters`): small configs on fake tensors (the top block
@@ -413,11 +423,11 @@ def run_case(case: Case) -> dict:
 
     if case.source == "weights":
         cfg = resolve(case.model).config
-    elif case.source == "catalog" or case.model not in SMALL:
+    elif case.source == "catalog" or case.model not in SMALL | SMALL_DERIVED:
         cfg = catalog()[case.model]["config"]
     else:
-        cfg = SMALL[case.model]
-    est = estimate(ModelSpec.from_config(measured_config(cfg)), case.settings)
+        cfg = (SMALL | SMALL_DERIVED)[case.model]
+    est = estimate(case_spec(cfg), case.settings)
     if case.settings.activation_offload:  # the host bytes: the GPU side cannot be measured on a CPU
         from .offload import measure_offload
         host = measure_offload(cfg, case.settings)["host_bytes"]
@@ -432,6 +442,17 @@ def run_case(case: Case) -> dict:
     return {"case": case.name, "model": case.label, "suite": case.suite, "predicted": est.peak_bytes,
             "measured": m.peak_bytes,
             "error_pct": round(err, 2), "method": "memtracker-real-cpu" if real else "memtracker-fake-cpu"}
+
+
+def case_spec(cfg: dict) -> ModelSpec:
+    """The spec a case is estimated with, as the simulator runs its config (measured_config): the
+    formula's, or, for a model_type without one, the derived route's (`derived.proxy_spec`)."""
+    from ..spec import UnsupportedArchitecture
+    from .derived import proxy_spec
+    try:
+        return ModelSpec.from_config(measured_config(cfg))
+    except UnsupportedArchitecture:
+        return proxy_spec(measured_config(cfg))
 
 
 def _run_distributed(case: Case, cfg: dict, predicted: int) -> dict:

@@ -1,6 +1,6 @@
 """Run some cases of the validation matrix (loss, optimizer, QLoRA, freezing, LoRA with freezing, sharded
 freezing, EMA, L-BFGS, activation-offload, long-sequence, FP8 or labelled-head cases) and merge their rows into a validation.csv:
-python tests/scripts/_run_cases.py loss|optimizer|qlora|freeze|freeze-lora|freeze-sharded|ema|lbfgs|offload|long|fp8|head
+python tests/scripts/_run_cases.py loss|optimizer|qlora|qlora-derived|freeze|freeze-lora|freeze-sharded|ema|lbfgs|offload|long|fp8|head
 [tables/validation.csv]"""
 import sys
 import time
@@ -10,7 +10,9 @@ import pandas as pd
 from planner.measure import validate
 
 cases = {"loss": validate.loss_cases, "optimizer": validate.optimizer_cases,
-         "qlora": validate.qlora_cases, "freeze": validate.freeze_cases,
+         "qlora": validate.qlora_cases,
+         "qlora-derived": lambda: [c for c in validate.qlora_cases() if c.model in validate.SMALL_DERIVED],
+         "freeze": validate.freeze_cases,
          "freeze-lora": validate.lora_freeze_cases, "freeze-sharded": validate.sharded_freeze_cases,
          "ema": validate.ema_cases, "lbfgs": validate.lbfgs_cases,
          "offload": validate.offload_cases, "long": validate.long_cases,
