@@ -365,8 +365,8 @@ def render_plans(console, name: str, req, plans: list, n_fit: int, notes: list[s
                   + (f" Route: {plans[0].estimate.route}." if plans else ""), style="dim")
     if plans and plans[0].estimate.route == "derived":
         console.print("route derived: no formula for this model_type; memory from coefficients measured on the "
-                      "transformers module (sharded plans by the sharding formulas over them; QLoRA, its NF4 base run through "
-                      "bitsandbytes' own modules, on one GPU or DDP)", style="dim")
+                      "transformers module (sharded plans by the sharding formulas over them; QLoRA, its NF4 base "
+                      "run through bitsandbytes' own modules, on one GPU or DDP)", style="dim")
 
 
 def render_gpus(console, cat: list, found: list, note: str) -> None:

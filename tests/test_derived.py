@@ -94,7 +94,8 @@ def test_derived_qlora_agrees_with_the_formula(name, st, cache):
     less = dict(d.phases, optimizer_step=d.phases["optimizer_step"] - ckpt_optimizer_step_extra(cfg, st))
     assert close(less, f.phases, 0.02) == []
     assert (d.params, d.trainable_params) == (f.params, f.trainable_params)
-    case = f"{name}/bf16-amp/lora16/nf4/{'ckpt' if st.grad_checkpointing else 'nockpt'}/b{st.batch_size}s{st.seq_len}/adamw"
+    ckpt = "ckpt" if st.grad_checkpointing else "nockpt"
+    case = f"{name}/bf16-amp/lora16/nf4/{ckpt}/b{st.batch_size}s{st.seq_len}/adamw"
     rows = [r for r in csv.DictReader(open(GPU_TABLE)) if r["case"] == case]
     for r in rows:
         h200 = json.loads(r["measured_phases"])

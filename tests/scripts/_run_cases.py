@@ -1,7 +1,8 @@
 """Run some cases of the validation matrix (loss, optimizer, QLoRA, freezing, LoRA with freezing, sharded
-freezing, EMA, L-BFGS, activation-offload, long-sequence, FP8 or labelled-head cases) and merge their rows into a validation.csv:
-python tests/scripts/_run_cases.py loss|optimizer|qlora|qlora-derived|freeze|freeze-lora|freeze-sharded|ema|lbfgs|offload|long|fp8|head
-[tables/validation.csv]"""
+freezing, EMA, L-BFGS, activation-offload, long-sequence, FP8 or labelled-head cases) and merge their rows
+into a validation.csv:
+python tests/scripts/_run_cases.py SUITE [tables/validation.csv]
+SUITE: loss|optimizer|qlora|qlora-derived|freeze|freeze-lora|freeze-sharded|ema|lbfgs|offload|long|fp8|head"""
 import sys
 import time
 
