@@ -24,6 +24,7 @@ from .contract import (
     Settings,
     check_options,
     loss_unmeasured,
+    shard_size,
 )
 from .distributed import sharded_phases
 from .memory import (
@@ -111,10 +112,14 @@ def loss_notes(spec: ModelSpec, st: Settings) -> list[str]:
     if st.loss == "trl":
         head = (f"loss trl: TRL's chunked log-probability head (add_fused_lm_head, what SFTTrainer trains through), "
                 f"tiles of {TRL_TOKEN_TILE} tokens x {TRL_VOCAB_TILE} vocabulary entries, no B x S x vocab logits; ")
-        if loss_unmeasured(st):
-            return [head + f"its Triton fold is modelled from TRL's source, every position counted as labelled; "
-                           f"{UNMEASURED_FUSED}"]
-        return [head + "its torch fold on CPU (measured: tables/validation.csv)"]
+        notes = [head + (f"its Triton fold is modelled from TRL's source, every position counted as labelled; "
+                         f"{UNMEASURED_FUSED}" if loss_unmeasured(st) else
+                         "its torch fold on CPU (measured: tables/validation.csv)")]
+        if shard_size(st) > 1 and (st.strategy.startswith("fsdp") or st.strategy == "zero3"):
+            notes.append("loss trl under a sharded head: TRL gathers the whole head weight for its tiles "
+                         "(FSDP2: `full_tensor()`, trl/trainer/utils.py:1636; ZeRO-3: maybe_gather_lm_head_ctx, :200); "
+                         "that gathered copy is not modelled")
+        return notes
     return []
 
 
