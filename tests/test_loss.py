@@ -178,7 +178,7 @@ def test_trl_head_never_builds_the_logits_and_its_cpu_tiles_cost_more_than_trito
 
 @pytest.mark.parametrize("vocab, batch, seq, precision, rank", [
     (33000, 2, 64, "bf16-amp", 8),  # two vocabulary tiles (32768 + 232): autocast's per-tile casts, LoRA
-    (2000, 1, 4200, "fp32", 0),     # two token tiles (4096 + 103 rows): one row, the hidden states viewed; head trained
+    (2000, 3, 1400, "fp32", 0),     # two token tiles (4096 + 101 rows), the head trained
 ])
 def test_trl_head_formula_against_a_real_cpu_step(vocab, batch, seq, precision, rank):
     """A training step on real CPU tensors under MemTracker of a small Llama whose forward TRL's
