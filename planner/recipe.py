@@ -105,7 +105,8 @@ class Recipe(_Strict):
     gradient_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # transformers' key
     tf32: bool = False  # TF32 matmuls on a CUDA GPU (torch.backends.cuda.matmul.allow_tf32)
-    # the loss over the output head, under Axolotl's keys (at most one true; none: transformers' own)
+    # the loss over the output head, under Axolotl's keys and plan's trl_fused_lm_head (at most one true;
+    # none: transformers' own)
     liger_fused_linear_cross_entropy: bool = False
     cut_cross_entropy: bool = False
     chunked_cross_entropy: bool = False
