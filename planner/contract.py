@@ -128,18 +128,30 @@ class Loss(Choice):
     (planner/memory.py: loss_bytes): transformers' cross-entropy over the whole logits; Liger
     Kernel's fused linear cross-entropy (logits one chunk of rows at a time, Triton); Apple's Cut
     Cross-Entropy (no logits, a log-sum-exp per row, Triton); torchtune's CEWithChunkedOutputLoss
-    (the head and the fp32 upcast per chunk of positions, plain torch; `loss_chunks` chunks)."""
+    (the head and the fp32 upcast per chunk of positions, plain torch; `loss_chunks` chunks);
+    TRL's chunked log-probability head (`add_fused_lm_head`, what TRL's SFTTrainer runs: the head
+    in tiles of 4096 tokens x 32768 vocabulary entries, a Triton kernel on CUDA, torch ops on CPU)."""
     STANDARD = "standard"
     LIGER_FLCE = "liger-flce"
     CCE = "cce"
     CHUNKED = "chunked"
+    TRL = "trl"
 
 
 FUSED_LOSSES = ("liger-flce", "cce")
 """Losses whose kernel multiplies the head itself and never builds the logits: Triton, CUDA only."""
+HEAD_LOSSES = (*FUSED_LOSSES, "trl")
+"""Losses that take the head's weight and the hidden states and never build the B x S x vocab
+logits: the fused ones, and TRL's chunked log-probability head (which also runs on CPU)."""
 UNMEASURED_FUSED = "unmeasured on CPU: needs CUDA (Triton kernel)"
 """What the estimate says of a fused loss: its formula is read from the library's source, and
 its kernel cannot run on this CPU-only machine."""
+
+
+def loss_unmeasured(st: Settings) -> bool:
+    """Whether the loss's modelled path runs a Triton kernel, which this CPU-only machine cannot
+    measure: the fused losses always, TRL's head on CUDA kernels (its CPU path is torch ops)."""
+    return st.loss in FUSED_LOSSES or (st.loss == "trl" and st.kernels == "cuda")
 LOSS_CHUNKS = 8
 """torchtune's default `num_output_chunks` (CEWithChunkedOutputLoss)."""
 

@@ -26,7 +26,7 @@ from .contract import EMA_DECAY, FSDP, MSAMP_NOTE, ZERO, PlanError, Settings, op
 from .distributed import zero_stage
 from .estimate import Estimate
 from .precision import RECIPES
-from .recipe import from_dict, recipe_loss_keys
+from .recipe import LOSS_KEYS, from_dict, recipe_loss_keys
 
 FILES = ("accelerate.yaml", "deepspeed.json", "recipe.yaml", "PLAN.md")
 
@@ -196,8 +196,7 @@ def accelerate_config(st: Settings, deepspeed_file: str | None = None, machine_r
 
 ADAPTER_KEYS = ("load_in_4bit", "load_in_8bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 """Recipe keys that mean something only with an adapter: left out of a full fine-tune's recipe."""
-LOSS_RECIPE_KEYS = ("liger_fused_linear_cross_entropy", "cut_cross_entropy", "chunked_cross_entropy",
-                    "chunked_cross_entropy_num_chunks")
+LOSS_RECIPE_KEYS = (*LOSS_KEYS.values(), "chunked_cross_entropy_num_chunks")
 """Recipe keys of the losses other than the standard one: only the plan's are written."""
 
 

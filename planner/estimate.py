@@ -23,10 +23,14 @@ from .contract import (
     PlanError,
     Settings,
     check_options,
+    loss_unmeasured,
+    shard_size,
 )
 from .distributed import sharded_phases
 from .memory import (
     CUBLAS_WORKSPACE_BYTES,
+    TRL_TOKEN_TILE,
+    TRL_VOCAB_TILE,
     activation_host_bytes,
     allocator_slack,
     device_bytes,
@@ -108,6 +112,17 @@ def loss_notes(spec: ModelSpec, st: Settings) -> list[str]:
         lib = "Liger Kernel's fused linear cross-entropy" if st.loss == "liger-flce" else "Cut Cross-Entropy"
         return [f"loss {st.loss}: {lib}, modelled from the library's source (no B x S x vocab logits); "
                 f"{UNMEASURED_FUSED}"]
+    if st.loss == "trl":
+        head = (f"loss trl: TRL's chunked log-probability head (add_fused_lm_head, what SFTTrainer trains through), "
+                f"tiles of {TRL_TOKEN_TILE} tokens x {TRL_VOCAB_TILE} vocabulary entries, no B x S x vocab logits; ")
+        notes = [head + (f"its Triton fold is modelled from TRL's source, every position counted as labelled; "
+                         f"{UNMEASURED_FUSED}" if loss_unmeasured(st) else
+                         "its torch fold on CPU (measured: tables/validation.csv)")]
+        if shard_size(st) > 1 and (st.strategy.startswith("fsdp") or st.strategy == "zero3"):
+            notes.append("loss trl under a sharded head: TRL gathers the whole head weight for its tiles "
+                         "(FSDP2: `full_tensor()`, trl/trainer/utils.py:1636; ZeRO-3: maybe_gather_lm_head_ctx, :200); "
+                         "that gathered copy is not modelled")
+        return notes
     return []
 
 

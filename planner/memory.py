@@ -18,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 
-from .contract import FUSED_LOSSES, PlanError, Settings, shard_size
+from .contract import HEAD_LOSSES, PlanError, Settings, shard_size
 from .precision import BNB_MIN_8BIT_SIZE, BNB_OPT_BLOCK, RECIPES, quantized_weight_bytes
 from .spec import ModelSpec, ParamCount, count_params, named_params, owning_modules
 
@@ -740,7 +740,7 @@ def _model_level(c: _Ctx, head: bool = True, ms: ModulesToSave | None = None) ->
     y = _norm(norm_c, acc, acc.new(h, c.stream))
     if not head:
         pass
-    elif c.st.loss in FUSED_LOSSES:
+    elif c.st.loss in HEAD_LOSSES:
         _fused_head_inputs(replace(c, full=trained_head), acc, y)
     elif trained_head or s.family != "bert":
         _head_positions(c, acc)
@@ -820,9 +820,14 @@ def _fused_head_inputs(c: _Ctx, acc: _Saved, y: _T) -> None:
     saves `e` (the hidden states) and `c` (the weight) for its backward (cut_cross_entropy/cce.py:78,
     `ctx.save_for_backward(e, c, lse, ...)`); its kernels take 16-bit `e` only (cce_backward.py:
     "Backwards requires embeddings to be bf16 or fp16"), so under autocast the caller's casts of
-    both are what it keeps.
+    both are what it keeps. TRL's `ChunkedLogProbFunction` saves its own copy of the hidden states
+    (or, one row on CPU, a view of them) and the weight itself, counted with its loss
+    (`trl_logprob_bytes`); its casts are explicit `.to(compute_dtype)` per tile, which autocast
+    does not cache, so nothing is kept here.
     """
     h, v = c.spec.hidden, c.spec.vocab
+    if c.st.loss == "trl":
+        return
     if c.st.loss == "cce":
         if c.amp:
             acc.add(h, 2)
@@ -932,12 +937,112 @@ def chunked_ce_bytes(spec: ModelSpec, st: Settings) -> Logits:
     return Logits(saved=saved, forward=fwd, backward=bwd, grad=e * chunk)
 
 
+TRL_TOKEN_TILE = 4096
+"""Rows (tokens) of one tile of TRL's chunked log-probability head: `TOKEN_CHUNK_SIZE`
+(trl/kernels/chunked_logprob.py:31, TRL 1.16)."""
+TRL_VOCAB_TILE = 32768
+"""Columns (vocabulary entries) of one tile, the `chunk_size` TRL passes: `_CHUNKED_LOGPROB_CHUNK_SIZE`
+(trl/trainer/utils.py:1506, TRL 1.16)."""
+TRL_FORWARD_TILE_BYTES = 13
+"""Bytes per tile element the torch fold of the forward (`_forward_tile`,
+trl/kernels/chunked_logprob.py:211-254) holds at its peak with SFTTrainer's outputs (log_probs,
+entropy, is_top1): the fp32 logits `z` (:235, the transform's products), the bool
+`before_target` (:241), `e = exp(z - max)` (:245) with either its argument or `e * z` (:248)."""
+TRL_BACKWARD_TILE_BYTES = 29
+"""Bytes per tile element the torch fold of the backward (`_backward_tile`, :257-296) holds at
+its peak without an entropy gradient (SFTTrainer logs the entropy detached): fp32 `y`, `z`,
+`log_p`, `p` and `grad` (:276-285), the bool `is_target` (:288), and `is_target.float()` with
+`is_target.float() - p`, or that difference with its product by the log-prob gradient (:289).
+A final soft-capping (Gemma-2) keeps its fp32 `tanh` too (:278): TRL_SOFTCAP_TILE_BYTES more."""
+TRL_SOFTCAP_TILE_BYTES = 4
+
+
+def _head_trains(spec: ModelSpec, st: Settings) -> bool:
+    """Whether the output head's weight takes a gradient: full fine-tuning, a partially frozen
+    model whose head matches, or LoRA with the head among the modules to save."""
+    fz, ms = freezing(spec, st), modules_to_save(spec, st)
+    if fz is not None:
+        return fz.head
+    if ms is not None:
+        return ms.head
+    return not st.lora
+
+
+def trl_logprob_bytes(spec: ModelSpec, st: Settings) -> Logits:
+    """TRL's chunked log-probability head (TRL 1.16), what `SFTTrainer` trains through: its
+    `__init__` patches the model's forward with `add_fused_lm_head(model, outputs=("log_probs",
+    "entropy", "is_top1"))` (trl/trainer/sft_trainer.py:1144) and `compute_loss` calls
+    `model(**inputs, fused_lm_head=True)` (:1611), whose loss is the sum of `-log_probs` over
+    the labelled tokens.
+
+    The patched forward (trl/trainer/utils.py:1548-1698) runs the backbone and slices its output
+    `last_hidden_state[:, :-1]` (:1618): N = B x (S - 1) rows, all assumed labelled. On CUDA
+    (`_use_triton`, :1642) only labelled rows are scored, through the copy `hidden_states[mask]`
+    (:1645); elsewhere every row, through `hidden_states.reshape(-1, H)` (:1645), a copy of the
+    non-contiguous slice, a view of it for one row. `ChunkedLogProbFunction.forward`
+    (trl/kernels/chunked_logprob.py:311-391) allocates seven fp32 per-row statistics (:340-346)
+    and one tile buffer `mm_buf` of min(N, TRL_TOKEN_TILE) x TRL_VOCAB_TILE in the compute dtype
+    (:347, the autocast dtype or the hidden states'), whatever the vocabulary; per token chunk
+    `hidden[...].to(compute_dtype)` (:352) and per vocabulary chunk `weight[...].to(compute_dtype)`
+    (:356, freed after the matmul) copy where the dtypes differ (autocast: explicit casts, not
+    autocast's cached ones). The Triton fold (`_forward_kernel`) works in place; the torch fold
+    (`_forward_tile`) holds TRL_FORWARD_TILE_BYTES per tile element (a soft-capping transform's
+    own temporaries stay below it). The forward saves the hidden
+    states, the weight, the int64 targets (`labels[mask]` on CUDA, `labels.clamp(min=0)` on CPU:
+    a copy; :1648), `log_z` and `entropy` (:386); the caller's `masked_fill` (CPU) keeps `~mask`
+    (trl/trainer/utils.py:1660; on CUDA `masked_scatter` keeps the mask, :1658).
+    The final norm's output (`last_hidden_state`) is alive until the head returns.
+
+    The backward (:393-465) allocates `grad_hidden` in fp32 (:406) and, when the head trains,
+    `grad_weight` in fp32 (:410), the tile buffer again (:413), the same per-tile casts (:420,
+    :423; `w_chunk` alive through the tile), and folds each tile into its gradient: in place on
+    Triton, TRL_BACKWARD_TILE_BYTES per element in torch (`_backward_tile`). `_addmm_fp32` (:52)
+    accumulates without copies on CUDA (`out_dtype`, torch >= 2.8) and in fp32; on CPU in 16 bits
+    it upcasts the tile and the weight chunk (or the hidden chunk for `grad_weight`). At the end
+    `grad_hidden.to(hidden.dtype)` and `grad_weight.to(weight.dtype)` (:456-457) copy where those
+    are 16-bit. The slice's backward then builds the B x S x H gradient of the final norm's output.
+    No B x S x vocab tensor exists.
+    """
+    e, x = _loss_dtypes(spec, st)
+    c = _ctx(spec, st)
+    h, v, b, s = spec.hidden, spec.vocab, st.batch_size, st.seq_len
+    cuda = st.kernels == "cuda"
+    n = b * (s - 1)                                # rows scored
+    rows, cols = min(n, TRL_TOKEN_TILE), min(v, TRL_VOCAB_TILE)
+    wb = 4 if c.amp or st.quant != "none" else e   # the head weight's dtype (fp32 under autocast, QLoRA's upcast)
+    fz = freezing(spec, st)
+    hidden_grad = fz is None or fz.lowest < spec.layers or fz.final_norm
+    head = _head_trains(spec, st)
+
+    y = b * s * h * x                              # the final norm's output
+    copy = n * h * x if cuda or b > 1 else 0       # hidden_states[mask], or the reshape's copy
+    saved = (copy or y) + n * (8 + 4 + 4 + 1)      # hidden, targets, log_z, entropy, ~mask
+    buf = rows * TRL_VOCAB_TILE * e
+    chunk_h = rows * h * e if x != e else 0
+    chunk_w = cols * h * e if wb != e else 0
+    fold_fwd = 0 if cuda else TRL_FORWARD_TILE_BYTES * rows * cols
+    fwd = (y if copy else 0) + saved + n + 7 * 4 * n + buf + chunk_h + max(chunk_w, fold_fwd)
+
+    g_hidden = 4 * n * h if hidden_grad else 0
+    g_weight = 4 * v * h if head else 0
+    held = saved + 4 * n + g_hidden + g_weight + buf + chunk_h + chunk_w   # 4n: the log-probs' gradient
+    fold_bwd = 0 if cuda else (TRL_BACKWARD_TILE_BYTES + (TRL_SOFTCAP_TILE_BYTES if spec.final_softcap else 0)) \
+        * rows * cols
+    upcast = 0 if cuda or e == 4 else max(4 * rows * cols + 4 * cols * h if hidden_grad else 0,
+                                          4 * rows * cols + 4 * rows * h if head else 0)
+    end = held + (n * h * x if hidden_grad and x != 4 else 0) + (v * h * wb if head and wb != 4 else 0)
+    after = (n * h * x + y + (b * (s - 1) * h * x if cuda else 0)) if hidden_grad else 0
+    bwd = max(held + max(fold_bwd, upcast), end, after)
+    return Logits(saved=saved, forward=fwd, backward=bwd, grad=0)
+
+
 def loss_logit_elems(spec: ModelSpec, st: Settings) -> int:
     """The 16-bit logits the loss upcasts at once, whose freed hole SLACK_LOGITS counts: all of them
     for transformers' loss and for the chunked one (every chunk's 16-bit logits are alive while
     each is upcast; its allocator slack is not measured), one chunk of rows for Liger, none for
-    Cut Cross-Entropy (no logits)."""
-    if st.loss == "cce":
+    Cut Cross-Entropy (no logits) nor for TRL's head (its one tile buffer, the same size in the
+    forward and the backward, takes back the block it left; unmeasured on CUDA)."""
+    if st.loss in ("cce", "trl"):
         return 0
     if st.loss == "liger-flce":
         return liger_flce_chunk_rows(spec, st) * spec.vocab
@@ -948,7 +1053,8 @@ def loss_bytes(spec: ModelSpec, st: Settings) -> Logits:
     """The logits and loss term for `st.loss` (contract.Loss); an encoder's task head has none."""
     if spec.is_encoder or st.loss == "standard":
         return logits_bytes(spec, st)
-    return {"liger-flce": liger_flce_bytes, "cce": cce_bytes, "chunked": chunked_ce_bytes}[st.loss](spec, st)
+    return {"liger-flce": liger_flce_bytes, "cce": cce_bytes, "chunked": chunked_ce_bytes,
+            "trl": trl_logprob_bytes}[st.loss](spec, st)
 
 
 @dataclass(frozen=True)
@@ -1219,7 +1325,7 @@ def _model_level_partial(c: _Ctx, fz: Freezing) -> float:
         y = _norm(replace(c, full=fz.final_norm), acc, y)
     elif fz.final_norm:
         acc.add(h, 4 if s.norm == "rms_gemma" else y.nbytes)  # the weight's multiply keeps the normalised input
-    if c.st.loss in FUSED_LOSSES:
+    if c.st.loss in HEAD_LOSSES:
         _fused_head_inputs(replace(c, full=fz.head), acc, y)
         return acc.per_token + acc.per_layer / max(c.st.tokens, 1)
     if fz.head or not below:

@@ -18,9 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .contract import LOSS_CHUNKS, DataFormat, Offload, OptimizerName, Precision, Settings, Strategy, optimizer_choice
 
 LOSS_KEYS = {"liger-flce": "liger_fused_linear_cross_entropy", "cce": "cut_cross_entropy",
-             "chunked": "chunked_cross_entropy"}
-"""Axolotl's recipe key for each loss other than the standard one (contract.Loss; Axolotl turns
-the first two on with its Liger and Cut Cross-Entropy plugins)."""
+             "chunked": "chunked_cross_entropy", "trl": "trl_fused_lm_head"}
+"""The recipe key for each loss other than the standard one (contract.Loss): Axolotl's for the
+first three (Axolotl turns the first two on with its Liger and Cut Cross-Entropy plugins), and
+plan's own for TRL's chunked log-probability head (named after TRL's `add_fused_lm_head`)."""
 
 
 class RecipeError(ValueError):
@@ -104,11 +105,13 @@ class Recipe(_Strict):
     gradient_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # transformers' key
     tf32: bool = False  # TF32 matmuls on a CUDA GPU (torch.backends.cuda.matmul.allow_tf32)
-    # the loss over the output head, under Axolotl's keys (at most one true; none: transformers' own)
+    # the loss over the output head, under Axolotl's keys and plan's trl_fused_lm_head (at most one true;
+    # none: transformers' own)
     liger_fused_linear_cross_entropy: bool = False
     cut_cross_entropy: bool = False
     chunked_cross_entropy: bool = False
     chunked_cross_entropy_num_chunks: int = Field(LOSS_CHUNKS, ge=1)
+    trl_fused_lm_head: bool = False  # plan's key: TRL's chunked log-probability head, as SFTTrainer trains
     # Axolotl's key: the saved activations to pinned host RAM (TRL's OffloadActivations; a CUDA GPU)
     activation_offloading: bool = False
     seed: int = 42
@@ -244,7 +247,7 @@ RECIPE_NAMES = {"precision": "plan.precision", "optimizer": "optimizer", "batch_
                 "grad_checkpointing": "gradient_checkpointing", "gpus": "plan.gpus", "nodes": "plan.nodes",
                 "strategy": "plan.strategy", "offload": "plan.offload",
                 "accumulation": "gradient_accumulation_steps", "num_processes": "--num-processes",
-                "loss": "liger_fused_linear_cross_entropy/cut_cross_entropy/chunked_cross_entropy",
+                "loss": "/".join(LOSS_KEYS.values()),
                 "loss_chunks": "chunked_cross_entropy_num_chunks", "unfrozen_parameters": "unfrozen_parameters",
                 "ema": "ema_decay", "activation_offload": "activation_offloading",
                 "attn": "attn_implementation"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import textwrap
 
-from .contract import COMPONENTS, FUSED_LOSSES, UNMEASURED_FUSED, Settings, precision_validation
+from .contract import COMPONENTS, UNMEASURED_FUSED, Settings, loss_unmeasured, precision_validation
 from .estimate import Estimate
 from .speed import OFFLOAD_LINK_EFFICIENCY
 
@@ -61,7 +61,7 @@ def loss_json(st: Settings) -> dict:
     """The loss option echoed (keys beside the contract's): the loss, its chunks where chunked,
     and whether its formula is measured here."""
     return {"loss": st.loss, "loss_chunks": st.loss_chunks if st.loss == "chunked" else None,
-            "loss_validation": UNMEASURED_FUSED if st.loss in FUSED_LOSSES else "measured"}
+            "loss_validation": UNMEASURED_FUSED if loss_unmeasured(st) else "measured"}
 
 
 def loss_label(st: Settings) -> str:

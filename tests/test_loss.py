@@ -1,6 +1,7 @@
-"""The loss option (issue 17): standard, Liger's fused linear cross-entropy, Cut Cross-Entropy
-and torchtune's chunked cross-entropy, each modelled from what its library keeps
-(planner/memory.py: loss_bytes), echoed in JSON and the recipe, and the chunked one measured."""
+"""The loss option (issue 17): standard, Liger's fused linear cross-entropy, Cut Cross-Entropy,
+torchtune's chunked cross-entropy and TRL's chunked log-probability head (issue 20), each
+modelled from what its library keeps (planner/memory.py: loss_bytes), echoed in JSON and the
+recipe, and the chunked one and TRL's torch tiles measured."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from helpers import run_plan
 
 from planner.contract import UNMEASURED_FUSED, Loss, PlanError, Settings
 from planner.estimate import estimate
-from planner.memory import liger_flce_chunk_rows, loss_bytes
+from planner.memory import TRL_TOKEN_TILE, TRL_VOCAB_TILE, liger_flce_chunk_rows, loss_bytes
 from planner.resolve import catalog
 from planner.spec import ModelSpec
 
@@ -148,3 +149,49 @@ def test_liger_without_triton_says_where_it_runs():
     from planner.measure.builder import LossLibraryMissing, _fused_loss
     with pytest.raises(LossLibraryMissing, match="needs Triton on a CUDA GPU"):
         _fused_loss(Settings(loss="liger-flce"))
+
+
+# ---------------------------------------------------------------- TRL's chunked log-prob head
+
+def test_trl_tiles_are_the_installed_trls():
+    pytest.importorskip("trl")
+    from trl.kernels import chunked_logprob
+    from trl.trainer import utils
+    assert (TRL_TOKEN_TILE, TRL_VOCAB_TILE) == (chunked_logprob.TOKEN_CHUNK_SIZE, utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+
+
+def test_trl_head_never_builds_the_logits_and_its_cpu_tiles_cost_more_than_triton():
+    spec = _spec(LLAMA3)
+    st = Settings(precision="bf16-amp", batch_size=4, seq_len=4096, lora_rank=16, loss="trl")
+    cuda, cpu = loss_bytes(spec, st), loss_bytes(spec, replace(st, kernels="cpu"))
+    # past one tile of rows, more tokens add per-row bytes only (no B x S x vocab tensor)
+    longer = replace(st, seq_len=8192)
+    std, std2 = loss_bytes(spec, replace(st, loss="standard")), loss_bytes(spec, replace(longer, loss="standard"))
+    for phase in ("forward", "backward", "saved"):
+        grew = getattr(loss_bytes(spec, longer), phase) - getattr(cuda, phase)
+        assert 0 < grew < 0.05 * (getattr(std2, phase) - getattr(std, phase))
+    # the torch fold's fp32 tile temporaries (TRL_BACKWARD_TILE_BYTES per element) exist on CPU only
+    assert cpu.backward - cuda.backward >= 29 * TRL_TOKEN_TILE * TRL_VOCAB_TILE
+    assert any("loss trl" in n and UNMEASURED_FUSED in n for n in estimate(spec, st).notes)
+    assert any("loss trl" in n and "measured" in n for n in estimate(spec, replace(st, kernels="cpu")).notes)
+
+
+@pytest.mark.parametrize("vocab, batch, seq, precision, rank", [
+    (33000, 2, 64, "bf16-amp", 8),  # two vocabulary tiles (32768 + 232): autocast's per-tile casts, LoRA
+    (2000, 3, 1400, "fp32", 0),     # two token tiles (4096 + 101 rows), the head trained
+])
+def test_trl_head_formula_against_a_real_cpu_step(vocab, batch, seq, precision, rank):
+    """A training step on real CPU tensors under MemTracker of a small Llama whose forward TRL's
+    own add_fused_lm_head patched, as SFTTrainer does (planner.measure.builder.install_trl_head):
+    ChunkedLogProbFunction's torch tiles, which set the step's peak."""
+    pytest.importorskip("trl")
+    from planner.measure.builder import measured_config
+    from planner.measure.simulate import measure
+    from planner.measure.validate import SMALL
+    cfg = {**SMALL["llama"], "vocab_size": vocab, "max_position_embeddings": max(seq, 1024)}
+    st = Settings(kernels="cpu", precision=precision, batch_size=batch, seq_len=seq, lora_rank=rank, loss="trl")
+    spec = ModelSpec.from_config(measured_config(cfg))
+    measured = measure(cfg, st, fake=False).peak_bytes
+    predicted = estimate(spec, st).peak_bytes
+    assert abs(predicted - measured) / measured < 0.01, (predicted, measured)
+    assert loss_bytes(spec, st).backward > 0.5 * measured  # the head's tiles, not the model, are measured here

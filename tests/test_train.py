@@ -233,11 +233,13 @@ def test_partial_freezing_under_fsdp2_is_predicted(tiny, tmp_path):
 @pytest.mark.slow
 @needs_smollm2
 def test_chunked_cross_entropy_trains_the_same_loss_and_is_measured(tiny, tmp_path):
-    """torchtune's chunked loss (Axolotl's key) through the trainer: the same first loss as
-    transformers' cross-entropy, and the run's memory within the tolerance of its prediction."""
+    """torchtune's chunked loss (Axolotl's key) and TRL's chunked log-prob head (plan's key)
+    through the trainer: the same first loss as transformers' cross-entropy, and the run's memory
+    within the tolerance of its prediction."""
     first = {}
     for name, kw in (("standard", {}), ("chunked", {"chunked_cross_entropy": True,
-                                                    "chunked_cross_entropy_num_chunks": 4})):
+                                                    "chunked_cross_entropy_num_chunks": 4}),
+                     ("trl", {"trl_fused_lm_head": True})):
         out = tmp_path / name
         r = run_plan("train", recipe(tiny, out, max_steps=2, **kw), "--strict")
         assert r.returncode == 0, r.stderr[-2000:]
@@ -245,6 +247,7 @@ def test_chunked_cross_entropy_trains_the_same_loss_and_is_measured(tiny, tmp_pa
         rep = json.loads((out / "run_report.json").read_text())
         assert abs(rep["total_error_pct"]) <= 10
     assert first["chunked"] == pytest.approx(first["standard"], rel=1e-4)
+    assert first["trl"] == pytest.approx(first["standard"], rel=1e-4)
 
 
 @pytest.mark.slow

