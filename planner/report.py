@@ -358,14 +358,14 @@ def render_plans(console, name: str, req, plans: list, n_fit: int, notes: list[s
                   f"at an assumed MFU of {req.mfu:.0%} (--mfu), kernel launches, collectives over "
                   f"{g.link_gbs:,.0f} GB/s per GPU" + (" and a 50 GB/s-per-GPU network" if req.nodes > 1 else "")
                   + f", offload over PCIe at {OFFLOAD_LINK_EFFICIENCY:.0%} of its {g.pcie_gbs:,.0f} GB/s, not "
-                  "overlapped; epoch = {req.samples:,} sequences (--samples). "
+                  f"overlapped; epoch = {req.samples:,} sequences (--samples). "
                   "GiB/GPU is what the step needs to run (its peak, the allocator's unreturnable pages, the CUDA "
                   "context); NVML shows more where memory is plentiful (plan estimate's device figure)"
                   + ("; host and NVMe GiB are per node." if nvme else "; host GiB is per node.")
                   + (f" Route: {plans[0].estimate.route}." if plans else ""), style="dim")
     if plans and plans[0].estimate.route == "derived":
         console.print("route derived: no formula for this model_type; memory from coefficients measured on the "
-                      "transformers module (one GPU and DDP only, no QLoRA)", style="dim")
+                      "transformers module (no QLoRA)", style="dim")
 
 
 def render_gpus(console, cat: list, found: list, note: str) -> None:
