@@ -227,6 +227,7 @@ def test_commands_name_the_route_and_plan_for_a_model_without_formula(tmp_path, 
     r = run_plan("emit-config", tmp_path, "--gpu", "T4", "--method", "full", "--out", tmp_path / "run", env=env)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run" / "recipe.yaml").exists()
+    assert "route derived" in (tmp_path / "run" / "PLAN.md").read_text()
 
 
 @pytest.mark.slow
