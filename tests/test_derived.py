@@ -87,6 +87,35 @@ def test_coefficients_are_cached_per_config_and_settings_class(cache, monkeypatc
         again.estimate(replace(st, precision="fp32"))
 
 
+def test_a_sharded_estimate_once_derived_builds_no_module(cache, monkeypatch):
+    """The parameter counts the sharding formulas read are cached beside the coefficients, and the
+    library versions in the cache key are read once per process: a second route object's ZeRO-3
+    estimate builds no module. Before 2026-11-30 every `plan recommend` of a derived model (its
+    offload candidates are sharded) imported transformers to build the model on the meta device
+    and read the versions at every key: 10-23 s once derived, against 2.5 s now, on this machine."""
+    from importlib import metadata
+
+    from planner.measure import builder
+    st = Settings(precision="bf16-pure", seq_len=256, strategy="zero3", gpus=2)
+    first = dv.Derived(QWEN3)
+    est = first.estimate(st)
+
+    def boom(*a, **k):
+        raise AssertionError("built or measured again")
+    monkeypatch.setattr(builder, "build_model", boom)
+    monkeypatch.setattr(dv, "derive", boom)
+    again = dv.Derived(QWEN3)
+    assert again.estimate(st).phases == est.phases
+    assert again.param_count() == first.param_count() and again._persistent == first._persistent
+    calls = []
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: calls.append(name) or real(name))
+    dv.library_versions.cache_clear()
+    for _ in range(50):
+        again.key(dv.settings_class(st))
+    assert sorted(calls) == ["peft", "torch", "transformers"]
+
+
 def test_accumulation_and_ddp_add_the_gradients(cache):
     """From the second micro-step on every gradient is alive in forward; DDP's buckets are one more
     copy of the gradients in every phase."""

@@ -30,6 +30,7 @@ import importlib.util
 import json
 import os
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 from ..contract import COMPONENTS, UNMEASURED_TE, PlanError, Settings
@@ -319,6 +320,19 @@ def buildable(cfg: dict) -> None:
         raise PlanError(f"unknown model_type '{mt}': neither plan's formulas nor transformers know it")
 
 
+def _tuples(x):
+    return tuple(_tuples(i) for i in x) if isinstance(x, list) else x
+
+
+@lru_cache(maxsize=1)
+def library_versions() -> tuple[str, ...]:
+    """The versions of the libraries that measure the coefficients, part of the cache key: read
+    once per process (importlib.metadata scans every installed distribution, 6 ms a call, and
+    recommend's bisection asks for a key hundreds of times)."""
+    from importlib.metadata import version
+    return tuple(version(p) for p in ("torch", "transformers", "peft"))
+
+
 class Derived:
     """The derived route for one config: fits per settings class, from memory, the disk cache,
     or a derivation; `estimate(st)` is then arithmetic."""
@@ -334,11 +348,9 @@ class Derived:
     def key(self, cls: Settings | None = None) -> str:
         """The cache file's name: the model_type, a hash of the config and the versions that
         measure it, and a hash of the settings class (without one: the config's prefix)."""
-        from importlib.metadata import version
-
         def h(x) -> str:
             return hashlib.sha256(json.dumps(x, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        model = h([VERSION, self.cfg, *(version(p) for p in ("torch", "transformers", "peft"))])
+        model = h([VERSION, self.cfg, *library_versions()])
         return f"{self.cfg.get('model_type', 'model')}-{model}" + (f"-{h(cls.__dict__)}" if cls is not None else "")
 
     def derived_before(self) -> bool:
@@ -489,7 +501,7 @@ class Derived:
         counts: embeddings, head (untied), the rest outside the blocks, the largest block, and
         buffers. Also sets the parameters ZeRO-3 keeps whole (`_persistent`: tensors under its
         persistence threshold, 10 x hidden)."""
-        if self._pc is None:
+        if self._pc is None and not self._cached_param_count():
             import torch
 
             from ..distributed import DS_PERSISTENCE_FACTOR
@@ -520,7 +532,33 @@ class Derived:
                                   buffers_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
                                   largest_layer=max(per.values()), linear_shapes=())
             self._persistent = sum(counts[k] * small[k] for k in counts) + small_rest
+            self._save_param_count()
         return self._pc
+
+    def _params_path(self) -> Path:
+        return cache_dir() / f"{self.key()}-params.json"
+
+    def _cached_param_count(self) -> bool:
+        """`param_count`'s figures from the disk cache (built once per config: the module on the
+        meta device takes transformers' import, seconds, where a cached fit takes milliseconds)."""
+        try:
+            d = json.loads(self._params_path().read_text())
+            tuples = {k: _tuples(v) for k, v in d["count"].items()}  # JSON's lists: the shapes' tuples
+            self._pc, self._persistent = ParamCount(**tuples), int(d["persistent"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return True
+
+    def _save_param_count(self) -> None:
+        from dataclasses import asdict
+        try:
+            path = self._params_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"count": asdict(self._pc), "persistent": self._persistent}))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only cache: count again next time
 
     def sharded(self, st: Settings) -> Estimate:
         """A sharded strategy (FSDP, ZeRO) or offload: the sharding formulas of
