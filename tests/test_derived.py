@@ -259,6 +259,41 @@ def test_commands_name_the_route_and_plan_for_a_model_without_formula(tmp_path, 
     assert "route derived" in (tmp_path / "run" / "PLAN.md").read_text()
 
 
+OPT = dict(model_type="opt", vocab_size=4096, hidden_size=128, ffn_dim=512, num_hidden_layers=4, num_attention_heads=4,
+           max_position_embeddings=2048, word_embed_proj_dim=128, do_layer_norm_before=True, enable_bias=True)
+"""A small OPT: a model_type transformers builds that has neither a formula nor a catalog entry
+(learned positions, biased q/k/v/out_proj and fc1/fc2 linears)."""
+
+
+@pytest.mark.slow
+def test_recommend_and_emit_config_plan_an_architecture_without_entry_or_formula(tmp_path, shared_cache):
+    """Issue 16's last case: a config.json of an architecture plan knows nothing of. recommend
+    plans LoRA on its own linears on the derived route; emit-config writes that plan, which
+    accelerate's own parser reads, and PLAN.md says the route."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from planner.recipe import load
+    from planner.resolve import catalog
+    from planner.spec import UnsupportedArchitecture
+    assert not any(e["config"].get("model_type") == "opt" for e in catalog().values())
+    with pytest.raises(UnsupportedArchitecture):
+        ModelSpec.from_config(OPT)
+    env = {"XDG_CACHE_HOME": shared_cache}
+    (tmp_path / "config.json").write_text(json.dumps(OPT))
+    r = run_plan("recommend", tmp_path, "--gpu", "H100-SXM", "--method", "lora", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    best = json.loads(r.stdout)["plans"][0]
+    assert (best["route"], best["method"], best["lora_rank"]) == ("derived", "lora", 32)
+    r = run_plan("emit-config", tmp_path, "--gpu", "H100-SXM", "--method", "lora", "--out", tmp_path / "run", env=env)
+    assert r.returncode == 0, r.stderr
+    cfg = ClusterConfig.from_yaml_file(str(tmp_path / "run" / "accelerate.yaml"))
+    recipe = load(str(tmp_path / "run" / "recipe.yaml"))
+    assert cfg.num_processes == 1 and recipe.adapter == "lora" and recipe.lora_r == 32
+    assert (recipe.micro_batch_size, recipe.gradient_accumulation_steps) == (best["micro_batch"],
+                                                                             best["gradient_accumulation"])
+    assert "route derived" in (tmp_path / "run" / "PLAN.md").read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["Qwen/Qwen3-8B", "google/gemma-3-4b-pt", "allenai/OLMo-2-1124-7B"])
 @pytest.mark.parametrize("st", [
