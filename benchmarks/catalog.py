@@ -7,7 +7,8 @@ For each entry of `plan models` (tables/models.json), as a user would run them (
    would fit with (`--gpus N`, `--gpus 8 --nodes M`); the sweep follows that hint once. The
    route the plans carry must be the one the model_type takes (formula where plan has one,
    derived otherwise), the first plan must fit its budget, and its model states must not be
-   below what the weights alone take (`floor_bytes`).
+   below what the weights alone take (`floor_bytes`). `plan estimate MODEL --dtype bf16 --json`
+   must count the catalog's parameters within 1% (MoE experts, tied heads, encoders' heads).
 2. The same command again, for the time once derived (the coefficients cached).
 3. `plan emit-config MODEL --gpu GPU ... --out TMP` (recommend's best plan), its accelerate.yaml
    read by accelerate's own `ClusterConfig.from_yaml_file`, deepspeed.json by DeepSpeed's
@@ -15,12 +16,13 @@ For each entry of `plan models` (tables/models.json), as a user would run them (
    recommend's first (method, strategy, offload, micro-batch, accumulation, checkpointing).
 
 Rows go to tables/catalog_plans.csv as each model finishes; a rerun skips the models already
-there with status ok (`--retry` reruns the others too; `--only SUBSTR` limits the models).
+there with status ok or refused (`--retry` reruns the others too, `--rerun` all of them;
+`--only SUBSTR` limits the models).
 `first_s` is the first recommend's wall time: a first derivation when the cache is cold
 (`cold` yes), which a fresh XDG_CACHE_HOME makes so.
 
 Usage: HF_HUB_OFFLINE=1 nice -n 19 python benchmarks/catalog.py [--gpu H100-SXM] [--host-ram 256]
-       [--out tables/catalog_plans.csv] [--only SUBSTR] [--retry] [--timeout 3600]
+       [--out tables/catalog_plans.csv] [--only SUBSTR] [--retry | --rerun] [--timeout 3600]
 """
 from __future__ import annotations
 
@@ -164,6 +166,12 @@ def sweep_one(name: str, args) -> dict:
                         "model states take at least")
     if not plan["tokens_per_s"] > 0:
         problems.append(f"tokens/s {plan['tokens_per_s']}")
+    code, out, err, _ = plan_cmd("estimate", name, "--dtype", "bf16", "--json", timeout=args.timeout)
+    counted = json.loads(out)["params"] if code == 0 else None
+    if counted is None:
+        problems.append(f"estimate: {last_line(err) or f'exit {code}'}")
+    elif params and abs(counted / params - 1) > 0.01:
+        problems.append(f"estimate counts {counted:,} parameters, the catalog {params:,}")
     code, _, err, cached_s = plan_cmd("recommend", name, *base, *gpus, *nodes, "--json", timeout=args.timeout)
     row["cached_s"] = f"{cached_s:.1f}"
     if code != 0:
@@ -193,6 +201,8 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "tables" / "catalog_plans.csv"))
     p.add_argument("--only", default="")
     p.add_argument("--retry", action="store_true", help="rerun the models whose row is not ok")
+    p.add_argument("--rerun", action="store_true", help="rerun every model (a row's first derivation time is kept "
+                   "when the rerun finds the cache warm)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per command")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -205,11 +215,14 @@ def main() -> None:
     names = sorted(catalog(), key=lambda n: (catalog()[n].get("params", 0), n))
     names = [n for n in names if args.only.lower() in n.lower()]
     for name in names:
-        if name in rows and (rows[name]["status"] in ("ok", "refused") or not args.retry):
+        if name in rows and not args.rerun and (rows[name]["status"] in ("ok", "refused") or not args.retry):
             continue
         t = time.perf_counter()
-        rows[name] = sweep_one(name, args)
-        r = rows[name]
+        r = sweep_one(name, args)
+        old = rows.get(name)
+        if old is not None and old["cold"] == "yes" and r["cold"] == "no":  # the first derivation was then
+            r.update(cold="yes", first_s=old["first_s"])
+        rows[name] = r
         print(f"{name:44} {r['route']:8} {r['status']:7} {time.perf_counter() - t:7.1f} s {r['error'][:120]}",
               flush=True)
         order = {n: i for i, n in enumerate(sorted(catalog(), key=lambda n: (catalog()[n].get("params", 0), n)))}
