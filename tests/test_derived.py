@@ -116,6 +116,32 @@ def test_a_sharded_estimate_once_derived_builds_no_module(cache, monkeypatch):
     assert sorted(calls) == ["peft", "torch", "transformers"]
 
 
+def test_an_encoder_without_formula_is_planned_as_a_classifier(cache, monkeypatch):
+    """ModernBERT (no causal-LM class: measured with its sequence-classification head) is an
+    encoder to the plan too: no vocabulary-wide loss in the allocator's slack, no LM head in the
+    step's FLOPs, and the options a causal LM's head takes refused as for BERT. Before 2026-11-30
+    its proxy was a llama: ModernBERT-base on an H100 showed 14.88 GiB in NVML's terms for a
+    13.4 GiB step (a logits slack it has no logits for), and its tokens/s counted a 50,368 x 768
+    head. The flag is read once from the module, then from the cache."""
+    from planner.measure import builder
+    from planner.memory import SLACK_BASE, allocator_slack
+    from planner.spec import count_params
+    from planner.speed import matmul_params
+    cfg = resolve("answerdotai/ModernBERT-base").config
+    spec = dv.proxy_spec(cfg)
+    assert spec.is_encoder and not dv.proxy_spec(QWEN3).is_encoder
+    pc = count_params(spec)
+    assert allocator_slack(spec, pc, Settings(precision="bf16-amp")) == SLACK_BASE
+    assert matmul_params(replace(spec, encoder=False), pc) - matmul_params(spec, pc) == spec.vocab * spec.hidden
+    with pytest.raises(PlanError, match="classification head"):
+        estimate(spec, Settings(precision="bf16-amp", loss="liger-flce"))
+
+    def boom(*a, **k):
+        raise AssertionError("read the module again")
+    monkeypatch.setattr(builder, "is_encoder", boom)
+    assert dv.proxy_spec(cfg).is_encoder
+
+
 def test_accumulation_and_ddp_add_the_gradients(cache):
     """From the second micro-step on every gradient is alive in forward; DDP's buckets are one more
     copy of the gradients in every phase."""
@@ -163,7 +189,8 @@ def test_options_are_checked_on_every_route(cache):
         with pytest.raises(PlanError) as e:
             estimate(spec, st)
         assert e.value.field == field
-    assert not list(cache.glob("*.json"))  # refused before anything was measured
+    # refused before anything was measured (the module's facts, read without a step, may be cached)
+    assert not [p for p in cache.glob("*.json") if not p.name.endswith("-module.json")]
     for extra in ([], ["--exact"]):
         r = run_plan("estimate", "Qwen/Qwen3-8B", "--dtype", "bf16", "--lora-rank", "100000", *extra)
         assert r.returncode == 2 and "--lora-rank" in r.stderr and "Traceback" not in r.stderr, r.stderr

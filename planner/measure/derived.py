@@ -355,7 +355,7 @@ class Derived:
 
     def derived_before(self) -> bool:
         """Whether the cache holds coefficients of this config (any settings class)."""
-        return any(cache_dir().glob(f"{self.key()}-*.json"))
+        return any(not p.name.endswith("-module.json") for p in cache_dir().glob(f"{self.key()}-*.json"))
 
     def fit(self, st: Settings) -> Fit:
         """The settings class's coefficients: memory, then disk, then `derive` (and save)."""
@@ -535,30 +535,58 @@ class Derived:
             self._save_param_count()
         return self._pc
 
-    def _params_path(self) -> Path:
-        return cache_dir() / f"{self.key()}-params.json"
+    def _facts_path(self) -> Path:
+        return cache_dir() / f"{self.key()}-module.json"
+
+    def _facts(self) -> dict:
+        """What was read once from the transformers module of this config (`encoder`, the
+        parameter counts), cached beside the coefficients: building it takes transformers'
+        import, seconds, where a cached fit takes milliseconds."""
+        try:
+            return json.loads(self._facts_path().read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _save_facts(self, **facts) -> None:
+        try:
+            path = self._facts_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**self._facts(), **facts}))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only cache: read the module again next time
 
     def _cached_param_count(self) -> bool:
-        """`param_count`'s figures from the disk cache (built once per config: the module on the
-        meta device takes transformers' import, seconds, where a cached fit takes milliseconds)."""
+        d = self._facts()
         try:
-            d = json.loads(self._params_path().read_text())
             tuples = {k: _tuples(v) for k, v in d["count"].items()}  # JSON's lists: the shapes' tuples
             self._pc, self._persistent = ParamCount(**tuples), int(d["persistent"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (KeyError, TypeError, AttributeError, ValueError):
             return False
         return True
 
     def _save_param_count(self) -> None:
         from dataclasses import asdict
+        self._save_facts(count=asdict(self._pc), persistent=self._persistent)
+
+    def encoder(self) -> bool:
+        """Whether the model trains as an encoder with a sequence-classification head, as the
+        simulator builds it (`builder.is_encoder`: ModernBERT, which has no causal-LM class);
+        False where transformers cannot build the config (the derivation then says why)."""
+        d = self._facts()
+        if isinstance(d.get("encoder"), bool):
+            return d["encoder"]
+        from transformers import AutoConfig
+
+        from .builder import is_encoder
         try:
-            path = self._params_path()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"count": asdict(self._pc), "persistent": self._persistent}))
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only cache: count again next time
+            enc = bool(is_encoder(AutoConfig.for_model(self.cfg["model_type"],
+                                                       **{k: v for k, v in self.cfg.items() if k != "model_type"})))
+        except Exception:  # noqa: BLE001 (a config transformers refuses: not known to be an encoder)
+            return False
+        self._save_facts(encoder=enc)
+        return enc
 
     def sharded(self, st: Settings) -> Estimate:
         """A sharded strategy (FSDP, ZeRO) or offload: the sharding formulas of
@@ -633,6 +661,7 @@ def proxy_spec(cfg: dict, derived: Derived | None = None) -> ModelSpec:
         buildable(cfg)
         raise PlanError(f"model_type '{cfg.get('model_type')}': the config's widths cannot be read ({e})") from None
     derived = derived if derived is not None else Derived(cfg)
-    spec = replace(spec, model_type=str(cfg.get("model_type")), extra={**spec.extra, "derived": derived})
+    spec = replace(spec, model_type=str(cfg.get("model_type")), encoder=derived.encoder(),
+                   extra={**spec.extra, "derived": derived})
     derived.spec = spec
     return spec
