@@ -17,12 +17,12 @@ For each entry of `plan models` (tables/models.json), as a user would run them (
 
 Rows go to tables/catalog_plans.csv as each model finishes; a rerun skips the models already
 there with status ok or refused (`--retry` reruns the others too, `--rerun` all of them;
-`--only SUBSTR` limits the models).
+`--only REGEX` limits the models).
 `first_s` is the first recommend's wall time: a first derivation when the cache is cold
 (`cold` yes), which a fresh XDG_CACHE_HOME makes so.
 
 Usage: HF_HUB_OFFLINE=1 nice -n 19 python benchmarks/catalog.py [--gpu H100-SXM] [--host-ram 256]
-       [--out tables/catalog_plans.csv] [--only SUBSTR] [--retry | --rerun] [--timeout 3600]
+       [--out tables/catalog_plans.csv] [--only REGEX] [--retry | --rerun] [--timeout 3600]
 """
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ def main() -> None:
     p.add_argument("--gpu", default="H100-SXM")
     p.add_argument("--host-ram", type=float, default=256, help="GiB per node offload may use (default 256)")
     p.add_argument("--out", default=str(ROOT / "tables" / "catalog_plans.csv"))
-    p.add_argument("--only", default="")
+    p.add_argument("--only", default="", help="the models whose id this regular expression finds (any case)")
     p.add_argument("--retry", action="store_true", help="rerun the models whose row is not ok")
     p.add_argument("--rerun", action="store_true", help="rerun every model (a row's first derivation time is kept "
                    "when the rerun finds the cache warm)")
@@ -213,7 +213,7 @@ def main() -> None:
         with open(out, newline="") as f:
             rows = {r["model"]: r for r in csv.DictReader(f)}
     names = sorted(catalog(), key=lambda n: (catalog()[n].get("params", 0), n))
-    names = [n for n in names if args.only.lower() in n.lower()]
+    names = [n for n in names if re.search(args.only, n, re.IGNORECASE)]
     for name in names:
         if name in rows and not args.rerun and (rows[name]["status"] in ("ok", "refused") or not args.retry):
             continue
