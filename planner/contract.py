@@ -106,6 +106,11 @@ OptimizerName = Choice("OptimizerName", {**{m.name: m.value for m in Optimizer},
                                             if k not in Optimizer.values()}})
 """Every name `--optimizer` and the recipe's `optimizer` accept: the contract's and users' names."""
 
+DERIVED_NOTE = ("route derived: no formula for this model_type; the memory from coefficients measured on its "
+                "transformers module (planner/measure/derived.py)")
+"""What a plan of a model without a formula says of where its memory figures come from (recommend's
+table, emit-config's PLAN.md, plan train --auto)."""
+
 PAGED_NOTE = ("paged optimizer (bitsandbytes): the GPU holds the same state; paging moves it to host RAM only under "
               "memory pressure, so it is counted on the GPU")
 

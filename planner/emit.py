@@ -22,7 +22,18 @@ import os
 import secrets
 from pathlib import Path
 
-from .contract import EMA_DECAY, FSDP, MSAMP_NOTE, ZERO, PlanError, Settings, optimizer_name, shard_size, world_size
+from .contract import (
+    DERIVED_NOTE,
+    EMA_DECAY,
+    FSDP,
+    MSAMP_NOTE,
+    ZERO,
+    PlanError,
+    Settings,
+    optimizer_name,
+    shard_size,
+    world_size,
+)
 from .distributed import zero_stage
 from .estimate import Estimate
 from .precision import RECIPES
@@ -357,7 +368,8 @@ def plan_md(model: str, st: Settings, accumulation: int, est: Estimate, files: l
               f"- **Expected memory per GPU**: {est.peak_bytes / gib:,.2f} GiB of tensors at the peak "
               f"(torch.cuda.max_memory_allocated), {est.device_bytes / gib:,.2f} GiB as NVML sees the process"
               + (f"; host RAM per node {est.cpu_bytes / gib:,.1f} GiB" if est.cpu_bytes else "")
-              + (f"; NVMe per node {est.nvme_bytes / gib:,.1f} GiB" if est.nvme_bytes else ""), ""]
+              + (f"; NVMe per node {est.nvme_bytes / gib:,.1f} GiB" if est.nvme_bytes else "")
+              + (f"; {DERIVED_NOTE}" if est.route == "derived" else ""), ""]
     if why:
         lines += ["Why:", ""] + [f"- {w}" for w in why] + [""]
     lines += ["Files:", ""] + [f"- `{f}`" for f in files] + ["",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import textwrap
 
-from .contract import COMPONENTS, UNMEASURED_FUSED, Settings, loss_unmeasured, precision_validation
+from .contract import COMPONENTS, DERIVED_NOTE, UNMEASURED_FUSED, Settings, loss_unmeasured, precision_validation
 from .estimate import Estimate
 from .speed import OFFLOAD_LINK_EFFICIENCY
 
@@ -364,8 +364,7 @@ def render_plans(console, name: str, req, plans: list, n_fit: int, notes: list[s
                   + ("; host and NVMe GiB are per node." if nvme else "; host GiB is per node.")
                   + (f" Route: {plans[0].estimate.route}." if plans else ""), style="dim")
     if plans and plans[0].estimate.route == "derived":
-        console.print("route derived: no formula for this model_type; memory from coefficients measured on the "
-                      "transformers module (sharded plans by the sharding formulas over them; QLoRA, its NF4 base "
+        console.print(f"{DERIVED_NOTE} (sharded plans by the sharding formulas over them; QLoRA, its NF4 base "
                       "run through bitsandbytes' own modules, on one GPU or DDP)", style="dim")
 
 

@@ -59,6 +59,7 @@ class ModelSpec:
     parallel_block: bool = False  # attention and MLP read the same normed input (neox, falcon)
     act: str = "silu"
     num_labels: int = 2
+    encoder: bool = False       # a model without a formula that trains with a classification head (derived route)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -71,7 +72,9 @@ class ModelSpec:
 
     @property
     def is_encoder(self) -> bool:
-        return self.family == "bert"
+        """Trains with a sequence-classification head, no vocabulary-wide loss: bert, and a model
+        without a formula that transformers builds so (ModernBERT; planner/measure/derived.py)."""
+        return self.family == "bert" or self.encoder
 
     @property
     def needs_eager(self) -> bool:

@@ -267,3 +267,22 @@ def test_an_emitted_deepspeed_config_launches_from_its_directory(tmp_path):
     r = subprocess.run([*cmd[:4], str(moved / "accelerate.yaml"), str(moved / "probe.py")], cwd=tmp_path,
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode != 0  # deepspeed.json is relative to the plan directory
+
+
+@pytest.mark.parametrize("host_ram, plan", [(24, ("lora", "zero3", "nvme")), (256, ("qlora", "fsdp", "all"))])
+def test_host_ram_chooses_the_plan_emit_config_writes(host_ram, plan):
+    """emit-config takes recommend's --host-ram (GiB per node of the machines the plan runs on, not
+    this one's): Llama-3.1-405B on one H100 offloads parameters to NVMe with 24 GiB of host RAM,
+    and to host RAM with 256. Before 2026-11-30 emit-config had no --host-ram and wrote the plan
+    for this machine's RAM."""
+    r = CliRunner().invoke(app, ["recommend", "meta-llama/Llama-3.1-405B", "--gpu", "H100-SXM", "--host-ram",
+                                 str(host_ram), "--json"])
+    assert r.exit_code == 0, r.stderr
+    best = json.loads(r.stdout)["plans"][0]
+    assert (best["method"], best["strategy"], best["offload"]) == plan
+    code, _, err = emit("meta-llama/Llama-3.1-405B", "--gpu", "H100-SXM", "--host-ram", host_ram, "--out", "h")
+    assert code == 0, err
+    rec = files("h")[1]
+    assert (rec.get("adapter"), rec["plan"]["strategy"], rec["plan"]["offload"]) == (plan[0], *plan[1:])
+    assert (rec["micro_batch_size"], rec["gradient_accumulation_steps"]) == (best["micro_batch"],
+                                                                              best["gradient_accumulation"])

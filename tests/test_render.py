@@ -142,6 +142,15 @@ def test_qlora_sweep_skips_the_precisions_nf4_cannot_use(monkeypatch, capsys):
     assert len(notes) == 1 and "fp8-ao" in notes[0]
 
 
+def test_recommend_footer_fills_in_the_epoch_size(monkeypatch, capsys):
+    """The footer's epoch size is the --samples given, never an unfilled `{req.samples:,}`
+    (printed so until 2026-11-30)."""
+    code, text, _ = plan(monkeypatch, capsys, "recommend", L8, "--gpu", "H100-SXM", "--samples", "5000",
+                         columns=120)
+    assert code == 0
+    assert "epoch = 5,000 sequences (--samples)" in " ".join(text.split()) and "{" not in text
+
+
 def test_wide_layout_at_120_narrow_at_80(monkeypatch, capsys):
     _, wide, _ = plan(monkeypatch, capsys, "estimate", L8, columns=120)
     _, narrow, _ = plan(monkeypatch, capsys, "estimate", L8, columns=80)

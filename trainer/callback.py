@@ -120,9 +120,11 @@ class PlanCallback(TrainerCallback):
         """(the estimate, None) or (None, why not)."""
         from planner.contract import PlanError
         from planner.estimate import estimate
-        from planner.spec import ModelSpec, SpecError
+        from planner.spec import SpecError
+
+        from .measure import model_spec
         try:
-            spec = ModelSpec.from_config(_base(model).config.to_dict())
+            spec = model_spec(_base(model).config)
             return estimate(spec, settings_for(args, model, batch, seq, self.cuda, masked)), None
         except (SpecError, PlanError, ValueError) as e:
             return None, f"no prediction: {e}"

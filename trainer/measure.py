@@ -141,6 +141,20 @@ def as_estimated(comps: dict, state_bytes: int | None) -> dict:
     return out
 
 
+def model_spec(config):
+    """The spec a transformers config is predicted with, as the commands plan it: the formulas'
+    (every key of the config), else the derived route's (planner/measure/derived.py) from the
+    keys that differ from the class's defaults, what `save_pretrained` writes in config.json:
+    the derived route's cache is keyed by the config, so a run finds the coefficients its plan
+    derived from that file. Raises SpecError or PlanError when neither can."""
+    from planner.measure.derived import proxy_spec
+    from planner.spec import ModelSpec, UnsupportedArchitecture
+    try:
+        return ModelSpec.from_config(config.to_dict())
+    except UnsupportedArchitecture:
+        return proxy_spec(config.to_diff_dict())
+
+
 def predict(recipe, config, batch: int, seq: int, world: int, cuda: bool,
             accumulation: int | None = None, attention_mask: bool = True,
             head_tokens: int = 0) -> tuple[dict | None, list]:
@@ -153,11 +167,11 @@ def predict(recipe, config, batch: int, seq: int, world: int, cuda: bool,
     from planner.contract import PlanError
     from planner.estimate import estimate
     from planner.recipe import RECIPE_NAMES, settings
-    from planner.spec import ModelSpec, SpecError
+    from planner.spec import SpecError
 
     notes = []
     try:
-        spec = ModelSpec.from_config(config.to_dict())
+        spec = model_spec(config)
         st = settings(recipe, world, batch, seq, kernels="cuda" if cuda else "cpu", attention_mask=attention_mask)
         st = replace(st, head_tokens=min(head_tokens, batch * (seq - 1)))
         est = estimate(spec, replace(st, accumulation=accumulation) if accumulation else st)

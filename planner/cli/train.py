@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..contract import DataFormat, PlanError
+from ..contract import DERIVED_NOTE, DataFormat, PlanError
 from ..data import DataError, check_records, data_shape, padded, read_records
 from .common import default_seq, fail, loadable, plan_spec, request
 from .emit_config import ChosenPlan, plan_files, recommended
@@ -114,6 +114,8 @@ def auto_recipe(options: Mapping[str, Any]) -> str | None:
     contents["recipe.yaml"] = _runs_in(contents["recipe.yaml"], out, options["max_steps"], shape)
     for why in plan.why:
         typer.echo(f"plan: {why}", err=True)
+    if plan.estimate.route == "derived":
+        typer.echo(f"plan: {DERIVED_NOTE}", err=True)
     written = write_files(out, contents, options["force"])
     recipe = next(w for w in written if w.endswith("recipe.yaml"))
     if not trains:

@@ -30,6 +30,7 @@ import importlib.util
 import json
 import os
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 from ..contract import COMPONENTS, UNMEASURED_TE, PlanError, Settings
@@ -323,6 +324,19 @@ def buildable(cfg: dict) -> None:
         raise PlanError(f"unknown model_type '{mt}': neither plan's formulas nor transformers know it")
 
 
+def _tuples(x):
+    return tuple(_tuples(i) for i in x) if isinstance(x, list) else x
+
+
+@lru_cache(maxsize=2)
+def library_versions(packages: tuple[str, ...] = ("torch", "transformers", "peft")) -> tuple[str, ...]:
+    """The versions of the libraries that measure the coefficients, part of the cache key: read
+    once per process (importlib.metadata scans every installed distribution, 6 ms a call, and
+    recommend's bisection asks for a key hundreds of times)."""
+    from importlib.metadata import version
+    return tuple(version(p) for p in packages)
+
+
 class Derived:
     """The derived route for one config: fits per settings class, from memory, the disk cache,
     or a derivation; `estimate(st)` is then arithmetic."""
@@ -338,19 +352,17 @@ class Derived:
     def key(self, cls: Settings | None = None) -> str:
         """The cache file's name: the model_type, a hash of the config and the versions that
         measure it, and a hash of the settings class (without one: the config's prefix)."""
-        from importlib.metadata import version
-
         def h(x) -> str:
             return hashlib.sha256(json.dumps(x, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        model = h([VERSION, self.cfg, *(version(p) for p in ("torch", "transformers", "peft"))])
+        model = h([VERSION, self.cfg, *library_versions()])
         # an NF4 class runs bitsandbytes' own forward and backward: its version is part of the class
-        measured = [cls.__dict__, version("bitsandbytes")] if cls is not None and cls.quant != "none" else \
-            (cls.__dict__ if cls is not None else None)
+        measured = [cls.__dict__, *library_versions(("bitsandbytes",))] if cls is not None and cls.quant != "none" \
+            else (cls.__dict__ if cls is not None else None)
         return f"{self.cfg.get('model_type', 'model')}-{model}" + (f"-{h(measured)}" if cls is not None else "")
 
     def derived_before(self) -> bool:
         """Whether the cache holds coefficients of this config (any settings class)."""
-        return any(cache_dir().glob(f"{self.key()}-*.json"))
+        return any(not p.name.endswith("-module.json") for p in cache_dir().glob(f"{self.key()}-*.json"))
 
     def fit(self, st: Settings) -> Fit:
         """The settings class's coefficients: memory, then disk, then `derive` (and save)."""
@@ -507,7 +519,7 @@ class Derived:
         counts: embeddings, head (untied), the rest outside the blocks, the largest block, and
         buffers. Also sets the parameters ZeRO-3 keeps whole (`_persistent`: tensors under its
         persistence threshold, 10 x hidden)."""
-        if self._pc is None:
+        if self._pc is None and not self._cached_param_count():
             import torch
 
             from ..distributed import DS_PERSISTENCE_FACTOR
@@ -538,7 +550,61 @@ class Derived:
                                   buffers_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
                                   largest_layer=max(per.values()), linear_shapes=())
             self._persistent = sum(counts[k] * small[k] for k in counts) + small_rest
+            self._save_param_count()
         return self._pc
+
+    def _facts_path(self) -> Path:
+        return cache_dir() / f"{self.key()}-module.json"
+
+    def _facts(self) -> dict:
+        """What was read once from the transformers module of this config (`encoder`, the
+        parameter counts), cached beside the coefficients: building it takes transformers'
+        import, seconds, where a cached fit takes milliseconds."""
+        try:
+            return json.loads(self._facts_path().read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _save_facts(self, **facts) -> None:
+        try:
+            path = self._facts_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**self._facts(), **facts}))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only cache: read the module again next time
+
+    def _cached_param_count(self) -> bool:
+        d = self._facts()
+        try:
+            tuples = {k: _tuples(v) for k, v in d["count"].items()}  # JSON's lists: the shapes' tuples
+            self._pc, self._persistent = ParamCount(**tuples), int(d["persistent"])
+        except (KeyError, TypeError, AttributeError, ValueError):
+            return False
+        return True
+
+    def _save_param_count(self) -> None:
+        from dataclasses import asdict
+        self._save_facts(count=asdict(self._pc), persistent=self._persistent)
+
+    def encoder(self) -> bool:
+        """Whether the model trains as an encoder with a sequence-classification head, as the
+        simulator builds it (`builder.is_encoder`: ModernBERT, which has no causal-LM class);
+        False where transformers cannot build the config (the derivation then says why)."""
+        d = self._facts()
+        if isinstance(d.get("encoder"), bool):
+            return d["encoder"]
+        from transformers import AutoConfig
+
+        from .builder import is_encoder
+        try:
+            enc = bool(is_encoder(AutoConfig.for_model(self.cfg["model_type"],
+                                                       **{k: v for k, v in self.cfg.items() if k != "model_type"})))
+        except Exception:  # noqa: BLE001 (a config transformers refuses: not known to be an encoder)
+            return False
+        self._save_facts(encoder=enc)
+        return enc
 
     def sharded(self, st: Settings) -> Estimate:
         """A sharded strategy (FSDP, ZeRO) or offload: the sharding formulas of
@@ -613,6 +679,7 @@ def proxy_spec(cfg: dict, derived: Derived | None = None) -> ModelSpec:
         buildable(cfg)
         raise PlanError(f"model_type '{cfg.get('model_type')}': the config's widths cannot be read ({e})") from None
     derived = derived if derived is not None else Derived(cfg)
-    spec = replace(spec, model_type=str(cfg.get("model_type")), extra={**spec.extra, "derived": derived})
+    spec = replace(spec, model_type=str(cfg.get("model_type")), encoder=derived.encoder(),
+                   extra={**spec.extra, "derived": derived})
     derived.spec = spec
     return spec
