@@ -305,7 +305,7 @@ def install_labelled_head(model) -> bool:
         keep[:, :-1] = labels[:, 1:] != -100
         out = original(self, input_ids=input_ids, logits_to_keep=keep, **kw)
         targets = labels[:, 1:][keep[:, :-1]]
-        items = targets.numel() if num_items_in_batch is None else num_items_in_batch
+        items = max(targets.numel(), 1) if num_items_in_batch is None else num_items_in_batch  # none: 0, not 0/0
         out.loss = torch.nn.functional.cross_entropy(out.logits.float(), targets, reduction="sum") / items
         if getattr(out, "aux_loss", None) is not None:
             out.loss = out.loss + coef * out.aux_loss.to(out.loss.device)
