@@ -84,6 +84,8 @@ def floor_bytes(plan: dict, params: int) -> int:
     if plan["offload"] != "none" or plan["precision"] not in STATE_BYTES or plan["method"] == "qlora":
         return 0
     per = 2 if plan["method"] == "lora" else STATE_BYTES[plan["precision"]]
+    if plan["method"] == "full" and "8-bit optimizer state" in plan["techniques"]:
+        per -= 6  # AdamW's two fp32 moments in one byte each
     world = plan["gpus"] * plan["nodes"]
     shards = {"ddp": 1, "fsdp-no-shard": 1, "zero1": 1, "zero2": 1}.get(plan["strategy"], world)
     if plan["strategy"] == "fsdp-hybrid":
@@ -91,9 +93,9 @@ def floor_bytes(plan: dict, params: int) -> int:
     if plan["method"] == "lora":
         return params * per // shards
     if plan["strategy"] in ("zero1",):   # weights and gradients whole, moments sharded
-        return params * 8 + params * 8 // world
+        return params * 8 + params * (per - 8) // world
     if plan["strategy"] in ("zero2", "fsdp-grad-op"):
-        return params * 4 + params * 12 // world
+        return params * 4 + params * (per - 4) // world
     return params * per // shards
 
 
