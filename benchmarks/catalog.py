@@ -10,6 +10,8 @@ For each entry of `plan models` (tables/models.json), as a user would run them (
    below what the weights alone take (`floor_bytes`). `plan estimate MODEL --dtype bf16 --json`
    must count the catalog's parameters within 1% (MoE experts, tied heads, encoders' heads).
 2. The same command again, for the time once derived (the coefficients cached).
+   A model whose one-GPU plan offloads (host RAM, NVMe) is asked again on `--then-gpus` GPUs
+   (8, a node: row `asked` 8), the same way.
 3. `plan emit-config MODEL --gpu GPU ... --out TMP` (recommend's best plan), its accelerate.yaml
    read by accelerate's own `ClusterConfig.from_yaml_file`, deepspeed.json by DeepSpeed's
    `DeepSpeedConfig`, recipe.yaml by plan's recipe schema; the recipe's plan must be
@@ -39,9 +41,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
-FIELDS = ["model", "model_type", "route", "gpus", "nodes", "method", "rank", "strategy", "offload", "precision",
-          "micro", "accum", "ckpt", "techniques", "needed_gib", "budget_gib", "fits", "cold", "first_s", "cached_s",
-          "emit_s", "status", "error"]
+FIELDS = ["model", "asked", "model_type", "route", "gpus", "nodes", "method", "rank", "strategy", "offload",
+          "precision", "micro", "accum", "ckpt", "techniques", "needed_gib", "budget_gib", "fits", "cold", "first_s",
+          "cached_s", "emit_s", "status", "error"]
 HINT = re.compile(r"--gpus (\d+)(?: --nodes (\d+))?")
 STATE_BYTES = {"bf16-amp": 16, "fp16-amp": 16, "fp32": 16, "bf16-pure": 2}
 """Bytes per parameter the model states take at least, per precision (full fine-tuning: fp32
@@ -82,6 +84,8 @@ def floor_bytes(plan: dict, params: int) -> int:
     if plan["offload"] != "none" or plan["precision"] not in STATE_BYTES or plan["method"] == "qlora":
         return 0
     per = 2 if plan["method"] == "lora" else STATE_BYTES[plan["precision"]]
+    if plan["method"] == "full" and "8-bit optimizer state" in plan["techniques"]:
+        per -= 6  # AdamW's two fp32 moments in one byte each
     world = plan["gpus"] * plan["nodes"]
     shards = {"ddp": 1, "fsdp-no-shard": 1, "zero1": 1, "zero2": 1}.get(plan["strategy"], world)
     if plan["strategy"] == "fsdp-hybrid":
@@ -89,9 +93,9 @@ def floor_bytes(plan: dict, params: int) -> int:
     if plan["method"] == "lora":
         return params * per // shards
     if plan["strategy"] in ("zero1",):   # weights and gradients whole, moments sharded
-        return params * 8 + params * 8 // world
+        return params * 8 + params * (per - 8) // world
     if plan["strategy"] in ("zero2", "fsdp-grad-op"):
-        return params * 4 + params * 12 // world
+        return params * 4 + params * (per - 4) // world
     return params * per // shards
 
 
@@ -125,12 +129,13 @@ def check_emitted(out: Path, plan: dict) -> str | None:
     return None if got == exp else f"recipe.yaml {got} is not recommend's first plan {exp}"
 
 
-def sweep_one(name: str, args) -> dict:
+def sweep_one(name: str, args, asked: int = 1) -> dict:
     from planner.resolve import catalog
     mt, route, cached = expected_route(name)
     row = dict.fromkeys(FIELDS, "")
-    row.update(model=name, model_type=mt, route=route, cold="no" if cached or route == "formula" else "yes")
-    gpus, nodes = ["--gpus", "1"], []
+    row.update(model=name, asked=str(asked), model_type=mt, route=route,
+               cold="no" if cached or route == "formula" else "yes")
+    gpus, nodes = ["--gpus", str(asked)], []
     base = ["--gpu", args.gpu, "--host-ram", str(args.host_ram)]
     code, out, err, first = plan_cmd("recommend", name, *base, *gpus, "--json", timeout=args.timeout)
     line = last_line(err)
@@ -204,6 +209,8 @@ def main() -> None:
     p.add_argument("--rerun", action="store_true", help="rerun every model (a row's first derivation time is kept "
                    "when the rerun finds the cache warm)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per command")
+    p.add_argument("--then-gpus", type=int, default=8, help="GPUs asked for next where one GPU needs offload "
+                   "(default 8, a node)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from planner.resolve import catalog
@@ -211,33 +218,39 @@ def main() -> None:
     rows = {}
     if out.exists():
         with open(out, newline="") as f:
-            rows = {r["model"]: r for r in csv.DictReader(f)}
-    names = sorted(catalog(), key=lambda n: (catalog()[n].get("params", 0), n))
-    names = [n for n in names if re.search(args.only, n, re.IGNORECASE)]
+            rows = {(r["model"], r.get("asked") or "1"): {**r, "asked": r.get("asked") or "1"}
+                    for r in csv.DictReader(f)}
+    order = {n: i for i, n in enumerate(sorted(catalog(), key=lambda n: (catalog()[n].get("params", 0), n)))}
+    names = [n for n in sorted(catalog(), key=order.get) if re.search(args.only, n, re.IGNORECASE)]
     for name in names:
-        if name in rows and not args.rerun and (rows[name]["status"] in ("ok", "refused") or not args.retry):
-            continue
-        t = time.perf_counter()
-        r = sweep_one(name, args)
-        old = rows.get(name)
-        if old is not None and old["cold"] == "yes" and r["cold"] == "no":  # the first derivation was then
-            r.update(cold="yes", first_s=old["first_s"])
-        rows[name] = r
-        print(f"{name:44} {r['route']:8} {r['status']:7} {time.perf_counter() - t:7.1f} s {r['error'][:120]}",
-              flush=True)
-        order = {n: i for i, n in enumerate(sorted(catalog(), key=lambda n: (catalog()[n].get("params", 0), n)))}
-        with open(out.with_suffix(".tmp"), "w", newline="") as f:
-            w = csv.DictWriter(f, FIELDS)
-            w.writeheader()
-            for k in sorted(rows, key=lambda k: order.get(k, 1 << 30)):
-                w.writerow(rows[k])
-        out.with_suffix(".tmp").replace(out)
-    summary(list(rows.values()))
+        for asked in (1, args.then_gpus):
+            key = (name, str(asked))
+            if asked != 1 and rows.get((name, "1"), {}).get("offload") in (None, "", "none"):
+                continue  # one GPU did without offload: no need to ask for more
+            if key in rows and not args.rerun and (rows[key]["status"] in ("ok", "refused") or not args.retry):
+                continue
+            t = time.perf_counter()
+            r = sweep_one(name, args, asked)
+            old = rows.get(key)
+            if old is not None and old["cold"] == "yes" and r["cold"] == "no":  # the first derivation was then
+                r.update(cold="yes", first_s=old["first_s"])
+            rows[key] = r
+            print(f"{name:40} x{asked:<2} {r['route']:8} {r['status']:7} {time.perf_counter() - t:7.1f} s "
+                  f"{r['error'][:120]}", flush=True)
+            with open(out.with_suffix(".tmp"), "w", newline="") as f:
+                w = csv.DictWriter(f, FIELDS)
+                w.writeheader()
+                for k in sorted(rows, key=lambda k: (order.get(k[0], 1 << 30), int(k[1]))):
+                    w.writerow(rows[k])
+            out.with_suffix(".tmp").replace(out)
+    summary([r for k, r in rows.items() if k[1] == "1"], "one GPU asked for")
+    summary([r for k, r in rows.items() if k[1] != "1"], f"{args.then_gpus} GPUs asked for, where one needed offload")
 
 
-def summary(rows: list[dict]) -> None:
+def summary(rows: list[dict], title: str) -> None:
     """Counts per route and status, and the slowest first derivation: at most 80 columns."""
     routes = sorted({r["route"] for r in rows})
+    print(title)
     print(f"{'route':10}{'models':>8}{'ok':>6}{'refused':>9}{'error':>7}{'slowest first s':>17}")
     for rt in routes:
         rs = [r for r in rows if r["route"] == rt]

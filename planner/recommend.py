@@ -32,7 +32,7 @@ from .contract import (
     world_size,
 )
 from .distributed import strategy_choices
-from .estimate import Estimate, check_seq_len, estimate, technique_costs
+from .estimate import Estimate, check_seq_len, estimate, technique_costs, validate
 from .gpus import GPU
 from .margin import UNMEASURED_MARGIN, evidence
 from .memory import CUDA_CONTEXT_BYTES, trainable_params
@@ -246,16 +246,29 @@ TECHNIQUE_AGAINST = {"8-bit optimizer state": "the optimizer asked for",
                      "activation offload": "keeping activations on the GPU"}
 
 
-def technique_sets(req: Request) -> list[tuple[str, ...]]:
+def technique_sets(req: Request, spec: ModelSpec | None = None) -> list[tuple[str, ...]]:
     """The combinations of TECHNIQUES a request can use, fewest first: 8-bit state only for an
-    AdamW request (or auto), a fused loss only when the standard loss was asked for."""
+    AdamW request (or auto), a fused loss only when the standard loss was asked for, and, given
+    the model, only those its route estimates (none on the derived route, which measures
+    transformers' own loss and AdamW; no fused loss for an encoder)."""
     adamw = req.optimizer in ("auto", "adamw", "adamw-fused")
     usable = [t for t in TECHNIQUES if (t != "8-bit optimizer state" or adamw)
               and (t != "fused linear cross-entropy" or req.loss == "standard")
-              and (t != "activation offload" or not req.gpu.cpu)]
+              and (t != "activation offload" or not req.gpu.cpu)
+              and (spec is None or _estimable(spec, t, req))]
     keep = [t for t in usable if t != "activation offload"]  # the ones that cost no speed, together
     sets = [(t,) for t in usable] + ([tuple(keep)] if len(keep) > 1 else [])
     return sets + ([tuple(usable)] if len(usable) > len(keep) and len(usable) > 1 else [])
+
+
+def _estimable(spec: ModelSpec, technique: str, req: Request) -> bool:
+    """Whether the estimate takes `technique` on this model (`estimate.validate`): the derived
+    route refuses all three, an encoder a fused loss."""
+    try:
+        validate(spec, with_techniques(_method_settings("full", 0, req, req.gpu), (technique,)))
+    except PlanError:
+        return False
+    return True
 
 
 def with_techniques(st: Settings, techniques: tuple[str, ...]) -> Settings:
@@ -285,7 +298,7 @@ def candidates(spec: ModelSpec, req: Request, methods: tuple = METHODS) -> list[
         plain = _candidates(spec, req, method, ())
         plans += plain
         if req.optimizer == "auto" or all(p.offload for p in plain):
-            for techniques in technique_sets(req):
+            for techniques in technique_sets(req, spec):
                 plans += _candidates(spec, req, method, techniques)
     return plans
 
@@ -372,7 +385,7 @@ def smallest_need(spec: ModelSpec, req: Request) -> tuple[int, Settings | None]:
     checkpointing, the lowest rank), and that plan: what the GPU would have to hold."""
     methods = METHODS if req.method == "auto" else (req.method,)
     best, best_st, refused = None, None, None
-    sets = technique_sets(req)
+    sets = technique_sets(req, spec)
     for method in methods:
         base = _method_settings(method, LORA_RANKS[-1] if method != "full" else 0, req, req.gpu)
         base = with_techniques(base, sets[-1] if sets else ())

@@ -79,3 +79,36 @@ def test_train_auto_plans_trains_and_predicts_on_the_derived_route(model_type, t
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert model.config.model_type == model_type
     assert sum(p.numel() for p in model.parameters()) == rep["params"]
+
+
+@pytest.mark.slow
+def test_train_auto_fine_tunes_an_encoder_without_formula_as_a_classifier(tok, tmp_path):
+    """ModernBERT (no causal-LM class) on the derived route: `plan train --auto` with
+    classification data plans, trains its sequence-classification head on this CPU and predicts
+    the measured step, the optimizer's state as the formulas file it (2026-11-30: peak +0.0%)."""
+    from planner import gpus as G
+    if G.detect()[0]:
+        pytest.skip("NVML sees a GPU here: --auto plans for it")
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    cfg = AutoConfig.for_model("modernbert", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                               pad_token_id=0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               cls_token_id=tok.bos_token_id, sep_token_id=tok.eos_token_id, local_attention=64)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    with open(tmp_path / "cls.jsonl", "w") as f:
+        for i in range(32):
+            f.write(json.dumps({"text": f"number {i}", "label": "even" if i % 2 == 0 else "odd"}) + "\n")
+    out = tmp_path / "run"
+    r = run_plan("train", "--auto", tmp_path / "model", "--data", tmp_path / "cls.jsonl", "--data-format",
+                 "classification", "--out", out, "--max-steps", 2, env={"XDG_CACHE_HOME": str(tmp_path / "xdg")},
+                 timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "route derived" in r.stderr and "no prediction" not in r.stderr, r.stderr[-3000:]
+    rep = json.loads((out / "run_report.json").read_text())
+    rows = {row["what"]: row["error_pct"] for row in rep["comparison"]}
+    assert abs(rep["total_error_pct"]) < 2 and abs(rows["optimizer"]) < 1, rows
+    model = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    assert model.config.num_labels == 2

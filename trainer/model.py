@@ -159,7 +159,7 @@ def _with_adapter(model, recipe: Recipe, sequence_classification: bool):
         except ValueError as e:
             raise ModelError(f"unfrozen_parameters: {str(e).strip().splitlines()[0]}") from None
     try:
-        return get_peft_model(model, lora_config(st, sequence_classification=sequence_classification))
+        return get_peft_model(model, lora_config(st, sequence_classification=sequence_classification, model=model))
     except ValueError as e:
         raise ModelError(f"lora_target_modules: {str(e).strip().splitlines()[0]}") from None
 

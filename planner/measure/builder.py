@@ -105,7 +105,8 @@ def with_lora(model, st: Settings, sequence_classification: bool = False):
     saved = sorted(owning_modules((n for n, _ in model.named_parameters()), st.unfrozen_parameters))
     if st.unfrozen_parameters and not saved:
         raise ValueError(f"no parameter name matches {list(st.unfrozen_parameters)}")
-    model = get_peft_model(model, lora_config(st, sequence_classification, modules_to_save=saved or None))
+    model = get_peft_model(model, lora_config(st, sequence_classification, modules_to_save=saved or None,
+                                              model=model))
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n or any(f"{m}.modules_to_save." in n for m in saved))
     return model
@@ -554,15 +555,31 @@ def wrap_fsdp2(model, st: Settings, mesh_and_names):
     return fsdp2_shard(model, plugin, "bf16" if rc.autocast else "no", *mesh_and_names)
 
 
-def lora_config(st: Settings, sequence_classification: bool = False, modules_to_save: list | None = None):
+def lora_config(st: Settings, sequence_classification: bool = False, modules_to_save: list | None = None,
+                model=None):
     """PEFT's LoraConfig for the settings: rank, alpha (2 x rank when unset, the field's
     default), dropout, the target modules (`all-linear`, or the comma-separated names), and the
-    modules trained whole beside the adapters (`modules_to_save`, see `with_lora`)."""
+    modules trained whole beside the adapters (`modules_to_save`, see `with_lora`). Given the
+    model, `all-linear` leaves out its `not_plain_linears`."""
     from peft import LoraConfig
     targets = "all-linear" if st.lora_targets == "all-linear" else st.lora_targets.split(",")
+    exclude = not_plain_linears(model) if model is not None and targets == "all-linear" else []
     return LoraConfig(r=st.lora_rank, lora_alpha=st.lora_alpha or 2 * st.lora_rank, lora_dropout=st.lora_dropout,
                       target_modules=targets, task_type="SEQ_CLS" if sequence_classification else "CAUSAL_LM",
-                      modules_to_save=modules_to_save)
+                      modules_to_save=modules_to_save, exclude_modules=exclude or None)
+
+
+def not_plain_linears(model) -> list[str]:
+    """The modules that are an nn.Linear by class but not by forward: a subclass with its own
+    forward, such as Llama 4's MoE router (`Llama4Router`, which returns the routing scores and
+    logits as a tuple). PEFT's `all-linear` targets them, and its LoRA layer then fails on the
+    tuple (`'tuple' object has no attribute 'dtype'`), in a real run as on fake tensors; they are
+    left out, as a user's target list would leave them. Only transformers' own classes: the
+    quantised and FP8 linears (bitsandbytes', torchao's) are linears PEFT knows how to wrap."""
+    import torch
+    return [name for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and type(mod).forward is not torch.nn.Linear.forward
+            and type(mod).__module__.startswith("transformers.")]
 
 
 def nf4_model(cfg: dict, st: Settings, device: str, checkpoint: str | None = None):

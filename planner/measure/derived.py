@@ -467,6 +467,12 @@ class Derived:
             src = max(at, key=lambda a: a[ph])
             phases[ph] = src[ph]
             comps[ph] = {c: src[f"{ph}.{c}"] for c in COMPONENTS}
+        # MemTracker files the optimizer step's temporaries as optimizer state; the estimate files
+        # the state kept (forward's) as `optimizer` and the temporaries as `other`, as the formulas do
+        temp = comps["optimizer_step"]["optimizer"] - comps["forward"]["optimizer"]
+        if temp > 0:
+            comps["optimizer_step"]["optimizer"] -= temp
+            comps["optimizer_step"]["other"] += temp
         if st.accumulation > 1:
             for ph in ("forward", "backward"):
                 add = grads - comps[ph]["gradients"]
