@@ -141,6 +141,18 @@ def as_estimated(comps: dict, state_bytes: int | None) -> dict:
     return out
 
 
+def has_formula(model) -> bool:
+    """Whether the model's architecture has a hand-written formula (planner/spec.py), not the
+    derived route."""
+    from planner.spec import ModelSpec, SpecError
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        ModelSpec.from_config(base.config.to_dict())
+    except SpecError:
+        return False
+    return True
+
+
 def model_spec(config):
     """The spec a transformers config is predicted with, as the commands plan it: the formulas'
     (every key of the config), else the derived route's (planner/measure/derived.py) from the

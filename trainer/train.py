@@ -39,7 +39,7 @@ from planner.data import attention_masked, head_tokens
 from planner.recipe import Recipe, RecipeError, load, resume_hash, settings
 
 from .checkpoint import Checkpointer, latest_checkpoint, recipe_hash
-from .measure import predict
+from .measure import has_formula, predict
 from .model import offload_context, param_groups, parameter_counts
 from .output import console, screen, to_log_file
 from .resilience import (
@@ -306,8 +306,12 @@ class Trainer:
         model = load_model(self.recipe, num_labels=len(self.data.classes) if classify else None, cuda=self.proc.cuda)
         if classify and model.config.pad_token_id is None:
             model.config.pad_token_id = self.tok.pad_token_id
-        if not classify and settings(self.recipe).loss == "standard":
-            # the head and the loss over the labelled positions only (prompt and padding cost nothing)
+        st = settings(self.recipe)
+        if not classify and st.loss == "standard" and st.lora and not st.unfrozen_parameters and has_formula(model):
+            # the head and the loss over the labelled positions only (prompt and padding cost nothing);
+            # where its memory is validated: LoRA on a model with a formula (a trained tied head's
+            # gradients at the end of the backward, which the full logits hid, are not modelled yet,
+            # and the derived route measures the head at every position)
             from planner.measure.builder import install_labelled_head
             self.labelled_head = install_labelled_head(model)
         return model
