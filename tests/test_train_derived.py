@@ -5,7 +5,7 @@ trained but reported "no prediction: no hand-written formula for model_type 'qwe
 import json
 
 import pytest
-from helpers import run_plan
+from helpers import alpaca, run_plan
 
 from planner.measure.derived import proxy_spec
 from trainer.measure import model_spec
@@ -29,14 +29,6 @@ def tiny_model(path, model_type: str, tok) -> None:
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tok.save_pretrained(path)
-
-
-def alpaca(path, rows: int = 32):
-    with open(path, "w") as f:
-        for i in range(rows):
-            f.write(json.dumps({"instruction": f"Add {i} and {i + 1}.", "input": "",
-                                "output": f"The sum is {2 * i + 1}."}) + "\n")
-    return path
 
 
 def test_a_run_is_predicted_on_the_route_and_config_it_was_planned_with(tmp_path):
