@@ -770,10 +770,12 @@ def _head_input(c: _Ctx, acc: _Saved, y: _T, nbytes: float | None = None) -> Non
     its autocast cast, at every position; with `head_tokens`, the gathered rows of the kept
     positions, a copy (`_head_positions`), or their cast."""
     k = c.st.head_tokens
-    if not k:
-        y.keep() if nbytes is None else acc.add(c.spec.hidden, nbytes)
-    else:
+    if k:
         acc.per_layer += k * c.spec.hidden * (y.nbytes if nbytes is None else nbytes)
+    elif nbytes is None:
+        y.keep()
+    else:
+        acc.add(c.spec.hidden, nbytes)
 
 
 @dataclass(frozen=True)
@@ -1337,12 +1339,11 @@ def _model_level_partial(c: _Ctx, fz: Freezing) -> float:
         y = _norm(replace(c, full=fz.final_norm), acc, y)
     elif fz.final_norm:
         acc.add(h, 4 if s.norm == "rms_gemma" else y.nbytes)  # the weight's multiply keeps the normalised input
-    if c.st.loss in HEAD_LOSSES:
-        _fused_head_inputs(replace(c, full=fz.head), acc, y)
-        return acc.per_token + acc.per_layer / max(c.st.tokens, 1)
     if fz.head or not below:
         _head_positions(c, acc)
-    if fz.head:
+    if c.st.loss in HEAD_LOSSES:
+        _fused_head_inputs(replace(c, full=fz.head), acc, y)
+    elif fz.head:
         if c.amp:
             acc.per_layer += 2 * s.vocab * h
             _head_input(c, acc, y, 2)
